@@ -1,0 +1,147 @@
+"""RateLimitService: validates input, asks the engine, builds the reply. Nothing else."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+
+import grpc
+
+from ratelimitd.engine import ids
+from ratelimitd.engine.credentials import Credentials
+from ratelimitd.engine.decisions import BucketState, Caller, Decider, Decision, Outcome, Scope
+from ratelimitd.engine.errors import InvalidArgument, NotFound, StorageUnavailable
+from ratelimitd.engine.explain import refusal_message
+from ratelimitd.engine.headers import rate_limit_headers
+from ratelimitd.engine.limits import MAX_LIMIT, validate_model
+from ratelimitd.api.auth import authorization
+from ratelimitd.api.errors import rpc
+from ratelimitd.v1 import ratelimit_pb2 as pb
+from ratelimitd.v1 import ratelimit_pb2_grpc
+
+MAX_REQUESTS = 1_000_000
+MAX_REQUEST_ID_LENGTH = 128
+_REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]+$")
+
+_REASON = {
+    Outcome.ALLOWED: pb.REASON_UNSPECIFIED,
+    Outcome.PROJECT_LIMIT: pb.REASON_PROJECT_LIMIT,
+    Outcome.ORGANIZATION_LIMIT: pb.REASON_ORGANIZATION_LIMIT,
+    Outcome.TOO_LARGE: pb.REASON_REQUEST_TOO_LARGE,
+    Outcome.INVALID_API_KEY: pb.REASON_INVALID_API_KEY,
+    Outcome.MODEL_NOT_AVAILABLE: pb.REASON_MODEL_NOT_AVAILABLE,
+}
+_SCOPE = {Scope.ORGANIZATION: pb.SCOPE_ORGANIZATION, Scope.PROJECT: pb.SCOPE_PROJECT}
+
+
+def validate_costs(requests: int, tokens: int) -> tuple[int, int]:
+    """Request-level cost rules: 0 requests means 1; negative or absurd counts are errors."""
+    if requests < 0:
+        raise InvalidArgument(f"requests is {requests}; it must be 0 (meaning 1) or more")
+    if requests > MAX_REQUESTS:
+        raise InvalidArgument(f"requests is {requests}; at most {MAX_REQUESTS} are allowed in one call")
+    if tokens < 0:
+        raise InvalidArgument(f"tokens is {tokens}; it must be 0 or more")
+    if tokens > MAX_LIMIT:
+        raise InvalidArgument(f"tokens is {tokens}; at most {MAX_LIMIT} are allowed in one call")
+    return requests or 1, tokens
+
+
+def validate_request_id(request_id: str) -> str:
+    if len(request_id) > MAX_REQUEST_ID_LENGTH:
+        raise InvalidArgument(
+            f"request_id is {len(request_id)} characters long, at most {MAX_REQUEST_ID_LENGTH} are allowed"
+        )
+    if request_id and not _REQUEST_ID_RE.match(request_id):
+        raise InvalidArgument("request_id may only contain printable ASCII characters without spaces")
+    return request_id
+
+
+def bucket_pb(b: BucketState) -> pb.BucketStatus:
+    return pb.BucketStatus(
+        scope=_SCOPE[b.scope],
+        metric=b.dimension.metric,
+        window=b.dimension.window,
+        limit=b.limit,
+        remaining=b.remaining,
+        reset_after_ms=b.reset_after_ms,
+    )
+
+
+class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
+    def __init__(
+        self,
+        decider: Decider,
+        credentials: Credentials,
+        header_windows: Mapping[str, str],
+        on_storage_error: str,
+        storage_failed: Callable[[], None],
+    ) -> None:
+        self._decider = decider
+        self._credentials = credentials
+        self._header_windows = dict(header_windows)
+        self._on_storage_error = on_storage_error
+        self.storage_failed = storage_failed
+
+    @rpc
+    async def CheckAndConsume(
+        self, request: pb.CheckRequest, context: grpc.aio.ServicerContext[pb.CheckRequest, pb.CheckResponse]
+    ) -> pb.CheckResponse:
+        model = validate_model(request.model, wildcard=False)
+        requests, tokens = validate_costs(request.requests, request.tokens)
+        request_id = validate_request_id(request.request_id)
+        caller = await self._caller(request, context)
+        if caller is None:  # malformed key: refused without a storage call
+            decision = Decision(Outcome.INVALID_API_KEY, "", "", request_id, 0, None, (), False)
+        else:
+            try:
+                decision = await self._decider.check(caller, model, requests, tokens, request_id)
+            except StorageUnavailable:
+                if self._on_storage_error == "unavailable":
+                    raise
+                self.storage_failed()
+                allowed = self._on_storage_error == "allow"
+                return pb.CheckResponse(
+                    allowed=allowed,
+                    reason=pb.REASON_STORAGE_UNAVAILABLE,
+                    message="" if allowed else "The rate limit service cannot reach its storage; try again shortly.",
+                    request_id=request_id,
+                )
+        if decision.outcome is Outcome.PROJECT_NOT_FOUND:
+            raise NotFound(f"project {caller.project_id if caller else ''} does not exist")
+        return self.reply(decision, model, requests, tokens)
+
+    async def _caller(
+        self, request: pb.CheckRequest, context: grpc.aio.ServicerContext[pb.CheckRequest, pb.CheckResponse]
+    ) -> Caller | None:
+        which = request.WhichOneof("caller")
+        if which == "api_key":
+            if not request.api_key:
+                raise InvalidArgument("api_key is empty")
+            parsed = ids.parse_api_key(request.api_key)
+            return None if parsed is None else Caller(parsed.org_id, parsed.key_id, parsed.hash, "")
+        if which == "project":
+            await self._credentials.authenticate(authorization(context))
+            ref = request.project
+            if not ids.is_id("org", ref.organization_id):
+                raise InvalidArgument(f"project.organization_id {ref.organization_id[:80]!r} is not an org_ id")
+            if not ids.is_id("proj", ref.project_id):
+                raise InvalidArgument(f"project.project_id {ref.project_id[:80]!r} is not a proj_ id")
+            return Caller(ref.organization_id, "", "", ref.project_id)
+        raise InvalidArgument("set either api_key or project")
+
+    def reply(self, decision: Decision, model: str, requests: int, tokens: int) -> pb.CheckResponse:
+        return pb.CheckResponse(
+            allowed=decision.allowed,
+            reason=_REASON[decision.outcome],
+            message=refusal_message(decision, model, requests, tokens),
+            binding=bucket_pb(decision.binding) if decision.binding else None,
+            buckets=[bucket_pb(b) for b in decision.buckets],
+            retry_after_ms=decision.retry_after_ms,
+            headers=rate_limit_headers(decision, self._header_windows),
+            request_id=decision.request_id,
+            organization_id=decision.organization_id if decision.project_id else "",
+            project_id=decision.project_id,
+            replayed=decision.replayed,
+        )
+

@@ -1,0 +1,51 @@
+"""The one mapping from engine errors to gRPC status codes."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+
+from ratelimitd.engine.errors import ErrorKind, RatelimitdError
+
+log = logging.getLogger(__name__)
+
+STATUS = {
+    ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    ErrorKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorKind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorKind.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+}
+
+S = TypeVar("S")
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Handler = Callable[[S, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]
+
+
+def rpc(fn: Handler[S, Req, Resp]) -> Handler[S, Req, Resp]:
+    """Wraps a servicer method: a RatelimitdError becomes its gRPC status and message.
+
+    A transient (storage) error also tells the servicer's ``storage_failed``
+    hook, so health turns NOT_SERVING at once rather than at the next probe.
+    """
+
+    @functools.wraps(fn)
+    async def call(self: S, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
+        try:
+            return await fn(self, request, context)
+        except RatelimitdError as e:
+            if e.transient:
+                log.warning("%s: %s", fn.__name__, e.message)
+                hook: Callable[[], None] | None = getattr(self, "storage_failed", None)
+                if hook is not None:
+                    hook()
+            await context.abort(STATUS[e.kind], e.message)
+
+    return call

@@ -1,0 +1,68 @@
+"""gRPC health, driven by the storage component.
+
+Services reported: "" (the whole server), "storage", and each of our gRPC
+services. A storage failure seen by any call turns them NOT_SERVING at once;
+a background probe turns them back to SERVING when storage answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from grpc_health.v1 import health, health_pb2
+from redis.asyncio import Redis
+
+log = logging.getLogger(__name__)
+
+STORAGE = "storage"
+
+
+class StorageHealth:
+    def __init__(self, redis: Redis, services: list[str], interval_s: float) -> None:
+        self.servicer = health.aio.HealthServicer()
+        self._redis = redis
+        self._names = ["", STORAGE, *services]
+        self._interval = interval_s
+        self._task: asyncio.Task[None] | None = None
+        self.serving: bool | None = None
+
+    async def _set(self, serving: bool) -> None:
+        if serving == self.serving:
+            return
+        if self.serving is not None:
+            log.warning("storage is %s", "reachable again" if serving else "unreachable")
+        self.serving = serving
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in self._names:
+            await self.servicer.set(name, status)
+
+    def failed(self) -> None:
+        """Called by any request that saw storage fail."""
+        if self.serving is not False:
+            asyncio.get_running_loop().create_task(self._set(False))
+
+    async def probe(self) -> bool:
+        try:
+            ok = bool(await self._redis.ping())
+        except Exception:  # noqa: BLE001 - any failure means not serving
+            ok = False
+        await self._set(ok)
+        return ok
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            await self.probe()
+
+    async def start(self) -> None:
+        await self.probe()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.servicer.enter_graceful_shutdown()

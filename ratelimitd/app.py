@@ -1,0 +1,97 @@
+"""Wires settings, storage, engine and the gRPC server into one running service."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ratelimitd.api.admin import OrganizationServicer, ProjectServicer
+from ratelimitd.api.decisions import RateLimitServicer
+from ratelimitd.api.health import StorageHealth
+from ratelimitd.engine.control import ControlPlane
+from ratelimitd.engine.credentials import Credentials
+from ratelimitd.engine.decisions import Decider
+from ratelimitd.engine.limits import Dimensions
+from ratelimitd.engine.scripts import Scripts
+from ratelimitd.settings import Settings
+from ratelimitd.storage import redis as storage
+from ratelimitd.storage.embedded import EmbeddedValkey
+from ratelimitd.v1 import admin_pb2, admin_pb2_grpc, ratelimit_pb2, ratelimit_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = [
+    ratelimit_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["OrganizationService"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["ProjectService"].full_name,
+]
+
+
+class App:
+    """One ratelimitd process. ``start`` returns once the port accepts calls."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.embedded: EmbeddedValkey | None = None
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self.redis_url = ""
+        self.bootstrap_token: str | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        if s.redis_url:
+            self.redis_url = s.redis_url
+        else:
+            self.embedded = EmbeddedValkey(s.data_dir)
+            self.redis_url = await self.embedded.start()
+        self.redis = storage.connect(self.redis_url, timeout_s=s.storage_timeout_ms / 1000)
+        scripts = Scripts(self.redis)
+        dims = Dimensions(s.windows)
+        self.control = ControlPlane(self.redis, scripts, dims)
+        self.credentials = Credentials(self.redis)
+        self.decider = Decider(
+            self.redis, scripts, dims, record_ttl_ms=s.request_ttl_s * 1000, manual_clock=s.manual_clock
+        )
+        self.health = StorageHealth(self.redis, SERVICE_NAMES, s.health_interval_s)
+        await self.health.start()
+        if self.health.serving:
+            self.bootstrap_token = await self.credentials.bootstrap(s.operator_token)
+
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        ratelimit_pb2_grpc.add_RateLimitServiceServicer_to_server(
+            RateLimitServicer(self.decider, self.credentials, s.header_windows, s.on_storage_error, self.health.failed),
+            server,
+        )
+        admin_pb2_grpc.add_OrganizationServiceServicer_to_server(
+            OrganizationServicer(self.control, self.credentials, self.health.failed), server
+        )
+        admin_pb2_grpc.add_ProjectServiceServicer_to_server(
+            ProjectServicer(self.control, self.credentials, self.health.failed), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
+        reflection.enable_server_reflection(
+            [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            server,
+        )
+        self.port = server.add_insecure_port(s.listen)
+        if not self.port:
+            raise OSError(f"cannot listen on {s.listen}")
+        await server.start()
+        self.server = server
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        if self.server is not None:
+            await self.health.stop()
+            await self.server.stop(grace_s)
+        if hasattr(self, "redis"):
+            await self.redis.aclose()
+        if self.embedded is not None:
+            self.embedded.stop()
+
+    async def wait(self) -> None:
+        assert self.server is not None
+        await self.server.wait_for_termination()

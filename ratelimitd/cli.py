@@ -1,0 +1,111 @@
+"""The ``ratelimitd`` command: serve, demo, check, and a few management verbs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from ratelimitd import __version__
+from ratelimitd.settings import Settings, parse_pairs, parse_windows, setting_descriptions
+
+log = logging.getLogger("ratelimitd")
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:  # pragma: no cover - platforms without uvloop
+        return asyncio.run(coro)
+
+
+def serve(args: argparse.Namespace) -> int:
+    settings = Settings.load(
+        listen=args.listen,
+        redis_url=args.redis_url,
+        data_dir=Path(args.data_dir) if args.data_dir else None,
+        on_storage_error=args.on_storage_error,
+        windows=parse_windows(args.windows) if args.windows else None,
+        header_windows=parse_pairs(args.header_windows, "header_windows") if args.header_windows else None,
+        manual_clock=True if args.manual_clock else None,
+    )
+    return _run(_serve(settings))
+
+
+async def _serve(settings: Settings) -> int:
+    from ratelimitd.app import App
+
+    app = App(settings)
+    try:
+        await app.start()
+    except Exception as e:  # noqa: BLE001 - start-up failures end in one clear line
+        print(f"ratelimitd: cannot start: {e}", file=sys.stderr)
+        await app.stop(0)
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    host = settings.listen.rsplit(":", 1)[0]
+    address = f"{host}:{app.port}"
+    storage = f"embedded Valkey, data in {settings.data_dir}" if app.embedded else settings.describe()
+    print(f"ratelimitd {__version__} listening on {address} (gRPC: decisions, management, health, reflection)")
+    print(f"storage: {storage}")
+    if app.bootstrap_token:
+        print()
+        print("First start: an operator credential was created. It is shown only now; keep it safe:")
+        print(f"  export RATELIMITD_TOKEN={app.bootstrap_token}")
+        print("Then, in another terminal, watch the reference's worked example run against this server:")
+        print(f"  ratelimitd demo --address {address}")
+    elif not settings.operator_token:
+        print("operator credential: created on first start (set RATELIMITD_TOKEN to use the CLI)")
+    sys.stdout.flush()
+    await stop.wait()
+    print("ratelimitd: shutting down")
+    await app.stop()
+    return 0
+
+
+def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    env_help = "\n".join(f"  {name:<34} {desc} (default: {default or 'unset'})" for name, default, desc in setting_descriptions())
+    p = sub.add_parser(
+        "serve",
+        help="run the gRPC server",
+        description="Run the gRPC server. Without --redis-url it runs a private Valkey in the data directory.",
+        epilog="Environment (flags win):\n" + env_help,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--listen", help="host:port (default 127.0.0.1:50051)")
+    p.add_argument("--redis-url", help="redis://, rediss:// or unix:// URL; unset = embedded Valkey")
+    p.add_argument("--data-dir", help="data directory of the embedded Valkey")
+    p.add_argument("--on-storage-error", choices=["unavailable", "allow", "deny"])
+    p.add_argument("--windows", help="limit windows, e.g. minute=60,day=86400")
+    p.add_argument("--header-windows", help="e.g. requests=day,tokens=minute")
+    p.add_argument("--manual-clock", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=serve)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("RATELIMITD_LOG_LEVEL", "INFO").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="ratelimitd", description="Exact hierarchical rate limits for LLM APIs.")
+    parser.add_argument("--version", action="version", version=f"ratelimitd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    from ratelimitd import client_cli
+
+    client_cli.add_parsers(sub)
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except ValueError as e:
+        print(f"ratelimitd: {e}", file=sys.stderr)
+        return 2

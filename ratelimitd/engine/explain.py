@@ -1,0 +1,34 @@
+"""Words for a decision: the message an end user sees on a refusal."""
+
+from __future__ import annotations
+
+from ratelimitd.engine.decisions import Decision, Outcome, Scope
+from ratelimitd.engine.headers import go_duration
+
+
+def refusal_message(decision: Decision, model: str, requests: int, tokens: int) -> str:
+    outcome, b = decision.outcome, decision.binding
+    if outcome is Outcome.ALLOWED:
+        return ""
+    if outcome is Outcome.INVALID_API_KEY:
+        return "Invalid API key: it is unknown, malformed or revoked, or its project was deleted."
+    if outcome is Outcome.MODEL_NOT_AVAILABLE:
+        return f"The model `{model}` does not exist or you do not have access to it."
+    if outcome is Outcome.PROJECT_NOT_FOUND:
+        return "The project does not exist."
+    assert b is not None
+    where = (
+        f"project {decision.project_id}" if b.scope is Scope.PROJECT else f"organization {decision.organization_id}"
+    )
+    metric, window = b.dimension.metric, b.dimension.window
+    requested = tokens if metric == "tokens" else requests
+    if outcome is Outcome.TOO_LARGE:
+        return (
+            f"Request too large for model `{model}` in {where} on {metric} per {window}: "
+            f"Limit {b.limit}, Requested {requested}. No amount of waiting lets it pass; make it smaller."
+        )
+    return (
+        f"Rate limit reached for model `{model}` in {where} on {metric} per {window}: "
+        f"Limit {b.limit}, Used {b.limit - b.remaining}, Requested {requested}. "
+        f"Please try again in {go_duration(decision.retry_after_ms)}."
+    )

@@ -1,0 +1,79 @@
+"""Every Redis key ratelimitd writes, built in one place.
+
+All keys of one organization start with ``rl:{<org_id>}:``. The braces are a
+Redis Cluster hash tag: only the text inside them picks the slot, so a decision
+script can read and write every bucket, limit and key record of one
+organization on one node. Keys that belong to no organization (the operator
+credentials, the organization index) live outside any tag and are never
+touched by a decision.
+
+Layout below one organization prefix::
+
+    lim:o                  hash   organization limits, field "<model>|<metric>|<window>"
+    lim:p:<project_id>     hash   project custom limits, same fields
+    p:<project_id>         hash   project record (n name, d description, c created ms)
+    pn                     hash   project name -> project id (uniqueness)
+    k:<key_id>             hash   API key (h sha256, p project, n name, x prefix,
+                                  c created ms, u last used ms, r "1" once revoked)
+    pk:<project_id>        set    key ids of a project
+    r:<request_id>         string request record (reservation and replay), expires
+    b:o:<model>|<dim>      string organization bucket "<level>:<t_us>", expires
+    b:p:<project>:<model>|<dim>   project bucket, same format
+"""
+
+from __future__ import annotations
+
+ROOT = "rl:"
+ORGANIZATIONS = "rl:orgs"  # hash org id -> name
+CREDENTIALS = "rl:creds"  # hash sha256(token) -> credential JSON
+MANUAL_CLOCK = "rl:clock"  # tests only: the clock in microseconds
+
+
+def org_prefix(org_id: str) -> str:
+    return f"rl:{{{org_id}}}:"
+
+
+class OrgKeys:
+    """The keys of one organization; every one shares the organization's slot."""
+
+    __slots__ = ("prefix",)
+
+    def __init__(self, org_id: str) -> None:
+        self.prefix = org_prefix(org_id)
+
+    @property
+    def record(self) -> str:
+        return self.prefix + "org"
+
+    @property
+    def org_limits(self) -> str:
+        return self.prefix + "lim:o"
+
+    def project_limits(self, project_id: str) -> str:
+        return self.prefix + "lim:p:" + project_id
+
+    def project(self, project_id: str) -> str:
+        return self.prefix + "p:" + project_id
+
+    @property
+    def project_names(self) -> str:
+        return self.prefix + "pn"
+
+    def api_key(self, key_id: str) -> str:
+        return self.prefix + "k:" + key_id
+
+    def project_api_keys(self, project_id: str) -> str:
+        return self.prefix + "pk:" + project_id
+
+    def request(self, request_id: str) -> str:
+        return self.prefix + "r:" + request_id
+
+    def org_bucket(self, model: str, dimension: str) -> str:
+        return f"{self.prefix}b:o:{model}|{dimension}"
+
+    def project_bucket(self, project_id: str, model: str, dimension: str) -> str:
+        return f"{self.prefix}b:p:{project_id}:{model}|{dimension}"
+
+
+def limit_field(model: str, dimension: str) -> str:
+    return f"{model}|{dimension}"

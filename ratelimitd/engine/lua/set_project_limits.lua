@@ -1,0 +1,69 @@
+--[[
+set_project_limits.lua: set and clear a project's custom limits, each checked
+against the organization's limit in the same atomic step (so a concurrent change
+of the organization limit cannot slip between check and write). Stores nothing
+unless every value passes.
+
+The organization's limit for (model, dimension) is its own entry when the
+organization has any entry for that model, else its "*" entry; absent means
+the organization sets no ceiling for that dimension.
+
+KEYS[1]  the organization's limits hash   rl:{org_x}:lim:o
+KEYS[2]  the project's limits hash        rl:{org_x}:lim:p:<project_id>
+KEYS[3]  the project record               rl:{org_x}:p:<project_id>
+
+ARGV[1]  d, the number of configured dimensions, then d dimension names
+         ("metric|window")
+then     s, the number of limits to set, then s triples (model, dimension, value)
+then     the fields ("model|metric|window") to clear
+
+Reply: {"ok"} | {"not_found"} | {"above", model, dimension, value, org_limit}
+       | {"no_model", model}
+]]
+
+if redis.call("EXISTS", KEYS[3]) == 0 then
+  return {"not_found"}
+end
+
+local ndims = tonumber(ARGV[1])
+local dims = {}
+for i = 1, ndims do dims[i] = ARGV[1 + i] end
+
+local function org_limit(model, dim)
+  if model ~= "*" then
+    local fields = {}
+    for i = 1, ndims do fields[i] = model .. "|" .. dims[i] end
+    local own = redis.call("HMGET", KEYS[1], unpack(fields))
+    for i = 1, ndims do
+      if own[i] then return redis.call("HGET", KEYS[1], model .. "|" .. dim), true end
+    end
+  end
+  local fields = {}
+  for i = 1, ndims do fields[i] = "*|" .. dims[i] end
+  local star = redis.call("HMGET", KEYS[1], unpack(fields))
+  local any = false
+  for i = 1, ndims do if star[i] then any = true end end
+  return redis.call("HGET", KEYS[1], "*|" .. dim), any
+end
+
+local pos = 2 + ndims
+local nset = tonumber(ARGV[pos])
+local writes = {}
+for i = 0, nset - 1 do
+  local model, dim, value = ARGV[pos + 1 + 3 * i], ARGV[pos + 2 + 3 * i], ARGV[pos + 3 + 3 * i]
+  local ceiling, available = org_limit(model, dim)
+  if not available then
+    return {"no_model", model}
+  end
+  if ceiling and tonumber(value) > tonumber(ceiling) then
+    return {"above", model, dim, value, ceiling}
+  end
+  writes[#writes + 1] = model .. "|" .. dim
+  writes[#writes + 1] = value
+end
+
+local clears = {}
+for i = pos + 1 + 3 * nset, #ARGV do clears[#clears + 1] = ARGV[i] end
+if #writes > 0 then redis.call("HSET", KEYS[2], unpack(writes)) end
+if #clears > 0 then redis.call("HDEL", KEYS[2], unpack(clears)) end
+return {"ok"}

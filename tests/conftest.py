@@ -1,0 +1,133 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import redis.asyncio
+
+from ratelimitd.app import App
+from ratelimitd.engine import keys
+from ratelimitd.settings import Settings
+from ratelimitd.v1 import admin_pb2 as apb
+from ratelimitd.v1 import admin_pb2_grpc, ratelimit_pb2_grpc
+from tests.servers import ValkeyProcess
+
+OPERATOR_TOKEN = "rlt_test-operator-token"
+AUTH = (("authorization", f"Bearer {OPERATOR_TOKEN}"),)
+
+
+@pytest.fixture(scope="session")
+def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyProcess]:
+    server = ValkeyProcess(tmp_path_factory.mktemp("valkey"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def redis_client(valkey: ValkeyProcess) -> AsyncIterator[redis.asyncio.Redis]:
+    client = redis.asyncio.Redis.from_url(valkey.url, decode_responses=True)
+    await client.flushall()
+    yield client
+    await client.aclose()
+
+
+class Clock:
+    """The manual clock decide.lua reads in tests (microseconds in 'rl:clock')."""
+
+    def __init__(self, client: redis.asyncio.Redis) -> None:
+        self._client = client
+        self.now_s = 1_000_000.0
+
+    async def set(self, seconds: float) -> None:
+        self.now_s = seconds
+        await self._client.set(keys.MANUAL_CLOCK, int(round(seconds * 1_000_000)))
+
+    async def advance(self, seconds: float) -> None:
+        await self.set(self.now_s + seconds)
+
+
+@dataclass
+class Client:
+    channel: grpc.aio.Channel
+    decisions: ratelimit_pb2_grpc.RateLimitServiceStub
+    orgs: admin_pb2_grpc.OrganizationServiceStub
+    projects: admin_pb2_grpc.ProjectServiceStub
+
+    async def org(self, name: str, limits: list[tuple[str, str, str, int]]) -> str:
+        org = await self.orgs.CreateOrganization(apb.CreateOrganizationRequest(name=name), metadata=AUTH)
+        await self.orgs.SetOrganizationLimits(
+            apb.SetOrganizationLimitsRequest(
+                organization_id=org.id, set=[apb.Limit(model=m, metric=me, window=w, limit=v) for m, me, w, v in limits]
+            ),
+            metadata=AUTH,
+        )
+        return org.id
+
+    async def project(self, org_id: str, name: str, limits: list[tuple[str, str, str, int]] = ()) -> tuple[str, str]:  # type: ignore[assignment]
+        """Creates a project (with custom limits) and one API key; returns (project id, secret)."""
+        p = await self.projects.CreateProject(apb.CreateProjectRequest(organization_id=org_id, name=name), metadata=AUTH)
+        if limits:
+            await self.projects.SetProjectLimits(
+                apb.SetProjectLimitsRequest(
+                    organization_id=org_id,
+                    project_id=p.id,
+                    set=[apb.Limit(model=m, metric=me, window=w, limit=v) for m, me, w, v in limits],
+                ),
+                metadata=AUTH,
+            )
+        key = await self.projects.CreateApiKey(
+            apb.CreateApiKeyRequest(organization_id=org_id, project_id=p.id, name=f"{name}-key"), metadata=AUTH
+        )
+        return p.id, key.secret
+
+
+def channel_client(address: str) -> Client:
+    channel = grpc.aio.insecure_channel(address)
+    return Client(
+        channel,
+        ratelimit_pb2_grpc.RateLimitServiceStub(channel),
+        admin_pb2_grpc.OrganizationServiceStub(channel),
+        admin_pb2_grpc.ProjectServiceStub(channel),
+    )
+
+
+def test_settings(url: str, **overrides: object) -> Settings:
+    return Settings.load(
+        env={},
+        listen="127.0.0.1:0",
+        redis_url=url,
+        manual_clock=True,
+        operator_token=OPERATOR_TOKEN,
+        **overrides,
+    )
+
+
+@pytest.fixture
+async def clock(redis_client: redis.asyncio.Redis) -> Clock:
+    c = Clock(redis_client)
+    await c.set(c.now_s)
+    return c
+
+
+@pytest.fixture
+async def app(valkey: ValkeyProcess, redis_client: redis.asyncio.Redis, clock: Clock) -> AsyncIterator[App]:
+    a = App(test_settings(valkey.url))
+    await a.start()
+    yield a
+    await a.stop(0)
+
+
+@pytest.fixture
+async def client(app: App) -> AsyncIterator[Client]:
+    c = channel_client(f"127.0.0.1:{app.port}")
+    yield c
+    await c.channel.close()
+
+
+@pytest.fixture
+def tmp(tmp_path: Path) -> Path:
+    return tmp_path
