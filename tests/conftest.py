@@ -95,7 +95,7 @@ def channel_client(address: str) -> Client:
     )
 
 
-def test_settings(url: str, **overrides: object) -> Settings:
+def settings_for(url: str, **overrides: object) -> Settings:
     return Settings.load(
         env={},
         listen="127.0.0.1:0",
@@ -115,7 +115,7 @@ async def clock(redis_client: redis.asyncio.Redis) -> Clock:
 
 @pytest.fixture
 async def app(valkey: ValkeyProcess, redis_client: redis.asyncio.Redis, clock: Clock) -> AsyncIterator[App]:
-    a = App(test_settings(valkey.url))
+    a = App(settings_for(valkey.url))
     await a.start()
     yield a
     await a.stop(0)

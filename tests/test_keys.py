@@ -1,0 +1,40 @@
+"""Every key one decision can touch maps to one Redis Cluster slot."""
+
+from __future__ import annotations
+
+from redis.crc import key_slot
+
+from ratelimitd.engine import ids
+from ratelimitd.engine.keys import OrgKeys
+
+
+def test_every_key_of_an_organization_shares_one_slot() -> None:
+    org = ids.new_id("org")
+    k = OrgKeys(org)
+    project = ids.new_id("proj")
+    names = [
+        k.record, k.org_limits, k.project_limits(project), k.project(project), k.project_names,
+        k.api_key("key_x"), k.project_api_keys(project), k.request("req-1"),
+        k.org_bucket("llama-3.1-8b-instant", "tokens|minute"),
+        k.project_bucket(project, "meta-llama/llama-4-scout-17b-16e-instruct", "requests|day"),
+    ]  # fmt: skip
+    assert {key_slot(n.encode()) for n in names} == {key_slot(k.org_limits.encode())}
+
+
+def test_decide_lua_builds_keys_the_way_the_keys_module_does() -> None:
+    from ratelimitd.engine.scripts import read_script
+
+    lua = read_script("decide")
+    # The script derives keys from this prefix; if either side changes, both must.
+    for fragment in ('"lim:p:"', '"b:o:"', '"b:p:"', '"p:"', "-6)"):
+        assert fragment in lua
+    assert OrgKeys("org_x").org_limits.endswith("lim:o") and len("lim:o") + 1 == 6
+
+
+def test_api_key_carries_its_ids() -> None:
+    org = ids.new_id("org")
+    key_id, secret = ids.new_api_key(org)
+    parsed = ids.parse_api_key(secret)
+    assert parsed is not None and parsed.org_id == org and parsed.key_id == key_id
+    assert len(secret) == ids.API_KEY_LENGTH
+    assert ids.parse_api_key(secret[:-1]) is None and ids.parse_api_key(secret + "a") is None
