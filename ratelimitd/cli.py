@@ -18,7 +18,7 @@ from ratelimitd.settings import Settings, parse_pairs, parse_windows, setting_de
 log = logging.getLogger("ratelimitd")
 
 
-def _run(coro: Coroutine[Any, Any, int]) -> int:
+def run_async(coro: Coroutine[Any, Any, int]) -> int:
     try:
         import uvloop
 
@@ -37,7 +37,7 @@ def serve(args: argparse.Namespace) -> int:
         header_windows=parse_pairs(args.header_windows, "header_windows") if args.header_windows else None,
         manual_clock=True if args.manual_clock else None,
     )
-    return _run(_serve(settings))
+    return run_async(_serve(settings))
 
 
 async def _serve(settings: Settings) -> int:
@@ -75,7 +75,9 @@ async def _serve(settings: Settings) -> int:
 
 
 def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    env_help = "\n".join(f"  {name:<34} {desc} (default: {default or 'unset'})" for name, default, desc in setting_descriptions())
+    env_help = "\n".join(
+        f"  {name:<34} {desc} (default: {default or 'unset'})" for name, default, desc in setting_descriptions()
+    )
     p = sub.add_parser(
         "serve",
         help="run the gRPC server",
@@ -94,7 +96,10 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("RATELIMITD_LOG_LEVEL", "INFO").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("RATELIMITD_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     parser = argparse.ArgumentParser(prog="ratelimitd", description="Exact hierarchical rate limits for LLM APIs.")
     parser.add_argument("--version", action="version", version=f"ratelimitd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -122,6 +122,11 @@ def setting_descriptions() -> list[tuple[str, str, str]]:
     """(environment variable, default, description) for every setting."""
     rows = []
     for f in dataclasses.fields(Settings):
-        default = "" if f.metadata.get("secret") else f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if f.metadata.get("secret"):
+            default: object = ""
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = f.default
         rows.append((f"RATELIMITD_{f.name.upper()}", str(default), f.metadata["description"]))
     return rows

@@ -39,7 +39,7 @@ def generate(out: Path) -> None:
         f"--mypy_grpc_out={out}",
         *protos,
     ]
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     init = out / PY_PACKAGE / "__init__.py"
     init.write_text('"""Generated from proto/ratelimitd/v1 by scripts/gen_protos.py; do not edit."""\n')
 

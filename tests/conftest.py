@@ -44,7 +44,7 @@ class Clock:
 
     async def set(self, seconds: float) -> None:
         self.now_s = seconds
-        await self._client.set(keys.MANUAL_CLOCK, int(round(seconds * 1_000_000)))
+        await self._client.set(keys.MANUAL_CLOCK, round(seconds * 1_000_000))
 
     async def advance(self, seconds: float) -> None:
         await self.set(self.now_s + seconds)
@@ -53,9 +53,9 @@ class Clock:
 @dataclass
 class Client:
     channel: grpc.aio.Channel
-    decisions: ratelimit_pb2_grpc.RateLimitServiceStub
-    orgs: admin_pb2_grpc.OrganizationServiceStub
-    projects: admin_pb2_grpc.ProjectServiceStub
+    decisions: ratelimit_pb2_grpc.RateLimitServiceAsyncStub
+    orgs: admin_pb2_grpc.OrganizationServiceAsyncStub
+    projects: admin_pb2_grpc.ProjectServiceAsyncStub
 
     async def org(self, name: str, limits: list[tuple[str, str, str, int]]) -> str:
         org = await self.orgs.CreateOrganization(apb.CreateOrganizationRequest(name=name), metadata=AUTH)
@@ -69,7 +69,9 @@ class Client:
 
     async def project(self, org_id: str, name: str, limits: list[tuple[str, str, str, int]] = ()) -> tuple[str, str]:  # type: ignore[assignment]
         """Creates a project (with custom limits) and one API key; returns (project id, secret)."""
-        p = await self.projects.CreateProject(apb.CreateProjectRequest(organization_id=org_id, name=name), metadata=AUTH)
+        p = await self.projects.CreateProject(
+            apb.CreateProjectRequest(organization_id=org_id, name=name), metadata=AUTH
+        )
         if limits:
             await self.projects.SetProjectLimits(
                 apb.SetProjectLimitsRequest(

@@ -59,7 +59,7 @@ async def test_malformed_input_is_invalid_argument_and_charges_nothing(
 async def test_unknown_malformed_and_foreign_keys_are_refused_as_invalid_key(
     client: Client, setup: tuple[str, str, str], redis_client: redis.asyncio.Redis
 ) -> None:
-    org, _, key = setup
+    _, _, key = setup
     other_org = await client.org("other", [(M, "requests", "minute", 10)])
     _, other_key = await client.project(other_org, "b")
     forged = key[:-32] + other_key[-32:]  # right ids, wrong secret
@@ -110,15 +110,21 @@ async def test_bad_project_limits_store_nothing(
         )
     assert e.value.code() == code
     assert message in (e.value.details() or "")
-    got = await client.projects.GetProjectLimits(apb.GetProjectLimitsRequest(organization_id=org, project_id=pid), metadata=AUTH)
+    got = await client.projects.GetProjectLimits(
+        apb.GetProjectLimitsRequest(organization_id=org, project_id=pid), metadata=AUTH
+    )
     assert list(got.custom) == []
 
 
 async def test_management_ids_are_checked(client: Client, setup: tuple[str, str, str]) -> None:
-    org, pid, _ = setup
+    org, _, _ = setup
     cases = [
         (apb.CreateProjectRequest(organization_id="nope", name="x"), grpc.StatusCode.INVALID_ARGUMENT, "not a org_ id"),
-        (apb.CreateProjectRequest(organization_id="org_aaaaaaaaaaaa", name="x"), grpc.StatusCode.NOT_FOUND, "does not exist"),
+        (
+            apb.CreateProjectRequest(organization_id="org_aaaaaaaaaaaa", name="x"),
+            grpc.StatusCode.NOT_FOUND,
+            "does not exist",
+        ),
         (apb.CreateProjectRequest(organization_id=org, name="Bad Name"), grpc.StatusCode.INVALID_ARGUMENT, "not valid"),
         (apb.CreateProjectRequest(organization_id=org, name="a"), grpc.StatusCode.ALREADY_EXISTS, "already exists"),
         (apb.CreateProjectRequest(organization_id=org, name="x" * 65), grpc.StatusCode.INVALID_ARGUMENT, "not valid"),

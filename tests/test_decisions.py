@@ -89,7 +89,9 @@ async def test_refill_is_continuous_and_retry_after_is_never_early(client: Clien
 
 
 async def test_reset_is_time_until_the_bucket_is_full(client: Client, clock: Clock) -> None:
-    org = await client.org("o", [(M, "requests", "minute", 60), (M, "requests", "day", 14400), (M, "tokens", "minute", 6000)])
+    org = await client.org(
+        "o", [(M, "requests", "minute", 60), (M, "requests", "day", 14400), (M, "tokens", "minute", 6000)]
+    )
     _, a = await client.project(org, "a")
     reply = await check(client, a, tokens=3000)
     assert bucket(reply, pb.SCOPE_ORGANIZATION, "requests", "minute").reset_after_ms == 1000
@@ -148,7 +150,9 @@ async def test_lowered_org_limit_wins_at_the_next_decision(client: Client) -> No
     for _ in range(10):
         assert (await check(client, a)).allowed
     await client.orgs.SetOrganizationLimits(
-        apb.SetOrganizationLimitsRequest(organization_id=org, set=[apb.Limit(model=M, metric="requests", window="minute", limit=12)]),
+        apb.SetOrganizationLimitsRequest(
+            organization_id=org, set=[apb.Limit(model=M, metric="requests", window="minute", limit=12)]
+        ),
         metadata=AUTH,
     )
     assert (await check(client, a)).allowed

@@ -132,7 +132,9 @@ async def test_embedded_default_keeps_its_data_across_restarts(tmp_path: Path, h
             ),
             metadata=auth,
         )
-        p = await client.projects.CreateProject(apb.CreateProjectRequest(organization_id=org.id, name="p"), metadata=auth)
+        p = await client.projects.CreateProject(
+            apb.CreateProjectRequest(organization_id=org.id, name="p"), metadata=auth
+        )
         key = await client.projects.CreateApiKey(
             apb.CreateApiKeyRequest(organization_id=org.id, project_id=p.id, name="k"), metadata=auth
         )

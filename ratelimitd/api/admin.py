@@ -7,6 +7,7 @@ credential exists (organization roles come with the control-plane work).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import grpc
 
@@ -18,7 +19,7 @@ from ratelimitd.engine.limits import LimitSpec
 from ratelimitd.v1 import admin_pb2 as pb
 from ratelimitd.v1 import admin_pb2_grpc
 
-Context = grpc.aio.ServicerContext[object, object]
+Context = grpc.aio.ServicerContext[Any, Any]
 
 
 def _limits(specs: Sequence[LimitSpec]) -> list[pb.Limit]:

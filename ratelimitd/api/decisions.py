@@ -7,6 +7,8 @@ from collections.abc import Callable, Mapping
 
 import grpc
 
+from ratelimitd.api.auth import authorization
+from ratelimitd.api.errors import rpc
 from ratelimitd.engine import ids
 from ratelimitd.engine.credentials import Credentials
 from ratelimitd.engine.decisions import BucketState, Caller, Decider, Decision, Outcome, Scope
@@ -14,8 +16,6 @@ from ratelimitd.engine.errors import InvalidArgument, NotFound, StorageUnavailab
 from ratelimitd.engine.explain import refusal_message
 from ratelimitd.engine.headers import rate_limit_headers
 from ratelimitd.engine.limits import MAX_LIMIT, validate_model
-from ratelimitd.api.auth import authorization
-from ratelimitd.api.errors import rpc
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from ratelimitd.v1 import ratelimit_pb2_grpc
 
@@ -144,4 +144,3 @@ class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
             project_id=decision.project_id,
             replayed=decision.replayed,
         )
-

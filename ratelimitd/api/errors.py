@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -26,7 +26,7 @@ STATUS = {
 S = TypeVar("S")
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
-Handler = Callable[[S, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]
+Handler = Callable[[S, Req, Any], Awaitable[Resp]]
 
 
 def rpc(fn: Handler[S, Req, Resp]) -> Handler[S, Req, Resp]:
@@ -37,7 +37,7 @@ def rpc(fn: Handler[S, Req, Resp]) -> Handler[S, Req, Resp]:
     """
 
     @functools.wraps(fn)
-    async def call(self: S, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
+    async def call(self: S, request: Req, context: Any) -> Resp:
         try:
             return await fn(self, request, context)
         except RatelimitdError as e:
@@ -47,5 +47,6 @@ def rpc(fn: Handler[S, Req, Resp]) -> Handler[S, Req, Resp]:
                 if hook is not None:
                     hook()
             await context.abort(STATUS[e.kind], e.message)
+            raise  # abort() raises; this line only tells the type checker
 
     return call

@@ -11,6 +11,7 @@ import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 from redis.asyncio import Redis
 
@@ -33,6 +34,11 @@ PROJECT_NAME_RULES = "1 to 64 characters: lowercase letters, digits and '-', sta
 _PROJECT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 MAX_NAME_LENGTH = 128
 MAX_DESCRIPTION_LENGTH = 1024
+
+
+def _strs(raw: Any) -> dict[str, str]:
+    """The client decodes responses to str; redis-py's types cannot say so."""
+    return cast(dict[str, str], raw)
 
 
 def now_ms() -> int:
@@ -165,7 +171,7 @@ class ControlPlane:
     async def organization_limits(self, org_id: str) -> list[LimitSpec]:
         k = await self.require_organization(org_id)
         with storage_errors():
-            raw = await self._redis.hgetall(k.org_limits)
+            raw = _strs(await self._redis.hgetall(k.org_limits))
         return self._decode_limits(raw)
 
     def _decode_limits(self, raw: dict[str, str]) -> list[LimitSpec]:
@@ -246,20 +252,18 @@ class ControlPlane:
     async def project_limits(self, org_id: str, project_id: str) -> list[LimitSpec]:
         k = await self.require_project(org_id, project_id)
         with storage_errors():
-            raw = await self._redis.hgetall(k.project_limits(project_id))
+            raw = _strs(await self._redis.hgetall(k.project_limits(project_id)))
         return self._decode_limits(raw)
 
-    async def effective_limits(
-        self, org_id: str, project_id: str, models: Sequence[str] = ()
-    ) -> list[EffectiveLimit]:
+    async def effective_limits(self, org_id: str, project_id: str, models: Sequence[str] = ()) -> list[EffectiveLimit]:
         """Custom vs inherited for every model either level names (plus ``models``),
         resolved exactly as decide.lua resolves them."""
         for m in models:
             validate_model(m, wildcard=True)
         k = await self.require_project(org_id, project_id)
         with storage_errors():
-            org_raw = await self._redis.hgetall(k.org_limits)
-            proj_raw = await self._redis.hgetall(k.project_limits(project_id))
+            org_raw = _strs(await self._redis.hgetall(k.org_limits))
+            proj_raw = _strs(await self._redis.hgetall(k.project_limits(project_id)))
         org_specs = self._decode_limits(org_raw)
         proj_specs = self._decode_limits(proj_raw)
         org_models = {s.model for s in org_specs}
@@ -308,11 +312,11 @@ class ControlPlane:
     async def list_api_keys(self, org_id: str, project_id: str) -> list[ApiKeyInfo]:
         k = await self.require_project(org_id, project_id)
         with storage_errors():
-            key_ids = sorted(await self._redis.smembers(k.project_api_keys(project_id)))
+            key_ids = sorted(cast(set[str], await self._redis.smembers(k.project_api_keys(project_id))))
             async with self._redis.pipeline(transaction=False) as pipe:
                 for key_id in key_ids:
                     pipe.hgetall(k.api_key(key_id))
-                records = await pipe.execute()
+                records = [_strs(r) for r in await pipe.execute()]
         infos = [self._key_info(key_id, rec) for key_id, rec in zip(key_ids, records, strict=True) if rec]
         return sorted(infos, key=lambda i: (i.created_at_ms, i.id))
 
@@ -330,5 +334,5 @@ class ControlPlane:
             if not await self._redis.exists(k.api_key(key_id)):
                 raise NotFound(f"API key {key_id} does not exist in organization {org_id}")
             await self._redis.hset(k.api_key(key_id), "r", "1")
-            rec = await self._redis.hgetall(k.api_key(key_id))
+            rec = _strs(await self._redis.hgetall(k.api_key(key_id)))
         return self._key_info(key_id, rec)

@@ -55,7 +55,9 @@ class Credentials:
 
     @staticmethod
     def _record(name: str) -> str:
-        return json.dumps({"id": ids.new_id("cred"), "kind": OPERATOR, "name": name, "created": int(time.time() * 1000)})
+        return json.dumps(
+            {"id": ids.new_id("cred"), "kind": OPERATOR, "name": name, "created": int(time.time() * 1000)}
+        )
 
     async def authenticate(self, authorization: str | None) -> Principal:
         if not authorization:

@@ -88,9 +88,7 @@ class Decider:
         self._dim_args = [(d.name, str(d.window_ms), d.metric == "tokens") for d in self._dims]
         self._ndims = str(len(self._dims))
 
-    async def check(
-        self, caller: Caller, model: str, requests: int, tokens: int, request_id: str = ""
-    ) -> Decision:
+    async def check(self, caller: Caller, model: str, requests: int, tokens: int, request_id: str = "") -> Decision:
         remember = "1" if request_id else "0"
         request_id = request_id or new_request_id()
         org = keys.OrgKeys(caller.organization_id)
@@ -113,7 +111,13 @@ class Decider:
 
     def _parse(self, reply: list[int | str], org_id: str, request_id: str) -> Decision:
         buckets = tuple(
-            BucketState(Scope(int(reply[i])), self._dims[int(reply[i + 1]) - 1], int(reply[i + 2]), int(reply[i + 3]), int(reply[i + 4]))
+            BucketState(
+                Scope(int(reply[i])),
+                self._dims[int(reply[i + 1]) - 1],
+                int(reply[i + 2]),
+                int(reply[i + 3]),
+                int(reply[i + 4]),
+            )
             for i in range(5, len(reply), 5)
         )
         binding_index = int(reply[3])

@@ -17,9 +17,7 @@ def refusal_message(decision: Decision, model: str, requests: int, tokens: int) 
     if outcome is Outcome.PROJECT_NOT_FOUND:
         return "The project does not exist."
     assert b is not None
-    where = (
-        f"project {decision.project_id}" if b.scope is Scope.PROJECT else f"organization {decision.organization_id}"
-    )
+    where = f"project {decision.project_id}" if b.scope is Scope.PROJECT else f"organization {decision.organization_id}"
     metric, window = b.dimension.metric, b.dimension.window
     requested = tokens if metric == "tokens" else requests
     if outcome is Outcome.TOO_LARGE:

@@ -116,7 +116,8 @@ class EmbeddedValkey:
             "--logfile", str(self.data_dir / "valkey.log"),
             "--daemonize", "no",
         ]  # fmt: skip
-        self.process = subprocess.Popen(
+        # Popen (not asyncio's) for preexec_fn; it returns at once, the wait below is async.
+        self.process = subprocess.Popen(  # noqa: ASYNC220
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, preexec_fn=_die_with_parent
         )
         await self._wait_ready(timeout_s)

@@ -166,7 +166,10 @@ Global___CheckRequest: _TypeAlias = CheckRequest  # noqa: Y015
 
 @_typing.final
 class BucketStatus(_message.Message):
-    """One evaluated bucket."""
+    """One evaluated bucket. A project without a custom limit for a metric and
+    window has no bucket of its own there: the organization bucket (which
+    counts that project's usage too) is the one evaluated.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -176,7 +179,6 @@ class BucketStatus(_message.Message):
     LIMIT_FIELD_NUMBER: _builtins.int
     REMAINING_FIELD_NUMBER: _builtins.int
     RESET_AFTER_MS_FIELD_NUMBER: _builtins.int
-    INHERITED_FIELD_NUMBER: _builtins.int
     scope: Global___Scope.ValueType
     metric: _builtins.str
     """"requests" or "tokens" (configurable set)"""
@@ -187,10 +189,6 @@ class BucketStatus(_message.Message):
     """Whole units left after this decision (never below 0, never above limit)."""
     reset_after_ms: _builtins.int
     """Milliseconds until the bucket is full again if nothing more is charged."""
-    inherited: _builtins.bool
-    """True for a project bucket whose limit is the organization's (no custom
-    limit); such buckets are evaluated through the organization bucket.
-    """
     def __init__(
         self,
         *,
@@ -200,11 +198,10 @@ class BucketStatus(_message.Message):
         limit: _builtins.int = ...,
         remaining: _builtins.int = ...,
         reset_after_ms: _builtins.int = ...,
-        inherited: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inherited", b"inherited", "limit", b"limit", "metric", b"metric", "remaining", b"remaining", "reset_after_ms", b"reset_after_ms", "scope", b"scope", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "metric", b"metric", "remaining", b"remaining", "reset_after_ms", b"reset_after_ms", "scope", b"scope", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,185 @@
+"""Bounded CheckAndConsume benchmark on loopback: decisions/s and latency percentiles.
+
+    python load/bench.py                       # starts its own server on an embedded Valkey
+    python load/bench.py --address 127.0.0.1:50051 --token "$RATELIMITD_TOKEN"
+
+It creates one organization with limits high enough that most calls are
+admitted (every call still evaluates and charges all four windows of both the
+project and the organization), then keeps ``--concurrency`` calls in flight
+from ``--processes`` client processes until ``--requests`` calls or
+``--seconds`` have passed, whichever comes first. Loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ratelimitd.client_cli import Api, parse_limit_args  # noqa: E402
+from ratelimitd.v1 import admin_pb2 as apb  # noqa: E402
+from ratelimitd.v1 import ratelimit_pb2 as pb  # noqa: E402
+from ratelimitd.v1 import ratelimit_pb2_grpc  # noqa: E402
+
+MODEL = "llama-3.1-8b-instant"
+HUGE = 10**11
+
+
+async def setup(address: str, token: str, projects: int) -> list[str]:
+    api = Api(address, token)
+    md = api.metadata
+    org = await api.orgs.CreateOrganization(apb.CreateOrganizationRequest(name="bench"), metadata=md)
+    await api.orgs.SetOrganizationLimits(
+        apb.SetOrganizationLimitsRequest(
+            organization_id=org.id, set=parse_limit_args(MODEL, [f"{n}={HUGE}" for n in ("rpm", "rpd", "tpm", "tpd")])
+        ),
+        metadata=md,
+    )
+    keys = []
+    for i in range(projects):
+        p = await api.projects.CreateProject(
+            apb.CreateProjectRequest(organization_id=org.id, name=f"bench-{i}"), metadata=md
+        )
+        await api.projects.SetProjectLimits(
+            apb.SetProjectLimitsRequest(
+                organization_id=org.id, project_id=p.id, set=parse_limit_args(MODEL, [f"rpm={HUGE}", f"tpm={HUGE}"])
+            ),
+            metadata=md,
+        )
+        k = await api.projects.CreateApiKey(
+            apb.CreateApiKeyRequest(organization_id=org.id, project_id=p.id, name="bench"), metadata=md
+        )
+        keys.append(k.secret)
+    await api.channel.close()
+    return keys
+
+
+async def drive(address: str, keys: list[str], requests: int, seconds: float, concurrency: int) -> dict[str, object]:
+    channel = grpc.aio.insecure_channel(address)
+    call = ratelimit_pb2_grpc.RateLimitServiceStub(channel).CheckAndConsume
+    reqs = [pb.CheckRequest(api_key=k, model=MODEL, tokens=500) for k in keys]
+    latencies: list[float] = []
+    allowed = errors = 0
+    sent = 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker(w: int) -> None:
+        nonlocal sent, allowed, errors
+        i = w
+        while sent < requests and time.perf_counter() < deadline:
+            sent += 1
+            t0 = time.perf_counter()
+            try:
+                r = await call(reqs[i % len(reqs)])
+                allowed += r.allowed
+            except grpc.aio.AioRpcError:
+                errors += 1
+            latencies.append(time.perf_counter() - t0)
+            i += concurrency
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    elapsed = time.perf_counter() - start
+    await channel.close()
+    return {"latencies": latencies, "allowed": allowed, "errors": errors, "elapsed": elapsed}
+
+
+def client_process(args: tuple[str, list[str], int, float, int]) -> dict[str, object]:
+    import uvloop
+
+    return uvloop.run(drive(*args))
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--address", help="a running server; default: start one")
+    ap.add_argument("--token", default=os.environ.get("RATELIMITD_TOKEN"))
+    ap.add_argument("--redis-url", help="when starting a server: use this storage instead of an embedded Valkey")
+    ap.add_argument("--requests", type=int, default=50_000, help="stop after this many calls (all processes)")
+    ap.add_argument("--seconds", type=float, default=20.0, help="stop after this long")
+    ap.add_argument("--concurrency", type=int, default=64, help="calls in flight per client process")
+    ap.add_argument("--processes", type=int, default=1, help="client processes")
+    ap.add_argument("--projects", type=int, default=16, help="projects (keys) the load is spread over")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--setup-only", action="store_true", help="create the org against --address, print one key")
+    args = ap.parse_args()
+    if args.setup_only:
+        print(asyncio.run(setup(args.address, args.token, 1))[0])
+        return 0
+
+    server = None
+    tmp = tempfile.TemporaryDirectory(prefix="ratelimitd-bench-")
+    try:
+        if args.address is None:
+            token = "rlt_bench"
+            cmd = [sys.executable, "-m", "ratelimitd", "serve", "--listen", "127.0.0.1:50777", "--data-dir", tmp.name]
+            if args.redis_url:
+                cmd += ["--redis-url", args.redis_url]
+            server = subprocess.Popen(
+                cmd, env={**os.environ, "RATELIMITD_OPERATOR_TOKEN": token, "RATELIMITD_LOG_LEVEL": "WARNING"},
+                stdout=subprocess.DEVNULL,
+            )  # fmt: skip
+            address = "127.0.0.1:50777"
+            _wait_port(address)
+        else:
+            address, token = args.address, args.token
+        keys = asyncio.run(setup(address, token, args.projects))
+        per = args.requests // args.processes
+        jobs = [(address, keys, per, args.seconds, args.concurrency)] * args.processes
+        with multiprocessing.get_context("spawn").Pool(args.processes) as pool:
+            results = pool.map(client_process, jobs)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(10)
+        tmp.cleanup()
+
+    lat = sorted(x for r in results for x in r["latencies"])  # type: ignore[attr-defined]
+    elapsed = max(float(r["elapsed"]) for r in results)  # type: ignore[arg-type]
+    summary = {
+        "calls": len(lat),
+        "allowed": sum(int(r["allowed"]) for r in results),  # type: ignore[call-overload]
+        "errors": sum(int(r["errors"]) for r in results),  # type: ignore[call-overload]
+        "seconds": round(elapsed, 2),
+        "decisions_per_s": round(len(lat) / elapsed),
+        "p50_ms": round(percentile(lat, 0.50) * 1000, 3),
+        "p99_ms": round(percentile(lat, 0.99) * 1000, 3),
+        "mean_ms": round(statistics.fmean(lat) * 1000, 3),
+        "concurrency": args.concurrency * args.processes,
+    }
+    print(json.dumps(summary) if args.json else "\n".join(f"{k:>16}: {v}" for k, v in summary.items()))
+    return 0
+
+
+def _wait_port(address: str, timeout_s: float = 20) -> None:
+    import socket
+
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex((host, int(port))) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"no server on {address}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# CheckAndConsume under ghz (a Go load generator, lighter than a Python client).
+# Bounded: at most $REQUESTS calls or $DURATION, on loopback only.
+#
+#   load/ghz.sh                      # starts a server on an embedded Valkey
+#   ADDRESS=127.0.0.1:50051 RATELIMITD_TOKEN=... load/ghz.sh
+#
+# ghz: `go install github.com/bojand/ghz/cmd/ghz@v0.93.0` (found on PATH or in $GHZ).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+GHZ=${GHZ:-$(command -v ghz || echo "$(go env GOPATH 2>/dev/null)/bin/ghz")}
+REQUESTS=${REQUESTS:-50000}
+DURATION=${DURATION:-20s}
+CONCURRENCY=${CONCURRENCY:-64}
+CALL=${CALL:-check}   # check | mix (check + report, see load/bench.py)
+
+if [[ -z "${ADDRESS:-}" ]]; then
+  ADDRESS=127.0.0.1:50778
+  DATA=$(mktemp -d)
+  RATELIMITD_OPERATOR_TOKEN=rlt_bench RATELIMITD_LOG_LEVEL=WARNING \
+    "$PY" -m ratelimitd serve --listen "$ADDRESS" --data-dir "$DATA" >/dev/null &
+  SERVER=$!
+  trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null; rm -rf "$DATA"' EXIT
+  export RATELIMITD_TOKEN=rlt_bench
+  for _ in $(seq 100); do (exec 3<>/dev/tcp/${ADDRESS%:*}/${ADDRESS#*:}) 2>/dev/null && break; sleep 0.1; done
+fi
+
+KEY=$("$PY" load/bench.py --address "$ADDRESS" --setup-only --projects 1)
+"$GHZ" --insecure \
+  --proto proto/ratelimitd/v1/ratelimit.proto --import-paths proto \
+  --call ratelimitd.v1.RateLimitService.CheckAndConsume \
+  -d "{\"api_key\":\"$KEY\",\"model\":\"llama-3.1-8b-instant\",\"tokens\":500}" \
+  -n "$REQUESTS" -z "$DURATION" -c "$CONCURRENCY" --connections 4 \
+  "$ADDRESS"
