@@ -6,6 +6,8 @@ import grpc
 import pytest
 import redis.asyncio
 
+from ratelimitd.app import App
+from ratelimitd.engine.decisions import Caller, Item, Outcome
 from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from tests.conftest import AUTH, Client, Clock
@@ -220,3 +222,19 @@ async def test_trusted_caller_decides_by_project_id(client: Client) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await client.decisions.CheckAndConsume(missing, metadata=AUTH)
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_items_of_one_decision_share_buckets_and_are_charged_all_or_none(client: Client, app: App) -> None:
+    org = await client.org("o", [("*", "requests", "minute", 10), ("*", "tokens", "minute", 100)])
+    pid, _ = await client.project(org, "a")
+    caller = Caller(org, "", "", pid)
+    d = await app.decider.check_items(caller, [Item("m1", 1, 60), Item("m1", 1, 50)])
+    assert d.outcome is Outcome.TOO_LARGE  # 110 tokens together on one 100-token bucket
+    d = await app.decider.check_items(caller, [Item("m1", 1, 60), Item("m2", 1, 40)])
+    assert d.allowed and len(d.item_buckets) == 2
+    assert [b.remaining for b in d.item_buckets[0]] == [9, 40] and [b.remaining for b in d.item_buckets[1]] == [9, 60]
+    d = await app.decider.check_items(caller, [Item("m2", 1, 10), Item("m1", 1, 50)])
+    assert d.outcome is Outcome.ORGANIZATION_LIMIT and d.binding is not None and d.binding.dimension.metric == "tokens"
+    assert [b.remaining for b in d.item_buckets[0]] == [9, 60]  # m2 was not charged either
+    d = await app.decider.check_items(caller, [Item("m2", 0, 0)])  # costs nothing: a pure check
+    assert d.allowed and [b.remaining for b in d.item_buckets[0]] == [9, 60]

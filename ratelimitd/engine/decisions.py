@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import os
+from collections.abc import Sequence
 from typing import NamedTuple
 
 from redis.asyncio import Redis
@@ -48,10 +49,22 @@ class Decision(NamedTuple):
     binding: BucketState | None
     buckets: tuple[BucketState, ...]
     replayed: bool
+    # The buckets of each item, in item order (a bucket two items share is in both).
+    item_buckets: tuple[tuple[BucketState, ...], ...] = ()
+    # For MODEL_NOT_AVAILABLE: the index of the item whose model it is.
+    item: int = 0
 
     @property
     def allowed(self) -> bool:
         return self.outcome is Outcome.ALLOWED
+
+
+class Item(NamedTuple):
+    """One thing a request asks for: a model, and what it costs."""
+
+    model: str
+    requests: int
+    tokens: int
 
 
 class Caller(NamedTuple):
@@ -85,10 +98,16 @@ class Decider:
         self._record_ttl = str(record_ttl_ms)
         self._clock_keys = [keys.MANUAL_CLOCK] if manual_clock else []
         # What does not change per call is laid out once.
-        self._dim_args = [(d.name, str(d.window_ms), d.metric == "tokens") for d in self._dims]
-        self._ndims = str(len(self._dims))
+        self._dim_args: list[str | int] = [len(self._dims)]
+        for d in self._dims:
+            self._dim_args += (d.name, d.window_ms)
+        self._dim_is_tokens = [d.metric == "tokens" for d in self._dims]
 
     async def check(self, caller: Caller, model: str, requests: int, tokens: int, request_id: str = "") -> Decision:
+        return await self.check_items(caller, (Item(model, requests, tokens),), request_id)
+
+    async def check_items(self, caller: Caller, items: Sequence[Item], request_id: str = "") -> Decision:
+        """Decides all items together: every bucket of every item has room, or nothing is charged."""
         remember = "1" if request_id else "0"
         request_id = request_id or new_request_id()
         org = keys.OrgKeys(caller.organization_id)
@@ -97,29 +116,36 @@ class Decider:
         else:
             kind, subject = "p", org.project(caller.project_id)
         args: list[str | int] = [
-            kind, caller.key_hash, caller.project_id, model, request_id, remember, self._record_ttl, self._ndims,
+            kind, caller.key_hash, caller.project_id, request_id, remember, self._record_ttl, *self._dim_args,
+            len(items),
         ]  # fmt: skip
-        for name, window_ms, is_tokens in self._dim_args:
-            args += (name, window_ms, tokens if is_tokens else requests)
+        for item in items:
+            args.append(item.model)
+            args += [item.tokens if is_tokens else item.requests for is_tokens in self._dim_is_tokens]
         with storage_errors():
             reply = await self._script(
                 keys=[org.org_limits, subject, org.request(request_id), *self._clock_keys],
                 args=args,
                 client=self._redis,
             )
-        return self._parse(reply, caller.organization_id, request_id)
+        return self._parse(reply, caller.organization_id, request_id, len(items))
 
-    def _parse(self, reply: list[int | str], org_id: str, request_id: str) -> Decision:
+    def _parse(self, reply: list[int | str], org_id: str, request_id: str, nitems: int) -> Decision:
+        nbuckets = int(reply[6])
+        end = 7 + 5 * nbuckets
         buckets = tuple(
             BucketState(
-                Scope(int(reply[i])),
-                self._dims[int(reply[i + 1]) - 1],
-                int(reply[i + 2]),
-                int(reply[i + 3]),
+                Scope(int(reply[i])), self._dims[int(reply[i + 1]) - 1], int(reply[i + 2]), int(reply[i + 3]),
                 int(reply[i + 4]),
             )
-            for i in range(5, len(reply), 5)
-        )
+            for i in range(7, end, 5)
+        )  # fmt: skip
+        item_buckets = []
+        pos = end
+        for _ in range(nitems if pos < len(reply) else 0):
+            count = int(reply[pos])
+            item_buckets.append(tuple(buckets[int(i) - 1] for i in reply[pos + 1 : pos + 1 + count]))
+            pos += 1 + count
         binding_index = int(reply[3])
         return Decision(
             outcome=Outcome(int(reply[0])),
@@ -130,4 +156,6 @@ class Decider:
             binding=buckets[binding_index - 1] if binding_index else None,
             buckets=buckets,
             replayed=bool(int(reply[4])),
+            item_buckets=tuple(item_buckets),
+            item=int(reply[5]),
         )
