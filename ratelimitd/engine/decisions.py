@@ -25,6 +25,7 @@ class Outcome(enum.IntEnum):
     INVALID_API_KEY = 4
     MODEL_NOT_AVAILABLE = 5
     PROJECT_NOT_FOUND = 6
+    MODEL_BLOCKED = 7
 
 
 class Scope(enum.IntEnum):
@@ -51,7 +52,7 @@ class Decision(NamedTuple):
     replayed: bool
     # The buckets of each item, in item order (a bucket two items share is in both).
     item_buckets: tuple[tuple[BucketState, ...], ...] = ()
-    # For MODEL_NOT_AVAILABLE: the index of the item whose model it is.
+    # For MODEL_NOT_AVAILABLE and MODEL_BLOCKED: the index of the item whose model it is.
     item: int = 0
 
     @property

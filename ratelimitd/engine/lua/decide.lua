@@ -37,12 +37,13 @@ then     m, the number of items, then m groups of 1 + d values:
 Reply: an array
   [1] outcome: 0 allowed, 1 project limit, 2 organization limit,
       3 larger than a limit can ever admit, 4 invalid API key,
-      5 model not available, 6 project not found
+      5 model not available, 6 project not found, 7 model blocked by the
+      model permissions (8 is reserved)
   [2] project id ("" when unknown)
   [3] retry after, milliseconds (0 unless outcome 1 or 2)
   [4] index of the binding bucket in the list below (1-based, 0 for none)
   [5] 1 when this is a replay of an earlier answer, else 0
-  [6] index of the item that decided outcome 5 (1-based, else 0)
+  [6] index of the item that decided outcome 5 or 7 (1-based, else 0)
   [7] n, the number of evaluated buckets, then 5 integers per bucket:
       scope (1 organization, 2 project), dimension index (1-based),
       limit, remaining after this decision, milliseconds until full
@@ -161,6 +162,14 @@ for j, item in ipairs(items) do
   end
   if not any then
     return early(5, j)
+  end
+  -- Model permissions (keys.py "mp"): the organization's allow- or block-list,
+  -- then the project's, which can only narrow it. Refused before any charge.
+  local mp = redis.call("HMGET", prefix .. "mp", "o", "o|" .. model, "p:" .. project, "p:" .. project .. "|" .. model)
+  for s = 1, 3, 2 do
+    if (mp[s] == "allow" and not mp[s + 1]) or (mp[s] == "block" and mp[s + 1]) then
+      return early(7, j)
+    end
   end
   local proj = redis.call("HMGET", proj_limits, unpack(fields))
   local mine = {}
