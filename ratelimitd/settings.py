@@ -73,6 +73,9 @@ class Settings:
     )
     request_ttl_s: int = _field(900, "how long a request id is remembered (replays, usage reconciliation)")
     health_interval_s: float = _field(1.0, "how often storage health is probed")
+    audit_max_events: int = _field(
+        10_000, "audit events kept per organization (and for the platform); older ones are trimmed (approximately)"
+    )
     manual_clock: bool = _field(False, "tests only: read time from the 'rl:clock' key instead of Redis TIME")
     operator_token: str | None = _secret_field("operator credential to accept (stored as a hash)")
 
@@ -84,6 +87,8 @@ class Settings:
                 raise ValueError(f"header_windows: {metric}={window} names no configured window")
         if self.storage_timeout_ms <= 0 or self.request_ttl_s <= 0 or self.health_interval_s <= 0:
             raise ValueError("timeouts and intervals must be positive")
+        if self.audit_max_events <= 0:
+            raise ValueError("audit_max_events must be positive")
 
     def describe(self) -> str:
         redis = redact(self.redis_url) if self.redis_url else f"embedded Valkey in {self.data_dir}"
@@ -109,7 +114,7 @@ def _convert(name: str, raw: str) -> Any:
         return parse_pairs(raw, "header_windows")
     if name == "data_dir":
         return Path(raw)
-    if name in ("storage_timeout_ms", "request_ttl_s"):
+    if name in ("storage_timeout_ms", "request_ttl_s", "audit_max_events"):
         return int(raw)
     if name == "health_interval_s":
         return float(raw)

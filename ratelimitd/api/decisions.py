@@ -10,6 +10,7 @@ import grpc
 from ratelimitd.api.auth import authorization
 from ratelimitd.api.errors import rpc
 from ratelimitd.engine import ids
+from ratelimitd.engine.authz import authorize
 from ratelimitd.engine.credentials import Credentials
 from ratelimitd.engine.decisions import BucketState, Caller, Decider, Decision, Outcome, Scope
 from ratelimitd.engine.errors import InvalidArgument, NotFound, StorageUnavailable
@@ -122,12 +123,13 @@ class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
             parsed = ids.parse_api_key(request.api_key)
             return None if parsed is None else Caller(parsed.org_id, parsed.key_id, parsed.hash, "")
         if which == "project":
-            await self._credentials.authenticate(authorization(context))
+            principal = await self._credentials.authenticate(authorization(context))
             ref = request.project
             if not ids.is_id("org", ref.organization_id):
                 raise InvalidArgument(f"project.organization_id {ref.organization_id[:80]!r} is not an org_ id")
             if not ids.is_id("proj", ref.project_id):
                 raise InvalidArgument(f"project.project_id {ref.project_id[:80]!r} is not a proj_ id")
+            authorize(principal, "CheckAndConsumeByProject", ref.organization_id)  # no storage call
             return Caller(ref.organization_id, "", "", ref.project_id)
         raise InvalidArgument("set either api_key or project")
 
