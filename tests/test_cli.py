@@ -274,3 +274,16 @@ async def test_the_cli_as_a_separate_process_reads_its_address_and_token_from_th
     out, err = await proc.communicate()
     assert proc.returncode == 1 and out == b""
     assert err.decode() == "ratelimitd: UNAUTHENTICATED: the credential is unknown or revoked\n"
+
+
+async def test_the_example_in_docs_apply_md_works_as_shown(cli: Cli, tmp_path: Path) -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "apply.md").read_text()
+    example = doc.split("```yaml\n", 1)[1].split("```", 1)[0]
+    shown = doc.split("Output of the first run", 1)[1].split("```\n", 1)[1].split("```", 1)[0]
+    org = str((await cli.json("org", "create", "acme"))["id"])
+    await cli.ok("org", "limits", org, "--model", M, "--set", "rpm=100", "tpm=100000")
+    spec = tmp_path / "acme.yaml"
+    spec.write_text(example.replace("org_xxxxxxxxxxxx", org))
+    out = (await cli.ok("apply", "-f", str(spec))).replace(org, "org_xxxxxxxxxxxx")
+    assert re.sub(r"rlm_\w+", "rlm_...", out) == shown
+    assert await cli.ok("apply", "-f", str(spec)) == "no changes\n"
