@@ -11,15 +11,17 @@ from grpc_reflection.v1alpha import reflection
 from ratelimitd.api.admin import OrganizationServicer, ProjectServicer
 from ratelimitd.api.decisions import RateLimitServicer
 from ratelimitd.api.health import StorageHealth
+from ratelimitd.api.usage import UsageServicer
 from ratelimitd.engine.control import ControlPlane
 from ratelimitd.engine.credentials import Credentials
 from ratelimitd.engine.decisions import Decider
 from ratelimitd.engine.limits import Dimensions
 from ratelimitd.engine.scripts import Scripts
+from ratelimitd.engine.usage import Usage
 from ratelimitd.settings import Settings
 from ratelimitd.storage import redis as storage
 from ratelimitd.storage.embedded import EmbeddedValkey
-from ratelimitd.v1 import admin_pb2, admin_pb2_grpc, ratelimit_pb2, ratelimit_pb2_grpc
+from ratelimitd.v1 import admin_pb2, admin_pb2_grpc, ratelimit_pb2, ratelimit_pb2_grpc, usage_pb2, usage_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,7 @@ SERVICE_NAMES = [
     ratelimit_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["OrganizationService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["ProjectService"].full_name,
+    usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
 ]
 
 
@@ -53,9 +56,8 @@ class App:
         dims = Dimensions(s.windows)
         self.control = ControlPlane(self.redis, scripts, dims)
         self.credentials = Credentials(self.redis)
-        self.decider = Decider(
-            self.redis, scripts, dims, record_ttl_ms=s.request_ttl_s * 1000, manual_clock=s.manual_clock
-        )
+        self.decider = Decider(self.redis, scripts, dims, s.retention, manual_clock=s.manual_clock)
+        self.usage = Usage(self.redis, scripts, dims, self.control, s.retention, manual_clock=s.manual_clock)
         self.health = StorageHealth(self.redis, SERVICE_NAMES, s.health_interval_s)
         await self.health.start()
         if self.health.serving:
@@ -63,8 +65,13 @@ class App:
 
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         ratelimit_pb2_grpc.add_RateLimitServiceServicer_to_server(
-            RateLimitServicer(self.decider, self.credentials, s.header_windows, s.on_storage_error, self.health.failed),
+            RateLimitServicer(
+                self.decider, self.usage, self.credentials, s.header_windows, s.on_storage_error, self.health.failed
+            ),
             server,
+        )
+        usage_pb2_grpc.add_UsageServiceServicer_to_server(
+            UsageServicer(self.usage, self.credentials, self.health.failed), server
         )
         admin_pb2_grpc.add_OrganizationServiceServicer_to_server(
             OrganizationServicer(self.control, self.credentials, self.health.failed), server

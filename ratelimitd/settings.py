@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ratelimitd.engine.retention import Retention
 from ratelimitd.storage.redis import redact
 
 STORAGE_ERROR_POLICIES = ("unavailable", "allow", "deny")
@@ -71,7 +72,14 @@ class Settings:
     header_windows: dict[str, str] = _field(
         {"requests": "day", "tokens": "minute"}, "which window each metric's x-ratelimit-* headers report"
     )
-    request_ttl_s: int = _field(900, "how long a request id is remembered (replays, usage reconciliation)")
+    request_ttl_s: int = _field(
+        900, "how long a request id is remembered: replays, and the reservation ReportUsage reconciles"
+    )
+    usage_minute_retention_s: int = _field(2 * 86400, "keep 1-minute usage buckets this long")
+    usage_hour_retention_s: int = _field(35 * 86400, "keep 1-hour usage buckets this long")
+    usage_day_retention_s: int = _field(400 * 86400, "keep 1-day usage buckets this long")
+    log_entries: int = _field(1000, "request log entries kept per project (newest first)")
+    log_retention_s: int = _field(7 * 86400, "a project's request log is dropped this long after its last entry")
     health_interval_s: float = _field(1.0, "how often storage health is probed")
     manual_clock: bool = _field(False, "tests only: read time from the 'rl:clock' key instead of Redis TIME")
     operator_token: str | None = _secret_field("operator credential to accept (stored as a hash)")
@@ -82,8 +90,21 @@ class Settings:
         for metric, window in self.header_windows.items():
             if window not in self.windows:
                 raise ValueError(f"header_windows: {metric}={window} names no configured window")
-        if self.storage_timeout_ms <= 0 or self.request_ttl_s <= 0 or self.health_interval_s <= 0:
-            raise ValueError("timeouts and intervals must be positive")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
+                raise ValueError(f"{f.name} must be positive, not {value}")
+
+    @property
+    def retention(self) -> Retention:
+        return Retention(
+            request_ttl_s=self.request_ttl_s,
+            minute_s=self.usage_minute_retention_s,
+            hour_s=self.usage_hour_retention_s,
+            day_s=self.usage_day_retention_s,
+            log_entries=self.log_entries,
+            log_ttl_s=self.log_retention_s,
+        )
 
     def describe(self) -> str:
         redis = redact(self.redis_url) if self.redis_url else f"embedded Valkey in {self.data_dir}"
@@ -109,12 +130,16 @@ def _convert(name: str, raw: str) -> Any:
         return parse_pairs(raw, "header_windows")
     if name == "data_dir":
         return Path(raw)
-    if name in ("storage_timeout_ms", "request_ttl_s"):
-        return int(raw)
-    if name == "health_interval_s":
-        return float(raw)
-    if name == "manual_clock":
-        return raw.lower() in ("1", "true", "yes")
+    default = {f.name: f.default for f in dataclasses.fields(Settings)}[name]
+    try:
+        if isinstance(default, bool):
+            return raw.lower() in ("1", "true", "yes")
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"RATELIMITD_{name.upper()}={raw!r} is not a number") from None
     return raw
 
 

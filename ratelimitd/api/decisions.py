@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import grpc
 
@@ -16,6 +17,7 @@ from ratelimitd.engine.errors import InvalidArgument, NotFound, StorageUnavailab
 from ratelimitd.engine.explain import refusal_message
 from ratelimitd.engine.headers import rate_limit_headers
 from ratelimitd.engine.limits import MAX_LIMIT, validate_model
+from ratelimitd.engine.usage import ReportResult, Usage
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from ratelimitd.v1 import ratelimit_pb2_grpc
 
@@ -30,8 +32,20 @@ _REASON = {
     Outcome.TOO_LARGE: pb.REASON_REQUEST_TOO_LARGE,
     Outcome.INVALID_API_KEY: pb.REASON_INVALID_API_KEY,
     Outcome.MODEL_NOT_AVAILABLE: pb.REASON_MODEL_NOT_AVAILABLE,
+    Outcome.SPEND_LIMIT: pb.REASON_SPEND_LIMIT,
 }
+
+
+def reason_name(outcome: Outcome) -> str:
+    return pb.Reason.Name(_REASON.get(outcome, pb.REASON_UNSPECIFIED))
+
+
 _SCOPE = {Scope.ORGANIZATION: pb.SCOPE_ORGANIZATION, Scope.PROJECT: pb.SCOPE_PROJECT}
+_RESULT = {
+    ReportResult.RECONCILED: pb.ReportUsageResponse.RESULT_RECONCILED,
+    ReportResult.DUPLICATE: pb.ReportUsageResponse.RESULT_DUPLICATE,
+    ReportResult.UNRESERVED: pb.ReportUsageResponse.RESULT_UNRESERVED,
+}
 
 
 def validate_costs(requests: int, tokens: int) -> tuple[int, int]:
@@ -72,12 +86,14 @@ class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
     def __init__(
         self,
         decider: Decider,
+        usage: Usage,
         credentials: Credentials,
         header_windows: Mapping[str, str],
         on_storage_error: str,
         storage_failed: Callable[[], None],
     ) -> None:
         self._decider = decider
+        self._usage = usage
         self._credentials = credentials
         self._header_windows = dict(header_windows)
         self._on_storage_error = on_storage_error
@@ -111,8 +127,37 @@ class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
             raise NotFound(f"project {caller.project_id if caller else ''} does not exist")
         return self.reply(decision, model, requests, tokens)
 
+    @rpc
+    async def ReportUsage(
+        self,
+        request: pb.ReportUsageRequest,
+        context: grpc.aio.ServicerContext[pb.ReportUsageRequest, pb.ReportUsageResponse],
+    ) -> pb.ReportUsageResponse:
+        request_id = validate_request_id(request.request_id)
+        caller = await self._caller(request, context)
+        if caller is None:
+            raise InvalidArgument("api_key is not a ratelimitd API key")
+        report = await self._usage.report(
+            caller,
+            request_id,
+            request.model,
+            request.input_tokens,
+            request.output_tokens,
+            request.cached_tokens,
+            request.status_code,
+            request.latency_ms,
+        )
+        return pb.ReportUsageResponse(
+            result=_RESULT[report.result],
+            project_id=report.project_id,
+            model=report.model,
+            counted_tokens=report.counted_tokens,
+            token_delta=report.token_delta,
+            spend_usd=report.spend_usd,
+        )
+
     async def _caller(
-        self, request: pb.CheckRequest, context: grpc.aio.ServicerContext[pb.CheckRequest, pb.CheckResponse]
+        self, request: pb.CheckRequest | pb.ReportUsageRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> Caller | None:
         which = request.WhichOneof("caller")
         if which == "api_key":

@@ -11,14 +11,21 @@ from importlib import resources
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-SCRIPT_NAMES = ("decide", "set_project_limits")
+# Scripts that evaluate buckets get lib.lua in front: one EVALSHA each, one
+# copy of the shared arithmetic.
+_WITH_LIB = ("decide", "report")
 
 
 def read_script(name: str) -> str:
-    return resources.files("ratelimitd.engine").joinpath("lua", f"{name}.lua").read_text()
+    lua = resources.files("ratelimitd.engine").joinpath("lua")
+    text = lua.joinpath(f"{name}.lua").read_text()
+    if name in _WITH_LIB:
+        text = lua.joinpath("lib.lua").read_text() + "\n" + text
+    return text
 
 
 class Scripts:
     def __init__(self, redis: Redis) -> None:
         self.decide: AsyncScript = redis.register_script(read_script("decide"))
+        self.report: AsyncScript = redis.register_script(read_script("report"))
         self.set_project_limits: AsyncScript = redis.register_script(read_script("set_project_limits"))
