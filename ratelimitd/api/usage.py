@@ -124,25 +124,7 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
             end_ms=request.end_ms,
             limit=request.limit or 100,
         )
-        return pb.ListRequestLogsResponse(
-            entries=[
-                pb.RequestLogEntry(
-                    request_id=e.request_id,
-                    time_ms=e.time_ms,
-                    model=e.model,
-                    api_key_id=e.key_id,
-                    allowed=e.allowed,
-                    reason=reason_name(e.reason) if e.reason is not None else "",
-                    input_tokens=e.input_tokens,
-                    output_tokens=e.output_tokens,
-                    cached_tokens=e.cached_tokens,
-                    requested_tokens=e.requested_tokens,
-                    status_code=e.status_code,
-                    latency_ms=e.latency_ms,
-                )  # fmt: skip
-                for e in entries
-            ]
-        )
+        return pb.ListRequestLogsResponse(entries=[_log_entry(e) for e in entries])
 
     @rpc
     async def SetPrice(self, request: pb.SetPriceRequest, context: Context) -> pb.Price:
