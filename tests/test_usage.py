@@ -18,7 +18,7 @@ R = pb.ReportUsageResponse
 
 
 def usage_stub(client: Client) -> usage_pb2_grpc.UsageServiceAsyncStub:
-    return usage_pb2_grpc.UsageServiceStub(client.channel)  # type: ignore[return-value]
+    return usage_pb2_grpc.UsageServiceStub(client.channel)
 
 
 async def check(client: Client, key: str, tokens: int = 0, request_id: str = "", model: str = M) -> pb.CheckResponse:
