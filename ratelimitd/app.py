@@ -21,6 +21,7 @@ from ratelimitd.engine.usage import Usage
 from ratelimitd.settings import Settings
 from ratelimitd.storage import redis as storage
 from ratelimitd.storage.embedded import EmbeddedValkey
+from ratelimitd.storage.pipelined import PipelinedConnection
 from ratelimitd.v1 import admin_pb2, admin_pb2_grpc, ratelimit_pb2, ratelimit_pb2_grpc, usage_pb2, usage_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -52,12 +53,15 @@ class App:
             self.embedded = EmbeddedValkey(s.data_dir)
             self.redis_url = await self.embedded.start()
         self.redis = storage.connect(self.redis_url, timeout_s=s.storage_timeout_ms / 1000)
+        self.pipeline = PipelinedConnection(self.redis_url, timeout_s=s.storage_timeout_ms / 1000)
         scripts = Scripts(self.redis)
         dims = Dimensions(s.windows)
         self.control = ControlPlane(self.redis, scripts, dims)
         self.credentials = Credentials(self.redis)
-        self.decider = Decider(self.redis, scripts, dims, s.retention, manual_clock=s.manual_clock)
-        self.usage = Usage(self.redis, scripts, dims, self.control, s.retention, manual_clock=s.manual_clock)
+        self.decider = Decider(self.pipeline, scripts, dims, s.retention, manual_clock=s.manual_clock)
+        self.usage = Usage(
+            self.redis, self.pipeline, scripts, dims, self.control, s.retention, manual_clock=s.manual_clock
+        )
         self.health = StorageHealth(self.redis, SERVICE_NAMES, s.health_interval_s)
         await self.health.start()
         if self.health.serving:
@@ -96,6 +100,7 @@ class App:
             await self.server.stop(grace_s)
         if hasattr(self, "redis"):
             await self.redis.aclose()
+            await self.pipeline.close()
         if self.embedded is not None:
             self.embedded.stop()
 
