@@ -132,6 +132,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=20.0, help="stop after this long")
     ap.add_argument("--concurrency", type=int, default=64, help="calls in flight per client process")
     ap.add_argument("--processes", type=int, default=1, help="client processes")
+    ap.add_argument("--workers", type=int, default=1, help="when starting a server: its worker processes")
     ap.add_argument("--projects", type=int, default=16, help="projects (keys) the load is spread over")
     ap.add_argument(
         "--mix",
@@ -152,6 +153,7 @@ def main() -> int:
         if args.address is None:
             token = "rlt_bench"
             cmd = [sys.executable, "-m", "ratelimitd", "serve", "--listen", "127.0.0.1:50777", "--data-dir", tmp.name]
+            cmd += ["--workers", str(args.workers)]
             if args.redis_url:
                 cmd += ["--redis-url", args.redis_url]
             server = subprocess.Popen(

@@ -37,8 +37,11 @@ SERVICE_NAMES = [
 class App:
     """One ratelimitd process. ``start`` returns once the port accepts calls."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, worker: bool = False) -> None:
+        """``worker``: one of several processes on one port, started by the supervisor
+        (workers.py), which has already bootstrapped the operator credential."""
         self.settings = settings
+        self.worker = worker
         self.embedded: EmbeddedValkey | None = None
         self.server: grpc.aio.Server | None = None
         self.port = 0
@@ -64,10 +67,12 @@ class App:
         )
         self.health = StorageHealth(self.redis, SERVICE_NAMES, s.health_interval_s)
         await self.health.start()
-        if self.health.serving:
+        if self.health.serving and not self.worker:
             self.bootstrap_token = await self.credentials.bootstrap(s.operator_token)
 
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        # Port sharing only among our own workers: otherwise a second server on
+        # the same port must fail rather than split the traffic silently.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if self.worker else 0)])
         ratelimit_pb2_grpc.add_RateLimitServiceServicer_to_server(
             RateLimitServicer(
                 self.decider, self.usage, self.credentials, s.header_windows, s.on_storage_error, self.health.failed

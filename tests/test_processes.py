@@ -46,6 +46,32 @@ async def test_200_concurrent_calls_over_two_processes_admit_exactly_100(
             s.stop()
 
 
+async def test_workers_share_one_port_and_one_answer(
+    valkey: ValkeyProcess, redis_client: redis.asyncio.Redis, tmp_path: Path
+) -> None:
+    server = RatelimitdProcess(
+        "--redis-url", valkey.url, "--manual-clock", "--workers", "2", env=ENV, log=tmp_path / "s.log"
+    )
+    await redis_client.set("rl:clock", 1_000_000_000_000)
+    server.start()
+    assert server.proc is not None
+    proc_children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children")
+    children = proc_children.read_text().split()  # noqa: ASYNC240 - a tiny /proc read
+    assert len(children) == 2
+    clients = [channel_client(server.address) for _ in range(8)]  # connections the kernel spreads
+    try:
+        org = await clients[0].org("o", [(M, "requests", "minute", 100)])
+        _, key = await clients[1].project(org, "a")
+        req = pb.CheckRequest(api_key=key, model=M)
+        replies = await asyncio.gather(*(clients[i % 8].decisions.CheckAndConsume(req) for i in range(200)))
+        assert sum(r.allowed for r in replies) == 100
+    finally:
+        for c in clients:
+            await c.channel.close()
+        server.stop()
+    assert "2 worker processes" in server.output()
+
+
 @pytest.fixture
 async def own_valkey(tmp_path: Path) -> AsyncIterator[ValkeyProcess]:
     v = ValkeyProcess(tmp_path)
