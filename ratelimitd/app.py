@@ -11,6 +11,7 @@ from grpc_reflection.v1alpha import reflection
 from ratelimitd.api.admin import OrganizationServicer, ProjectServicer
 from ratelimitd.api.decisions import RateLimitServicer
 from ratelimitd.api.health import StorageHealth
+from ratelimitd.api.metrics import Metrics
 from ratelimitd.api.usage import UsageServicer
 from ratelimitd.engine.control import ControlPlane
 from ratelimitd.engine.credentials import Credentials
@@ -47,6 +48,7 @@ class App:
         self.port = 0
         self.redis_url = ""
         self.bootstrap_token: str | None = None
+        self.metrics_port = 0
 
     async def start(self) -> None:
         s = self.settings
@@ -65,7 +67,10 @@ class App:
         self.usage = Usage(
             self.redis, self.pipeline, scripts, dims, self.control, s.retention, manual_clock=s.manual_clock
         )
-        self.health = StorageHealth(self.redis, SERVICE_NAMES, s.health_interval_s)
+        self.metrics = Metrics()
+        self.health = StorageHealth(
+            self.redis, SERVICE_NAMES, s.health_interval_s, on_change=lambda up: self.metrics.storage_up.set(int(up))
+        )
         await self.health.start()
         if self.health.serving and not self.worker:
             self.bootstrap_token = await self.credentials.bootstrap(s.operator_token)
@@ -75,18 +80,24 @@ class App:
         server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if self.worker else 0)])
         ratelimit_pb2_grpc.add_RateLimitServiceServicer_to_server(
             RateLimitServicer(
-                self.decider, self.usage, self.credentials, s.header_windows, s.on_storage_error, self.health.failed
+                self.decider,
+                self.usage,
+                self.credentials,
+                s.header_windows,
+                s.on_storage_error,
+                self.storage_failed,
+                self.metrics,
             ),
             server,
         )
         usage_pb2_grpc.add_UsageServiceServicer_to_server(
-            UsageServicer(self.usage, self.credentials, self.health.failed), server
+            UsageServicer(self.usage, self.credentials, self.storage_failed), server
         )
         admin_pb2_grpc.add_OrganizationServiceServicer_to_server(
-            OrganizationServicer(self.control, self.credentials, self.health.failed), server
+            OrganizationServicer(self.control, self.credentials, self.storage_failed), server
         )
         admin_pb2_grpc.add_ProjectServiceServicer_to_server(
-            ProjectServicer(self.control, self.credentials, self.health.failed), server
+            ProjectServicer(self.control, self.credentials, self.storage_failed), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         reflection.enable_server_reflection(
@@ -98,8 +109,17 @@ class App:
             raise OSError(f"cannot listen on {s.listen}")
         await server.start()
         self.server = server
+        if s.metrics_listen and not self.worker:
+            self.metrics_port = self.metrics.serve(s.metrics_listen)
+
+    def storage_failed(self) -> None:
+        """Any call that found storage unreachable: count it, and turn health NOT_SERVING now."""
+        self.metrics.storage_errors.inc()
+        self.health.failed()
 
     async def stop(self, grace_s: float = 2.0) -> None:
+        if hasattr(self, "metrics"):
+            self.metrics.stop()
         if self.server is not None:
             await self.health.stop()
             await self.server.stop(grace_s)

@@ -37,6 +37,7 @@ def serve(args: argparse.Namespace) -> int:
         header_windows=parse_pairs(args.header_windows, "header_windows") if args.header_windows else None,
         manual_clock=True if args.manual_clock else None,
         workers=args.workers,
+        metrics_listen=args.metrics_listen,
     )
     if args.worker:
         return run_async(_serve_worker(settings))
@@ -137,6 +138,7 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--windows", help="limit windows, e.g. minute=60,day=86400")
     p.add_argument("--header-windows", help="e.g. requests=day,tokens=minute")
     p.add_argument("--workers", type=int, help="server processes sharing the port (default 1)")
+    p.add_argument("--metrics-listen", help="host:port for Prometheus metrics (/metrics); default off")
     p.add_argument("--manual-clock", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=serve)

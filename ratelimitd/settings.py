@@ -81,6 +81,7 @@ class Settings:
     log_entries: int = _field(1000, "request log entries kept per project (newest first)")
     log_retention_s: int = _field(7 * 86400, "a project's request log is dropped this long after its last entry")
     health_interval_s: float = _field(1.0, "how often storage health is probed")
+    metrics_listen: str = _field("", "host:port to serve Prometheus metrics over HTTP (/metrics); empty: off")
     workers: int = _field(1, "server processes sharing the port (SO_REUSEPORT), one per core you give it")
     manual_clock: bool = _field(False, "tests only: read time from the 'rl:clock' key instead of Redis TIME")
     operator_token: str | None = _secret_field("operator credential to accept (stored as a hash)")

@@ -15,8 +15,10 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
+from ratelimitd.api.metrics import MULTIPROCESS_ENV, Metrics
 from ratelimitd.engine.credentials import Credentials
 from ratelimitd.settings import Settings
 from ratelimitd.storage import redis as storage
@@ -29,6 +31,9 @@ class Supervisor:
         self.embedded: EmbeddedValkey | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
         self.bootstrap_token: str | None = None
+        self.metrics: Metrics | None = None
+        self.metrics_port = 0
+        self._metrics_dir: tempfile.TemporaryDirectory[str] | None = None
 
     async def start(self, timeout_s: float = 30.0) -> None:
         s = self.settings
@@ -45,6 +50,13 @@ class Supervisor:
         finally:
             await client.aclose()
         env = {**os.environ, **s.to_env(), "RATELIMITD_REDIS_URL": url, "RATELIMITD_WORKERS": "1"}
+        if s.metrics_listen:
+            # workers write their metrics to files here; the supervisor serves the sum
+            self._metrics_dir = tempfile.TemporaryDirectory(prefix="ratelimitd-metrics-")
+            env[MULTIPROCESS_ENV] = self._metrics_dir.name
+            os.environ[MULTIPROCESS_ENV] = self._metrics_dir.name
+            self.metrics = Metrics()
+            self.metrics_port = self.metrics.serve(s.metrics_listen)
         for _ in range(s.workers):
             self.workers.append(
                 subprocess.Popen(  # noqa: ASYNC220 - returns at once; readiness is awaited below
@@ -84,6 +96,10 @@ class Supervisor:
                 w.kill()
         if self.embedded is not None:
             self.embedded.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
+        if self._metrics_dir is not None:
+            self._metrics_dir.cleanup()
 
 
 def _accepts(host: str, port: int) -> bool:
