@@ -19,6 +19,8 @@ from ratelimitd.api.admin import (
 )
 from ratelimitd.api.decisions import RateLimitServicer
 from ratelimitd.api.health import StorageHealth
+from ratelimitd.api.metrics import Metrics
+from ratelimitd.api.usage import UsageServicer
 from ratelimitd.engine.audit import Audit
 from ratelimitd.engine.control import ControlPlane
 from ratelimitd.engine.credentials import Credentials
@@ -27,10 +29,12 @@ from ratelimitd.engine.limits import Dimensions
 from ratelimitd.engine.members import Members
 from ratelimitd.engine.permissions import ModelPermissions
 from ratelimitd.engine.scripts import Scripts
+from ratelimitd.engine.usage import Usage
 from ratelimitd.settings import Settings
 from ratelimitd.storage import redis as storage
 from ratelimitd.storage.embedded import EmbeddedValkey
-from ratelimitd.v1 import admin_pb2, admin_pb2_grpc, ratelimit_pb2, ratelimit_pb2_grpc
+from ratelimitd.storage.pipelined import PipelinedConnection
+from ratelimitd.v1 import admin_pb2, admin_pb2_grpc, ratelimit_pb2, ratelimit_pb2_grpc, usage_pb2, usage_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +46,24 @@ SERVICE_NAMES = [
     admin_pb2.DESCRIPTOR.services_by_name["MemberService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["CredentialService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
+    usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
 ]
 
 
 class App:
     """One ratelimitd process. ``start`` returns once the port accepts calls."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, worker: bool = False) -> None:
+        """``worker``: one of several processes on one port, started by the supervisor
+        (workers.py), which has already bootstrapped the operator credential."""
         self.settings = settings
+        self.worker = worker
         self.embedded: EmbeddedValkey | None = None
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.redis_url = ""
         self.bootstrap_token: str | None = None
+        self.metrics_port = 0
 
     async def start(self) -> None:
         s = self.settings
@@ -64,6 +73,7 @@ class App:
             self.embedded = EmbeddedValkey(s.data_dir)
             self.redis_url = await self.embedded.start()
         self.redis = storage.connect(self.redis_url, timeout_s=s.storage_timeout_ms / 1000)
+        self.pipeline = PipelinedConnection(self.redis_url, timeout_s=s.storage_timeout_ms / 1000)
         scripts = Scripts(self.redis)
         dims = Dimensions(s.windows)
         audit = Audit(self.redis, s.audit_max_events)
@@ -75,20 +85,37 @@ class App:
             Members(self.redis, self.control, self.credentials, audit),
             ModelPermissions(self.redis, self.control, audit),
         )
-        self.decider = Decider(
-            self.redis, scripts, dims, record_ttl_ms=s.request_ttl_s * 1000, manual_clock=s.manual_clock
+        self.decider = Decider(self.pipeline, scripts, dims, s.retention, manual_clock=s.manual_clock)
+        self.usage = Usage(
+            self.redis, self.pipeline, scripts, dims, self.control, s.retention, manual_clock=s.manual_clock
         )
-        self.health = StorageHealth(self.redis, SERVICE_NAMES, s.health_interval_s)
+        self.metrics = Metrics()
+        self.health = StorageHealth(
+            self.redis, SERVICE_NAMES, s.health_interval_s, on_change=lambda up: self.metrics.storage_up.set(int(up))
+        )
         await self.health.start()
-        if self.health.serving:
+        if self.health.serving and not self.worker:
             self.bootstrap_token = await self.credentials.bootstrap(s.operator_token)
 
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        # Port sharing only among our own workers: otherwise a second server on
+        # the same port must fail rather than split the traffic silently.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if self.worker else 0)])
         ratelimit_pb2_grpc.add_RateLimitServiceServicer_to_server(
-            RateLimitServicer(self.decider, self.credentials, s.header_windows, s.on_storage_error, self.health.failed),
+            RateLimitServicer(
+                self.decider,
+                self.usage,
+                self.credentials,
+                s.header_windows,
+                s.on_storage_error,
+                self.storage_failed,
+                self.metrics,
+            ),
             server,
         )
-        failed = self.health.failed
+        usage_pb2_grpc.add_UsageServiceServicer_to_server(
+            UsageServicer(self.usage, self.credentials, self.storage_failed), server
+        )
+        failed = self.storage_failed
         admin_pb2_grpc.add_OrganizationServiceServicer_to_server(OrganizationServicer(management, failed), server)
         admin_pb2_grpc.add_ProjectServiceServicer_to_server(ProjectServicer(management, failed), server)
         admin_pb2_grpc.add_ModelPermissionServiceServicer_to_server(ModelPermissionServicer(management, failed), server)
@@ -105,13 +132,23 @@ class App:
             raise OSError(f"cannot listen on {s.listen}")
         await server.start()
         self.server = server
+        if s.metrics_listen and not self.worker:
+            self.metrics_port = self.metrics.serve(s.metrics_listen)
+
+    def storage_failed(self) -> None:
+        """Any call that found storage unreachable: count it, and turn health NOT_SERVING now."""
+        self.metrics.storage_errors.inc()
+        self.health.failed()
 
     async def stop(self, grace_s: float = 2.0) -> None:
+        if hasattr(self, "metrics"):
+            self.metrics.stop()
         if self.server is not None:
             await self.health.stop()
             await self.server.stop(grace_s)
         if hasattr(self, "redis"):
             await self.redis.aclose()
+            await self.pipeline.close()
         if self.embedded is not None:
             self.embedded.stop()
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ratelimitd.engine.audit import DEFAULT_MAX_EVENTS
+from ratelimitd.engine.retention import Retention
 from ratelimitd.storage.redis import redact
 
 STORAGE_ERROR_POLICIES = ("unavailable", "allow", "deny")
@@ -71,10 +73,20 @@ class Settings:
     header_windows: dict[str, str] = _field(
         {"requests": "day", "tokens": "minute"}, "which window each metric's x-ratelimit-* headers report"
     )
-    request_ttl_s: int = _field(900, "how long a request id is remembered (replays, usage reconciliation)")
+    request_ttl_s: int = _field(
+        900, "how long a request id is remembered: replays, and the reservation ReportUsage reconciles"
+    )
+    usage_minute_retention_s: int = _field(2 * 86400, "keep 1-minute usage buckets this long")
+    usage_hour_retention_s: int = _field(35 * 86400, "keep 1-hour usage buckets this long")
+    usage_day_retention_s: int = _field(400 * 86400, "keep 1-day usage buckets this long")
+    log_entries: int = _field(1000, "request log entries kept per project (newest first)")
+    log_retention_s: int = _field(7 * 86400, "a project's request log is dropped this long after its last entry")
     health_interval_s: float = _field(1.0, "how often storage health is probed")
+    metrics_listen: str = _field("", "host:port to serve Prometheus metrics over HTTP (/metrics); empty: off")
+    workers: int = _field(1, "server processes sharing the port (SO_REUSEPORT), one per core you give it")
     audit_max_events: int = _field(
-        10_000, "audit events kept per organization (and for the platform); older ones are trimmed (approximately)"
+        DEFAULT_MAX_EVENTS,
+        "audit events kept per organization (and for the platform); older ones are trimmed (approximately)",
     )
     manual_clock: bool = _field(False, "tests only: read time from the 'rl:clock' key instead of Redis TIME")
     operator_token: str | None = _secret_field("operator credential to accept (stored as a hash)")
@@ -85,14 +97,39 @@ class Settings:
         for metric, window in self.header_windows.items():
             if window not in self.windows:
                 raise ValueError(f"header_windows: {metric}={window} names no configured window")
-        if self.storage_timeout_ms <= 0 or self.request_ttl_s <= 0 or self.health_interval_s <= 0:
-            raise ValueError("timeouts and intervals must be positive")
-        if self.audit_max_events <= 0:
-            raise ValueError("audit_max_events must be positive")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
+                raise ValueError(f"{f.name} must be positive, not {value}")
+
+    @property
+    def retention(self) -> Retention:
+        return Retention(
+            request_ttl_s=self.request_ttl_s,
+            minute_s=self.usage_minute_retention_s,
+            hour_s=self.usage_hour_retention_s,
+            day_s=self.usage_day_retention_s,
+            log_entries=self.log_entries,
+            log_ttl_s=self.log_retention_s,
+        )
 
     def describe(self) -> str:
         redis = redact(self.redis_url) if self.redis_url else f"embedded Valkey in {self.data_dir}"
         return f"listen={self.listen} storage={redis}"
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as RATELIMITD_* variables, as load() reads them (for worker processes)."""
+        env = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if isinstance(value, dict):
+                value = ",".join(f"{k}={v}" for k, v in value.items())
+            elif isinstance(value, bool):
+                value = "1" if value else "0"
+            env[f"RATELIMITD_{f.name.upper()}"] = str(value)
+        return env
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -114,12 +151,16 @@ def _convert(name: str, raw: str) -> Any:
         return parse_pairs(raw, "header_windows")
     if name == "data_dir":
         return Path(raw)
-    if name in ("storage_timeout_ms", "request_ttl_s", "audit_max_events"):
-        return int(raw)
-    if name == "health_interval_s":
-        return float(raw)
-    if name == "manual_clock":
-        return raw.lower() in ("1", "true", "yes")
+    default = {f.name: f.default for f in dataclasses.fields(Settings)}[name]
+    try:
+        if isinstance(default, bool):
+            return raw.lower() in ("1", "true", "yes")
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"RATELIMITD_{name.upper()}={raw!r} is not a number") from None
     return raw
 
 

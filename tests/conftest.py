@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,9 @@ class Clock:
 
     def __init__(self, client: redis.asyncio.Redis) -> None:
         self._client = client
-        self.now_s = 1_000_000.0
+        # Near real time, on a whole hour: keys that expire at absolute times
+        # (usage buckets) must not be in the past for the server.
+        self.now_s = float(time.time() // 3600 * 3600)
 
     async def set(self, seconds: float) -> None:
         self.now_s = seconds

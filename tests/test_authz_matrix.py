@@ -16,6 +16,8 @@ import pytest
 from ratelimitd.engine.authz import POLICY
 from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import ratelimit_pb2 as pb
+from ratelimitd.v1 import usage_pb2 as upb
+from ratelimitd.v1 import usage_pb2_grpc
 from tests.conftest import Client
 from tests.control import M, Metadata, World, make_world
 
@@ -24,6 +26,10 @@ DENIED = grpc.StatusCode.PERMISSION_DENIED
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 
 Call = Callable[[Client, World, Metadata], Awaitable[Any]]
+
+
+def usage(client: Client) -> usage_pb2_grpc.UsageServiceAsyncStub:
+    return usage_pb2_grpc.UsageServiceStub(client.channel)
 
 
 def lim(model: str, value: int) -> apb.Limit:
@@ -64,6 +70,14 @@ MATRIX: list[tuple[str, Call, tuple[grpc.StatusCode, grpc.StatusCode, grpc.Statu
     ("WhoAmI", lambda c, w, md: c.creds.WhoAmI(apb.WhoAmIRequest(), metadata=md), (OK, OK, OK, OK)),
     ("ListAuditEvents", lambda c, w, md: c.audit.ListAuditEvents(apb.ListAuditEventsRequest(organization_id=w.org, project_id=w.proj), metadata=md), (OK, OK, DENIED, DENIED)),
     ("ListAuditEvents (platform)", lambda c, w, md: c.audit.ListAuditEvents(apb.ListAuditEventsRequest(), metadata=md), (OK, DENIED, DENIED, DENIED)),
+    ("GetUsage", lambda c, w, md: usage(c).GetUsage(upb.GetUsageRequest(organization_id=w.org, start_ms=0, end_ms=86_400_000, granularity=upb.GRANULARITY_DAY), metadata=md), (OK, OK, OK, OK)),
+    ("GetSpend", lambda c, w, md: usage(c).GetSpend(upb.GetSpendRequest(organization_id=w.org), metadata=md), (OK, OK, OK, OK)),
+    ("ListRequestLogs", lambda c, w, md: usage(c).ListRequestLogs(upb.ListRequestLogsRequest(organization_id=w.org, project_id=w.proj), metadata=md), (OK, OK, OK, OK)),
+    ("ListPrices", lambda c, w, md: usage(c).ListPrices(upb.ListPricesRequest(organization_id=w.org), metadata=md), (OK, OK, OK, OK)),
+    ("GetUsageSettings", lambda c, w, md: usage(c).GetUsageSettings(upb.GetUsageSettingsRequest(organization_id=w.org), metadata=md), (OK, OK, OK, OK)),
+    ("SetSpendLimit", lambda c, w, md: usage(c).SetSpendLimit(upb.SetSpendLimitRequest(organization_id=w.org, project_id=w.proj, limit_usd=10), metadata=md), (OK, OK, DENIED, DENIED)),
+    ("SetPrice", lambda c, w, md: usage(c).SetPrice(upb.SetPriceRequest(price=upb.Price(organization_id=w.org, model=M, input_per_million=1)), metadata=md), (OK, DENIED, DENIED, DENIED)),
+    ("SetUsageSettings", lambda c, w, md: usage(c).SetUsageSettings(upb.UsageSettings(organization_id=w.org, cached_tokens_count_toward_limits=True), metadata=md), (OK, DENIED, DENIED, DENIED)),
     ("CheckAndConsumeByProject", lambda c, w, md: c.decisions.CheckAndConsume(pb.CheckRequest(project=pb.ProjectRef(organization_id=w.org, project_id=w.proj), model=M), metadata=md), (OK, DENIED, DENIED, DENIED)),
 ]  # fmt: skip
 
@@ -88,9 +102,9 @@ async def test_who_may_do_what(client: Client, call: Call, caller: str, expected
 
 
 def test_the_matrix_covers_every_rpc_and_every_policy_entry() -> None:
-    from ratelimitd.v1 import admin_pb2
+    from ratelimitd.v1 import admin_pb2, usage_pb2
 
-    rpcs = {m.name for s in admin_pb2.DESCRIPTOR.services_by_name.values() for m in s.methods}
+    rpcs = {m.name for f in (admin_pb2, usage_pb2) for s in f.DESCRIPTOR.services_by_name.values() for m in s.methods}
     covered = {name.split(" ")[0] for name, _, _ in MATRIX}
     assert rpcs - covered == {"SetModelPermissions"}  # its rows are named after the two scopes it serves
     policy_names = {name for name, _, _ in MATRIX if " " not in name}

@@ -17,8 +17,10 @@ import redis.asyncio
 from ratelimitd.engine import ids
 from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import ratelimit_pb2 as pb
+from ratelimitd.v1 import usage_pb2 as upb
 from tests.conftest import AUTH, Client
 from tests.control import M, Metadata, add_member, bearer, snapshot
+from tests.test_authz_matrix import usage
 
 
 class Other:
@@ -70,6 +72,13 @@ CASES: list[tuple[str, Call]] = [
     ("RevokeCredential", lambda c, a, o, md: c.creds.RevokeCredential(apb.RevokeCredentialRequest(organization_id=o.org, credential_id=o.cred), metadata=md)),
     ("RevokeCredential B's id in A", lambda c, a, o, md: c.creds.RevokeCredential(apb.RevokeCredentialRequest(organization_id=a, credential_id=o.cred), metadata=md)),
     ("ListAuditEvents", lambda c, a, o, md: c.audit.ListAuditEvents(apb.ListAuditEventsRequest(organization_id=o.org), metadata=md)),
+    ("GetUsage", lambda c, a, o, md: usage(c).GetUsage(upb.GetUsageRequest(organization_id=o.org, start_ms=0, end_ms=86_400_000, granularity=upb.GRANULARITY_DAY), metadata=md)),
+    ("GetSpend", lambda c, a, o, md: usage(c).GetSpend(upb.GetSpendRequest(organization_id=o.org), metadata=md)),
+    ("ListRequestLogs", lambda c, a, o, md: usage(c).ListRequestLogs(upb.ListRequestLogsRequest(organization_id=o.org, project_id=o.proj), metadata=md)),
+    ("ListRequestLogs B's id in A", lambda c, a, o, md: usage(c).ListRequestLogs(upb.ListRequestLogsRequest(organization_id=a, project_id=o.proj), metadata=md)),
+    ("SetSpendLimit", lambda c, a, o, md: usage(c).SetSpendLimit(upb.SetSpendLimitRequest(organization_id=o.org, limit_usd=1), metadata=md)),
+    ("SetSpendLimit B's id in A", lambda c, a, o, md: usage(c).SetSpendLimit(upb.SetSpendLimitRequest(organization_id=a, project_id=o.proj, limit_usd=1), metadata=md)),
+    ("ListPrices", lambda c, a, o, md: usage(c).ListPrices(upb.ListPricesRequest(organization_id=o.org), metadata=md)),
     ("CheckAndConsume by B's project", lambda c, a, o, md: c.decisions.CheckAndConsume(pb.CheckRequest(project=pb.ProjectRef(organization_id=o.org, project_id=o.proj), model=M), metadata=md)),
 ]  # fmt: skip
 

@@ -20,8 +20,8 @@ async def check(client: Client, key: str, model: str = M) -> pb.CheckResponse:
     return await client.decisions.CheckAndConsume(pb.CheckRequest(api_key=key, model=model))
 
 
-async def bucket_state(r: redis.asyncio.Redis) -> dict[str, str]:
-    return {k: str(await r.get(k)) async for k in r.scan_iter("rl:{*}:b:*")}
+async def bucket_state(r: redis.asyncio.Redis) -> dict[str, object]:
+    return {k: await r.hgetall(k) async for k in r.scan_iter("rl:{*}:b:*")}
 
 
 def policy(org: str, access: int, models: list[str], project: str = "") -> apb.SetModelPermissionsRequest:
@@ -125,7 +125,7 @@ async def test_a_blocked_item_refuses_the_whole_decision_and_names_the_item(clie
     await client.models.SetModelPermissions(policy(org, apb.MODEL_ACCESS_BLOCK_LIST, [OTHER]), metadata=AUTH)
     caller = Caller(org, "", "", pid)
     d = await app.decider.check_items(caller, [Item(M, 1, 0), Item(OTHER, 1, 0)])
-    assert (d.outcome, d.item) == (Outcome.MODEL_BLOCKED, 2)
+    assert (d.outcome, d.detail) == (Outcome.MODEL_BLOCKED, 2)
     d = await app.decider.check_items(caller, [Item(M, 1, 0)])
     assert d.allowed and d.buckets[0].remaining == 99  # the refused decision charged nothing for M either
 

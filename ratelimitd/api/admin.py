@@ -154,7 +154,7 @@ class OrganizationServicer(_Servicer, admin_pb2_grpc.OrganizationServiceServicer
     @rpc
     async def CreateOrganization(self, request: pb.CreateOrganizationRequest, context: Context) -> pb.Organization:
         actor = await self.allow(context, "CreateOrganization", None)
-        return _organization(await self.control.create_organization(actor, request.name))
+        return _organization(await self.control.create_organization(request.name, actor=actor))
 
     @rpc
     async def GetOrganization(self, request: pb.GetOrganizationRequest, context: Context) -> pb.Organization:
@@ -177,10 +177,10 @@ class OrganizationServicer(_Servicer, admin_pb2_grpc.OrganizationServiceServicer
     ) -> pb.OrganizationLimits:
         actor = await self.allow(context, "SetOrganizationLimits", request.organization_id)
         specs = await self.control.set_organization_limits(
-            actor,
             request.organization_id,
             [(x.model, x.metric, x.window, x.limit) for x in request.set],
             [(x.model, x.metric, x.window) for x in request.clear],
+            actor=actor,
         )
         return pb.OrganizationLimits(organization_id=request.organization_id, limits=_limits(specs))
 
@@ -198,7 +198,7 @@ class ProjectServicer(_Servicer, admin_pb2_grpc.ProjectServiceServicer):
     async def CreateProject(self, request: pb.CreateProjectRequest, context: Context) -> pb.Project:
         actor = await self.allow(context, "CreateProject", request.organization_id)
         return _project(
-            await self.control.create_project(actor, request.organization_id, request.name, request.description)
+            await self.control.create_project(request.organization_id, request.name, request.description, actor=actor)
         )
 
     @rpc
@@ -219,18 +219,18 @@ class ProjectServicer(_Servicer, admin_pb2_grpc.ProjectServiceServicer):
         actor = await self.allow(context, "UpdateProject", request.organization_id)
         return _project(
             await self.control.update_project(
-                actor,
                 request.organization_id,
                 request.project_id,
                 request.name if request.HasField("name") else None,
                 request.description if request.HasField("description") else None,
+                actor=actor,
             )
         )
 
     @rpc
     async def DeleteProject(self, request: pb.DeleteProjectRequest, context: Context) -> pb.Project:
         actor = await self.allow(context, "DeleteProject", request.organization_id)
-        return _project(await self.control.delete_project(actor, request.organization_id, request.project_id))
+        return _project(await self.control.delete_project(request.organization_id, request.project_id, actor=actor))
 
     async def _project_limits(self, org_id: str, project_id: str, models: Sequence[str] = ()) -> pb.ProjectLimits:
         custom = await self.control.project_limits(org_id, project_id)
@@ -246,11 +246,11 @@ class ProjectServicer(_Servicer, admin_pb2_grpc.ProjectServiceServicer):
     async def SetProjectLimits(self, request: pb.SetProjectLimitsRequest, context: Context) -> pb.ProjectLimits:
         actor = await self.allow(context, "SetProjectLimits", request.organization_id)
         await self.control.set_project_limits(
-            actor,
             request.organization_id,
             request.project_id,
             [(x.model, x.metric, x.window, x.limit) for x in request.set],
             [(x.model, x.metric, x.window) for x in request.clear],
+            actor=actor,
         )
         return await self._project_limits(request.organization_id, request.project_id)
 
@@ -263,7 +263,7 @@ class ProjectServicer(_Servicer, admin_pb2_grpc.ProjectServiceServicer):
     async def CreateApiKey(self, request: pb.CreateApiKeyRequest, context: Context) -> pb.CreateApiKeyResponse:
         actor = await self.allow(context, "CreateApiKey", request.organization_id)
         info, secret = await self.control.create_api_key(
-            actor, request.organization_id, request.project_id, request.name
+            request.organization_id, request.project_id, request.name, actor=actor
         )
         return pb.CreateApiKeyResponse(key=_key(info), secret=secret)
 
@@ -276,7 +276,7 @@ class ProjectServicer(_Servicer, admin_pb2_grpc.ProjectServiceServicer):
     @rpc
     async def RevokeApiKey(self, request: pb.RevokeApiKeyRequest, context: Context) -> pb.ApiKey:
         actor = await self.allow(context, "RevokeApiKey", request.organization_id)
-        return _key(await self.control.revoke_api_key(actor, request.organization_id, request.key_id))
+        return _key(await self.control.revoke_api_key(request.organization_id, request.key_id, actor=actor))
 
 
 class ModelPermissionServicer(_Servicer, admin_pb2_grpc.ModelPermissionServiceServicer):
@@ -301,11 +301,11 @@ class ModelPermissionServicer(_Servicer, admin_pb2_grpc.ModelPermissionServiceSe
         operation = "SetProjectModelPermissions" if request.project_id else "SetOrganizationModelPermissions"
         actor = await self.allow(context, operation, request.organization_id)
         await self.m.permissions.set(
-            actor,
             request.organization_id,
             request.project_id,
             _access(request.policy.access),
             list(request.policy.models),
+            actor=actor,
         )
         return await self._reply(request.organization_id, request.project_id)
 
@@ -315,7 +315,7 @@ class MemberServicer(_Servicer, admin_pb2_grpc.MemberServiceServicer):
     async def AddMember(self, request: pb.AddMemberRequest, context: Context) -> pb.AddMemberResponse:
         actor = await self.allow(context, "AddMember", request.organization_id)
         member, cred, token = await self.m.members.add(
-            actor, request.organization_id, request.name, _role(request.role)
+            request.organization_id, request.name, _role(request.role), actor=actor
         )
         return pb.AddMemberResponse(member=_member(member), credential=_credential(cred), token=token)
 
@@ -330,12 +330,12 @@ class MemberServicer(_Servicer, admin_pb2_grpc.MemberServiceServicer):
     async def UpdateMember(self, request: pb.UpdateMemberRequest, context: Context) -> pb.Member:
         actor = await self.allow(context, "UpdateMember", request.organization_id)
         role = _role(request.role)
-        return _member(await self.m.members.update_role(actor, request.organization_id, request.member_id, role))
+        return _member(await self.m.members.update_role(request.organization_id, request.member_id, role, actor=actor))
 
     @rpc
     async def RemoveMember(self, request: pb.RemoveMemberRequest, context: Context) -> pb.Member:
         actor = await self.allow(context, "RemoveMember", request.organization_id)
-        return _member(await self.m.members.remove(actor, request.organization_id, request.member_id))
+        return _member(await self.m.members.remove(request.organization_id, request.member_id, actor=actor))
 
 
 class CredentialServicer(_Servicer, admin_pb2_grpc.CredentialServiceServicer):
@@ -346,11 +346,11 @@ class CredentialServicer(_Servicer, admin_pb2_grpc.CredentialServiceServicer):
         org_id = request.organization_id
         actor = await self.allow(context, "CreateCredential", _org_scope(org_id))
         if org_id:
-            cred, token = await self.m.members.create_credential(actor, org_id, request.member_id, request.name)
+            cred, token = await self.m.members.create_credential(org_id, request.member_id, request.name, actor=actor)
         else:
             if request.member_id:
                 raise InvalidArgument("member_id needs organization_id")
-            cred, token = await self.m.credentials.create_operator(actor, request.name)
+            cred, token = await self.m.credentials.create_operator(request.name, actor=actor)
         return pb.CreateCredentialResponse(credential=_credential(cred), token=token)
 
     @rpc
@@ -365,9 +365,9 @@ class CredentialServicer(_Servicer, admin_pb2_grpc.CredentialServiceServicer):
         org_id = request.organization_id
         actor = await self.allow(context, "RevokeCredential", _org_scope(org_id))
         if org_id:
-            cred = await self.m.members.revoke_credential(actor, org_id, request.credential_id)
+            cred = await self.m.members.revoke_credential(org_id, request.credential_id, actor=actor)
         else:
-            cred = await self.m.credentials.revoke_operator(actor, request.credential_id)
+            cred = await self.m.credentials.revoke_operator(request.credential_id, actor=actor)
         return _credential(cred)
 
     @rpc

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import grpc
 
 from ratelimitd.api.auth import authorization
 from ratelimitd.api.errors import rpc
+from ratelimitd.api.metrics import Metrics
 from ratelimitd.engine import ids
 from ratelimitd.engine.authz import authorize
 from ratelimitd.engine.credentials import Credentials
@@ -17,6 +19,7 @@ from ratelimitd.engine.errors import InvalidArgument, NotFound, StorageUnavailab
 from ratelimitd.engine.explain import refusal_message
 from ratelimitd.engine.headers import rate_limit_headers
 from ratelimitd.engine.limits import MAX_LIMIT, validate_model
+from ratelimitd.engine.usage import ReportResult, Usage
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from ratelimitd.v1 import ratelimit_pb2_grpc
 
@@ -32,8 +35,20 @@ _REASON = {
     Outcome.INVALID_API_KEY: pb.REASON_INVALID_API_KEY,
     Outcome.MODEL_NOT_AVAILABLE: pb.REASON_MODEL_NOT_AVAILABLE,
     Outcome.MODEL_BLOCKED: pb.REASON_MODEL_BLOCKED,
+    Outcome.SPEND_LIMIT: pb.REASON_SPEND_LIMIT,
 }
+
+
+def reason_name(outcome: Outcome) -> str:
+    return pb.Reason.Name(_REASON.get(outcome, pb.REASON_UNSPECIFIED))
+
+
 _SCOPE = {Scope.ORGANIZATION: pb.SCOPE_ORGANIZATION, Scope.PROJECT: pb.SCOPE_PROJECT}
+_RESULT = {
+    ReportResult.RECONCILED: pb.ReportUsageResponse.RESULT_RECONCILED,
+    ReportResult.DUPLICATE: pb.ReportUsageResponse.RESULT_DUPLICATE,
+    ReportResult.UNRESERVED: pb.ReportUsageResponse.RESULT_UNRESERVED,
+}
 
 
 def validate_costs(requests: int, tokens: int) -> tuple[int, int]:
@@ -74,16 +89,22 @@ class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
     def __init__(
         self,
         decider: Decider,
+        usage: Usage,
         credentials: Credentials,
         header_windows: Mapping[str, str],
         on_storage_error: str,
         storage_failed: Callable[[], None],
+        metrics: Metrics,
     ) -> None:
         self._decider = decider
+        self._usage = usage
         self._credentials = credentials
         self._header_windows = dict(header_windows)
         self._on_storage_error = on_storage_error
         self.storage_failed = storage_failed
+        self._decisions = metrics.decisions
+        self._storage_unavailable = metrics.storage_unavailable_decisions
+        self._reports = metrics.reports
 
     @rpc
     async def CheckAndConsume(
@@ -102,6 +123,7 @@ class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
                 if self._on_storage_error == "unavailable":
                     raise
                 self.storage_failed()
+                self._storage_unavailable.inc()
                 allowed = self._on_storage_error == "allow"
                 return pb.CheckResponse(
                     allowed=allowed,
@@ -109,12 +131,43 @@ class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
                     message="" if allowed else "The rate limit service cannot reach its storage; try again shortly.",
                     request_id=request_id,
                 )
+        self._decisions[decision.outcome].inc()
         if decision.outcome is Outcome.PROJECT_NOT_FOUND:
             raise NotFound(f"project {caller.project_id if caller else ''} does not exist")
         return self.reply(decision, model, requests, tokens)
 
+    @rpc
+    async def ReportUsage(
+        self,
+        request: pb.ReportUsageRequest,
+        context: grpc.aio.ServicerContext[pb.ReportUsageRequest, pb.ReportUsageResponse],
+    ) -> pb.ReportUsageResponse:
+        request_id = validate_request_id(request.request_id)
+        caller = await self._caller(request, context)
+        if caller is None:
+            raise InvalidArgument("api_key is not a ratelimitd API key")
+        report = await self._usage.report(
+            caller,
+            request_id,
+            request.model,
+            request.input_tokens,
+            request.output_tokens,
+            request.cached_tokens,
+            request.status_code,
+            request.latency_ms,
+        )
+        self._reports[report.result].inc()
+        return pb.ReportUsageResponse(
+            result=_RESULT[report.result],
+            project_id=report.project_id,
+            model=report.model,
+            counted_tokens=report.counted_tokens,
+            token_delta=report.token_delta,
+            spend_usd=report.spend_usd,
+        )
+
     async def _caller(
-        self, request: pb.CheckRequest, context: grpc.aio.ServicerContext[pb.CheckRequest, pb.CheckResponse]
+        self, request: pb.CheckRequest | pb.ReportUsageRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> Caller | None:
         which = request.WhichOneof("caller")
         if which == "api_key":

@@ -34,6 +34,7 @@ _STREAM_ID_RE = re.compile(r"^\d{1,20}-\d{1,20}$")
 # Events are read newest first in batches; a project filter may skip many.
 _BATCH = 500
 MAX_TIME_MS = 2**53
+DEFAULT_MAX_EVENTS = 10_000
 
 
 def actor_json(actor: Principal) -> str:

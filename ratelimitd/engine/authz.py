@@ -53,6 +53,10 @@ class Principal:
         return f"{self.role} {self.name} ({self.member_id}, credential {self.credential_id})"
 
 
+# Changes made by code that uses the engine directly rather than through the
+# API (tools, benchmarks, tests); the audit trail names it so.
+INTERNAL = Principal("", "internal", "ratelimitd")
+
 _ANYONE = frozenset(Role)
 _WRITERS = frozenset({Role.OWNER, Role.DEVELOPER})
 _OWNERS = frozenset({Role.OWNER})
@@ -93,6 +97,16 @@ POLICY: Mapping[str, frozenset[Role]] = {
     "RevokeCredential": _OWNERS,
     "WhoAmI": _ANYONE,
     "ListAuditEvents": _OWNERS,
+    # usage, spend and logs: everyone in the organization reads them; prices and
+    # what counts toward limits are the platform's; a spend limit is the Owner's budget
+    "GetUsage": _ANYONE,
+    "GetSpend": _ANYONE,
+    "ListRequestLogs": _ANYONE,
+    "ListPrices": _ANYONE,
+    "GetUsageSettings": _ANYONE,
+    "SetSpendLimit": _OWNERS,
+    "SetPrice": _OPERATOR_ONLY,
+    "SetUsageSettings": _OPERATOR_ONLY,
     # decisions by project id instead of an API key: a trusted gateway only
     "CheckAndConsumeByProject": _OPERATOR_ONLY,
 }

@@ -23,7 +23,7 @@ from redis.asyncio.client import Pipeline
 
 from ratelimitd.engine import ids, keys, pages
 from ratelimitd.engine.audit import Audit, AuditEvent, actor_json
-from ratelimitd.engine.authz import Principal
+from ratelimitd.engine.authz import INTERNAL, Principal
 from ratelimitd.engine.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from ratelimitd.engine.limits import (
     WILDCARD,
@@ -133,7 +133,7 @@ class ControlPlane:
 
     # -- organizations -------------------------------------------------------
 
-    async def create_organization(self, actor: Principal, name: str) -> OrganizationInfo:
+    async def create_organization(self, name: str, *, actor: Principal = INTERNAL) -> OrganizationInfo:
         validate_name("organization name", name)
         org = OrganizationInfo(ids.new_id("org"), name, now_ms())
         k = keys.OrgKeys(org.id)
@@ -195,10 +195,11 @@ class ControlPlane:
 
     async def set_organization_limits(
         self,
-        actor: Principal,
         org_id: str,
         set_: Sequence[tuple[str, str, str, int]],
         clear: Sequence[tuple[str, str, str]],
+        *,
+        actor: Principal = INTERNAL,
     ) -> list[LimitSpec]:
         specs = self._specs(set_)
         clears = self._clear_fields(clear)
@@ -236,7 +237,9 @@ class ControlPlane:
 
     # -- projects ------------------------------------------------------------
 
-    async def create_project(self, actor: Principal, org_id: str, name: str, description: str = "") -> ProjectInfo:
+    async def create_project(
+        self, org_id: str, name: str, description: str = "", *, actor: Principal = INTERNAL
+    ) -> ProjectInfo:
         validate_project_name(name)
         validate_description(description)
         k = await self.require_organization(org_id)
@@ -300,7 +303,7 @@ class ControlPlane:
         return projects, next_token
 
     async def update_project(
-        self, actor: Principal, org_id: str, project_id: str, name: str | None, description: str | None
+        self, org_id: str, project_id: str, name: str | None, description: str | None, *, actor: Principal = INTERNAL
     ) -> ProjectInfo:
         """Renames and/or re-describes; the name index changes in the same transaction."""
         if name is None and description is None:
@@ -334,7 +337,7 @@ class ControlPlane:
 
         return await transaction(self._redis, [k.project(project_id), k.project_names], change)
 
-    async def delete_project(self, actor: Principal, org_id: str, project_id: str) -> ProjectInfo:
+    async def delete_project(self, org_id: str, project_id: str, *, actor: Principal = INTERNAL) -> ProjectInfo:
         """Removes the project record and frees its name; nothing else is touched.
 
         Decisions need the record, so its keys stop working at the very next
@@ -359,22 +362,25 @@ class ControlPlane:
 
         return await transaction(self._redis, [k.project(project_id), k.project_names], change)
 
-    async def require_project(self, org_id: str, project_id: str) -> keys.OrgKeys:
+    async def require_project(self, org_id: str, project_id: str, *, or_deleted: bool = False) -> keys.OrgKeys:
+        """``or_deleted``: a deleted project will do too (its history stays readable)."""
         ids.require_id("proj", "project_id", project_id)
         k = await self.require_organization(org_id)
+        names = [k.project(project_id), *([k.deleted_project(project_id)] if or_deleted else [])]
         with storage_errors():
-            exists = await self._redis.exists(k.project(project_id))
+            exists = await self._redis.exists(*names)
         if not exists:
             raise NotFound(f"project {project_id} does not exist in organization {org_id}")
         return k
 
     async def set_project_limits(
         self,
-        actor: Principal,
         org_id: str,
         project_id: str,
         set_: Sequence[tuple[str, str, str, int]],
         clear: Sequence[tuple[str, str, str]],
+        *,
+        actor: Principal = INTERNAL,
     ) -> list[LimitSpec]:
         specs = self._specs(set_)
         clears = self._clear_fields(clear)
@@ -450,7 +456,9 @@ class ControlPlane:
 
     # -- API keys ------------------------------------------------------------
 
-    async def create_api_key(self, actor: Principal, org_id: str, project_id: str, name: str) -> tuple[ApiKeyInfo, str]:
+    async def create_api_key(
+        self, org_id: str, project_id: str, name: str, *, actor: Principal = INTERNAL
+    ) -> tuple[ApiKeyInfo, str]:
         validate_name("key name", name)
         ids.require_id("proj", "project_id", project_id)
         k = await self.require_organization(org_id)
@@ -499,7 +507,7 @@ class ControlPlane:
             rec.get("r") == "1",
         )  # fmt: skip
 
-    async def revoke_api_key(self, actor: Principal, org_id: str, key_id: str) -> ApiKeyInfo:
+    async def revoke_api_key(self, org_id: str, key_id: str, *, actor: Principal = INTERNAL) -> ApiKeyInfo:
         """Effective at the very next decision (decide.lua reads the flag). Revoking twice changes nothing."""
         ids.require_id("key", "key_id", key_id)
         k = await self.require_organization(org_id)

@@ -29,8 +29,8 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
 from ratelimitd.engine import ids, keys
-from ratelimitd.engine.audit import Audit
-from ratelimitd.engine.authz import MEMBER, OPERATOR, Principal, Role
+from ratelimitd.engine.audit import DEFAULT_MAX_EVENTS, Audit
+from ratelimitd.engine.authz import INTERNAL, MEMBER, OPERATOR, Principal, Role
 from ratelimitd.engine.control import validate_name
 from ratelimitd.engine.errors import FailedPrecondition, NotFound, Unauthenticated
 from ratelimitd.storage.redis import begin_writes, storage_errors, transaction
@@ -56,9 +56,9 @@ def _operator_info(raw: str) -> CredentialInfo:
 
 
 class Credentials:
-    def __init__(self, redis: Redis, audit: Audit, cache_ttl_s: float = 2.0) -> None:
+    def __init__(self, redis: Redis, audit: Audit | None = None, cache_ttl_s: float = 2.0) -> None:
         self._redis = redis
-        self._audit = audit
+        self._audit = audit or Audit(redis, DEFAULT_MAX_EVENTS)
         self._ttl = cache_ttl_s
         self._cache: dict[str, tuple[float, Principal | None]] = {}
 
@@ -147,7 +147,7 @@ class Credentials:
 
     # -- operator credentials ----------------------------------------------------
 
-    async def create_operator(self, actor: Principal, name: str) -> tuple[CredentialInfo, str]:
+    async def create_operator(self, name: str, *, actor: Principal = INTERNAL) -> tuple[CredentialInfo, str]:
         validate_name("credential name", name)
         token = ids.new_token()
         info = CredentialInfo(ids.new_id("cred"), OPERATOR, name, int(time.time() * 1000))
@@ -164,7 +164,7 @@ class Credentials:
             raw = cast(dict[str, str], await self._redis.hgetall(keys.CREDENTIALS))
         return sorted((_operator_info(v) for v in raw.values()), key=lambda c: (c.created_at_ms, c.id))
 
-    async def revoke_operator(self, actor: Principal, cred_id: str) -> CredentialInfo:
+    async def revoke_operator(self, cred_id: str, *, actor: Principal = INTERNAL) -> CredentialInfo:
         """Refuses to revoke the last one: nobody could manage the platform any more."""
         ids.require_id("cred", "credential_id", cred_id)
 

@@ -7,12 +7,11 @@ import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from redis.asyncio import Redis
-
 from ratelimitd.engine import keys
 from ratelimitd.engine.limits import Dimension, Dimensions
+from ratelimitd.engine.retention import Retention
 from ratelimitd.engine.scripts import Scripts
-from ratelimitd.storage.redis import storage_errors
+from ratelimitd.storage.pipelined import PipelinedConnection
 
 
 class Outcome(enum.IntEnum):
@@ -26,6 +25,7 @@ class Outcome(enum.IntEnum):
     MODEL_NOT_AVAILABLE = 5
     PROJECT_NOT_FOUND = 6
     MODEL_BLOCKED = 7
+    SPEND_LIMIT = 8
 
 
 class Scope(enum.IntEnum):
@@ -52,8 +52,9 @@ class Decision(NamedTuple):
     replayed: bool
     # The buckets of each item, in item order (a bucket two items share is in both).
     item_buckets: tuple[tuple[BucketState, ...], ...] = ()
-    # For MODEL_NOT_AVAILABLE and MODEL_BLOCKED: the index of the item whose model it is.
-    item: int = 0
+    # MODEL_NOT_AVAILABLE and MODEL_BLOCKED: the 1-based index of the item whose model it is;
+    # SPEND_LIMIT: the Scope whose monthly spend limit was reached.
+    detail: int = 0
 
     @property
     def allowed(self) -> bool:
@@ -82,26 +83,24 @@ def new_request_id() -> str:
 
 
 class Decider:
-    """Makes decisions: one EVALSHA per call, whatever the number of buckets."""
+    """Makes decisions: one EVALSHA per call, whatever the number of buckets, on the
+    auto-pipelining connection (concurrent decisions share round trips)."""
 
     def __init__(
         self,
-        redis: Redis,
+        connection: PipelinedConnection,
         scripts: Scripts,
         dimensions: Dimensions,
+        retention: Retention,
         *,
-        record_ttl_ms: int,
         manual_clock: bool = False,
     ) -> None:
-        self._redis = redis
+        self._connection = connection
         self._script = scripts.decide
         self._dims = dimensions.all
-        self._record_ttl = str(record_ttl_ms)
         self._clock_keys = [keys.MANUAL_CLOCK] if manual_clock else []
         # What does not change per call is laid out once.
-        self._dim_args: list[str | int] = [len(self._dims)]
-        for d in self._dims:
-            self._dim_args += (d.name, d.window_ms)
+        self._config_args = [*retention.args(), *dimensions.args()]
         self._dim_is_tokens = [d.metric == "tokens" for d in self._dims]
 
     async def check(self, caller: Caller, model: str, requests: int, tokens: int, request_id: str = "") -> Decision:
@@ -117,22 +116,18 @@ class Decider:
         else:
             kind, subject = "p", org.project(caller.project_id)
         args: list[str | int] = [
-            kind, caller.key_hash, caller.project_id, request_id, remember, self._record_ttl, *self._dim_args,
-            len(items),
+            kind, caller.key_hash, caller.project_id, request_id, remember, *self._config_args, len(items),
         ]  # fmt: skip
         for item in items:
             args.append(item.model)
             args += [item.tokens if is_tokens else item.requests for is_tokens in self._dim_is_tokens]
-        with storage_errors():
-            reply = await self._script(
-                keys=[org.org_limits, subject, org.request(request_id), *self._clock_keys],
-                args=args,
-                client=self._redis,
-            )
+        reply = await self._connection.evalsha(
+            self._script, [org.org_limits, subject, org.request(request_id), *self._clock_keys], args
+        )
         return self._parse(reply, caller.organization_id, request_id, len(items))
 
     def _parse(self, reply: list[int | str], org_id: str, request_id: str, nitems: int) -> Decision:
-        nbuckets = int(reply[6])
+        nbuckets = int(reply[6])  # see the reply layout in decide.lua
         end = 7 + 5 * nbuckets
         buckets = tuple(
             BucketState(
@@ -158,5 +153,5 @@ class Decider:
             buckets=buckets,
             replayed=bool(int(reply[4])),
             item_buckets=tuple(item_buckets),
-            item=int(reply[5]),
+            detail=int(reply[5]),
         )

@@ -18,6 +18,12 @@ def refusal_message(decision: Decision, model: str, requests: int, tokens: int) 
         return f"The model `{model}` is blocked for this project by its organization's or project's model permissions."
     if outcome is Outcome.PROJECT_NOT_FOUND:
         return "The project does not exist."
+    if outcome is Outcome.SPEND_LIMIT:
+        whose = "organization" if decision.detail == Scope.ORGANIZATION else "project"
+        return (
+            f"The {whose}'s monthly spend limit is reached; API access is blocked until next month (UTC) "
+            "or until the limit is raised."
+        )
     assert b is not None
     where = f"project {decision.project_id}" if b.scope is Scope.PROJECT else f"organization {decision.organization_id}"
     metric, window = b.dimension.metric, b.dimension.window

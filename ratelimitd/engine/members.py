@@ -23,7 +23,7 @@ from redis.asyncio.client import Pipeline
 
 from ratelimitd.engine import ids, keys
 from ratelimitd.engine.audit import Audit
-from ratelimitd.engine.authz import MEMBER, Principal, Role
+from ratelimitd.engine.authz import INTERNAL, MEMBER, Principal, Role
 from ratelimitd.engine.control import ControlPlane, validate_name
 from ratelimitd.engine.credentials import CredentialInfo, Credentials
 from ratelimitd.engine.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -89,7 +89,9 @@ class Members:
         )
         return info, token
 
-    async def add(self, actor: Principal, org_id: str, name: str, role: Role) -> tuple[MemberInfo, CredentialInfo, str]:
+    async def add(
+        self, org_id: str, name: str, role: Role, *, actor: Principal = INTERNAL
+    ) -> tuple[MemberInfo, CredentialInfo, str]:
         validate_member_name(name)
         k = await self._control.require_organization(org_id)
         member = MemberInfo(ids.new_id("mem"), org_id, name, role, _now_ms())
@@ -134,7 +136,7 @@ class Members:
                 "make another member owner first"
             )
 
-    async def update_role(self, actor: Principal, org_id: str, member_id: str, role: Role) -> MemberInfo:
+    async def update_role(self, org_id: str, member_id: str, role: Role, *, actor: Principal = INTERNAL) -> MemberInfo:
         ids.require_id("mem", "member_id", member_id)
         k = await self._control.require_organization(org_id)
 
@@ -155,7 +157,7 @@ class Members:
         self._credentials.forget_member(org_id, member_id)
         return member
 
-    async def remove(self, actor: Principal, org_id: str, member_id: str) -> MemberInfo:
+    async def remove(self, org_id: str, member_id: str, *, actor: Principal = INTERNAL) -> MemberInfo:
         """Removes the member and revokes every credential it has."""
         ids.require_id("mem", "member_id", member_id)
         k = await self._control.require_organization(org_id)
@@ -184,7 +186,7 @@ class Members:
     # -- member credentials ------------------------------------------------------
 
     async def create_credential(
-        self, actor: Principal, org_id: str, member_id: str, name: str
+        self, org_id: str, member_id: str, name: str, *, actor: Principal = INTERNAL
     ) -> tuple[CredentialInfo, str]:
         """Another credential for a member (to rotate: create, switch, revoke the old one)."""
         validate_name("credential name", name)
@@ -209,7 +211,7 @@ class Members:
         creds = (_credential(org_id, f[2:], v) for f, v in raw.items() if f.startswith("k:"))
         return sorted(creds, key=lambda c: (c.created_at_ms, c.id))
 
-    async def revoke_credential(self, actor: Principal, org_id: str, cred_id: str) -> CredentialInfo:
+    async def revoke_credential(self, org_id: str, cred_id: str, *, actor: Principal = INTERNAL) -> CredentialInfo:
         ids.require_id("cred", "credential_id", cred_id)
         k = await self._control.require_organization(org_id)
 

@@ -27,7 +27,7 @@ from redis.asyncio.client import Pipeline
 
 from ratelimitd.engine import ids
 from ratelimitd.engine.audit import Audit
-from ratelimitd.engine.authz import Principal
+from ratelimitd.engine.authz import INTERNAL, Principal
 from ratelimitd.engine.control import ControlPlane
 from ratelimitd.engine.errors import FailedPrecondition, InvalidArgument, NotFound
 from ratelimitd.engine.limits import validate_model
@@ -106,7 +106,7 @@ class ModelPermissions:
         return _policy(raw, ORGANIZATION_SCOPE), _policy(raw, _scope(project_id)) if project_id else None
 
     async def set(
-        self, actor: Principal, org_id: str, project_id: str, access: Access, models: Sequence[str]
+        self, org_id: str, project_id: str, access: Access, models: Sequence[str], *, actor: Principal = INTERNAL
     ) -> ModelPolicy:
         """Replaces the whole policy of one scope: the organization (``project_id`` "") or a project."""
         policy = validate_policy(access, models)

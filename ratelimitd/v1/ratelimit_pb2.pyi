@@ -63,6 +63,10 @@ class _ReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Reason.ValueTy
     """No limit is configured for the model and no `*` default exists, so the
     model is not available to this organization (HTTP 404).
     """
+    REASON_SPEND_LIMIT: _Reason.ValueType  # 8
+    """The organization's or the project's monthly spend limit is reached (HTTP
+    400 blocked_api_access); lifts next month (UTC) or when the limit is raised.
+    """
     REASON_STORAGE_UNAVAILABLE: _Reason.ValueType  # 6
     """Storage was unreachable and the server runs with the fail-closed policy
     (HTTP 503). With the fail-open policy the request is allowed with this reason.
@@ -89,6 +93,10 @@ REASON_INVALID_API_KEY: Reason.ValueType  # 4
 REASON_MODEL_NOT_AVAILABLE: Reason.ValueType  # 5
 """No limit is configured for the model and no `*` default exists, so the
 model is not available to this organization (HTTP 404).
+"""
+REASON_SPEND_LIMIT: Reason.ValueType  # 8
+"""The organization's or the project's monthly spend limit is reached (HTTP
+400 blocked_api_access); lifts next month (UTC) or when the limit is raised.
 """
 REASON_STORAGE_UNAVAILABLE: Reason.ValueType  # 6
 """Storage was unreachable and the server runs with the fail-closed policy
@@ -298,3 +306,114 @@ class CheckResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CheckResponse: _TypeAlias = CheckResponse  # noqa: Y015
+
+@_typing.final
+class ReportUsageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    API_KEY_FIELD_NUMBER: _builtins.int
+    PROJECT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHED_TOKENS_FIELD_NUMBER: _builtins.int
+    STATUS_CODE_FIELD_NUMBER: _builtins.int
+    LATENCY_MS_FIELD_NUMBER: _builtins.int
+    api_key: _builtins.str
+    request_id: _builtins.str
+    """The id CheckAndConsume returned (or the caller's own). Required."""
+    model: _builtins.str
+    """The model; may be empty when the request was checked (the reservation knows it)."""
+    input_tokens: _builtins.int
+    """Prompt tokens, including cached ones."""
+    output_tokens: _builtins.int
+    cached_tokens: _builtins.int
+    """Input tokens served from cache (a part of input_tokens)."""
+    status_code: _builtins.int
+    """The outcome of the request as the platform answered it (HTTP status)."""
+    latency_ms: _builtins.int
+    @_builtins.property
+    def project(self) -> Global___ProjectRef: ...
+    def __init__(
+        self,
+        *,
+        api_key: _builtins.str = ...,
+        project: Global___ProjectRef | None = ...,
+        request_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        input_tokens: _builtins.int = ...,
+        output_tokens: _builtins.int = ...,
+        cached_tokens: _builtins.int = ...,
+        status_code: _builtins.int = ...,
+        latency_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "caller", b"caller", "project", b"project"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "cached_tokens", b"cached_tokens", "caller", b"caller", "input_tokens", b"input_tokens", "latency_ms", b"latency_ms", "model", b"model", "output_tokens", b"output_tokens", "project", b"project", "request_id", b"request_id", "status_code", b"status_code"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_caller: _TypeAlias = _typing.Literal["api_key", "project"]  # noqa: Y015
+    _WhichOneofArgType_caller: _TypeAlias = _typing.Literal["caller", b"caller"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_caller) -> _WhichOneofReturnType_caller | None: ...
+
+Global___ReportUsageRequest: _TypeAlias = ReportUsageRequest  # noqa: Y015
+
+@_typing.final
+class ReportUsageResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Result:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _ResultEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[ReportUsageResponse._Result.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        RESULT_UNSPECIFIED: ReportUsageResponse._Result.ValueType  # 0
+        RESULT_RECONCILED: ReportUsageResponse._Result.ValueType  # 1
+        """The reservation was reconciled: the difference went to the buckets."""
+        RESULT_DUPLICATE: ReportUsageResponse._Result.ValueType  # 2
+        """This request id was reported before; nothing changed."""
+        RESULT_UNRESERVED: ReportUsageResponse._Result.ValueType  # 3
+        """No reservation (expired, or never checked): charged and recorded in full."""
+
+    class Result(_Result, metaclass=_ResultEnumTypeWrapper): ...
+    RESULT_UNSPECIFIED: ReportUsageResponse.Result.ValueType  # 0
+    RESULT_RECONCILED: ReportUsageResponse.Result.ValueType  # 1
+    """The reservation was reconciled: the difference went to the buckets."""
+    RESULT_DUPLICATE: ReportUsageResponse.Result.ValueType  # 2
+    """This request id was reported before; nothing changed."""
+    RESULT_UNRESERVED: ReportUsageResponse.Result.ValueType  # 3
+    """No reservation (expired, or never checked): charged and recorded in full."""
+
+    RESULT_FIELD_NUMBER: _builtins.int
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    COUNTED_TOKENS_FIELD_NUMBER: _builtins.int
+    TOKEN_DELTA_FIELD_NUMBER: _builtins.int
+    SPEND_USD_FIELD_NUMBER: _builtins.int
+    result: Global___ReportUsageResponse.Result.ValueType
+    project_id: _builtins.str
+    model: _builtins.str
+    counted_tokens: _builtins.int
+    """Tokens that count toward token limits for this request."""
+    token_delta: _builtins.int
+    """What was added to (positive) or refunded from (negative) the token buckets."""
+    spend_usd: _builtins.float
+    """Spend of this request in USD."""
+    def __init__(
+        self,
+        *,
+        result: Global___ReportUsageResponse.Result.ValueType = ...,
+        project_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        counted_tokens: _builtins.int = ...,
+        token_delta: _builtins.int = ...,
+        spend_usd: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counted_tokens", b"counted_tokens", "model", b"model", "project_id", b"project_id", "result", b"result", "spend_usd", b"spend_usd", "token_delta", b"token_delta"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportUsageResponse: _TypeAlias = ReportUsageResponse  # noqa: Y015

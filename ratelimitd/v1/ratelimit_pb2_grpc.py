@@ -39,6 +39,11 @@ class RateLimitServiceStub:
                 request_serializer=ratelimitd_dot_v1_dot_ratelimit__pb2.CheckRequest.SerializeToString,
                 response_deserializer=ratelimitd_dot_v1_dot_ratelimit__pb2.CheckResponse.FromString,
                 _registered_method=True)
+        self.ReportUsage = channel.unary_unary(
+                '/ratelimitd.v1.RateLimitService/ReportUsage',
+                request_serializer=ratelimitd_dot_v1_dot_ratelimit__pb2.ReportUsageRequest.SerializeToString,
+                response_deserializer=ratelimitd_dot_v1_dot_ratelimit__pb2.ReportUsageResponse.FromString,
+                _registered_method=True)
 
 
 class RateLimitServiceServicer:
@@ -52,6 +57,15 @@ class RateLimitServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportUsage(self, request, context):
+        """Tells what an admitted request really used. Reconciles its token
+        reservation in the same buckets, records usage, spend and a log entry.
+        Exactly once per request id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RateLimitServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +73,11 @@ def add_RateLimitServiceServicer_to_server(servicer, server):
                     servicer.CheckAndConsume,
                     request_deserializer=ratelimitd_dot_v1_dot_ratelimit__pb2.CheckRequest.FromString,
                     response_serializer=ratelimitd_dot_v1_dot_ratelimit__pb2.CheckResponse.SerializeToString,
+            ),
+            'ReportUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportUsage,
+                    request_deserializer=ratelimitd_dot_v1_dot_ratelimit__pb2.ReportUsageRequest.FromString,
+                    response_serializer=ratelimitd_dot_v1_dot_ratelimit__pb2.ReportUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -88,6 +107,33 @@ class RateLimitService:
             '/ratelimitd.v1.RateLimitService/CheckAndConsume',
             ratelimitd_dot_v1_dot_ratelimit__pb2.CheckRequest.SerializeToString,
             ratelimitd_dot_v1_dot_ratelimit__pb2.CheckResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ratelimitd.v1.RateLimitService/ReportUsage',
+            ratelimitd_dot_v1_dot_ratelimit__pb2.ReportUsageRequest.SerializeToString,
+            ratelimitd_dot_v1_dot_ratelimit__pb2.ReportUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

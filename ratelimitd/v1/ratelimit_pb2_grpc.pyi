@@ -40,6 +40,11 @@ class RateLimitServiceStub:
     """Decides whether one request may run now and, if so, charges every
     applicable project and organization bucket in one atomic step.
     """
+    ReportUsage: _grpc.UnaryUnaryMultiCallable[_ratelimit_pb2.ReportUsageRequest, _ratelimit_pb2.ReportUsageResponse]
+    """Tells what an admitted request really used. Reconciles its token
+    reservation in the same buckets, records usage, spend and a log entry.
+    Exactly once per request id.
+    """
 
 @_typing.type_check_only
 class RateLimitServiceAsyncStub(RateLimitServiceStub):
@@ -47,6 +52,11 @@ class RateLimitServiceAsyncStub(RateLimitServiceStub):
     CheckAndConsume: _aio.UnaryUnaryMultiCallable[_ratelimit_pb2.CheckRequest, _ratelimit_pb2.CheckResponse]  # type: ignore[assignment]
     """Decides whether one request may run now and, if so, charges every
     applicable project and organization bucket in one atomic step.
+    """
+    ReportUsage: _aio.UnaryUnaryMultiCallable[_ratelimit_pb2.ReportUsageRequest, _ratelimit_pb2.ReportUsageResponse]  # type: ignore[assignment]
+    """Tells what an admitted request really used. Reconciles its token
+    reservation in the same buckets, records usage, spend and a log entry.
+    Exactly once per request id.
     """
 
 class RateLimitServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -58,6 +68,17 @@ class RateLimitServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_ratelimit_pb2.CheckResponse, _abc.Awaitable[_ratelimit_pb2.CheckResponse]]:
         """Decides whether one request may run now and, if so, charges every
         applicable project and organization bucket in one atomic step.
+        """
+
+    @_abc_1.abstractmethod
+    def ReportUsage(
+        self,
+        request: _ratelimit_pb2.ReportUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ratelimit_pb2.ReportUsageResponse, _abc.Awaitable[_ratelimit_pb2.ReportUsageResponse]]:
+        """Tells what an admitted request really used. Reconciles its token
+        reservation in the same buckets, records usage, spend and a log entry.
+        Exactly once per request id.
         """
 
 def add_RateLimitServiceServicer_to_server(servicer: RateLimitServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

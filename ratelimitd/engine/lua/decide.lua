@@ -1,10 +1,11 @@
 --[[
-decide.lua: one rate-limit decision, atomically.
+decide.lua: one rate-limit decision, atomically. (lib.lua is prepended.)
 
-Authenticates the caller, resolves the project's and the organization's limits
-for every item (a model and its costs) of the request, evaluates every
-applicable bucket, and charges all of them or none. Items naming the same
-model share their buckets, and their costs add up.
+Authenticates the caller, checks the monthly spend limits, resolves the
+project's and the organization's limits for every item (a model and its costs)
+of the request, evaluates every applicable bucket, and charges all of them or
+none. Items naming the same model share their buckets, and their costs add up.
+It also counts the decision in the usage counters and logs refusals.
 
 Everything the script touches lives under one organization prefix
 "rl:{org_<id>}:", so every key shares one hash tag (one Cluster slot). Keys the
@@ -12,10 +13,11 @@ script can only name after reading the API key record (the project's limits and
 buckets) are built from that prefix, which it takes from KEYS[1].
 
 Buckets are continuously draining levels (a token bucket stored as the amount
-used): a bucket of limit L over a window of W microseconds drains L/W units per
-microsecond, and a request of cost c passes when level + c <= L. A bucket's
-value is "<level>:<timestamp_us>" and it expires once it would have drained
-to 0, so idle buckets cost no memory.
+used): a bucket of limit L over a window of W drains L/W units per unit of
+time, and a request of cost c passes when level + c <= L. The buckets of one
+scope and model are one hash, rl:{org_x}:b:o:<model> or
+rl:{org_x}:b:p:<project>:<model>, a field "<metric>|<window>" per dimension
+holding "<level>:<timestamp_us>"; it expires once all would have drained to 0.
 
 KEYS[1]  the organization's limits hash        rl:{org_x}:lim:o
 KEYS[2]  the caller record: API key hash        rl:{org_x}:k:<key_id>
@@ -29,7 +31,10 @@ ARGV[3]  project id (kind "p"; "" for kind "k")
 ARGV[4]  request id
 ARGV[5]  "1" when the caller chose the request id: remember any answer for replay
 ARGV[6]  request record lifetime, milliseconds
-ARGV[7]  d, the number of dimensions, then d pairs:
+ARGV[7..9]   usage retention after each minute, hour, day bucket, seconds
+ARGV[10] request log: entries kept per project
+ARGV[11] request log: seconds kept after the last entry
+ARGV[12] d, the number of dimensions, then d pairs:
            dimension "metric|window" (e.g. "tokens|minute"), window length in ms
 then     m, the number of items, then m groups of 1 + d values:
            model, then the item's cost in each dimension, in dimension order
@@ -38,12 +43,13 @@ Reply: an array
   [1] outcome: 0 allowed, 1 project limit, 2 organization limit,
       3 larger than a limit can ever admit, 4 invalid API key,
       5 model not available, 6 project not found, 7 model blocked by the
-      model permissions (8 is reserved)
+      model permissions, 8 monthly spend limit
   [2] project id ("" when unknown)
   [3] retry after, milliseconds (0 unless outcome 1 or 2)
   [4] index of the binding bucket in the list below (1-based, 0 for none)
   [5] 1 when this is a replay of an earlier answer, else 0
-  [6] index of the item that decided outcome 5 or 7 (1-based, else 0)
+  [6] detail: for outcome 5 or 7 the index of the item (1-based); for outcome 8
+      the scope whose spend limit was reached (1 organization, 2 project)
   [7] n, the number of evaluated buckets, then 5 integers per bucket:
       scope (1 organization, 2 project), dimension index (1-based),
       limit, remaining after this decision, milliseconds until full
@@ -54,52 +60,75 @@ local prefix = string.sub(KEYS[1], 1, -6) -- strip "lim:o"
 local kind, key_hash, project = ARGV[1], ARGV[2], ARGV[3]
 local request_id, remember = ARGV[4], ARGV[5] == "1"
 local record_ttl = tonumber(ARGV[6])
-local ndims = tonumber(ARGV[7])
-local dims, windows_us = {}, {}
+local resolutions = {{"m", 60, tonumber(ARGV[7])}, {"h", 3600, tonumber(ARGV[8])}, {"d", 86400, tonumber(ARGV[9])}}
+local log_cap, log_ttl = tonumber(ARGV[10]), tonumber(ARGV[11])
+local ndims = tonumber(ARGV[12])
+local dims, windows_us, requests_dim, tokens_dim = {}, {}, nil, nil
 for i = 1, ndims do
-  dims[i] = ARGV[6 + 2 * i]
-  windows_us[i] = tonumber(ARGV[7 + 2 * i]) * 1000
+  dims[i] = ARGV[11 + 2 * i]
+  windows_us[i] = tonumber(ARGV[12 + 2 * i]) * 1000
+  if not requests_dim and string.sub(dims[i], 1, 9) == "requests|" then requests_dim = i end
+  if not tokens_dim and string.sub(dims[i], 1, 7) == "tokens|" then tokens_dim = i end
 end
-local pos = 8 + 2 * ndims
+local pos = 13 + 2 * ndims
 local nitems = tonumber(ARGV[pos])
 local items = {}
 for j = 1, nitems do
   local base = pos + 1 + (j - 1) * (ndims + 1)
   local costs = {}
   for i = 1, ndims do costs[i] = tonumber(ARGV[base + i]) end
-  items[j] = {model = ARGV[base], costs = costs}
+  items[j] = {
+    model = ARGV[base], costs = costs,
+    requests = requests_dim and costs[requests_dim] or 0, tokens = tokens_dim and costs[tokens_dim] or 0,
+  }
 end
 
+local reported = false
 if remember then
   local earlier = redis.call("GET", KEYS[3])
   if earlier then
-    local reply = cjson.decode(earlier).reply
-    reply[5] = 1
-    return reply
+    local rec = cjson.decode(earlier)
+    if rec.reply then
+      rec.reply[5] = 1
+      return rec.reply
+    end
+    reported = rec.rep == 1 -- its usage report came first: decide, but never reconcile again
   end
 end
 
-local now
-if KEYS[4] then
-  now = tonumber(redis.call("GET", KEYS[4]) or "0")
-else
-  local t = redis.call("TIME")
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
+local now = rl_now(KEYS[4])
+local key_id = "-"
 
 local function finish(reply)
-  if remember then
-    redis.call("SET", KEYS[3], cjson.encode({reply = reply}), "PX", record_ttl)
+  local outcome = reply[1]
+  if outcome ~= 4 and outcome ~= 6 then
+    for _, item in ipairs(items) do
+      local counters = {}
+      if outcome == 0 then counters.req = item.requests else counters["ref:" .. outcome] = 1 end
+      rl_count_usage(prefix, now, resolutions, project .. "|" .. item.model .. "|" .. key_id .. "|", counters)
+    end
+    if outcome ~= 0 then
+      rl_log(prefix, project, {id = request_id, t = math.floor(now / 1000), m = items[1].model, k = key_id,
+                               ok = false, r = outcome, tok = items[1].tokens}, log_cap, log_ttl)
+    end
+  end
+  if remember or outcome == 0 then
+    local record = {reply = reply, rep = reported and 1 or nil}
+    if outcome == 0 then
+      -- The reservation ReportUsage reconciles against.
+      record.p, record.k, record.m, record.t = project, key_id, {}, {}
+      for j, item in ipairs(items) do record.m[j], record.t[j] = item.model, item.tokens end
+    end
+    redis.call("SET", KEYS[3], cjson.encode(record), "PX", record_ttl)
   end
   return reply
 end
 
-local function early(outcome, item)
-  return finish({outcome, outcome == 4 and "" or project, 0, 0, 0, item or 0, 0})
+local function early(outcome, detail)
+  return finish({outcome, outcome == 4 and "" or project, 0, 0, 0, detail or 0, 0})
 end
 
 -- Who is asking.
-local key_id = ""
 if kind == "k" then
   local rec = redis.call("HMGET", KEYS[2], "h", "p", "r", "u")
   if not rec[1] or rec[1] ~= key_hash or rec[3] == "1" then
@@ -119,48 +148,46 @@ elseif redis.call("EXISTS", KEYS[2]) == 0 then
   return early(6)
 end
 
--- Every applicable bucket, once, with its state drained to now. An item's
--- organization limits are the model's own entries, or else the "*" entries;
--- its project limit per dimension is the model's custom entry, else the
--- project's "*" entry, else none (the organization bucket covers it).
-local buckets, by_key, item_buckets = {}, {}, {}
-local proj_limits = prefix .. "lim:p:" .. project
-
-local function bucket(key, scope, dim, limit)
-  local b = by_key[key]
-  if not b then
-    local level = 0
-    local state = redis.call("GET", key)
-    if state then
-      local l, t = string.match(state, "^([^:]+):(.+)$")
-      level = math.max(0, tonumber(l) - (now - tonumber(t)) * limit / windows_us[dim])
+-- Monthly spend limits: reached means refused until next month or a higher limit.
+local spend_limits = redis.call("HMGET", prefix .. "spendlim", "o", "p:" .. project)
+if spend_limits[1] or spend_limits[2] then
+  local spent = redis.call("HMGET", prefix .. "spend:" .. rl_month(now), "o", "p:" .. project)
+  for scope = 1, 2 do
+    if spend_limits[scope] and tonumber(spent[scope] or "0") >= tonumber(spend_limits[scope]) then
+      return early(8, scope)
     end
-    b = {scope = scope, dim = dim, limit = limit, level = level, cost = 0, key = key}
+  end
+end
+
+-- Every applicable bucket, once, with its state drained to now. Buckets live
+-- in groups, one hash per scope and model (lib.lua); items naming the same
+-- model share them.
+local buckets, groups, group_of, item_buckets = {}, {}, {}, {}
+local proj_limits_key = prefix .. "lim:p:" .. project
+
+local function add(key, scope, dim, limit, cost, mine)
+  local g = group_of[key]
+  if not g then
+    g = {key = key, members = {}, by_dim = {}}
+    group_of[key] = g
+    groups[#groups + 1] = g
+  end
+  local b = g.by_dim[dim]
+  if not b then
+    b = {scope = scope, dim = dim, limit = limit, cost = 0}
+    g.by_dim[dim] = b
+    g.members[#g.members + 1] = b
     buckets[#buckets + 1] = b
     b.index = #buckets
-    by_key[key] = b
   end
-  return b
+  b.cost = b.cost + cost
+  mine[#mine + 1] = b.index
 end
 
 for j, item in ipairs(items) do
   local model = item.model
-  local fields = {}
-  for i = 1, ndims do
-    fields[i] = model .. "|" .. dims[i]
-    fields[ndims + i] = "*|" .. dims[i]
-  end
-  local org = redis.call("HMGET", KEYS[1], unpack(fields))
-  local own = false
-  for i = 1, ndims do
-    if org[i] then own = true break end
-  end
-  local offset = own and 0 or ndims
-  local any = false
-  for i = 1, ndims do
-    if org[offset + i] then any = true break end
-  end
-  if not any then
+  local org_limits, proj_limits, available = rl_limits(KEYS[1], proj_limits_key, model, dims)
+  if not available then
     return early(5, j)
   end
   -- Model permissions (keys.py "mp"): the organization's allow- or block-list,
@@ -171,22 +198,16 @@ for j, item in ipairs(items) do
       return early(7, j)
     end
   end
-  local proj = redis.call("HMGET", proj_limits, unpack(fields))
   local mine = {}
+  local org_key, proj_key = prefix .. "b:o:" .. model, prefix .. "b:p:" .. project .. ":" .. model
   for i = 1, ndims do
-    local org_limit, proj_limit = org[offset + i], proj[i] or proj[ndims + i]
-    if org_limit then
-      local b = bucket(prefix .. "b:o:" .. model .. "|" .. dims[i], 1, i, tonumber(org_limit))
-      b.cost = b.cost + item.costs[i]
-      mine[#mine + 1] = b.index
-    end
-    if proj_limit then
-      local b = bucket(prefix .. "b:p:" .. project .. ":" .. model .. "|" .. dims[i], 2, i, tonumber(proj_limit))
-      b.cost = b.cost + item.costs[i]
-      mine[#mine + 1] = b.index
-    end
+    if org_limits[i] then add(org_key, 1, i, org_limits[i], item.costs[i], mine) end
+    if proj_limits[i] then add(proj_key, 2, i, proj_limits[i], item.costs[i], mine) end
   end
   item_buckets[j] = mine
+end
+for _, g in ipairs(groups) do
+  rl_group_load(g.key, g.members, dims, windows_us, now)
 end
 
 -- Decide: "never passable" beats "not now"; among "not now" the bucket that
@@ -204,12 +225,15 @@ for n, b in ipairs(buckets) do
 end
 
 if outcome == 0 then
-  for _, b in ipairs(buckets) do
-    if b.cost > 0 then
-      b.level = b.level + b.cost
-      local ttl = math.ceil(b.level * windows_us[b.dim] / b.limit / 1000) + 1000
-      redis.call("SET", b.key, string.format("%.17g:%d", b.level, now), "PX", ttl)
+  for _, g in ipairs(groups) do
+    local charged = false
+    for _, b in ipairs(g.members) do
+      if b.cost > 0 then
+        b.level = b.level + b.cost
+        charged = true
+      end
     end
+    if charged then rl_group_store(g.key, g.members, dims, windows_us, now) end
   end
 end
 
@@ -229,13 +253,5 @@ for j = 1, nitems do
   local mine = item_buckets[j]
   reply[#reply + 1] = #mine
   for _, index in ipairs(mine) do reply[#reply + 1] = index end
-end
-
-if outcome == 0 then
-  -- The reservation usage reports reconcile against; also the replay answer.
-  local models = {}
-  for j, item in ipairs(items) do models[j] = item.model end
-  redis.call("SET", KEYS[3], cjson.encode({reply = reply, p = project, k = key_id, m = models}), "PX", record_ttl)
-  return reply
 end
 return finish(reply)

@@ -1,0 +1,156 @@
+"""UsageService: usage queries, spend, prices, spend limits, request logs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from ratelimitd.api.auth import authorization
+from ratelimitd.api.decisions import reason_name
+from ratelimitd.api.errors import rpc
+from ratelimitd.engine.authz import authorize
+from ratelimitd.engine.credentials import Credentials
+from ratelimitd.engine.errors import InvalidArgument
+from ratelimitd.engine.usage import LogEntry, Price, SpendLine, Usage, UsageTotals
+from ratelimitd.v1 import usage_pb2 as pb
+from ratelimitd.v1 import usage_pb2_grpc
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+_GRANULARITY = {pb.GRANULARITY_MINUTE: "minute", pb.GRANULARITY_HOUR: "hour", pb.GRANULARITY_DAY: "day"}
+_GROUP = {pb.GROUP_BY_PROJECT: "project", pb.GROUP_BY_MODEL: "model", pb.GROUP_BY_API_KEY: "key"}
+_OUTCOME = {
+    pb.ListRequestLogsRequest.OUTCOME_ANY: None,
+    pb.ListRequestLogsRequest.OUTCOME_ALLOWED: True,
+    pb.ListRequestLogsRequest.OUTCOME_REFUSED: False,
+}
+
+
+def _row(bucket_start_ms: int, project: str, model: str, key: str, t: UsageTotals) -> pb.UsageRow:
+    return pb.UsageRow(
+        bucket_start_ms=bucket_start_ms, project_id=project, model=model, api_key_id=key, requests=t.requests,
+        refusals={reason_name(o): n for o, n in t.refusals.items()}, reported=t.reported,
+        input_tokens=t.input_tokens, output_tokens=t.output_tokens, cached_tokens=t.cached_tokens,
+        spend_usd=t.spend_usd,
+    )  # fmt: skip
+
+
+def _spend_line(line: SpendLine) -> pb.SpendLine:
+    msg = pb.SpendLine(
+        project_id=line.project_id,
+        spend_usd=line.spend_usd,
+        thresholds_crossed=line.thresholds_crossed,
+        blocked=line.blocked,
+    )
+    if line.limit_usd is not None:
+        msg.limit_usd = line.limit_usd
+    return msg
+
+
+def _log_entry(e: LogEntry) -> pb.RequestLogEntry:
+    return pb.RequestLogEntry(
+        request_id=e.request_id, time_ms=e.time_ms, model=e.model, api_key_id=e.key_id, allowed=e.allowed,
+        reason=reason_name(e.reason) if e.reason is not None else "", input_tokens=e.input_tokens,
+        output_tokens=e.output_tokens, cached_tokens=e.cached_tokens, requested_tokens=e.requested_tokens,
+        status_code=e.status_code, latency_ms=e.latency_ms,
+    )  # fmt: skip
+
+
+def _price(org_id: str, p: Price) -> pb.Price:
+    return pb.Price(
+        organization_id=org_id, model=p.model, input_per_million=p.input_per_million,
+        output_per_million=p.output_per_million, cached_input_per_million=p.cached_input_per_million,
+    )  # fmt: skip
+
+
+class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
+    def __init__(self, usage: Usage, credentials: Credentials, storage_failed: Callable[[], None]) -> None:
+        self.usage = usage
+        self.credentials = credentials
+        self.storage_failed = storage_failed
+
+    async def _allow(self, context: Context, operation: str, organization_id: str) -> None:
+        principal = await self.credentials.authenticate(authorization(context))
+        authorize(principal, operation, organization_id)
+
+    @rpc
+    async def GetUsage(self, request: pb.GetUsageRequest, context: Context) -> pb.GetUsageResponse:
+        await self._allow(context, "GetUsage", request.organization_id)
+        if request.granularity not in _GRANULARITY:
+            raise InvalidArgument("granularity must be MINUTE, HOUR or DAY")
+        if any(g not in _GROUP for g in request.group_by):
+            raise InvalidArgument("group_by must be PROJECT, MODEL or API_KEY")
+        rows, total = await self.usage.query(
+            request.organization_id,
+            request.start_ms,
+            request.end_ms,
+            _GRANULARITY[request.granularity],
+            [_GROUP[g] for g in request.group_by],
+            request.project_id,
+        )
+        return pb.GetUsageResponse(rows=[_row(*r) for r in rows], total=_row(0, "", "", "", total))
+
+    async def _spend(self, org_id: str, month: str = "") -> pb.GetSpendResponse:
+        month, org, projects = await self.usage.spend(org_id, month)
+        return pb.GetSpendResponse(
+            organization_id=org_id,
+            month=month,
+            organization=_spend_line(org),
+            projects=[_spend_line(p) for p in projects],
+        )
+
+    @rpc
+    async def GetSpend(self, request: pb.GetSpendRequest, context: Context) -> pb.GetSpendResponse:
+        await self._allow(context, "GetSpend", request.organization_id)
+        return await self._spend(request.organization_id, request.month)
+
+    @rpc
+    async def SetSpendLimit(self, request: pb.SetSpendLimitRequest, context: Context) -> pb.GetSpendResponse:
+        await self._allow(context, "SetSpendLimit", request.organization_id)
+        limit = request.limit_usd if request.HasField("limit_usd") else None
+        await self.usage.set_spend_limit(request.organization_id, request.project_id, limit)
+        return await self._spend(request.organization_id)
+
+    @rpc
+    async def ListRequestLogs(self, request: pb.ListRequestLogsRequest, context: Context) -> pb.ListRequestLogsResponse:
+        await self._allow(context, "ListRequestLogs", request.organization_id)
+        entries = await self.usage.logs(
+            request.organization_id,
+            request.project_id,
+            model=request.model,
+            key_id=request.api_key_id,
+            allowed=_OUTCOME.get(request.outcome),
+            start_ms=request.start_ms,
+            end_ms=request.end_ms,
+            limit=request.limit or 100,
+        )
+        return pb.ListRequestLogsResponse(entries=[_log_entry(e) for e in entries])
+
+    @rpc
+    async def SetPrice(self, request: pb.SetPriceRequest, context: Context) -> pb.Price:
+        await self._allow(context, "SetPrice", request.price.organization_id)
+        p = request.price
+        price = Price(p.model, p.input_per_million, p.output_per_million, p.cached_input_per_million)
+        return _price(p.organization_id, await self.usage.set_price(p.organization_id, price))
+
+    @rpc
+    async def ListPrices(self, request: pb.ListPricesRequest, context: Context) -> pb.ListPricesResponse:
+        await self._allow(context, "ListPrices", request.organization_id)
+        prices = await self.usage.prices(request.organization_id)
+        return pb.ListPricesResponse(prices=[_price(request.organization_id, p) for p in prices])
+
+    @rpc
+    async def SetUsageSettings(self, request: pb.UsageSettings, context: Context) -> pb.UsageSettings:
+        await self._allow(context, "SetUsageSettings", request.organization_id)
+        count = await self.usage.set_cached_tokens_count(
+            request.organization_id, request.cached_tokens_count_toward_limits
+        )
+        return pb.UsageSettings(organization_id=request.organization_id, cached_tokens_count_toward_limits=count)
+
+    @rpc
+    async def GetUsageSettings(self, request: pb.GetUsageSettingsRequest, context: Context) -> pb.UsageSettings:
+        await self._allow(context, "GetUsageSettings", request.organization_id)
+        count = await self.usage.cached_tokens_count(request.organization_id)
+        return pb.UsageSettings(organization_id=request.organization_id, cached_tokens_count_toward_limits=count)

@@ -1,0 +1,393 @@
+"""Usage, spend and request logs: the reporting side of the engine.
+
+``report`` is one call of report.lua. The queries read what decide.lua and
+report.lua counted: usage hashes per time bucket (field
+``<project>|<model>|<key>|<counter>``), the monthly spend hash, and each
+project's capped request log.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, NamedTuple, cast
+
+from redis.asyncio import Redis
+
+from ratelimitd.engine import keys
+from ratelimitd.engine.control import ControlPlane
+from ratelimitd.engine.decisions import Caller, Outcome
+from ratelimitd.engine.errors import FailedPrecondition, InvalidArgument, NotFound
+from ratelimitd.engine.limits import MAX_LIMIT, Dimensions, validate_model
+from ratelimitd.engine.retention import Retention
+from ratelimitd.engine.scripts import Scripts
+from ratelimitd.storage.pipelined import PipelinedConnection
+from ratelimitd.storage.redis import storage_errors
+
+# Percent of a spend limit at which an alert counts as crossed.
+ALERT_THRESHOLDS = (50, 75, 90, 100)
+MAX_BUCKETS_PER_QUERY = 10_000
+MAX_PRICE = 1_000_000.0  # USD per million tokens
+MAX_LOG_PAGE = 1000
+GRANULARITIES = {"minute": ("m", 60), "hour": ("h", 3600), "day": ("d", 86400)}
+GROUPS = ("project", "model", "key")
+
+
+class ReportResult(enum.IntEnum):
+    """Mirrors the status report.lua answers with."""
+
+    RECONCILED = 0
+    DUPLICATE = 1
+    UNRESERVED = 2
+
+
+class Report(NamedTuple):
+    result: ReportResult
+    project_id: str
+    model: str
+    counted_tokens: int
+    token_delta: int
+    spend_usd: float
+
+
+@dataclass
+class UsageTotals:
+    requests: int = 0
+    refusals: dict[Outcome, int] = field(default_factory=dict)
+    reported: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    spend_usd: float = 0.0
+
+    def add(self, counter: str, value: str) -> None:
+        if counter == "req":
+            self.requests += int(value)
+        elif counter.startswith("ref:"):
+            outcome = Outcome(int(counter[4:]))
+            self.refusals[outcome] = self.refusals.get(outcome, 0) + int(value)
+        elif counter == "rep":
+            self.reported += int(value)
+        elif counter == "in":
+            self.input_tokens += int(value)
+        elif counter == "out":
+            self.output_tokens += int(value)
+        elif counter == "cached":
+            self.cached_tokens += int(value)
+        elif counter == "spend":
+            self.spend_usd += float(value) / 1e6
+
+    def merge(self, other: UsageTotals) -> None:
+        self.requests += other.requests
+        for k, v in other.refusals.items():
+            self.refusals[k] = self.refusals.get(k, 0) + v
+        self.reported += other.reported
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+        self.cached_tokens += other.cached_tokens
+        self.spend_usd += other.spend_usd
+
+
+class UsageRow(NamedTuple):
+    bucket_start_ms: int
+    project_id: str
+    model: str
+    key_id: str
+    totals: UsageTotals
+
+
+@dataclass(frozen=True)
+class SpendLine:
+    project_id: str  # "" for the organization
+    spend_usd: float
+    limit_usd: float | None
+
+    @property
+    def thresholds_crossed(self) -> list[int]:
+        if self.limit_usd is None:
+            return []
+        if self.limit_usd == 0:
+            return list(ALERT_THRESHOLDS)
+        return [t for t in ALERT_THRESHOLDS if self.spend_usd >= self.limit_usd * t / 100]
+
+    @property
+    def blocked(self) -> bool:
+        return self.limit_usd is not None and self.spend_usd >= self.limit_usd
+
+
+class LogEntry(NamedTuple):
+    request_id: str
+    time_ms: int
+    model: str
+    key_id: str
+    allowed: bool
+    reason: Outcome | None
+    input_tokens: int
+    output_tokens: int
+    cached_tokens: int
+    requested_tokens: int
+    status_code: int
+    latency_ms: int
+
+
+class Price(NamedTuple):
+    model: str
+    input_per_million: float
+    output_per_million: float
+    cached_input_per_million: float
+
+
+def current_month() -> str:
+    return datetime.now(UTC).strftime("%Y-%m")
+
+
+def _month_key(month: str) -> str:
+    """'YYYY-MM' -> 'YYYYMM', validated."""
+    try:
+        parsed = datetime.strptime(month, "%Y-%m")
+    except ValueError:
+        raise InvalidArgument(f"month {month[:20]!r} is not YYYY-MM") from None
+    return parsed.strftime("%Y%m")
+
+
+def _nonneg(what: str, value: int, limit: int = MAX_LIMIT) -> int:
+    if value < 0:
+        raise InvalidArgument(f"{what} is {value}; it must be 0 or more")
+    if value > limit:
+        raise InvalidArgument(f"{what} is {value}; at most {limit} is allowed")
+    return value
+
+
+class Usage:
+    def __init__(
+        self,
+        redis: Redis,
+        connection: PipelinedConnection,
+        scripts: Scripts,
+        dimensions: Dimensions,
+        control: ControlPlane,
+        retention: Retention,
+        *,
+        manual_clock: bool = False,
+    ) -> None:
+        self._redis = redis
+        self._connection = connection
+        self._script = scripts.report
+        self._control = control
+        self._config_args = [*retention.args(), *dimensions.args()]
+        self._clock_keys = [keys.MANUAL_CLOCK] if manual_clock else []
+
+    # -- reporting (once per request) ------------------------------------
+
+    async def report(
+        self,
+        caller: Caller,
+        request_id: str,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        cached_tokens: int,
+        status_code: int = 0,
+        latency_ms: int = 0,
+    ) -> Report:
+        if not request_id:
+            raise InvalidArgument("request_id is empty")
+        if model:
+            validate_model(model, wildcard=False)
+        for what, value in (("input_tokens", input_tokens), ("output_tokens", output_tokens)):
+            _nonneg(what, value)
+        _nonneg("cached_tokens", cached_tokens)
+        if cached_tokens > input_tokens:
+            raise InvalidArgument(f"cached_tokens {cached_tokens} is more than input_tokens {input_tokens}")
+        if not 0 <= status_code <= 999:
+            raise InvalidArgument(f"status_code {status_code} is not an HTTP status")
+        _nonneg("latency_ms", latency_ms, 86_400_000)
+        org = keys.OrgKeys(caller.organization_id)
+        kind, subject = ("k", org.api_key(caller.key_id)) if caller.key_id else ("p", org.project(caller.project_id))
+        args: list[str | int] = [
+            kind, caller.key_hash, caller.project_id, request_id, model, input_tokens, output_tokens, cached_tokens,
+            status_code, latency_ms, *self._config_args,
+        ]  # fmt: skip
+        reply = await self._connection.evalsha(
+            self._script, [org.org_limits, subject, org.request(request_id), *self._clock_keys], args
+        )
+        status = int(reply[0])
+        if status == 4:
+            raise FailedPrecondition("the API key is unknown or does not match")
+        if status == 5:
+            raise InvalidArgument(f"request {request_id} has no reservation, so model is required")
+        if status == 6:
+            raise NotFound(f"project {caller.project_id} does not exist")
+        if status == 7:
+            raise FailedPrecondition(f"request {request_id} belongs to another project")
+        return Report(
+            ReportResult(status), str(reply[1]), str(reply[2]), int(reply[3]), int(reply[4]), float(reply[5]) / 1e6
+        )
+
+    # -- settings, prices, limits ------------------------------------------
+
+    async def set_cached_tokens_count(self, org_id: str, count: bool) -> bool:
+        k = await self._control.require_organization(org_id)
+        with storage_errors():
+            await self._redis.hset(k.prefix + "cfg", "cached", "1" if count else "0")
+        return count
+
+    async def cached_tokens_count(self, org_id: str) -> bool:
+        k = await self._control.require_organization(org_id)
+        with storage_errors():
+            return bool(await self._redis.hget(k.prefix + "cfg", "cached") == "1")
+
+    async def set_price(self, org_id: str, price: Price) -> Price:
+        validate_model(price.model, wildcard=True)
+        for what, value in zip(("input", "output", "cached input"), price[1:], strict=True):
+            if not math.isfinite(value) or value < 0 or value > MAX_PRICE:
+                raise InvalidArgument(f"{what} price {value} must be between 0 and {MAX_PRICE:.0f} USD per million")
+        k = await self._control.require_organization(org_id)
+        with storage_errors():
+            await self._redis.hset(k.prefix + "price", price.model, ",".join(repr(float(v)) for v in price[1:]))
+        return price
+
+    async def prices(self, org_id: str) -> list[Price]:
+        k = await self._control.require_organization(org_id)
+        with storage_errors():
+            raw = cast(dict[str, str], await self._redis.hgetall(k.prefix + "price"))
+        return sorted(
+            (Price(model, *(float(v) for v in value.split(","))) for model, value in raw.items()),
+            key=lambda p: (p.model == "*", p.model),
+        )
+
+    async def set_spend_limit(self, org_id: str, project_id: str, limit_usd: float | None) -> None:
+        if limit_usd is not None and (not math.isfinite(limit_usd) or limit_usd < 0 or limit_usd > 1e12):
+            raise InvalidArgument(f"spend limit {limit_usd} must be between 0 and 1e12 USD")
+        if project_id:
+            k = await self._control.require_project(org_id, project_id)
+        else:
+            k = await self._control.require_organization(org_id)
+        field_ = f"p:{project_id}" if project_id else "o"
+        with storage_errors():
+            if limit_usd is None:
+                await self._redis.hdel(k.prefix + "spendlim", field_)
+            else:
+                # stored in micro-USD, the unit report.lua adds spend in
+                await self._redis.hset(k.prefix + "spendlim", field_, repr(limit_usd * 1e6))
+
+    async def spend(self, org_id: str, month: str = "") -> tuple[str, SpendLine, list[SpendLine]]:
+        month = month or current_month()
+        month_key = _month_key(month)
+        k = await self._control.require_organization(org_id)
+        with storage_errors():
+            spent = cast(dict[str, str], await self._redis.hgetall(f"{k.prefix}spend:{month_key}"))
+            limits = cast(dict[str, str], await self._redis.hgetall(k.prefix + "spendlim"))
+        org = SpendLine("", float(spent.get("o", 0)) / 1e6, _usd(limits.get("o")))
+        project_ids = sorted({f[2:] for f in (*spent, *limits) if f.startswith("p:")})
+        projects = [SpendLine(p, float(spent.get(f"p:{p}", 0)) / 1e6, _usd(limits.get(f"p:{p}"))) for p in project_ids]
+        return month, org, projects
+
+    # -- queries -------------------------------------------------------------
+
+    async def query(
+        self,
+        org_id: str,
+        start_ms: int,
+        end_ms: int,
+        granularity: str,
+        group_by: Iterable[str] = (),
+        project_id: str = "",
+    ) -> tuple[list[UsageRow], UsageTotals]:
+        if granularity not in GRANULARITIES:
+            raise InvalidArgument(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
+        groups = set(group_by)
+        if unknown := groups - set(GROUPS):
+            raise InvalidArgument(f"group_by {sorted(unknown)[0]!r} is not one of {', '.join(GROUPS)}")
+        if start_ms < 0 or end_ms <= start_ms:
+            raise InvalidArgument(f"the range [{start_ms}, {end_ms}) is empty or negative")
+        res, width = GRANULARITIES[granularity]
+        first = start_ms // 1000 // width * width
+        starts = range(first, math.ceil(end_ms / 1000), width)
+        if len(starts) > MAX_BUCKETS_PER_QUERY:
+            raise InvalidArgument(
+                f"the range spans {len(starts)} {granularity} buckets, at most {MAX_BUCKETS_PER_QUERY} are allowed"
+            )
+        k = await self._control.require_organization(org_id)
+        with storage_errors():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for s in starts:
+                    pipe.hgetall(f"{k.prefix}u:{res}:{s}")
+                raws = cast(list[dict[str, str]], await pipe.execute())
+        rows: dict[tuple[int, str, str, str], UsageTotals] = defaultdict(UsageTotals)
+        total = UsageTotals()
+        for s, raw in zip(starts, raws, strict=True):
+            for name, value in raw.items():
+                project, model, key_id, counter = name.split("|", 3)
+                if project_id and project != project_id:
+                    continue
+                row_key = (
+                    s * 1000,
+                    project if "project" in groups else "",
+                    model if "model" in groups else "",
+                    key_id if "key" in groups else "",
+                )
+                rows[row_key].add(counter, value)
+                total.add(counter, value)
+        return [UsageRow(*row_key, totals) for row_key, totals in sorted(rows.items())], total
+
+    async def logs(
+        self,
+        org_id: str,
+        project_id: str,
+        *,
+        model: str = "",
+        key_id: str = "",
+        allowed: bool | None = None,
+        start_ms: int = 0,
+        end_ms: int = 0,
+        limit: int = 100,
+    ) -> list[LogEntry]:
+        if not 1 <= limit <= MAX_LOG_PAGE:
+            raise InvalidArgument(f"limit {limit} must be between 1 and {MAX_LOG_PAGE}")
+        k = await self._control.require_project(org_id, project_id, or_deleted=True)
+        with storage_errors():
+            raw = cast(list[str], await self._redis.lrange(f"{k.prefix}log:{project_id}", 0, -1))
+        end_ms = end_ms or int(time.time() * 1000) + 1
+        out = []
+        for line in raw:  # newest first already
+            e = _log_entry(json.loads(line))
+            if model and e.model != model:
+                continue
+            if key_id and e.key_id != key_id:
+                continue
+            if allowed is not None and e.allowed != allowed:
+                continue
+            if not start_ms <= e.time_ms < end_ms:
+                continue
+            out.append(e)
+            if len(out) == limit:
+                break
+        return out
+
+
+def _usd(micro: str | None) -> float | None:
+    return None if micro is None else float(micro) / 1e6
+
+
+def _log_entry(d: dict[str, Any]) -> LogEntry:
+    return LogEntry(
+        request_id=d.get("id", ""),
+        time_ms=int(d.get("t", 0)),
+        model=d.get("m", ""),
+        key_id=d.get("k", "-"),
+        allowed=bool(d.get("ok")),
+        reason=None if d.get("ok") else Outcome(int(d.get("r", 0))),
+        input_tokens=int(d.get("in", 0)),
+        output_tokens=int(d.get("out", 0)),
+        cached_tokens=int(d.get("cached", 0)),
+        requested_tokens=int(d.get("tok", 0)),
+        status_code=int(d.get("s", 0)),
+        latency_ms=int(d.get("lat", 0)),
+    )
