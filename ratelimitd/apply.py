@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import yaml
 from google.protobuf.message import Message
 
-from ratelimitd.client_cli import ROLE_NAMES, ROLES, SHORTHANDS, Api
+from ratelimitd.client_cli import ROLE_NAMES, ROLES, SHORTHANDS, Api, metric_window
 from ratelimitd.v1 import admin_pb2 as apb
 
 LimitKey = tuple[str, str, str]  # model, metric, window
@@ -108,12 +108,10 @@ def _limits(value: Any, where: str) -> dict[LimitKey, int]:
     limits = {}
     for model, entries in _mapping(value, where).items():
         for name, number in _mapping(entries, f"{where}.{model}").items():
-            if name in SHORTHANDS:
-                metric, window = SHORTHANDS[name]
-            elif "/" in name:
-                metric, window = name.split("/", 1)
-            else:
-                raise SpecError(f"{where}.{model}.{name}: not one of {', '.join(SHORTHANDS)} or METRIC/WINDOW")
+            try:
+                metric, window = metric_window(name)
+            except ValueError as e:
+                raise SpecError(f"{where}.{model}.{name}: {e}") from None
             if isinstance(number, bool) or not isinstance(number, int):
                 raise SpecError(f"{where}.{model}.{name}: {number!r} is not a whole number")
             if (model, metric, window) in limits:

@@ -78,6 +78,16 @@ async def resolve_member(api: Api, org: str, ref: str) -> str:
     raise CliError(f"no member named {ref!r} in organization {org}")
 
 
+def metric_window(name: str) -> tuple[str, str]:
+    """``rpm`` (and the other shorthands) or ``METRIC/WINDOW``; the server checks that they exist."""
+    if name in SHORTHANDS:
+        return SHORTHANDS[name]
+    metric, sep, window = name.partition("/")
+    if not sep:
+        raise ValueError(f"limit {name!r} is not one of {', '.join(SHORTHANDS)} or METRIC/WINDOW")
+    return metric, window
+
+
 def parse_limit_args(model: str, items: Sequence[str]) -> list[apb.Limit]:
     """``rpm=100`` or ``requests/minute=100`` (any configured window) for one model."""
     limits = []
@@ -85,27 +95,13 @@ def parse_limit_args(model: str, items: Sequence[str]) -> list[apb.Limit]:
         name, sep, value = item.partition("=")
         if not sep or not value.lstrip("-").isdigit():
             raise ValueError(f"limit {item!r} is not NAME=NUMBER (e.g. rpm=100 or tokens/day=500000)")
-        if name in SHORTHANDS:
-            metric, window = SHORTHANDS[name]
-        elif "/" in name:
-            metric, window = name.split("/", 1)
-        else:
-            raise ValueError(f"limit {name!r} is not one of {', '.join(SHORTHANDS)} or METRIC/WINDOW")
+        metric, window = metric_window(name)
         limits.append(apb.Limit(model=model, metric=metric, window=window, limit=int(value)))
     return limits
 
 
 def parse_clear_args(model: str, items: Sequence[str]) -> list[apb.LimitKey]:
-    keys = []
-    for name in items:
-        if name in SHORTHANDS:
-            metric, window = SHORTHANDS[name]
-        elif "/" in name:
-            metric, window = name.split("/", 1)
-        else:
-            raise ValueError(f"limit {name!r} is not one of {', '.join(SHORTHANDS)} or METRIC/WINDOW")
-        keys.append(apb.LimitKey(model=model, metric=metric, window=window))
-    return keys
+    return [apb.LimitKey(model=model, metric=m, window=w) for m, w in map(metric_window, items)]
 
 
 def emit(args: argparse.Namespace, message: Message, table: Callable[[], str]) -> None:

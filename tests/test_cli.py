@@ -223,7 +223,7 @@ async def test_apply_twice_changes_nothing_the_second_time(
         ),
         (
             "organization: {org}\nprojects:\n  a:\n    limits:\n      m: {{rps: 1}}\n",
-            "projects.a.limits.m.rps: not one of rpm, rpd, tpm, tpd",
+            "projects.a.limits.m.rps: limit 'rps' is not one of rpm, rpd, tpm, tpd or METRIC/WINDOW",
         ),
         (
             "organization: {org}\nmembers:\n  bob: admin\n",
