@@ -26,7 +26,7 @@ MEMBER = "member"
 
 class Role(enum.StrEnum):
     OWNER = "owner"
-    # Today the same rights as OWNER except members, credentials and audit;
+    # Today the same rights as OWNER (the reference: "Currently same as Owner");
     # a distinct role so the two can diverge without migrating anyone.
     DEVELOPER = "developer"
     READER = "reader"
@@ -59,7 +59,10 @@ INTERNAL = Principal("", "internal", "ratelimitd")
 
 _ANYONE = frozenset(Role)
 _WRITERS = frozenset({Role.OWNER, Role.DEVELOPER})
-_OWNERS = frozenset({Role.OWNER})
+# Governance: members, credentials, audit, the organization's model list and
+# budget, prices. The reference says of Developer "Currently same as Owner",
+# so today it is the same set; the separate name marks where they would part.
+_OWNERS = frozenset({Role.OWNER, Role.DEVELOPER})
 _OPERATOR_ONLY: frozenset[Role] = frozenset()
 
 # Operation -> the member roles allowed (the operator is always allowed).
@@ -97,15 +100,15 @@ POLICY: Mapping[str, frozenset[Role]] = {
     "RevokeCredential": _OWNERS,
     "WhoAmI": _ANYONE,
     "ListAuditEvents": _OWNERS,
-    # usage, spend and logs: everyone in the organization reads them; prices and
-    # what counts toward limits are the platform's; a spend limit is the Owner's budget
+    # usage, spend and logs: everyone in the organization reads them; what counts
+    # toward limits is the platform's; prices and the spend limit are the Owner's
     "GetUsage": _ANYONE,
     "GetSpend": _ANYONE,
     "ListRequestLogs": _ANYONE,
     "ListPrices": _ANYONE,
     "GetUsageSettings": _ANYONE,
     "SetSpendLimit": _OWNERS,
-    "SetPrice": _OPERATOR_ONLY,
+    "SetPrice": _OWNERS,
     "SetUsageSettings": _OPERATOR_ONLY,
     # decisions by project id instead of an API key: a trusted gateway only
     "CheckAndConsumeByProject": _OPERATOR_ONLY,
