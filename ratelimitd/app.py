@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 
 import grpc
+from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ratelimitd.api.admin import OrganizationServicer, ProjectServicer
 from ratelimitd.api.decisions import RateLimitServicer
+from ratelimitd.api.envoy import ENVOY_SERVICE_NAME, EnvoyRateLimitServicer
 from ratelimitd.api.health import StorageHealth
 from ratelimitd.api.usage import UsageServicer
 from ratelimitd.engine.control import ControlPlane
@@ -30,6 +32,7 @@ SERVICE_NAMES = [
     admin_pb2.DESCRIPTOR.services_by_name["OrganizationService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["ProjectService"].full_name,
     usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
+    ENVOY_SERVICE_NAME,
 ]
 
 
@@ -78,6 +81,18 @@ class App:
         )
         admin_pb2_grpc.add_ProjectServiceServicer_to_server(
             ProjectServicer(self.control, self.credentials, self.health.failed), server
+        )
+        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(
+            EnvoyRateLimitServicer(
+                self.decider,
+                self.usage,
+                domains=s.envoy_domains,
+                unknown_domain=s.envoy_unknown_domain,
+                descriptor_keys=s.envoy_keys,
+                header_windows=s.header_windows,
+                storage_failed=self.health.failed,
+            ),
+            server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         reflection.enable_server_reflection(
