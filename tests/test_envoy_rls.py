@@ -14,6 +14,7 @@ from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2 as common_pb
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import json_format
 
+from ratelimitd.api.envoy import token_estimate
 from ratelimitd.app import App
 from ratelimitd.engine import keys
 from ratelimitd.v1 import admin_pb2 as apb
@@ -192,6 +193,7 @@ async def test_bearer_prefix_is_stripped(client: Client, key: str) -> None:
         assert reply.overall_code == OK, value
 
 
+# fmt: off
 REFUSALS: list[tuple[str, list[dict[str, str]], int, str, str]] = [
     # (case, descriptors (KEY = the project's key), http status, code, words in the message)
     ("no api key entry", [{"model": M}], 401, "invalid_api_key", "No API key provided"),
@@ -199,58 +201,18 @@ REFUSALS: list[tuple[str, list[dict[str, str]], int, str, str]] = [
     ("bearer without a key", [{"api_key": "Bearer ", "model": M}], 401, "invalid_api_key", "No API key"),
     ("malformed key", [{"api_key": "sk-not-ours", "model": M}], 401, "invalid_api_key", "Invalid API key"),
     ("unknown key", [{"api_key": "rlk_" + "a" * 56, "model": M}], 401, "invalid_api_key", "Invalid API key"),
-    (
-        "two keys",
-        [{"api_key": "KEY", "model": M}, {"api_key": "rlk_" + "a" * 56, "model": M}],
-        401,
-        "invalid_api_key",
-        "two different API keys",
-    ),
+    ("two keys", [{"api_key": "KEY", "model": M}, {"api_key": "rlk_" + "a" * 56, "model": M}], 401, "invalid_api_key", "two different API keys"),
     ("no model", [{"api_key": "KEY"}], 404, "model_not_found", "No model given"),
-    (
-        "unknown model",
-        [{"api_key": "KEY", "model": "gpt-unknown"}],
-        404,
-        "model_not_found",
-        "`gpt-unknown` does not exist",
-    ),
+    ("unknown model", [{"api_key": "KEY", "model": "gpt-unknown"}], 404, "model_not_found", "`gpt-unknown` does not exist"),
     ("malformed model", [{"api_key": "KEY", "model": "a|b"}], 404, "model_not_found", "`a|b` does not exist"),
-    (
-        "non-numeric estimate",
-        [{"api_key": "KEY", "model": M, "tokens": "lots"}],
-        400,
-        "invalid_request",
-        "Invalid token estimate 'lots'",
-    ),
-    (
-        "negative estimate",
-        [{"api_key": "KEY", "model": M, "tokens": "-5"}],
-        400,
-        "invalid_request",
-        "Invalid token estimate '-5'",
-    ),
-    (
-        "two request ids",
-        [{"api_key": "KEY", "model": M, "request_id": "a"}, {"api_key": "KEY", "model": M2, "request_id": "b"}],
-        400,
-        "invalid_request",
-        "two different request ids",
-    ),
-    (
-        "request id with a space",
-        [{"api_key": "KEY", "model": M, "request_id": "a b"}],
-        400,
-        "invalid_request",
-        "printable ASCII",
-    ),
-    (
-        "too large",
-        [{"api_key": "KEY", "model": M, "tokens": "1001"}],
-        413,
-        "request_too_large",
-        "Limit 1000, Requested 1001",
-    ),
+    ("non-numeric estimate", [{"api_key": "KEY", "model": M, "tokens": "lots"}], 400, "invalid_request", "Invalid token estimate 'lots'"),
+    ("negative estimate", [{"api_key": "KEY", "model": M, "tokens": "-5"}], 400, "invalid_request", "Invalid token estimate '-5'"),
+    ("fractional estimate", [{"api_key": "KEY", "model": M, "tokens": "12.5"}], 400, "invalid_request", "whole number"),
+    ("two request ids", [{"api_key": "KEY", "model": M, "request_id": "a"}, {"api_key": "KEY", "model": M2, "request_id": "b"}], 400, "invalid_request", "two different request ids"),
+    ("request id with a space", [{"api_key": "KEY", "model": M, "request_id": "a b"}], 400, "invalid_request", "printable ASCII"),
+    ("too large", [{"api_key": "KEY", "model": M, "tokens": "1001"}], 413, "request_too_large", "Limit 1000, Requested 1001"),
 ]
+# fmt: on
 
 
 @pytest.mark.parametrize(("case", "descriptors", "status", "code", "words"), REFUSALS, ids=[c[0] for c in REFUSALS])
@@ -299,24 +261,18 @@ async def test_revoked_key_and_spend_limit_refusals(
     assert await charged(redis_client) == []
 
 
+# fmt: off
 BAD_RPC: list[tuple[str, Any, str]] = [
     ("empty domain", request(desc(api_key="k", model=M), domain=""), "domain is empty"),
     ("unknown domain", request(desc(api_key="k", model=M), domain="other"), "domain 'other' is not one of ratelimitd"),
     ("no descriptors", request(), "descriptors is empty"),
     ("too many descriptors", request(*[desc(api_key="k", model=M)] * 65), "65 descriptors; at most 64"),
     ("request hits_addend too large", request(desc(api_key="k", model=M), hits=1_000_001), "hits_addend is 1000001"),
-    (
-        "descriptor hits_addend too large",
-        request(desc(10**6 + 1, api_key="k", model=M)),
-        "descriptor 1: hits_addend",
-    ),
+    ("descriptor hits_addend too large", request(desc(10**6 + 1, api_key="k", model=M)), "descriptor 1: hits_addend"),
     ("unknown phase", request(desc(api_key="k", model=M, phase="later")), "phase 'later' is not one of usage"),
-    (
-        "mixed phases",
-        request(desc(api_key="k", model=M), desc(api_key="k", model=M, phase="usage")),
-        "mix the usage phase",
-    ),
+    ("mixed phases", request(desc(api_key="k", model=M), desc(api_key="k", model=M, phase="usage")), "mix the usage phase"),
 ]
+# fmt: on
 
 
 @pytest.mark.parametrize(("case", "message", "words"), BAD_RPC, ids=[c[0] for c in BAD_RPC])
@@ -440,3 +396,20 @@ async def test_storage_outage_is_unavailable_so_envoy_decides(tmp_path: Path) ->
         await client.channel.close()
         await app.stop(0)
         own.stop()
+
+
+async def test_one_entry_twice_with_different_values_is_refused(client: Client, key: str) -> None:
+    d = desc(api_key=key, model=M)
+    d.entries.add(key="model", value=M2)
+    reply = await rls(client).ShouldRateLimit(request(d))
+    assert (reply.overall_code, body(reply)["code"]) == (OVER, "invalid_request")
+    assert "`model` twice" in body(reply)["message"]
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("", 0), ("0", 0), ("256", 256), ("1000.000000", 1000), ("7.", 7), ("12.5", None), ("-3", None),
+     ("1e3", None), ("٣", None), (" 5", None), (str(10**12), 10**12), (str(10**12 + 1), None)],
+)  # fmt: skip
+def test_token_estimate_accepts_whole_numbers_as_envoy_writes_them(text: str, value: int | None) -> None:
+    assert token_estimate(text) == value

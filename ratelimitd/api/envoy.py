@@ -128,6 +128,19 @@ def bearer(value: str) -> str:
     return rest.strip() if scheme.lower() == "bearer" else value.strip()
 
 
+def token_estimate(text: str) -> int | None:
+    """A whole number of tokens as an entry carries it, or None.
+
+    Envoy's json_to_metadata writes a JSON number that is not a plain integer
+    (``1e3``) as ``1000.000000``: a zero fraction is still a whole number.
+    """
+    whole, dot, fraction = (text or "0").partition(".")
+    if not (whole.isascii() and whole.isdigit()) or (dot and fraction.strip("0")):
+        return None
+    value = int(whole)
+    return value if value <= MAX_LIMIT else None
+
+
 class EnvoyRateLimitServicer:
     """``ShouldRateLimit``. Registered with ``add_RateLimitServiceServicer_to_server``."""
 
@@ -259,14 +272,15 @@ class EnvoyRateLimitServicer:
                 return refusals.model_not_found(
                     f"The model `{model[:128]}` does not exist or you do not have access to it."
                 )
-            estimate = p.roles.get("tokens", "0") or "0"
-            if not estimate.isascii() or not estimate.isdigit() or int(estimate) > MAX_LIMIT:
+            estimate = token_estimate(p.roles.get("tokens", ""))
+            if estimate is None:
                 return refusals.invalid_request(
-                    f"Invalid token estimate {estimate[:40]!r}: it must be a whole number from 0 to {MAX_LIMIT}."
+                    f"Invalid token estimate {p.roles['tokens'][:40]!r}: it must be a whole number "
+                    f"from 0 to {MAX_LIMIT}."
                 )
             # hits_addend 0 checks without charging anything, the estimate included.
             slots.append(len(items))
-            items.append(Item(model, p.hits, int(estimate) if p.hits else 0))
+            items.append(Item(model, p.hits, estimate if p.hits else 0))
         parsed_key = ids.parse_api_key(next(iter(api_keys)))
         caller = None if parsed_key is None else Caller(parsed_key.org_id, parsed_key.key_id, parsed_key.hash, "")
         return caller, request_id, items, slots
