@@ -19,6 +19,7 @@ Two kinds of bad input, two answers:
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
@@ -31,10 +32,10 @@ from google.protobuf import duration_pb2, struct_pb2
 from ratelimitd.api.decisions import MAX_REQUESTS, validate_request_id
 from ratelimitd.api.errors import rpc
 from ratelimitd.engine import ids, refusals
-from ratelimitd.engine.decisions import BucketState, Caller, Decider, Decision, Item, Outcome, new_request_id
+from ratelimitd.engine.decisions import BucketState, Caller, Decider, Decision, Item, Outcome, Scope, new_request_id
 from ratelimitd.engine.errors import FailedPrecondition, InvalidArgument
 from ratelimitd.engine.headers import rate_limit_headers
-from ratelimitd.engine.limits import MAX_LIMIT, validate_model
+from ratelimitd.engine.limits import MAX_LIMIT, Dimension, validate_model
 from ratelimitd.engine.refusals import Refusal
 from ratelimitd.engine.usage import Usage
 
@@ -380,10 +381,15 @@ def _status_pb(s: Status) -> Any:
     if b is not None:
         status.current_limit.requests_per_unit = min(b.limit, _UINT32_MAX)
         status.current_limit.unit = _UNITS.get(b.dimension.window_ms, _Unit.UNKNOWN)
-        status.current_limit.name = f"{b.scope.name.lower()} {b.dimension.metric} per {b.dimension.window}"
+        status.current_limit.name = _limit_name(b.scope, b.dimension)
         status.limit_remaining = min(b.remaining, _UINT32_MAX)
         status.duration_until_reset.CopyFrom(_duration(b.reset_after_ms))
     return status
+
+
+@functools.cache
+def _limit_name(scope: Scope, dimension: Dimension) -> str:
+    return f"{scope.name.lower()} {dimension.metric} per {dimension.window}"
 
 
 def _duration(ms: int) -> Any:
