@@ -189,24 +189,24 @@ async def test_a_reservation_is_refunded_when_usage_is_lower(
     assert second.status == 200 and second.headers["x-ratelimit-remaining-tokens"] == "50"
 
 
+@pytest.mark.parametrize("down", ["ratelimitd", "storage"])
 @pytest.mark.parametrize(("failure_mode_deny", "status"), [(False, 200), (True, 503)])
-async def test_ratelimitd_stopped_fails_open_or_closed_as_envoy_is_told(
-    valkey: ValkeyProcess,
-    redis_client: redis.asyncio.Redis,
-    clock: Clock,
-    upstream_port: int,
-    tmp_path: Path,
-    failure_mode_deny: bool,
-    status: int,
+async def test_ratelimitd_or_its_storage_down_fails_open_or_closed_as_envoy_is_told(
+    upstream_port: int, tmp_path: Path, down: str, failure_mode_deny: bool, status: int
 ) -> None:
+    valkey = ValkeyProcess(tmp_path)
+    valkey.start()
     app = App(settings_for(valkey.url))
     await app.start()
     envoy = start_envoy(tmp_path, upstream_port, app.port, failure_mode_deny)
     edge = Edge(envoy)
     try:
-        assert (await edge.chat("sk-not-ours")).status == 401  # ratelimitd is answering
-        await app.stop(0)
-        reply = await edge.chat("sk-not-ours")
+        assert (await edge.chat("rlk_" + "a" * 56)).status == 401  # ratelimitd is answering from storage
+        if down == "ratelimitd":
+            await app.stop(0)
+        else:
+            valkey.stop()  # ratelimitd answers UNAVAILABLE
+        reply = await edge.chat("rlk_" + "a" * 56)
         assert reply.status == status
         assert "x-envoy-ratelimited" not in reply.headers
         if status == 200:
@@ -214,3 +214,4 @@ async def test_ratelimitd_stopped_fails_open_or_closed_as_envoy_is_told(
     finally:
         envoy.stop()
         await app.stop(0)
+        valkey.stop()
