@@ -67,11 +67,14 @@ async def setup(address: str, token: str, projects: int) -> list[str]:
     return keys
 
 
-async def drive(address: str, keys: list[str], requests: int, seconds: float, concurrency: int) -> dict[str, object]:
+async def drive(
+    address: str, keys: list[str], requests: int, seconds: float, concurrency: int, mix: str
+) -> dict[str, object]:
     channel = grpc.aio.insecure_channel(address)
-    call = ratelimit_pb2_grpc.RateLimitServiceStub(channel).CheckAndConsume
+    stub = ratelimit_pb2_grpc.RateLimitServiceStub(channel)
     reqs = [pb.CheckRequest(api_key=k, model=MODEL, tokens=500) for k in keys]
     latencies: list[float] = []
+    report_latencies: list[float] = []
     allowed = errors = 0
     sent = 0
     deadline = time.perf_counter() + seconds
@@ -81,23 +84,36 @@ async def drive(address: str, keys: list[str], requests: int, seconds: float, co
         i = w
         while sent < requests and time.perf_counter() < deadline:
             sent += 1
+            req = reqs[i % len(reqs)]
             t0 = time.perf_counter()
             try:
-                r = await call(reqs[i % len(reqs)])
+                r = await stub.CheckAndConsume(req)
                 allowed += r.allowed
+                t1 = time.perf_counter()
+                latencies.append(t1 - t0)
+                if mix == "report" and r.allowed:
+                    await stub.ReportUsage(
+                        pb.ReportUsageRequest(
+                            api_key=req.api_key, request_id=r.request_id, input_tokens=300 + i % 200,
+                            output_tokens=100 + i % 300, cached_tokens=i % 100, status_code=200, latency_ms=5,
+                        )
+                    )  # fmt: skip
+                    report_latencies.append(time.perf_counter() - t1)
             except grpc.aio.AioRpcError:
                 errors += 1
-            latencies.append(time.perf_counter() - t0)
             i += concurrency
 
     start = time.perf_counter()
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
     elapsed = time.perf_counter() - start
     await channel.close()
-    return {"latencies": latencies, "allowed": allowed, "errors": errors, "elapsed": elapsed}
+    return {
+        "latencies": latencies, "report_latencies": report_latencies, "allowed": allowed, "errors": errors,
+        "elapsed": elapsed,
+    }  # fmt: skip
 
 
-def client_process(args: tuple[str, list[str], int, float, int]) -> dict[str, object]:
+def client_process(args: tuple[str, list[str], int, float, int, str]) -> dict[str, object]:
     import uvloop
 
     return uvloop.run(drive(*args))
@@ -116,7 +132,14 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=20.0, help="stop after this long")
     ap.add_argument("--concurrency", type=int, default=64, help="calls in flight per client process")
     ap.add_argument("--processes", type=int, default=1, help="client processes")
+    ap.add_argument("--workers", type=int, default=1, help="when starting a server: its worker processes")
     ap.add_argument("--projects", type=int, default=16, help="projects (keys) the load is spread over")
+    ap.add_argument(
+        "--mix",
+        choices=["check", "report"],
+        default="check",
+        help="report: every admitted check is followed by ReportUsage",
+    )
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--setup-only", action="store_true", help="create the org against --address, print one key")
     args = ap.parse_args()
@@ -130,6 +153,7 @@ def main() -> int:
         if args.address is None:
             token = "rlt_bench"
             cmd = [sys.executable, "-m", "ratelimitd", "serve", "--listen", "127.0.0.1:50777", "--data-dir", tmp.name]
+            cmd += ["--workers", str(args.workers)]
             if args.redis_url:
                 cmd += ["--redis-url", args.redis_url]
             server = subprocess.Popen(
@@ -142,7 +166,7 @@ def main() -> int:
             address, token = args.address, args.token
         keys = asyncio.run(setup(address, token, args.projects))
         per = args.requests // args.processes
-        jobs = [(address, keys, per, args.seconds, args.concurrency)] * args.processes
+        jobs = [(address, keys, per, args.seconds, args.concurrency, args.mix)] * args.processes
         with multiprocessing.get_context("spawn").Pool(args.processes) as pool:
             results = pool.map(client_process, jobs)
     finally:
@@ -164,6 +188,14 @@ def main() -> int:
         "mean_ms": round(statistics.fmean(lat) * 1000, 3),
         "concurrency": args.concurrency * args.processes,
     }
+    reports = sorted(x for r in results for x in r["report_latencies"])  # type: ignore[attr-defined]
+    if reports:
+        summary |= {
+            "reports": len(reports),
+            "calls_per_s": round((len(lat) + len(reports)) / elapsed),
+            "report_p50_ms": round(percentile(reports, 0.50) * 1000, 3),
+            "report_p99_ms": round(percentile(reports, 0.99) * 1000, 3),
+        }
     print(json.dumps(summary) if args.json else "\n".join(f"{k:>16}: {v}" for k, v in summary.items()))
     return 0
 

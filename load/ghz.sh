@@ -13,13 +13,13 @@ GHZ=${GHZ:-$(command -v ghz || echo "$(go env GOPATH 2>/dev/null)/bin/ghz")}
 REQUESTS=${REQUESTS:-50000}
 DURATION=${DURATION:-20s}
 CONCURRENCY=${CONCURRENCY:-64}
-CALL=${CALL:-check}   # check | mix (check + report, see load/bench.py)
+WORKERS=${WORKERS:-1}  # server processes, when the script starts the server
 
 if [[ -z "${ADDRESS:-}" ]]; then
   ADDRESS=127.0.0.1:50778
   DATA=$(mktemp -d)
   RATELIMITD_OPERATOR_TOKEN=rlt_bench RATELIMITD_LOG_LEVEL=WARNING \
-    "$PY" -m ratelimitd serve --listen "$ADDRESS" --data-dir "$DATA" >/dev/null &
+    "$PY" -m ratelimitd serve --listen "$ADDRESS" --data-dir "$DATA" --workers "${WORKERS:-1}" >/dev/null &
   SERVER=$!
   trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null; rm -rf "$DATA"' EXIT
   export RATELIMITD_TOKEN=rlt_bench

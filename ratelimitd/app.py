@@ -13,6 +13,7 @@ from ratelimitd.api.admin import OrganizationServicer, ProjectServicer
 from ratelimitd.api.decisions import RateLimitServicer
 from ratelimitd.api.envoy import ENVOY_SERVICE_NAME, EnvoyRateLimitServicer
 from ratelimitd.api.health import StorageHealth
+from ratelimitd.api.metrics import Metrics
 from ratelimitd.api.usage import UsageServicer
 from ratelimitd.engine.control import ControlPlane
 from ratelimitd.engine.credentials import Credentials
@@ -23,6 +24,7 @@ from ratelimitd.engine.usage import Usage
 from ratelimitd.settings import Settings
 from ratelimitd.storage import redis as storage
 from ratelimitd.storage.embedded import EmbeddedValkey
+from ratelimitd.storage.pipelined import PipelinedConnection
 from ratelimitd.v1 import admin_pb2, admin_pb2_grpc, ratelimit_pb2, ratelimit_pb2_grpc, usage_pb2, usage_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -39,13 +41,17 @@ SERVICE_NAMES = [
 class App:
     """One ratelimitd process. ``start`` returns once the port accepts calls."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, worker: bool = False) -> None:
+        """``worker``: one of several processes on one port, started by the supervisor
+        (workers.py), which has already bootstrapped the operator credential."""
         self.settings = settings
+        self.worker = worker
         self.embedded: EmbeddedValkey | None = None
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.redis_url = ""
         self.bootstrap_token: str | None = None
+        self.metrics_port = 0
 
     async def start(self) -> None:
         s = self.settings
@@ -55,32 +61,46 @@ class App:
             self.embedded = EmbeddedValkey(s.data_dir)
             self.redis_url = await self.embedded.start()
         self.redis = storage.connect(self.redis_url, timeout_s=s.storage_timeout_ms / 1000)
+        self.pipeline = PipelinedConnection(self.redis_url, timeout_s=s.storage_timeout_ms / 1000)
         scripts = Scripts(self.redis)
         dims = Dimensions(s.windows)
         self.control = ControlPlane(self.redis, scripts, dims)
         self.credentials = Credentials(self.redis)
-        self.decider = Decider(self.redis, scripts, dims, s.retention, manual_clock=s.manual_clock)
-        self.usage = Usage(self.redis, scripts, dims, self.control, s.retention, manual_clock=s.manual_clock)
-        self.health = StorageHealth(self.redis, SERVICE_NAMES, s.health_interval_s)
+        self.decider = Decider(self.pipeline, scripts, dims, s.retention, manual_clock=s.manual_clock)
+        self.usage = Usage(
+            self.redis, self.pipeline, scripts, dims, self.control, s.retention, manual_clock=s.manual_clock
+        )
+        self.metrics = Metrics()
+        self.health = StorageHealth(
+            self.redis, SERVICE_NAMES, s.health_interval_s, on_change=lambda up: self.metrics.storage_up.set(int(up))
+        )
         await self.health.start()
-        if self.health.serving:
+        if self.health.serving and not self.worker:
             self.bootstrap_token = await self.credentials.bootstrap(s.operator_token)
 
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        # Port sharing only among our own workers: otherwise a second server on
+        # the same port must fail rather than split the traffic silently.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if self.worker else 0)])
         ratelimit_pb2_grpc.add_RateLimitServiceServicer_to_server(
             RateLimitServicer(
-                self.decider, self.usage, self.credentials, s.header_windows, s.on_storage_error, self.health.failed
+                self.decider,
+                self.usage,
+                self.credentials,
+                s.header_windows,
+                s.on_storage_error,
+                self.storage_failed,
+                self.metrics,
             ),
             server,
         )
         usage_pb2_grpc.add_UsageServiceServicer_to_server(
-            UsageServicer(self.usage, self.credentials, self.health.failed), server
+            UsageServicer(self.usage, self.credentials, self.storage_failed), server
         )
         admin_pb2_grpc.add_OrganizationServiceServicer_to_server(
-            OrganizationServicer(self.control, self.credentials, self.health.failed), server
+            OrganizationServicer(self.control, self.credentials, self.storage_failed), server
         )
         admin_pb2_grpc.add_ProjectServiceServicer_to_server(
-            ProjectServicer(self.control, self.credentials, self.health.failed), server
+            ProjectServicer(self.control, self.credentials, self.storage_failed), server
         )
         rls_pb2_grpc.add_RateLimitServiceServicer_to_server(
             EnvoyRateLimitServicer(
@@ -104,13 +124,23 @@ class App:
             raise OSError(f"cannot listen on {s.listen}")
         await server.start()
         self.server = server
+        if s.metrics_listen and not self.worker:
+            self.metrics_port = self.metrics.serve(s.metrics_listen)
+
+    def storage_failed(self) -> None:
+        """Any call that found storage unreachable: count it, and turn health NOT_SERVING now."""
+        self.metrics.storage_errors.inc()
+        self.health.failed()
 
     async def stop(self, grace_s: float = 2.0) -> None:
+        if hasattr(self, "metrics"):
+            self.metrics.stop()
         if self.server is not None:
             await self.health.stop()
             await self.server.stop(grace_s)
         if hasattr(self, "redis"):
             await self.redis.aclose()
+            await self.pipeline.close()
         if self.embedded is not None:
             self.embedded.stop()
 

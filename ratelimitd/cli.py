@@ -36,8 +36,40 @@ def serve(args: argparse.Namespace) -> int:
         windows=parse_windows(args.windows) if args.windows else None,
         header_windows=parse_pairs(args.header_windows, "header_windows") if args.header_windows else None,
         manual_clock=True if args.manual_clock else None,
+        workers=args.workers,
+        metrics_listen=args.metrics_listen,
     )
+    if args.worker:
+        return run_async(_serve_worker(settings))
+    if settings.workers > 1:
+        return run_async(_serve_supervised(settings))
     return run_async(_serve(settings))
+
+
+def _stop_event() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def _greet(settings: Settings, address: str, embedded: bool, token: str | None, workers: int = 1) -> None:
+    storage = f"embedded Valkey, data in {settings.data_dir}" if embedded else settings.describe()
+    processes = f", {workers} worker processes" if workers > 1 else ""
+    print(
+        f"ratelimitd {__version__} listening on {address} (gRPC: decisions, management, health, reflection{processes})"
+    )
+    print(f"storage: {storage}")
+    if token:
+        print()
+        print("First start: an operator credential was created. It is shown only now; keep it safe:")
+        print(f"  export RATELIMITD_TOKEN={token}")
+        print("Then, in another terminal, watch the reference's worked example run against this server:")
+        print(f"  ratelimitd demo --address {address}")
+    elif not settings.operator_token:
+        print("operator credential: created on first start (set RATELIMITD_TOKEN to use the CLI)")
+    sys.stdout.flush()
 
 
 async def _serve(settings: Settings) -> int:
@@ -50,28 +82,42 @@ async def _serve(settings: Settings) -> int:
         print(f"ratelimitd: cannot start: {e}", file=sys.stderr)
         await app.stop(0)
         return 1
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = _stop_event()
     host = settings.listen.rsplit(":", 1)[0]
-    address = f"{host}:{app.port}"
-    storage = f"embedded Valkey, data in {settings.data_dir}" if app.embedded else settings.describe()
-    print(f"ratelimitd {__version__} listening on {address} (gRPC: decisions, management, health, reflection)")
-    print(f"storage: {storage}")
-    if app.bootstrap_token:
-        print()
-        print("First start: an operator credential was created. It is shown only now; keep it safe:")
-        print(f"  export RATELIMITD_TOKEN={app.bootstrap_token}")
-        print("Then, in another terminal, watch the reference's worked example run against this server:")
-        print(f"  ratelimitd demo --address {address}")
-    elif not settings.operator_token:
-        print("operator credential: created on first start (set RATELIMITD_TOKEN to use the CLI)")
-    sys.stdout.flush()
+    _greet(settings, f"{host}:{app.port}", app.embedded is not None, app.bootstrap_token)
     await stop.wait()
     print("ratelimitd: shutting down")
     await app.stop()
     return 0
+
+
+async def _serve_worker(settings: Settings) -> int:
+    from ratelimitd.app import App
+
+    app = App(settings, worker=True)
+    stop = _stop_event()
+    await app.start()
+    await stop.wait()
+    await app.stop()
+    return 0
+
+
+async def _serve_supervised(settings: Settings) -> int:
+    from ratelimitd.workers import Supervisor
+
+    supervisor = Supervisor(settings)
+    try:
+        await supervisor.start()
+    except Exception as e:  # noqa: BLE001 - start-up failures end in one clear line
+        print(f"ratelimitd: cannot start: {e}", file=sys.stderr)
+        supervisor.stop()
+        return 1
+    stop = _stop_event()
+    _greet(settings, settings.listen, supervisor.embedded is not None, supervisor.bootstrap_token, settings.workers)
+    await supervisor.wait(stop)
+    print("ratelimitd: shutting down")
+    supervisor.stop()
+    return 0 if stop.is_set() else 1
 
 
 def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -91,7 +137,10 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--on-storage-error", choices=["unavailable", "allow", "deny"])
     p.add_argument("--windows", help="limit windows, e.g. minute=60,day=86400")
     p.add_argument("--header-windows", help="e.g. requests=day,tokens=minute")
+    p.add_argument("--workers", type=int, help="server processes sharing the port (default 1)")
+    p.add_argument("--metrics-listen", help="host:port for Prometheus metrics (/metrics); default off")
     p.add_argument("--manual-clock", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=serve)
 
 

@@ -90,6 +90,8 @@ class Settings:
     log_entries: int = _field(1000, "request log entries kept per project (newest first)")
     log_retention_s: int = _field(7 * 86400, "a project's request log is dropped this long after its last entry")
     health_interval_s: float = _field(1.0, "how often storage health is probed")
+    metrics_listen: str = _field("", "host:port to serve Prometheus metrics over HTTP (/metrics); empty: off")
+    workers: int = _field(1, "server processes sharing the port (SO_REUSEPORT), one per core you give it")
     manual_clock: bool = _field(False, "tests only: read time from the 'rl:clock' key instead of Redis TIME")
     envoy_domains: tuple[str, ...] = _field(
         ("ratelimitd",), "Envoy rate limit domains ShouldRateLimit decides (the filter's `domain`), comma-separated"
@@ -147,6 +149,20 @@ class Settings:
     def describe(self) -> str:
         redis = redact(self.redis_url) if self.redis_url else f"embedded Valkey in {self.data_dir}"
         return f"listen={self.listen} storage={redis}"
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as RATELIMITD_* variables, as load() reads them (for worker processes)."""
+        env = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if isinstance(value, dict):
+                value = ",".join(f"{k}={v}" for k, v in value.items())
+            elif isinstance(value, bool):
+                value = "1" if value else "0"
+            env[f"RATELIMITD_{f.name.upper()}"] = str(value)
+        return env
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

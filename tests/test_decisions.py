@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 import redis.asyncio
@@ -238,3 +240,14 @@ async def test_items_of_one_decision_share_buckets_and_are_charged_all_or_none(c
     assert [b.remaining for b in d.item_buckets[0]] == [9, 60]  # m2 was not charged either
     d = await app.decider.check_items(caller, [Item("m2", 0, 0)])  # costs nothing: a pure check
     assert d.allowed and [b.remaining for b in d.item_buckets[0]] == [9, 60]
+
+
+async def test_scripts_are_reloaded_when_the_server_forgot_them(
+    client: Client, redis_client: redis.asyncio.Redis
+) -> None:
+    org = await client.org("o", [(M, "requests", "minute", 5)])
+    _, a = await client.project(org, "a")
+    assert (await check(client, a)).allowed
+    await redis_client.script_flush()  # as after a restart or a failover
+    replies = await asyncio.gather(*(check(client, a) for _ in range(6)))
+    assert sum(r.allowed for r in replies) == 4

@@ -15,8 +15,8 @@ def test_every_key_of_an_organization_shares_one_slot() -> None:
     names = [
         k.record, k.org_limits, k.project_limits(project), k.project(project), k.project_names,
         k.api_key("key_x"), k.project_api_keys(project), k.request("req-1"),
-        k.org_bucket("llama-3.1-8b-instant", "tokens|minute"),
-        k.project_bucket(project, "meta-llama/llama-4-scout-17b-16e-instruct", "requests|day"),
+        k.org_buckets("llama-3.1-8b-instant"),
+        k.project_buckets(project, "meta-llama/llama-4-scout-17b-16e-instruct"),
     ]  # fmt: skip
     assert {key_slot(n.encode()) for n in names} == {key_slot(k.org_limits.encode())}
 

@@ -15,7 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ratelimitd.app import App
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from tests.conftest import OPERATOR_TOKEN, Client, channel_client, settings_for
-from tests.servers import RatelimitdProcess, ValkeyProcess
+from tests.servers import RatelimitdProcess, ValkeyProcess, free_port
+from tests.test_server import scrape
 
 M = "llama-3.1-8b-instant"
 ENV = {"RATELIMITD_OPERATOR_TOKEN": OPERATOR_TOKEN}
@@ -46,6 +47,37 @@ async def test_200_concurrent_calls_over_two_processes_admit_exactly_100(
             s.stop()
 
 
+async def test_workers_share_one_port_and_one_answer(
+    valkey: ValkeyProcess, redis_client: redis.asyncio.Redis, tmp_path: Path
+) -> None:
+    metrics_port = free_port()
+    server = RatelimitdProcess(
+        "--redis-url", valkey.url, "--manual-clock", "--workers", "2", "--metrics-listen", f"127.0.0.1:{metrics_port}",
+        env=ENV, log=tmp_path / "s.log",
+    )  # fmt: skip
+    await redis_client.set("rl:clock", 1_000_000_000_000)
+    server.start()
+    assert server.proc is not None
+    proc_children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children")
+    children = proc_children.read_text().split()  # noqa: ASYNC240 - a tiny /proc read
+    assert len(children) == 2
+    clients = [channel_client(server.address) for _ in range(8)]  # connections the kernel spreads
+    try:
+        org = await clients[0].org("o", [(M, "requests", "minute", 100)])
+        _, key = await clients[1].project(org, "a")
+        req = pb.CheckRequest(api_key=key, model=M)
+        replies = await asyncio.gather(*(clients[i % 8].decisions.CheckAndConsume(req) for i in range(200)))
+        assert sum(r.allowed for r in replies) == 100
+        m = await scrape(metrics_port)  # the sum over both workers
+        assert m['ratelimitd_decisions_total{outcome="allowed"}'] == 100
+        assert m['ratelimitd_decisions_total{outcome="organization_limit"}'] == 100
+    finally:
+        for c in clients:
+            await c.channel.close()
+        server.stop()
+    assert "2 worker processes" in server.output()
+
+
 @pytest.fixture
 async def own_valkey(tmp_path: Path) -> AsyncIterator[ValkeyProcess]:
     v = ValkeyProcess(tmp_path)
@@ -60,7 +92,7 @@ async def health_status(channel: grpc.aio.Channel, service: str = "") -> int:
 
 
 async def test_storage_outage_fails_fast_reports_not_serving_and_recovers(own_valkey: ValkeyProcess) -> None:
-    app = App(settings_for(own_valkey.url, health_interval_s=0.05))
+    app = App(settings_for(own_valkey.url, health_interval_s=0.05, metrics_listen="127.0.0.1:0"))
     await app.start()
     client = channel_client(f"127.0.0.1:{app.port}")
     try:
@@ -71,6 +103,7 @@ async def test_storage_outage_fails_fast_reports_not_serving_and_recovers(own_va
         assert await health_status(client.channel, "storage") == health_pb2.HealthCheckResponse.SERVING
 
         own_valkey.stop()
+        errors_before = (await scrape(app.metrics_port)).get("ratelimitd_storage_errors_total", 0)
         for _ in range(3):
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await client.decisions.CheckAndConsume(req, timeout=5)
@@ -78,6 +111,8 @@ async def test_storage_outage_fails_fast_reports_not_serving_and_recovers(own_va
             assert "storage" in (e.value.details() or "")
         assert await health_status(client.channel) == health_pb2.HealthCheckResponse.NOT_SERVING
         assert await health_status(client.channel, "storage") == health_pb2.HealthCheckResponse.NOT_SERVING
+        m = await scrape(app.metrics_port)
+        assert m["ratelimitd_storage_errors_total"] >= errors_before + 3 and m["ratelimitd_storage_up"] == 0
 
         own_valkey.start()  # same port, empty data: the org is gone, but the service is back
         deadline = time.monotonic() + 10

@@ -10,6 +10,7 @@ import grpc
 
 from ratelimitd.api.auth import authorization
 from ratelimitd.api.errors import rpc
+from ratelimitd.api.metrics import Metrics
 from ratelimitd.engine import ids
 from ratelimitd.engine.credentials import Credentials
 from ratelimitd.engine.decisions import BucketState, Caller, Decider, Decision, Outcome, Scope
@@ -91,6 +92,7 @@ class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
         header_windows: Mapping[str, str],
         on_storage_error: str,
         storage_failed: Callable[[], None],
+        metrics: Metrics,
     ) -> None:
         self._decider = decider
         self._usage = usage
@@ -98,6 +100,9 @@ class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
         self._header_windows = dict(header_windows)
         self._on_storage_error = on_storage_error
         self.storage_failed = storage_failed
+        self._decisions = metrics.decisions
+        self._storage_unavailable = metrics.storage_unavailable_decisions
+        self._reports = metrics.reports
 
     @rpc
     async def CheckAndConsume(
@@ -116,6 +121,7 @@ class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
                 if self._on_storage_error == "unavailable":
                     raise
                 self.storage_failed()
+                self._storage_unavailable.inc()
                 allowed = self._on_storage_error == "allow"
                 return pb.CheckResponse(
                     allowed=allowed,
@@ -123,6 +129,7 @@ class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
                     message="" if allowed else "The rate limit service cannot reach its storage; try again shortly.",
                     request_id=request_id,
                 )
+        self._decisions[decision.outcome].inc()
         if decision.outcome is Outcome.PROJECT_NOT_FOUND:
             raise NotFound(f"project {caller.project_id if caller else ''} does not exist")
         return self.reply(decision, model, requests, tokens)
@@ -147,6 +154,7 @@ class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
             request.status_code,
             request.latency_ms,
         )
+        self._reports[report.result].inc()
         return pb.ReportUsageResponse(
             result=_RESULT[report.result],
             project_id=report.project_id,

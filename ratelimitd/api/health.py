@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from grpc_health.v1 import health, health_pb2
 from redis.asyncio import Redis
@@ -20,13 +21,16 @@ STORAGE = "storage"
 
 
 class StorageHealth:
-    def __init__(self, redis: Redis, services: list[str], interval_s: float) -> None:
+    def __init__(
+        self, redis: Redis, services: list[str], interval_s: float, on_change: Callable[[bool], None] = lambda _: None
+    ) -> None:
         self.servicer = health.aio.HealthServicer()
         self._redis = redis
         self._names = ["", STORAGE, *services]
         self._interval = interval_s
         self._task: asyncio.Task[None] | None = None
         self.serving: bool | None = None
+        self._on_change = on_change
 
     async def _set(self, serving: bool) -> None:
         if serving == self.serving:
@@ -34,6 +38,7 @@ class StorageHealth:
         if self.serving is not None:
             log.warning("storage is %s", "reachable again" if serving else "unreachable")
         self.serving = serving
+        self._on_change(serving)
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in self._names:
             await self.servicer.set(name, status)

@@ -7,13 +7,11 @@ import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from redis.asyncio import Redis
-
 from ratelimitd.engine import keys
 from ratelimitd.engine.limits import Dimension, Dimensions
 from ratelimitd.engine.retention import Retention
 from ratelimitd.engine.scripts import Scripts
-from ratelimitd.storage.redis import storage_errors
+from ratelimitd.storage.pipelined import PipelinedConnection
 
 
 class Outcome(enum.IntEnum):
@@ -84,18 +82,19 @@ def new_request_id() -> str:
 
 
 class Decider:
-    """Makes decisions: one EVALSHA per call, whatever the number of buckets."""
+    """Makes decisions: one EVALSHA per call, whatever the number of buckets, on the
+    auto-pipelining connection (concurrent decisions share round trips)."""
 
     def __init__(
         self,
-        redis: Redis,
+        connection: PipelinedConnection,
         scripts: Scripts,
         dimensions: Dimensions,
         retention: Retention,
         *,
         manual_clock: bool = False,
     ) -> None:
-        self._redis = redis
+        self._connection = connection
         self._script = scripts.decide
         self._dims = dimensions.all
         self._clock_keys = [keys.MANUAL_CLOCK] if manual_clock else []
@@ -129,12 +128,9 @@ class Decider:
         for item in items:
             args.append(item.model)
             args += [item.tokens if is_tokens else item.requests for is_tokens in self._dim_is_tokens]
-        with storage_errors():
-            reply = await self._script(
-                keys=[org.org_limits, subject, org.request(request_id), *self._clock_keys],
-                args=args,
-                client=self._redis,
-            )
+        reply = await self._connection.evalsha(
+            self._script, [org.org_limits, subject, org.request(request_id), *self._clock_keys], args
+        )
         return self._parse(reply, caller.organization_id, request_id, len(items))
 
     def _parse(self, reply: list[int | str], org_id: str, request_id: str, nitems: int) -> Decision:

@@ -17,8 +17,9 @@ Layout below one organization prefix::
                                   c created ms, u last used ms, r "1" once revoked)
     pk:<project_id>        set    key ids of a project
     r:<request_id>         string request record (reservation and replay), expires
-    b:o:<model>|<dim>      string organization bucket "<level>:<t_us>", expires
-    b:p:<project>:<model>|<dim>   project bucket, same format
+    b:o:<model>            hash   organization buckets of a model: field "<metric>|<window>"
+                                  holds "<level>:<t_us>"; expires once all are drained
+    b:p:<project>:<model>  hash   project buckets of a model, the same
 """
 
 from __future__ import annotations
@@ -68,11 +69,11 @@ class OrgKeys:
     def request(self, request_id: str) -> str:
         return self.prefix + "r:" + request_id
 
-    def org_bucket(self, model: str, dimension: str) -> str:
-        return f"{self.prefix}b:o:{model}|{dimension}"
+    def org_buckets(self, model: str) -> str:
+        return f"{self.prefix}b:o:{model}"
 
-    def project_bucket(self, project_id: str, model: str, dimension: str) -> str:
-        return f"{self.prefix}b:p:{project_id}:{model}|{dimension}"
+    def project_buckets(self, project_id: str, model: str) -> str:
+        return f"{self.prefix}b:p:{project_id}:{model}"
 
 
 def limit_field(model: str, dimension: str) -> str:

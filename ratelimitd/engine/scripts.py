@@ -1,12 +1,15 @@
 """The Lua scripts, read once from package data and registered by name.
 
-redis-py's ``Script`` runs EVALSHA and, on NOSCRIPT (a new or failed-over
-node), loads the script and retries, so callers never see the cache state.
+Both paths run EVALSHA and, on NOSCRIPT (a new or failed-over node), load the
+script and retry, so callers never see the server's script cache: redis-py's
+``Script`` for the control plane, storage/pipelined.py for the hot path.
 """
 
 from __future__ import annotations
 
+import hashlib
 from importlib import resources
+from typing import NamedTuple
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
@@ -24,8 +27,23 @@ def read_script(name: str) -> str:
     return text
 
 
+class LuaScript(NamedTuple):
+    """A script for the pipelined connection: EVALSHA by sha, loaded from source on NOSCRIPT."""
+
+    name: str
+    source: str
+    sha: str
+
+
+def load(name: str) -> LuaScript:
+    source = read_script(name)
+    return LuaScript(name, source, hashlib.sha1(source.encode()).hexdigest())
+
+
 class Scripts:
     def __init__(self, redis: Redis) -> None:
-        self.decide: AsyncScript = redis.register_script(read_script("decide"))
-        self.report: AsyncScript = redis.register_script(read_script("report"))
+        # the hot path's scripts run on the pipelined connection
+        self.decide = load("decide")
+        self.report = load("report")
+        # control-plane scripts run through redis-py
         self.set_project_limits: AsyncScript = redis.register_script(read_script("set_project_limits"))

@@ -27,6 +27,7 @@ from ratelimitd.engine.errors import FailedPrecondition, InvalidArgument, NotFou
 from ratelimitd.engine.limits import MAX_LIMIT, Dimensions, validate_model
 from ratelimitd.engine.retention import Retention
 from ratelimitd.engine.scripts import Scripts
+from ratelimitd.storage.pipelined import PipelinedConnection
 from ratelimitd.storage.redis import storage_errors
 
 # Percent of a spend limit at which an alert counts as crossed.
@@ -167,6 +168,7 @@ class Usage:
     def __init__(
         self,
         redis: Redis,
+        connection: PipelinedConnection,
         scripts: Scripts,
         dimensions: Dimensions,
         control: ControlPlane,
@@ -175,6 +177,7 @@ class Usage:
         manual_clock: bool = False,
     ) -> None:
         self._redis = redis
+        self._connection = connection
         self._script = scripts.report
         self._control = control
         self._config_args = [*retention.args(), *dimensions.args()]
@@ -211,12 +214,9 @@ class Usage:
             kind, caller.key_hash, caller.project_id, request_id, model, input_tokens, output_tokens, cached_tokens,
             status_code, latency_ms, *self._config_args,
         ]  # fmt: skip
-        with storage_errors():
-            reply = await self._script(
-                keys=[org.org_limits, subject, org.request(request_id), *self._clock_keys],
-                args=args,
-                client=self._redis,
-            )
+        reply = await self._connection.evalsha(
+            self._script, [org.org_limits, subject, org.request(request_id), *self._clock_keys], args
+        )
         status = int(reply[0])
         if status == 4:
             raise FailedPrecondition("the API key is unknown or does not match")

@@ -49,7 +49,7 @@ def find_server_binary() -> str:
     )
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -118,7 +118,7 @@ class EmbeddedValkey:
         ]  # fmt: skip
         # Popen (not asyncio's) for preexec_fn; it returns at once, the wait below is async.
         self.process = subprocess.Popen(  # noqa: ASYNC220
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, preexec_fn=_die_with_parent
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, preexec_fn=die_with_parent
         )
         await self._wait_ready(timeout_s)
         return self.url

@@ -14,8 +14,10 @@ buckets) are built from that prefix, which it takes from KEYS[1].
 
 Buckets are continuously draining levels (a token bucket stored as the amount
 used): a bucket of limit L over a window of W drains L/W units per unit of
-time, and a request of cost c passes when level + c <= L. A bucket's value is
-"<level>:<timestamp_us>"; it expires once it would have drained to 0.
+time, and a request of cost c passes when level + c <= L. The buckets of one
+scope and model are one hash, rl:{org_x}:b:o:<model> or
+rl:{org_x}:b:p:<project>:<model>, a field "<metric>|<window>" per dimension
+holding "<level>:<timestamp_us>"; it expires once all would have drained to 0.
 
 KEYS[1]  the organization's limits hash        rl:{org_x}:lim:o
 KEYS[2]  the caller record: API key hash        rl:{org_x}:k:<key_id>
@@ -156,19 +158,29 @@ if spend_limits[1] or spend_limits[2] then
   end
 end
 
--- Every applicable bucket, once, with its state drained to now.
-local buckets, by_key, item_buckets = {}, {}, {}
+-- Every applicable bucket, once, with its state drained to now. Buckets live
+-- in groups, one hash per scope and model (lib.lua); items naming the same
+-- model share them.
+local buckets, groups, group_of, item_buckets = {}, {}, {}, {}
 local proj_limits_key = prefix .. "lim:p:" .. project
 
-local function bucket(key, scope, dim, limit)
-  local b = by_key[key]
+local function add(key, scope, dim, limit, cost, mine)
+  local g = group_of[key]
+  if not g then
+    g = {key = key, members = {}, by_dim = {}}
+    group_of[key] = g
+    groups[#groups + 1] = g
+  end
+  local b = g.by_dim[dim]
   if not b then
-    b = {scope = scope, dim = dim, limit = limit, level = rl_level(key, limit, windows_us[dim], now), cost = 0, key = key}
+    b = {scope = scope, dim = dim, limit = limit, cost = 0}
+    g.by_dim[dim] = b
+    g.members[#g.members + 1] = b
     buckets[#buckets + 1] = b
     b.index = #buckets
-    by_key[key] = b
   end
-  return b
+  b.cost = b.cost + cost
+  mine[#mine + 1] = b.index
 end
 
 for j, item in ipairs(items) do
@@ -178,19 +190,15 @@ for j, item in ipairs(items) do
     return early(5, j)
   end
   local mine = {}
+  local org_key, proj_key = prefix .. "b:o:" .. model, prefix .. "b:p:" .. project .. ":" .. model
   for i = 1, ndims do
-    if org_limits[i] then
-      local b = bucket(prefix .. "b:o:" .. model .. "|" .. dims[i], 1, i, org_limits[i])
-      b.cost = b.cost + item.costs[i]
-      mine[#mine + 1] = b.index
-    end
-    if proj_limits[i] then
-      local b = bucket(prefix .. "b:p:" .. project .. ":" .. model .. "|" .. dims[i], 2, i, proj_limits[i])
-      b.cost = b.cost + item.costs[i]
-      mine[#mine + 1] = b.index
-    end
+    if org_limits[i] then add(org_key, 1, i, org_limits[i], item.costs[i], mine) end
+    if proj_limits[i] then add(proj_key, 2, i, proj_limits[i], item.costs[i], mine) end
   end
   item_buckets[j] = mine
+end
+for _, g in ipairs(groups) do
+  rl_group_load(g.key, g.members, dims, windows_us, now)
 end
 
 -- Decide: "never passable" beats "not now"; among "not now" the bucket that
@@ -208,11 +216,15 @@ for n, b in ipairs(buckets) do
 end
 
 if outcome == 0 then
-  for _, b in ipairs(buckets) do
-    if b.cost > 0 then
-      b.level = b.level + b.cost
-      rl_store_level(b.key, b.level, b.limit, windows_us[b.dim], now)
+  for _, g in ipairs(groups) do
+    local charged = false
+    for _, b in ipairs(g.members) do
+      if b.cost > 0 then
+        b.level = b.level + b.cost
+        charged = true
+      end
     end
+    if charged then rl_group_store(g.key, g.members, dims, windows_us, now) end
   end
 end
 

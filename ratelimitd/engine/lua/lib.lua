@@ -17,23 +17,42 @@ local function rl_now(clock_key)
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 
--- A bucket's level drained to now: it loses limit/window units per microsecond.
-local function rl_level(key, limit, window_us, now)
-  local state = redis.call("GET", key)
+-- A bucket's level from its stored "<level>:<t_us>", drained to now: it loses
+-- limit/window units per microsecond.
+local function rl_drain(state, limit, window_us, now)
   if not state then return 0 end
   local l, t = string.match(state, "^([^:]+):(.+)$")
   return math.max(0, tonumber(l) - (now - tonumber(t)) * limit / window_us)
 end
 
--- Stores a level; the key expires once the level would have drained to 0.
-local function rl_store_level(key, level, limit, window_us, now)
-  if level <= 0 then
+-- A bucket group is the buckets of one scope and model: one hash, a field per
+-- dimension, so a decision reads and writes each group in one call each.
+-- members: {{dim = i, limit = L}, ...}; sets member.level.
+local function rl_group_load(key, members, dims, windows_us, now)
+  local fields = {}
+  for n, m in ipairs(members) do fields[n] = dims[m.dim] end
+  local states = redis.call("HMGET", key, unpack(fields))
+  for n, m in ipairs(members) do m.level = rl_drain(states[n], m.limit, windows_us[m.dim], now) end
+end
+
+-- Writes every member's level (members must be all the group's buckets, so
+-- the expiry covers each), expiring the hash once the fullest would have drained.
+local function rl_group_store(key, members, dims, windows_us, now)
+  local args, ttl = {}, 0
+  for _, m in ipairs(members) do
+    args[#args + 1] = dims[m.dim]
+    args[#args + 1] = string.format("%.17g:%d", m.level, now)
+    if m.limit > 0 then
+      local drain = math.ceil(m.level * windows_us[m.dim] / m.limit / 1000)
+      if drain > ttl then ttl = drain end
+    end
+  end
+  if ttl == 0 then
     redis.call("DEL", key)
     return
   end
-  local ttl = 1000
-  if limit > 0 then ttl = math.ceil(level * window_us / limit / 1000) + 1000 end
-  redis.call("SET", key, string.format("%.17g:%d", level, now), "PX", ttl)
+  redis.call("HSET", key, unpack(args))
+  redis.call("PEXPIRE", key, ttl + 1000)
 end
 
 -- The limits of one model: per dimension, the organization's limit (the
@@ -88,16 +107,20 @@ local function rl_count_usage(prefix, now, resolutions, who, counters)
   for _, r in ipairs(resolutions) do
     local start = now_s - now_s % r[2]
     local key = prefix .. "u:" .. r[1] .. ":" .. start
+    local created = false
     for name, amount in pairs(counters) do
       if amount ~= 0 then
+        local total
         if amount == math.floor(amount) then
-          redis.call("HINCRBY", key, who .. name, amount)
+          total = redis.call("HINCRBY", key, who .. name, amount)
         else
-          redis.call("HINCRBYFLOAT", key, who .. name, amount)
+          total = tonumber(redis.call("HINCRBYFLOAT", key, who .. name, amount))
         end
+        -- a field just created (the key too, perhaps): only then set the expiry
+        if total == amount then created = true end
       end
     end
-    redis.call("EXPIREAT", key, start + r[2] + r[3])
+    if created then redis.call("EXPIREAT", key, start + r[2] + r[3]) end
   end
 end
 

@@ -97,18 +97,25 @@ if counted < 0 then counted = 0 end
 local delta = counted - reserved
 
 if delta ~= 0 then
+  -- the same groups decide.lua charged: every limited dimension is loaded so the
+  -- group's expiry still covers each bucket, and the tokens ones take the delta
   local org_limits, proj_limits = rl_limits(KEYS[1], prefix .. "lim:p:" .. project, model, dims)
-  for i = 1, ndims do
-    if string.sub(dims[i], 1, 7) == "tokens|" then
-      local scoped = {{org_limits[i], prefix .. "b:o:" .. model .. "|" .. dims[i]},
-                      {proj_limits[i], prefix .. "b:p:" .. project .. ":" .. model .. "|" .. dims[i]}}
-      for _, s in ipairs(scoped) do
-        local limit, key = s[1], s[2]
-        if limit then
-          local level = rl_level(key, limit, windows_us[i], now) + delta
-          rl_store_level(key, math.max(0, level), limit, windows_us[i], now)
+  local scoped = {{org_limits, prefix .. "b:o:" .. model}, {proj_limits, prefix .. "b:p:" .. project .. ":" .. model}}
+  for _, s in ipairs(scoped) do
+    local limits, key = s[1], s[2]
+    local members, touched = {}, false
+    for i = 1, ndims do
+      if limits[i] then members[#members + 1] = {dim = i, limit = limits[i]} end
+    end
+    if #members > 0 then
+      rl_group_load(key, members, dims, windows_us, now)
+      for _, m in ipairs(members) do
+        if string.sub(dims[m.dim], 1, 7) == "tokens|" then
+          m.level = math.max(0, m.level + delta)
+          touched = true
         end
       end
+      if touched then rl_group_store(key, members, dims, windows_us, now) end
     end
   end
 end
