@@ -110,7 +110,8 @@ class App:
                 unknown_domain=s.envoy_unknown_domain,
                 descriptor_keys=s.envoy_keys,
                 header_windows=s.header_windows,
-                storage_failed=self.health.failed,
+                storage_failed=self.storage_failed,
+                metrics=self.metrics,
             ),
             server,
         )

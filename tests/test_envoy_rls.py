@@ -144,7 +144,7 @@ async def test_descriptors_are_one_atomic_decision_with_statuses_in_request_orde
     for _ in range(5):
         assert (await stub.ShouldRateLimit(request(desc(api_key=key, model=M2)))).overall_code == OK
     before = await charged(redis_client)
-    levels = {k: await redis_client.get(k) for k in before}
+    levels = {k: await redis_client.hgetall(k) for k in before}
     reply = await stub.ShouldRateLimit(
         request(desc(remote_address="10.0.0.1"), desc(api_key=key, model=M), desc(api_key=key, model=M2))
     )
@@ -157,7 +157,7 @@ async def test_descriptors_are_one_atomic_decision_with_statuses_in_request_orde
         "organization requests per minute",
         0,
     )
-    assert {k: await redis_client.get(k) for k in before} == levels  # M was not charged either
+    assert {k: await redis_client.hgetall(k) for k in before} == levels  # M was not charged either
     assert await charged(redis_client) == before
     error = body(reply)
     assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")

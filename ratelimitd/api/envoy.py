@@ -31,6 +31,7 @@ from google.protobuf import duration_pb2, struct_pb2
 
 from ratelimitd.api.decisions import MAX_REQUESTS, validate_request_id
 from ratelimitd.api.errors import rpc
+from ratelimitd.api.metrics import Metrics
 from ratelimitd.engine import ids, refusals
 from ratelimitd.engine.decisions import BucketState, Caller, Decider, Decision, Item, Outcome, Scope, new_request_id
 from ratelimitd.engine.errors import FailedPrecondition, InvalidArgument
@@ -155,6 +156,7 @@ class EnvoyRateLimitServicer:
         descriptor_keys: Mapping[str, str],
         header_windows: Mapping[str, str],
         storage_failed: Callable[[], None],
+        metrics: Metrics,
     ) -> None:
         self._decider = decider
         self._usage = usage
@@ -165,6 +167,8 @@ class EnvoyRateLimitServicer:
         self._keys = dict(descriptor_keys)
         self._header_windows = dict(header_windows)
         self.storage_failed = storage_failed
+        self._decisions = metrics.decisions
+        self._reports = metrics.reports
 
     @rpc
     async def ShouldRateLimit(self, request: RateLimitRequest, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -235,6 +239,7 @@ class EnvoyRateLimitServicer:
             # No replay: the request id comes from a header, and repeating one must not
             # buy a free pass. The reservation still waits under it for the usage call.
             decision = await self._decider.check_items(caller, items, request_id, replay=False)
+        self._decisions[decision.outcome].inc()
         return self._reply(decision, items, slots)
 
     def _validate(self, parsed: list[_Parsed]) -> Refusal | tuple[Caller | None, str, list[Item], list[int | None]]:
@@ -341,9 +346,10 @@ class EnvoyRateLimitServicer:
             tokens[USAGE_PHASES[p.roles["phase"]]] += p.hits
         caller = Caller(parsed_key.org_id, parsed_key.key_id, parsed_key.hash, "")
         try:
-            await self._usage.report(
+            report = await self._usage.report(
                 caller, request_id, next(iter(models), ""), tokens["input"], tokens["output"], tokens["cached"]
             )
+            self._reports[report.result].inc()
         except FailedPrecondition as e:
             # The key was refused at request time, or the id is another project's: nothing to charge.
             log.debug("usage of key %s not recorded: %s", parsed_key.key_id, e.message)
