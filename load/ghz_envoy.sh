@@ -16,6 +16,7 @@ GHZ=${GHZ:-$(command -v ghz || echo "$(go env GOPATH 2>/dev/null)/bin/ghz")}
 REQUESTS=${REQUESTS:-20000}
 MAX_SECONDS=${MAX_SECONDS:-60}
 CONCURRENCY=${CONCURRENCY:-64}
+WORKERS=${WORKERS:-1}  # server processes, when the script starts the server
 
 SERVER="" DATA="" PROTOSET=$(mktemp --suffix .protoset)
 cleanup() {
@@ -49,7 +50,7 @@ if [[ -z "${ADDRESS:-}" ]]; then
   ADDRESS=127.0.0.1:50779
   DATA=$(mktemp -d)
   RATELIMITD_OPERATOR_TOKEN=rlt_bench RATELIMITD_LOG_LEVEL=WARNING \
-    "$PY" -m ratelimitd serve --listen "$ADDRESS" --data-dir "$DATA" >/dev/null &
+    "$PY" -m ratelimitd serve --listen "$ADDRESS" --data-dir "$DATA" --workers "$WORKERS" >/dev/null &
   SERVER=$!
   export RATELIMITD_TOKEN=rlt_bench
   for _ in $(seq 100); do (exec 3<>/dev/tcp/${ADDRESS%:*}/${ADDRESS#*:}) 2>/dev/null && break; sleep 0.1; done

@@ -159,6 +159,8 @@ class Settings:
                 continue
             if isinstance(value, dict):
                 value = ",".join(f"{k}={v}" for k, v in value.items())
+            elif isinstance(value, tuple):
+                value = ",".join(value)
             elif isinstance(value, bool):
                 value = "1" if value else "0"
             env[f"RATELIMITD_{f.name.upper()}"] = str(value)

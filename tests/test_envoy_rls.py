@@ -17,6 +17,7 @@ from google.protobuf import json_format
 from ratelimitd.api.envoy import token_estimate
 from ratelimitd.app import App
 from ratelimitd.engine import keys
+from ratelimitd.settings import ENVOY_DESCRIPTOR_ROLES, Settings
 from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from ratelimitd.v1 import usage_pb2 as upb
@@ -413,3 +414,19 @@ async def test_one_entry_twice_with_different_values_is_refused(client: Client, 
 )  # fmt: skip
 def test_token_estimate_accepts_whole_numbers_as_envoy_writes_them(text: str, value: int | None) -> None:
     assert token_estimate(text) == value
+
+
+def test_envoy_settings_reach_worker_processes_unchanged() -> None:
+    """--workers hands settings to its processes as RATELIMITD_* variables."""
+    s = Settings.load(
+        env={},
+        envoy_domains=("llm", "edge"),
+        envoy_unknown_domain="allow",
+        envoy_descriptor_keys={"api_key": "authorization", "model": "x-model"},
+    )
+    again = Settings.load(env=s.to_env())
+    assert (again.envoy_domains, again.envoy_unknown_domain, again.envoy_keys) == (
+        ("llm", "edge"),
+        "allow",
+        {**ENVOY_DESCRIPTOR_ROLES, "api_key": "authorization", "model": "x-model"},
+    )
