@@ -248,8 +248,8 @@ async def test_revoked_key_and_spend_limit_refusals(
     )
     reply = await rls(client).ShouldRateLimit(request(desc(api_key=spender, model=M)))
     error = body(reply)
-    assert (reply.overall_code, error["type"], error["code"]) == (OVER, "insufficient_quota", "blocked_api_access")
-    assert json_format.MessageToDict(reply.dynamic_metadata)["http_status"] == "403"
+    assert (reply.overall_code, error["type"], error["code"]) == (OVER, "invalid_request_error", "blocked_api_access")
+    assert json_format.MessageToDict(reply.dynamic_metadata)["http_status"] == "400"
 
     listed = await client.projects.ListApiKeys(
         apb.ListApiKeysRequest(organization_id=org, project_id=pid), metadata=AUTH

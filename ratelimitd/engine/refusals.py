@@ -12,12 +12,13 @@ Every refusal becomes one JSON body and one HTTP status::
       missing, or two different keys
     model without any limit, none given       404     invalid_request_error  model_not_found
     model blocked for the project or org      403     invalid_request_error  model_blocked
-    monthly spend limit reached               403     insufficient_quota     blocked_api_access
+    monthly spend limit reached               400     invalid_request_error  blocked_api_access
     a malformed value the client sent         400     invalid_request_error  invalid_request
 
 ``type`` of a limit refusal names the metric of the bucket that refused, so a
-client can tell "too many requests" from "too many tokens". Only the two limit
-refusals come with ``retry-after``: waiting cures nothing else.
+client can tell "too many requests" from "too many tokens". The statuses are
+those docs/api.md gives each refusal reason. Only the two limit refusals come
+with ``retry-after``: waiting cures nothing else.
 """
 
 from __future__ import annotations
@@ -97,5 +98,5 @@ def refusal(decision: Decision, model: str, requests: int, tokens: int) -> Refus
     if outcome is Outcome.MODEL_NOT_AVAILABLE:
         return model_not_found(message)
     if outcome is Outcome.SPEND_LIMIT:
-        return Refusal(403, "insufficient_quota", "blocked_api_access", message)
+        return Refusal(400, _REQUEST_ERROR, "blocked_api_access", message)
     return Refusal(401, _REQUEST_ERROR, INVALID_API_KEY, message)  # INVALID_API_KEY, PROJECT_NOT_FOUND
