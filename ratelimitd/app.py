@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 
 import grpc
-from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ratelimitd.api import envoy
 from ratelimitd.api.admin import OrganizationServicer, ProjectServicer
 from ratelimitd.api.decisions import RateLimitServicer
-from ratelimitd.api.envoy import ENVOY_SERVICE_NAME, EnvoyRateLimitServicer
 from ratelimitd.api.health import StorageHealth
 from ratelimitd.api.metrics import Metrics
 from ratelimitd.api.usage import UsageServicer
@@ -34,7 +33,7 @@ SERVICE_NAMES = [
     admin_pb2.DESCRIPTOR.services_by_name["OrganizationService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["ProjectService"].full_name,
     usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
-    ENVOY_SERVICE_NAME,
+    envoy.ENVOY_SERVICE_NAME,
 ]
 
 
@@ -102,8 +101,8 @@ class App:
         admin_pb2_grpc.add_ProjectServiceServicer_to_server(
             ProjectServicer(self.control, self.credentials, self.storage_failed), server
         )
-        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(
-            EnvoyRateLimitServicer(
+        envoy.add_to_server(
+            envoy.EnvoyRateLimitServicer(
                 self.decider,
                 self.usage,
                 domains=s.envoy_domains,

@@ -135,6 +135,9 @@ async def test_without_a_valid_api_key_or_model_the_answer_says_why(client: Clie
     assert "retry-after" not in missing.headers
     wrong = await edge.chat("sk-not-a-ratelimitd-key")
     assert (wrong.status, wrong.json()["error"]["code"]) == (401, "invalid_api_key")
+    # Bytes that are not UTF-8 (sent as Latin-1 by http.client) still reach a refusal.
+    latin = await edge.chat("caf\xe9")
+    assert (latin.status, latin.json()["error"]["code"]) == (401, "invalid_api_key")
     unknown_model = await edge.chat(key, "gpt-unknown")
     assert (unknown_model.status, unknown_model.json()["error"]["code"]) == (404, "model_not_found")
     too_large = await edge.chat(key, max_tokens=10**6)  # no token limit for M: not too large

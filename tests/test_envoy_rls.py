@@ -410,7 +410,8 @@ async def test_one_entry_twice_with_different_values_is_refused(client: Client, 
 @pytest.mark.parametrize(
     ("text", "value"),
     [("", 0), ("0", 0), ("256", 256), ("1000.000000", 1000), ("7.", 7), ("12.5", None), ("-3", None),
-     ("1e3", None), ("٣", None), (" 5", None), (str(10**12), 10**12), (str(10**12 + 1), None)],
+     ("1e3", None), ("٣", None), (" 5", None), (str(10**12), 10**12), (str(10**12 + 1), None),
+     ("0" * 20 + "7", 7), ("9" * 5000, None)],
 )  # fmt: skip
 def test_token_estimate_accepts_whole_numbers_as_envoy_writes_them(text: str, value: int | None) -> None:
     assert token_estimate(text) == value
@@ -430,3 +431,29 @@ def test_envoy_settings_reach_worker_processes_unchanged() -> None:
         "allow",
         {**ENVOY_DESCRIPTOR_ROLES, "api_key": "authorization", "model": "x-model"},
     )
+
+
+async def test_entry_bytes_that_are_not_utf8_are_refused_not_an_error(client: Client, project: Project) -> None:
+    """Envoy copies header bytes as they are; a parse error would let a fail-open Envoy wave them through."""
+    call: Any = client.channel.unary_unary(
+        "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit",
+        response_deserializer=rls_pb2.RateLimitResponse.FromString,
+    )
+
+    def raw(message: Any, placeholder: str) -> bytes:
+        data: bytes = message.SerializeToString()
+        assert data.count(placeholder.encode()) == 1
+        return data.replace(placeholder.encode(), b"\xff\xfe")
+
+    bad_key = await call(raw(request(desc(api_key="Bearer XX", model=M)), "XX"))
+    assert (bad_key.overall_code, body(bad_key)["code"]) == (OVER, "invalid_api_key")
+    bad_model = await call(raw(request(desc(api_key=project.key, model="YY")), "YY"))
+    assert (bad_model.overall_code, body(bad_model)["code"]) == (OVER, "model_not_found")
+    # The rest of the request survives: entries, order, and hits_addend.
+    fine = await call(
+        raw(request(desc(api_key=project.key, model=M2, note="ZZ"), desc(3, api_key=project.key, model=M2)), "ZZ")
+    )
+    assert fine.overall_code == OK and [s.limit_remaining for s in fine.statuses] == [1, 1]  # 5 - 1 - 3
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await call(raw(request(desc(api_key=project.key, model=M), domain="QQ"), "QQ"))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "domain '\ufffd\ufffd'" in (e.value.details() or "")

@@ -27,7 +27,8 @@ from typing import Any, NamedTuple, Protocol
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ratelimit.v3 import rls_pb2
-from google.protobuf import duration_pb2, struct_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool, duration_pb2, message_factory, struct_pb2
+from google.protobuf.message import DecodeError
 
 from ratelimitd.api.decisions import MAX_REQUESTS, validate_request_id
 from ratelimitd.api.errors import rpc
@@ -96,6 +97,99 @@ class RateLimitRequest(Protocol):
     def hits_addend(self) -> int: ...
 
 
+# -- reading requests whose strings are not UTF-8 --------------------------------
+
+
+def _bytes_request_class() -> Any:
+    """RateLimitRequest as it is on the wire, with its strings read as bytes.
+
+    Envoy copies header bytes into descriptor entries as they are, so an entry
+    value need not be UTF-8, which protobuf refuses in a string field. That must
+    end in a refusal, not in a parse error that a fail-open Envoy answers by
+    letting the request through unlimited. Strings and bytes share a wire type:
+    this twin (the fields we read, numbered as in the xds-protos descriptors)
+    parses whatever Envoy sends.
+    """
+    package = "ratelimitd.envoy_bytes"
+    fdp = descriptor_pb2.FieldDescriptorProto
+    request = rls_pb2.RateLimitRequest.DESCRIPTOR
+    descriptor = request.fields_by_name["descriptors"].message_type
+    entry = descriptor.fields_by_name["entries"].message_type
+    hits = descriptor.fields_by_name["hits_addend"]
+
+    def field(source: Any, kind: descriptor_pb2.FieldDescriptorProto.Type.ValueType, message: str = "") -> Any:
+        return fdp(
+            name=source.name,
+            number=source.number,
+            type=kind,
+            type_name=f".{package}.{message}" if message else None,
+            label=fdp.LABEL_REPEATED if source.is_repeated else fdp.LABEL_OPTIONAL,
+        )
+
+    messages = {
+        "Entry": [
+            field(entry.fields_by_name["key"], fdp.TYPE_BYTES),
+            field(entry.fields_by_name["value"], fdp.TYPE_BYTES),
+        ],
+        "UInt64": [field(hits.message_type.fields_by_name["value"], fdp.TYPE_UINT64)],
+        "Descriptor": [
+            field(descriptor.fields_by_name["entries"], fdp.TYPE_MESSAGE, "Entry"),
+            field(hits, fdp.TYPE_MESSAGE, "UInt64"),
+        ],
+        "Request": [
+            field(request.fields_by_name["domain"], fdp.TYPE_BYTES),
+            field(request.fields_by_name["descriptors"], fdp.TYPE_MESSAGE, "Descriptor"),
+            field(request.fields_by_name["hits_addend"], fdp.TYPE_UINT32),
+        ],
+    }
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(
+        descriptor_pb2.FileDescriptorProto(
+            name="ratelimitd/envoy_bytes.proto",
+            package=package,
+            syntax="proto3",
+            message_type=[descriptor_pb2.DescriptorProto(name=n, field=f) for n, f in messages.items()],
+        )
+    )
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.Request"))
+
+
+_BytesRequest = _bytes_request_class()
+
+
+def parse_request(data: bytes) -> Any:
+    """The request Envoy sent; bytes that are not UTF-8 become U+FFFD, so they get refused."""
+    try:
+        return rls_pb2.RateLimitRequest.FromString(data)
+    except DecodeError:
+        raw = _BytesRequest.FromString(data)  # still malformed: the error is gRPC's to report
+
+    def text(b: bytes) -> str:
+        return b.decode("utf-8", "replace")
+
+    request = rls_pb2.RateLimitRequest(domain=text(raw.domain), hits_addend=raw.hits_addend)
+    for d in raw.descriptors:
+        copy = request.descriptors.add()
+        for e in d.entries:
+            copy.entries.add(key=text(e.key), value=text(e.value))
+        if d.HasField("hits_addend"):
+            copy.hits_addend.value = d.hits_addend.value
+    return request
+
+
+def add_to_server(servicer: EnvoyRateLimitServicer, server: grpc.aio.Server) -> None:
+    """Like rls_pb2_grpc.add_RateLimitServiceServicer_to_server, with ``parse_request``."""
+    handlers = {
+        "ShouldRateLimit": grpc.unary_unary_rpc_method_handler(
+            servicer.ShouldRateLimit,
+            request_deserializer=parse_request,
+            response_serializer=rls_pb2.RateLimitResponse.SerializeToString,
+        )
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(ENVOY_SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(ENVOY_SERVICE_NAME, handlers)
+
+
 # -- the answer, typed, before it becomes a RateLimitResponse --------------------
 
 
@@ -139,12 +233,14 @@ def token_estimate(text: str) -> int | None:
     whole, dot, fraction = (text or "0").partition(".")
     if not (whole.isascii() and whole.isdigit()) or (dot and fraction.strip("0")):
         return None
+    if len(whole.lstrip("0")) > len(str(MAX_LIMIT)):
+        return None  # and never int() thousands of digits: Python refuses, and an error fails open
     value = int(whole)
     return value if value <= MAX_LIMIT else None
 
 
 class EnvoyRateLimitServicer:
-    """``ShouldRateLimit``. Registered with ``add_RateLimitServiceServicer_to_server``."""
+    """``ShouldRateLimit``. Registered with ``add_to_server``."""
 
     def __init__(
         self,
