@@ -9,15 +9,26 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ratelimitd.api import envoy
-from ratelimitd.api.admin import OrganizationServicer, ProjectServicer
+from ratelimitd.api.admin import (
+    AuditServicer,
+    CredentialServicer,
+    Management,
+    MemberServicer,
+    ModelPermissionServicer,
+    OrganizationServicer,
+    ProjectServicer,
+)
 from ratelimitd.api.decisions import RateLimitServicer
 from ratelimitd.api.health import StorageHealth
 from ratelimitd.api.metrics import Metrics
 from ratelimitd.api.usage import UsageServicer
+from ratelimitd.engine.audit import Audit
 from ratelimitd.engine.control import ControlPlane
 from ratelimitd.engine.credentials import Credentials
 from ratelimitd.engine.decisions import Decider
 from ratelimitd.engine.limits import Dimensions
+from ratelimitd.engine.members import Members
+from ratelimitd.engine.permissions import ModelPermissions
 from ratelimitd.engine.scripts import Scripts
 from ratelimitd.engine.usage import Usage
 from ratelimitd.settings import Settings
@@ -32,6 +43,10 @@ SERVICE_NAMES = [
     ratelimit_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["OrganizationService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["ProjectService"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["ModelPermissionService"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["MemberService"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["CredentialService"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
     usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
     envoy.ENVOY_SERVICE_NAME,
 ]
@@ -63,8 +78,15 @@ class App:
         self.pipeline = PipelinedConnection(self.redis_url, timeout_s=s.storage_timeout_ms / 1000)
         scripts = Scripts(self.redis)
         dims = Dimensions(s.windows)
-        self.control = ControlPlane(self.redis, scripts, dims)
-        self.credentials = Credentials(self.redis)
+        audit = Audit(self.redis, s.audit_max_events)
+        self.control = ControlPlane(self.redis, scripts, dims, audit)
+        self.credentials = Credentials(self.redis, audit)
+        management = Management(
+            self.control,
+            self.credentials,
+            Members(self.redis, self.control, self.credentials, audit),
+            ModelPermissions(self.redis, self.control, audit),
+        )
         self.decider = Decider(self.pipeline, scripts, dims, s.retention, manual_clock=s.manual_clock)
         self.usage = Usage(
             self.redis, self.pipeline, scripts, dims, self.control, s.retention, manual_clock=s.manual_clock
@@ -95,12 +117,13 @@ class App:
         usage_pb2_grpc.add_UsageServiceServicer_to_server(
             UsageServicer(self.usage, self.credentials, self.storage_failed), server
         )
-        admin_pb2_grpc.add_OrganizationServiceServicer_to_server(
-            OrganizationServicer(self.control, self.credentials, self.storage_failed), server
-        )
-        admin_pb2_grpc.add_ProjectServiceServicer_to_server(
-            ProjectServicer(self.control, self.credentials, self.storage_failed), server
-        )
+        failed = self.storage_failed
+        admin_pb2_grpc.add_OrganizationServiceServicer_to_server(OrganizationServicer(management, failed), server)
+        admin_pb2_grpc.add_ProjectServiceServicer_to_server(ProjectServicer(management, failed), server)
+        admin_pb2_grpc.add_ModelPermissionServiceServicer_to_server(ModelPermissionServicer(management, failed), server)
+        admin_pb2_grpc.add_MemberServiceServicer_to_server(MemberServicer(management, failed), server)
+        admin_pb2_grpc.add_CredentialServiceServicer_to_server(CredentialServicer(management, failed), server)
+        admin_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(management, failed), server)
         envoy.add_to_server(
             envoy.EnvoyRateLimitServicer(
                 self.decider,

@@ -1,7 +1,9 @@
 """Client verbs of the CLI, all over the gRPC API: demo, check, and management.
 
 The address and credential come from flags or RATELIMITD_ADDRESS and
-RATELIMITD_TOKEN. Errors end in one line on stderr and exit status 1.
+RATELIMITD_TOKEN. Errors end in one line on stderr and exit status 1 (2 for
+a command line or file that cannot be understood). Wherever a verb takes a
+PROJECT or a MEMBER, its id or its name will do.
 """
 
 from __future__ import annotations
@@ -10,15 +12,19 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
+from ratelimitd.engine import ids
 from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import admin_pb2_grpc, ratelimit_pb2_grpc
 from ratelimitd.v1 import ratelimit_pb2 as pb
@@ -41,6 +47,45 @@ class Api:
         )
         self.orgs: admin_pb2_grpc.OrganizationServiceAsyncStub = admin_pb2_grpc.OrganizationServiceStub(self.channel)
         self.projects: admin_pb2_grpc.ProjectServiceAsyncStub = admin_pb2_grpc.ProjectServiceStub(self.channel)
+        self.models: admin_pb2_grpc.ModelPermissionServiceAsyncStub = admin_pb2_grpc.ModelPermissionServiceStub(
+            self.channel
+        )
+        self.members: admin_pb2_grpc.MemberServiceAsyncStub = admin_pb2_grpc.MemberServiceStub(self.channel)
+        self.creds: admin_pb2_grpc.CredentialServiceAsyncStub = admin_pb2_grpc.CredentialServiceStub(self.channel)
+        self.audit: admin_pb2_grpc.AuditServiceAsyncStub = admin_pb2_grpc.AuditServiceStub(self.channel)
+
+
+class CliError(Exception):
+    """A problem the CLI itself found (e.g. no member of that name); one line, exit 1."""
+
+
+async def resolve_project(api: Api, org: str, ref: str) -> str:
+    """A project id, from an id or a name."""
+    if ids.is_id("proj", ref):
+        return ref
+    reply = await api.projects.GetProject(apb.GetProjectRequest(organization_id=org, name=ref), metadata=api.metadata)
+    return reply.id
+
+
+async def resolve_member(api: Api, org: str, ref: str) -> str:
+    """A member id, from an id or a name."""
+    if ids.is_id("mem", ref):
+        return ref
+    reply = await api.members.ListMembers(apb.ListMembersRequest(organization_id=org), metadata=api.metadata)
+    for m in reply.members:
+        if m.name == ref:
+            return m.id
+    raise CliError(f"no member named {ref!r} in organization {org}")
+
+
+def metric_window(name: str) -> tuple[str, str]:
+    """``rpm`` (and the other shorthands) or ``METRIC/WINDOW``; the server checks that they exist."""
+    if name in SHORTHANDS:
+        return SHORTHANDS[name]
+    metric, sep, window = name.partition("/")
+    if not sep:
+        raise ValueError(f"limit {name!r} is not one of {', '.join(SHORTHANDS)} or METRIC/WINDOW")
+    return metric, window
 
 
 def parse_limit_args(model: str, items: Sequence[str]) -> list[apb.Limit]:
@@ -50,27 +95,13 @@ def parse_limit_args(model: str, items: Sequence[str]) -> list[apb.Limit]:
         name, sep, value = item.partition("=")
         if not sep or not value.lstrip("-").isdigit():
             raise ValueError(f"limit {item!r} is not NAME=NUMBER (e.g. rpm=100 or tokens/day=500000)")
-        if name in SHORTHANDS:
-            metric, window = SHORTHANDS[name]
-        elif "/" in name:
-            metric, window = name.split("/", 1)
-        else:
-            raise ValueError(f"limit {name!r} is not one of {', '.join(SHORTHANDS)} or METRIC/WINDOW")
+        metric, window = metric_window(name)
         limits.append(apb.Limit(model=model, metric=metric, window=window, limit=int(value)))
     return limits
 
 
 def parse_clear_args(model: str, items: Sequence[str]) -> list[apb.LimitKey]:
-    keys = []
-    for name in items:
-        if name in SHORTHANDS:
-            metric, window = SHORTHANDS[name]
-        elif "/" in name:
-            metric, window = name.split("/", 1)
-        else:
-            raise ValueError(f"limit {name!r} is not one of {', '.join(SHORTHANDS)} or METRIC/WINDOW")
-        keys.append(apb.LimitKey(model=model, metric=metric, window=window))
-    return keys
+    return [apb.LimitKey(model=model, metric=m, window=w) for m, w in map(metric_window, items)]
 
 
 def emit(args: argparse.Namespace, message: Message, table: Callable[[], str]) -> None:
@@ -84,6 +115,13 @@ def render(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
     cells = [[str(c) for c in header], *[[str(c) for c in r] for r in rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)
+
+
+def when(ms: int) -> str:
+    """Milliseconds since the epoch as UTC time for tables; "-" for never."""
+    if not ms:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def _opt(msg: Message, field: str) -> str:
@@ -162,16 +200,17 @@ async def project_create(api: Api, args: argparse.Namespace) -> int:
         apb.CreateProjectRequest(organization_id=args.org, name=args.name, description=args.description),
         metadata=api.metadata,
     )
-    emit(args, p, lambda: render([(p.id, p.name, p.description)], ("ID", "NAME", "DESCRIPTION")))
+    emit(args, p, lambda: projects_table([p]))
     return 0
 
 
 async def project_limits(api: Api, args: argparse.Namespace) -> int:
+    project = await resolve_project(api, args.org, args.project)
     if args.set or args.clear:
         reply = await api.projects.SetProjectLimits(
             apb.SetProjectLimitsRequest(
                 organization_id=args.org,
-                project_id=args.project,
+                project_id=project,
                 set=parse_limit_args(args.model, args.set),
                 clear=parse_clear_args(args.model, args.clear),
             ),
@@ -179,15 +218,16 @@ async def project_limits(api: Api, args: argparse.Namespace) -> int:
         )
     else:
         reply = await api.projects.GetProjectLimits(
-            apb.GetProjectLimitsRequest(organization_id=args.org, project_id=args.project), metadata=api.metadata
+            apb.GetProjectLimitsRequest(organization_id=args.org, project_id=project), metadata=api.metadata
         )
     emit(args, reply, lambda: project_limits_table(reply))
     return 0
 
 
 async def key_create(api: Api, args: argparse.Namespace) -> int:
+    project = await resolve_project(api, args.org, args.project)
     reply = await api.projects.CreateApiKey(
-        apb.CreateApiKeyRequest(organization_id=args.org, project_id=args.project, name=args.name),
+        apb.CreateApiKeyRequest(organization_id=args.org, project_id=project, name=args.name),
         metadata=api.metadata,
     )
     emit(
@@ -200,15 +240,17 @@ async def key_create(api: Api, args: argparse.Namespace) -> int:
 
 def keys_table(keys: Sequence[apb.ApiKey]) -> str:
     return render(
-        [(k.id, k.name, k.prefix + "…", k.created_at_ms, k.last_used_at_ms or "-", "revoked" if k.revoked else "active")
+        [(k.id, k.name, k.prefix + "…", when(k.created_at_ms), when(k.last_used_at_ms),
+          "revoked" if k.revoked else "active")
          for k in keys],
-        ("ID", "NAME", "PREFIX", "CREATED_MS", "LAST_USED_MS", "STATE"),
+        ("ID", "NAME", "PREFIX", "CREATED", "LAST USED", "STATE"),
     )  # fmt: skip
 
 
 async def key_list(api: Api, args: argparse.Namespace) -> int:
+    project = await resolve_project(api, args.org, args.project)
     reply = await api.projects.ListApiKeys(
-        apb.ListApiKeysRequest(organization_id=args.org, project_id=args.project), metadata=api.metadata
+        apb.ListApiKeysRequest(organization_id=args.org, project_id=project), metadata=api.metadata
     )
     emit(args, reply, lambda: keys_table(reply.keys))
     return 0
@@ -219,6 +261,316 @@ async def key_revoke(api: Api, args: argparse.Namespace) -> int:
         apb.RevokeApiKeyRequest(organization_id=args.org, key_id=args.key), metadata=api.metadata
     )
     emit(args, reply, lambda: keys_table([reply]))
+    return 0
+
+
+# -- organizations and projects ----------------------------------------------------
+
+
+def orgs_table(orgs: Sequence[apb.Organization]) -> str:
+    return render([(o.id, o.name, when(o.created_at_ms)) for o in orgs], ("ID", "NAME", "CREATED"))
+
+
+def projects_table(projects: Sequence[apb.Project]) -> str:
+    return render(
+        [(p.id, p.name, when(p.created_at_ms), p.description) for p in projects],
+        ("ID", "NAME", "CREATED", "DESCRIPTION"),
+    )
+
+
+async def org_list(api: Api, args: argparse.Namespace) -> int:
+    reply = apb.ListOrganizationsResponse()
+    while True:
+        page = await api.orgs.ListOrganizations(
+            apb.ListOrganizationsRequest(page_token=reply.next_page_token, page_size=1000), metadata=api.metadata
+        )
+        reply.organizations.extend(page.organizations)
+        reply.next_page_token = page.next_page_token
+        if not page.next_page_token:
+            break
+    emit(args, reply, lambda: orgs_table(reply.organizations))
+    return 0
+
+
+async def org_get(api: Api, args: argparse.Namespace) -> int:
+    org = await api.orgs.GetOrganization(apb.GetOrganizationRequest(organization_id=args.org), metadata=api.metadata)
+    emit(args, org, lambda: orgs_table([org]))
+    return 0
+
+
+async def project_list(api: Api, args: argparse.Namespace) -> int:
+    """Every page, unless --page-size or --page-token asks for one page."""
+    one_page = bool(args.page_size or args.page_token)
+    reply = apb.ListProjectsResponse(next_page_token=args.page_token or "")
+    while True:
+        page = await api.projects.ListProjects(
+            apb.ListProjectsRequest(
+                organization_id=args.org, page_size=args.page_size or 1000, page_token=reply.next_page_token
+            ),
+            metadata=api.metadata,
+        )
+        reply.projects.extend(page.projects)
+        reply.next_page_token = page.next_page_token
+        if one_page or not page.next_page_token:
+            break
+
+    def table() -> str:
+        text = projects_table(reply.projects)
+        return text + (f"\n\nnext page: --page-token {reply.next_page_token}" if reply.next_page_token else "")
+
+    emit(args, reply, table)
+    return 0
+
+
+async def project_get(api: Api, args: argparse.Namespace) -> int:
+    request = apb.GetProjectRequest(organization_id=args.org)
+    if ids.is_id("proj", args.project):
+        request.project_id = args.project
+    else:
+        request.name = args.project
+    p = await api.projects.GetProject(request, metadata=api.metadata)
+    emit(args, p, lambda: projects_table([p]))
+    return 0
+
+
+async def project_update(api: Api, args: argparse.Namespace) -> int:
+    if args.name is None and args.description is None:
+        raise ValueError("project update: give --name and/or --description")
+    request = apb.UpdateProjectRequest(
+        organization_id=args.org, project_id=await resolve_project(api, args.org, args.project)
+    )
+    if args.name is not None:
+        request.name = args.name
+    if args.description is not None:
+        request.description = args.description
+    p = await api.projects.UpdateProject(request, metadata=api.metadata)
+    emit(args, p, lambda: projects_table([p]))
+    return 0
+
+
+async def project_delete(api: Api, args: argparse.Namespace) -> int:
+    project = await resolve_project(api, args.org, args.project)
+    p = await api.projects.DeleteProject(
+        apb.DeleteProjectRequest(organization_id=args.org, project_id=project), metadata=api.metadata
+    )
+    emit(args, p, lambda: f"deleted project {p.name} ({p.id}); its API keys no longer work")
+    return 0
+
+
+# -- model permissions ---------------------------------------------------------------
+
+ACCESS_NAMES = {
+    apb.MODEL_ACCESS_UNRESTRICTED: "unrestricted",
+    apb.MODEL_ACCESS_ALLOW_LIST: "allow",
+    apb.MODEL_ACCESS_BLOCK_LIST: "block",
+}
+
+
+def policy_text(policy: apb.ModelPolicy) -> str:
+    name = ACCESS_NAMES[policy.access]
+    return name if policy.access == apb.MODEL_ACCESS_UNRESTRICTED else f"{name}: {', '.join(policy.models) or '(none)'}"
+
+
+def permissions_table(reply: apb.ModelPermissions) -> str:
+    rows = [("organization", reply.organization_id, policy_text(reply.organization))]
+    if reply.HasField("project"):
+        rows.append(("project", reply.project_id, policy_text(reply.project)))
+    return render(rows, ("SCOPE", "ID", "MODELS"))
+
+
+async def models_show(api: Api, args: argparse.Namespace) -> int:
+    project = await resolve_project(api, args.org, args.project) if args.project else ""
+    reply = await api.models.GetModelPermissions(
+        apb.GetModelPermissionsRequest(organization_id=args.org, project_id=project), metadata=api.metadata
+    )
+    emit(args, reply, lambda: permissions_table(reply))
+    return 0
+
+
+async def models_set(api: Api, args: argparse.Namespace) -> int:
+    project = await resolve_project(api, args.org, args.project) if args.project else ""
+    if args.allow is not None:
+        policy = apb.ModelPolicy(access=apb.MODEL_ACCESS_ALLOW_LIST, models=args.allow)
+    elif args.block is not None:
+        policy = apb.ModelPolicy(access=apb.MODEL_ACCESS_BLOCK_LIST, models=args.block)
+    else:
+        policy = apb.ModelPolicy(access=apb.MODEL_ACCESS_UNRESTRICTED)
+    reply = await api.models.SetModelPermissions(
+        apb.SetModelPermissionsRequest(organization_id=args.org, project_id=project, policy=policy),
+        metadata=api.metadata,
+    )
+    emit(args, reply, lambda: permissions_table(reply))
+    return 0
+
+
+# -- members and credentials -----------------------------------------------------------
+
+ROLES = {"owner": apb.ROLE_OWNER, "developer": apb.ROLE_DEVELOPER, "reader": apb.ROLE_READER}
+ROLE_NAMES = {v: k for k, v in ROLES.items()} | {apb.ROLE_UNSPECIFIED: "-"}
+
+
+def members_table(members: Sequence[apb.Member]) -> str:
+    return render(
+        [(m.id, m.name, ROLE_NAMES[m.role], when(m.created_at_ms)) for m in members], ("ID", "NAME", "ROLE", "ADDED")
+    )
+
+
+def credentials_table(creds: Sequence[apb.Credential]) -> str:
+    return render(
+        [(c.id, c.kind, c.name, c.member_id or "-", when(c.created_at_ms)) for c in creds],
+        ("ID", "KIND", "NAME", "MEMBER", "CREATED"),
+    )
+
+
+def _shown_once(token: str, what: str) -> str:
+    return f"{token}\n\n{what}; the token above is shown only now, keep it safe."
+
+
+async def member_add(api: Api, args: argparse.Namespace) -> int:
+    reply = await api.members.AddMember(
+        apb.AddMemberRequest(organization_id=args.org, name=args.name, role=ROLES[args.role]), metadata=api.metadata
+    )
+    emit(args, reply, lambda: _shown_once(reply.token, f"member {reply.member.name} ({reply.member.id}) added"))
+    return 0
+
+
+async def member_list(api: Api, args: argparse.Namespace) -> int:
+    reply = await api.members.ListMembers(apb.ListMembersRequest(organization_id=args.org), metadata=api.metadata)
+    emit(args, reply, lambda: members_table(reply.members))
+    return 0
+
+
+async def member_role(api: Api, args: argparse.Namespace) -> int:
+    member = await resolve_member(api, args.org, args.member)
+    reply = await api.members.UpdateMember(
+        apb.UpdateMemberRequest(organization_id=args.org, member_id=member, role=ROLES[args.role]),
+        metadata=api.metadata,
+    )
+    emit(args, reply, lambda: members_table([reply]))
+    return 0
+
+
+async def member_remove(api: Api, args: argparse.Namespace) -> int:
+    member = await resolve_member(api, args.org, args.member)
+    reply = await api.members.RemoveMember(
+        apb.RemoveMemberRequest(organization_id=args.org, member_id=member), metadata=api.metadata
+    )
+    emit(args, reply, lambda: f"removed member {reply.name} ({reply.id}) and revoked its credentials")
+    return 0
+
+
+async def credential_create(api: Api, args: argparse.Namespace) -> int:
+    if bool(args.org) != bool(args.member):
+        raise ValueError(
+            "credential create: give both --org and --member (a member's credential) or neither (operator)"
+        )
+    member = await resolve_member(api, args.org, args.member) if args.member else ""
+    reply = await api.creds.CreateCredential(
+        apb.CreateCredentialRequest(organization_id=args.org or "", member_id=member, name=args.name),
+        metadata=api.metadata,
+    )
+    emit(args, reply, lambda: _shown_once(reply.token, f"credential {reply.credential.id} created"))
+    return 0
+
+
+async def credential_list(api: Api, args: argparse.Namespace) -> int:
+    reply = await api.creds.ListCredentials(
+        apb.ListCredentialsRequest(organization_id=args.org or ""), metadata=api.metadata
+    )
+    emit(args, reply, lambda: credentials_table(reply.credentials))
+    return 0
+
+
+async def credential_revoke(api: Api, args: argparse.Namespace) -> int:
+    reply = await api.creds.RevokeCredential(
+        apb.RevokeCredentialRequest(organization_id=args.org or "", credential_id=args.credential),
+        metadata=api.metadata,
+    )
+    emit(args, reply, lambda: credentials_table([reply]))
+    return 0
+
+
+async def whoami(api: Api, args: argparse.Namespace) -> int:
+    me = await api.creds.WhoAmI(apb.WhoAmIRequest(), metadata=api.metadata)
+
+    def text() -> str:
+        if me.kind == "operator":
+            return f"platform operator (credential {me.credential_id}, {me.name})"
+        role = ROLE_NAMES[me.role]
+        return f"{me.name}: {role} of {me.organization_id} (member {me.member_id}, credential {me.credential_id})"
+
+    emit(args, me, text)
+    return 0
+
+
+# -- audit ---------------------------------------------------------------------------
+
+_AGO = re.compile(r"^(\d+)([smhd])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_time(text: str) -> int:
+    """Unix milliseconds from '2025-06-01', '2025-06-01T12:00:00Z', '90m' or '7d' (ago), or a number of ms."""
+    if text.isdigit():
+        return int(text)
+    if m := _AGO.match(text):
+        return int(time.time() * 1000) - int(m[1]) * _UNIT_S[m[2]] * 1000
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"time {text!r} is not ISO 8601 (2025-06-01T12:00:00Z), N[smhd] ago, or milliseconds"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
+def _change(before: str, after: str) -> str:
+    b, a = json.loads(before or "null"), json.loads(after or "null")
+    if b is None:
+        return "+ " + json.dumps(a, separators=(",", ":"))
+    if a is None:
+        return "- " + json.dumps(b, separators=(",", ":"))
+    if isinstance(b, dict) and isinstance(a, dict):
+        return "; ".join(
+            f"{k}: {json.dumps(b.get(k))} -> {json.dumps(a.get(k))}"
+            for k in sorted(b.keys() | a.keys())
+            if b.get(k) != a.get(k)
+        )
+    return f"{json.dumps(b)} -> {json.dumps(a)}"
+
+
+def _actor(p: apb.Principal) -> str:
+    return "operator" if p.kind == "operator" else f"{p.name} ({ROLE_NAMES[p.role]})"
+
+
+def audit_table(events: Sequence[apb.AuditEvent]) -> str:
+    return render(
+        [(when(e.time_ms), _actor(e.actor), e.operation, e.project_id or "-", e.target, _change(e.before, e.after))
+         for e in events],
+        ("TIME", "WHO", "OPERATION", "PROJECT", "TARGET", "CHANGE"),
+    )  # fmt: skip
+
+
+async def audit(api: Api, args: argparse.Namespace) -> int:
+    # An id is used as it is, so a deleted project's history stays readable.
+    project = await resolve_project(api, args.org, args.project) if args.project else ""
+    request = apb.ListAuditEventsRequest(
+        organization_id=args.org or "",
+        project_id=project,
+        since_ms=parse_time(args.since) if args.since else 0,
+        until_ms=parse_time(args.until) if args.until else 0,
+    )
+    reply = apb.ListAuditEventsResponse()
+    while len(reply.events) < args.limit:
+        request.page_size = min(1000, args.limit - len(reply.events))
+        page = await api.audit.ListAuditEvents(request, metadata=api.metadata)
+        reply.events.extend(page.events)
+        request.page_token = reply.next_page_token = page.next_page_token
+        if not page.next_page_token:
+            break
+    emit(args, reply, lambda: audit_table(reply.events))
     return 0
 
 
@@ -337,6 +689,9 @@ def _call(verb: Verb, *, demo_mode: bool = False) -> Callable[[argparse.Namespac
             except grpc.aio.AioRpcError as e:
                 print(f"ratelimitd: {e.code().name}: {e.details()}", file=sys.stderr)
                 return 1
+            except CliError as e:
+                print(f"ratelimitd: {e}", file=sys.stderr)
+                return 1
             finally:
                 await api.channel.close()
 
@@ -377,6 +732,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p = _common(org.add_parser("create", help="create an organization (operator)"))
     p.add_argument("name")
     p.set_defaults(func=_call(org_create))
+    p = _common(org.add_parser("list", help="list organizations (a member sees its own)"))
+    p.set_defaults(func=_call(org_list))
+    p = _common(org.add_parser("get", help="show one organization"))
+    p.add_argument("org")
+    p.set_defaults(func=_call(org_get))
     p = _common(org.add_parser("limits", help="show, or with --set/--clear change, organization limits"))
     p.add_argument("org")
     _limit_flags(p)
@@ -388,6 +748,25 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("name")
     p.add_argument("--description", default="")
     p.set_defaults(func=_call(project_create))
+    p = _common(proj.add_parser("list", help="list projects by name (every page unless --page-size/--page-token)"))
+    p.add_argument("org")
+    p.add_argument("--page-size", type=int, default=0)
+    p.add_argument("--page-token", default="")
+    p.set_defaults(func=_call(project_list))
+    p = _common(proj.add_parser("get", help="show one project"))
+    p.add_argument("org")
+    p.add_argument("project")
+    p.set_defaults(func=_call(project_get))
+    p = _common(proj.add_parser("update", help="rename a project and/or change its description"))
+    p.add_argument("org")
+    p.add_argument("project")
+    p.add_argument("--name")
+    p.add_argument("--description")
+    p.set_defaults(func=_call(project_update))
+    p = _common(proj.add_parser("delete", help="delete a project; its keys stop working at once"))
+    p.add_argument("org")
+    p.add_argument("project")
+    p.set_defaults(func=_call(project_delete))
     p = _common(proj.add_parser("limits", help="show effective limits, or with --set/--clear change custom ones"))
     p.add_argument("org")
     p.add_argument("project")
@@ -408,6 +787,72 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("org")
     p.add_argument("key")
     p.set_defaults(func=_call(key_revoke))
+
+    models = sub.add_parser("models", help="model permissions").add_subparsers(dest="verb", required=True)
+    p = _common(models.add_parser("show", help="show the organization's (and a project's) model permissions"))
+    p.add_argument("org")
+    p.add_argument("project", nargs="?")
+    p.set_defaults(func=_call(models_show))
+    p = _common(models.add_parser("set", help="replace the organization's (or with --project a project's) model list"))
+    p.add_argument("org")
+    p.add_argument("--project", help="a project's list instead of the organization's")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--allow", nargs="*", metavar="MODEL", help="only these models")
+    which.add_argument("--block", nargs="*", metavar="MODEL", help="every model but these")
+    which.add_argument("--unrestricted", action="store_true", help="no list")
+    p.set_defaults(func=_call(models_set))
+
+    member = sub.add_parser("member", help="organization members").add_subparsers(dest="verb", required=True)
+    p = _common(member.add_parser("add", help="add a member; its first token is printed once"))
+    p.add_argument("org")
+    p.add_argument("name", help="unique in the organization, e.g. an e-mail address")
+    p.add_argument("--role", choices=ROLES, required=True)
+    p.set_defaults(func=_call(member_add))
+    p = _common(member.add_parser("list", help="list members"))
+    p.add_argument("org")
+    p.set_defaults(func=_call(member_list))
+    p = _common(member.add_parser("role", help="change a member's role"))
+    p.add_argument("org")
+    p.add_argument("member")
+    p.add_argument("role", choices=ROLES)
+    p.set_defaults(func=_call(member_role))
+    p = _common(member.add_parser("remove", help="remove a member and revoke its credentials"))
+    p.add_argument("org")
+    p.add_argument("member")
+    p.set_defaults(func=_call(member_remove))
+
+    cred = sub.add_parser("credential", help="management credentials").add_subparsers(dest="verb", required=True)
+    p = _common(cred.add_parser("create", help="a member's (--org, --member) or an operator credential; printed once"))
+    p.add_argument("name")
+    p.add_argument("--org")
+    p.add_argument("--member")
+    p.set_defaults(func=_call(credential_create))
+    p = _common(cred.add_parser("list", help="an organization's member credentials, or without --org the operator's"))
+    p.add_argument("--org")
+    p.set_defaults(func=_call(credential_list))
+    p = _common(cred.add_parser("revoke", help="revoke a credential (--org for a member's)"))
+    p.add_argument("credential")
+    p.add_argument("--org")
+    p.set_defaults(func=_call(credential_revoke))
+
+    p = _common(sub.add_parser("whoami", help="who the credential speaks for"))
+    p.set_defaults(func=_call(whoami))
+
+    p = _common(sub.add_parser("audit", help="the audit trail, newest first (without ORG: the platform's)"))
+    p.add_argument("org", nargs="?")
+    p.add_argument("--project", help="only this project's events")
+    p.add_argument("--since", help="2025-06-01, 2025-06-01T12:00:00Z, 90m or 7d (ago)")
+    p.add_argument("--until", help="same forms as --since")
+    p.add_argument("--limit", type=int, default=50, help="at most this many events (default 50)")
+    p.set_defaults(func=_call(audit))
+
+    from ratelimitd import apply
+
+    p = _common(sub.add_parser("apply", help="make an organization match a YAML file (docs/apply.md)"))
+    p.add_argument("-f", "--file", required=True, help="the YAML file ('-' for stdin)")
+    p.add_argument("--dry-run", action="store_true", help="print what would change, change nothing")
+    p.add_argument("--prune", action="store_true", help="also delete projects and remove members the file omits")
+    p.set_defaults(func=_call(apply.run))
 
 
 def _limit_flags(p: argparse.ArgumentParser) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ratelimitd.engine.audit import DEFAULT_MAX_EVENTS
 from ratelimitd.engine.retention import Retention
 from ratelimitd.storage.redis import redact
 
@@ -92,6 +93,10 @@ class Settings:
     health_interval_s: float = _field(1.0, "how often storage health is probed")
     metrics_listen: str = _field("", "host:port to serve Prometheus metrics over HTTP (/metrics); empty: off")
     workers: int = _field(1, "server processes sharing the port (SO_REUSEPORT), one per core you give it")
+    audit_max_events: int = _field(
+        DEFAULT_MAX_EVENTS,
+        "audit events kept per organization (and for the platform); older ones are trimmed (approximately)",
+    )
     manual_clock: bool = _field(False, "tests only: read time from the 'rl:clock' key instead of Redis TIME")
     envoy_domains: tuple[str, ...] = _field(
         ("ratelimitd",), "Envoy rate limit domains ShouldRateLimit decides (the filter's `domain`), comma-separated"

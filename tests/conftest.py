@@ -59,6 +59,10 @@ class Client:
     decisions: ratelimit_pb2_grpc.RateLimitServiceAsyncStub
     orgs: admin_pb2_grpc.OrganizationServiceAsyncStub
     projects: admin_pb2_grpc.ProjectServiceAsyncStub
+    models: admin_pb2_grpc.ModelPermissionServiceAsyncStub
+    members: admin_pb2_grpc.MemberServiceAsyncStub
+    creds: admin_pb2_grpc.CredentialServiceAsyncStub
+    audit: admin_pb2_grpc.AuditServiceAsyncStub
 
     async def org(self, name: str, limits: list[tuple[str, str, str, int]]) -> str:
         org = await self.orgs.CreateOrganization(apb.CreateOrganizationRequest(name=name), metadata=AUTH)
@@ -97,6 +101,10 @@ def channel_client(address: str) -> Client:
         ratelimit_pb2_grpc.RateLimitServiceStub(channel),
         admin_pb2_grpc.OrganizationServiceStub(channel),
         admin_pb2_grpc.ProjectServiceStub(channel),
+        admin_pb2_grpc.ModelPermissionServiceStub(channel),
+        admin_pb2_grpc.MemberServiceStub(channel),
+        admin_pb2_grpc.CredentialServiceStub(channel),
+        admin_pb2_grpc.AuditServiceStub(channel),
     )
 
 

@@ -238,6 +238,26 @@ async def test_what_an_end_user_controls_is_refused_never_an_error(
     assert await charged(redis_client) == []
 
 
+async def test_a_blocked_model_is_refused_with_403_and_blames_its_descriptor(
+    client: Client, project: Project, redis_client: redis.asyncio.Redis
+) -> None:
+    await client.models.SetModelPermissions(
+        apb.SetModelPermissionsRequest(
+            organization_id=project.org, policy=apb.ModelPolicy(access=apb.MODEL_ACCESS_BLOCK_LIST, models=[M2])
+        ),
+        metadata=AUTH,
+    )
+    reply = await rls(client).ShouldRateLimit(
+        request(desc(api_key=project.key, model=M), desc(api_key=project.key, model=M2))
+    )
+    assert (reply.overall_code, [s.code for s in reply.statuses]) == (OVER, [OK, OVER])
+    error = body(reply)
+    assert (error["type"], error["code"]) == ("invalid_request_error", "model_blocked")
+    assert f"`{M2}` is blocked" in error["message"]
+    assert json_format.MessageToDict(reply.dynamic_metadata)["http_status"] == "403"
+    assert await charged(redis_client) == []
+
+
 async def test_revoked_key_and_spend_limit_refusals(
     client: Client, key: str, redis_client: redis.asyncio.Redis
 ) -> None:

@@ -17,8 +17,15 @@ def test_every_key_of_an_organization_shares_one_slot() -> None:
         k.api_key("key_x"), k.project_api_keys(project), k.request("req-1"),
         k.org_buckets("llama-3.1-8b-instant"),
         k.project_buckets(project, "meta-llama/llama-4-scout-17b-16e-instruct"),
+        k.deleted_project(project), k.members, k.member_names, k.member_credentials, k.model_permissions, k.audit,
     ]  # fmt: skip
     assert {key_slot(n.encode()) for n in names} == {key_slot(k.org_limits.encode())}
+
+
+def test_operator_credentials_and_their_audit_trail_share_one_slot() -> None:
+    from ratelimitd.engine import keys
+
+    assert key_slot(keys.CREDENTIALS.encode()) == key_slot(keys.PLATFORM_AUDIT.encode())
 
 
 def test_decide_lua_builds_keys_the_way_the_keys_module_does() -> None:
@@ -26,9 +33,10 @@ def test_decide_lua_builds_keys_the_way_the_keys_module_does() -> None:
 
     lua = read_script("decide")
     # The script derives keys from this prefix; if either side changes, both must.
-    for fragment in ('"lim:p:"', '"b:o:"', '"b:p:"', '"p:"', "-6)"):
+    for fragment in ('"lim:p:"', '"b:o:"', '"b:p:"', '"p:"', '"mp"', "-6)"):
         assert fragment in lua
     assert OrgKeys("org_x").org_limits.endswith("lim:o") and len("lim:o") + 1 == 6
+    assert OrgKeys("org_x").model_permissions == OrgKeys("org_x").prefix + "mp"
 
 
 def test_api_key_carries_its_ids() -> None:

@@ -12,6 +12,7 @@ from ratelimitd.api.auth import authorization
 from ratelimitd.api.errors import rpc
 from ratelimitd.api.metrics import Metrics
 from ratelimitd.engine import ids
+from ratelimitd.engine.authz import authorize
 from ratelimitd.engine.credentials import Credentials
 from ratelimitd.engine.decisions import BucketState, Caller, Decider, Decision, Outcome, Scope
 from ratelimitd.engine.errors import InvalidArgument, NotFound, StorageUnavailable
@@ -33,6 +34,7 @@ _REASON = {
     Outcome.TOO_LARGE: pb.REASON_REQUEST_TOO_LARGE,
     Outcome.INVALID_API_KEY: pb.REASON_INVALID_API_KEY,
     Outcome.MODEL_NOT_AVAILABLE: pb.REASON_MODEL_NOT_AVAILABLE,
+    Outcome.MODEL_BLOCKED: pb.REASON_MODEL_BLOCKED,
     Outcome.SPEND_LIMIT: pb.REASON_SPEND_LIMIT,
 }
 
@@ -174,12 +176,13 @@ class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
             parsed = ids.parse_api_key(request.api_key)
             return None if parsed is None else Caller(parsed.org_id, parsed.key_id, parsed.hash, "")
         if which == "project":
-            await self._credentials.authenticate(authorization(context))
+            principal = await self._credentials.authenticate(authorization(context))
             ref = request.project
             if not ids.is_id("org", ref.organization_id):
                 raise InvalidArgument(f"project.organization_id {ref.organization_id[:80]!r} is not an org_ id")
             if not ids.is_id("proj", ref.project_id):
                 raise InvalidArgument(f"project.project_id {ref.project_id[:80]!r} is not a proj_ id")
+            authorize(principal, "CheckAndConsumeByProject", ref.organization_id)  # no storage call
             return Caller(ref.organization_id, "", "", ref.project_id)
         raise InvalidArgument("set either api_key or project")
 

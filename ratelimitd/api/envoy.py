@@ -399,7 +399,7 @@ class EnvoyRateLimitServicer:
         # model's item, or (key, spend limit) all of them.
         if binding is not None:
             blamed = {j for j, bs in enumerate(item_buckets) if any(b is binding for b in bs)}
-        elif decision.outcome in (Outcome.MODEL_NOT_AVAILABLE, refusals.MODEL_BLOCKED_OUTCOME) and (
+        elif decision.outcome in (Outcome.MODEL_NOT_AVAILABLE, Outcome.MODEL_BLOCKED) and (
             1 <= decision.detail <= len(items)
         ):
             blamed = {decision.detail - 1}

@@ -10,6 +10,7 @@ import grpc
 from ratelimitd.api.auth import authorization
 from ratelimitd.api.decisions import reason_name
 from ratelimitd.api.errors import rpc
+from ratelimitd.engine.authz import authorize
 from ratelimitd.engine.credentials import Credentials
 from ratelimitd.engine.errors import InvalidArgument
 from ratelimitd.engine.usage import LogEntry, Price, SpendLine, Usage, UsageTotals
@@ -70,12 +71,13 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
         self.credentials = credentials
         self.storage_failed = storage_failed
 
-    async def _authenticate(self, context: Context) -> None:
-        await self.credentials.authenticate(authorization(context))
+    async def _allow(self, context: Context, operation: str, organization_id: str) -> None:
+        principal = await self.credentials.authenticate(authorization(context))
+        authorize(principal, operation, organization_id)
 
     @rpc
     async def GetUsage(self, request: pb.GetUsageRequest, context: Context) -> pb.GetUsageResponse:
-        await self._authenticate(context)
+        await self._allow(context, "GetUsage", request.organization_id)
         if request.granularity not in _GRANULARITY:
             raise InvalidArgument("granularity must be MINUTE, HOUR or DAY")
         if any(g not in _GROUP for g in request.group_by):
@@ -101,19 +103,19 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
 
     @rpc
     async def GetSpend(self, request: pb.GetSpendRequest, context: Context) -> pb.GetSpendResponse:
-        await self._authenticate(context)
+        await self._allow(context, "GetSpend", request.organization_id)
         return await self._spend(request.organization_id, request.month)
 
     @rpc
     async def SetSpendLimit(self, request: pb.SetSpendLimitRequest, context: Context) -> pb.GetSpendResponse:
-        await self._authenticate(context)
+        await self._allow(context, "SetSpendLimit", request.organization_id)
         limit = request.limit_usd if request.HasField("limit_usd") else None
         await self.usage.set_spend_limit(request.organization_id, request.project_id, limit)
         return await self._spend(request.organization_id)
 
     @rpc
     async def ListRequestLogs(self, request: pb.ListRequestLogsRequest, context: Context) -> pb.ListRequestLogsResponse:
-        await self._authenticate(context)
+        await self._allow(context, "ListRequestLogs", request.organization_id)
         entries = await self.usage.logs(
             request.organization_id,
             request.project_id,
@@ -128,20 +130,20 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
 
     @rpc
     async def SetPrice(self, request: pb.SetPriceRequest, context: Context) -> pb.Price:
-        await self._authenticate(context)
+        await self._allow(context, "SetPrice", request.price.organization_id)
         p = request.price
         price = Price(p.model, p.input_per_million, p.output_per_million, p.cached_input_per_million)
         return _price(p.organization_id, await self.usage.set_price(p.organization_id, price))
 
     @rpc
     async def ListPrices(self, request: pb.ListPricesRequest, context: Context) -> pb.ListPricesResponse:
-        await self._authenticate(context)
+        await self._allow(context, "ListPrices", request.organization_id)
         prices = await self.usage.prices(request.organization_id)
         return pb.ListPricesResponse(prices=[_price(request.organization_id, p) for p in prices])
 
     @rpc
     async def SetUsageSettings(self, request: pb.UsageSettings, context: Context) -> pb.UsageSettings:
-        await self._authenticate(context)
+        await self._allow(context, "SetUsageSettings", request.organization_id)
         count = await self.usage.set_cached_tokens_count(
             request.organization_id, request.cached_tokens_count_toward_limits
         )
@@ -149,6 +151,6 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
 
     @rpc
     async def GetUsageSettings(self, request: pb.GetUsageSettingsRequest, context: Context) -> pb.UsageSettings:
-        await self._authenticate(context)
+        await self._allow(context, "GetUsageSettings", request.organization_id)
         count = await self.usage.cached_tokens_count(request.organization_id)
         return pb.UsageSettings(organization_id=request.organization_id, cached_tokens_count_toward_limits=count)

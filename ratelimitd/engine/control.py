@@ -1,12 +1,17 @@
 """The control plane: organizations, projects, limits and API keys.
 
-Not on the decision hot path; every write that must be checked against other
-state (a project limit against the organization's) is one Lua script, so no
-concurrent change can slip between the check and the write.
+Not on the decision hot path. Every write that must be checked against other
+state is atomic with its check: a Lua script (a project limit against the
+organization's) or an optimistic transaction (``storage.redis.transaction``:
+a project name against the name index), so no concurrent change can slip
+between the check and the write. Every change appends its audit event in the
+same atomic step. Callers authorize first (authz.py); methods here take the
+acting principal only to record it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Iterable, Sequence
@@ -14,8 +19,11 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
-from ratelimitd.engine import ids, keys
+from ratelimitd.engine import ids, keys, pages
+from ratelimitd.engine.audit import Audit, AuditEvent, actor_json
+from ratelimitd.engine.authz import INTERNAL, Principal
 from ratelimitd.engine.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from ratelimitd.engine.limits import (
     WILDCARD,
@@ -28,8 +36,9 @@ from ratelimitd.engine.limits import (
     validate_model,
 )
 from ratelimitd.engine.scripts import Scripts
-from ratelimitd.storage.redis import storage_errors
+from ratelimitd.storage.redis import begin_writes, storage_errors, transaction
 
+# Names are part of URLs, metric labels and YAML keys, hence the narrow set.
 PROJECT_NAME_RULES = "1 to 64 characters: lowercase letters, digits and '-', starting with a letter or digit"
 _PROJECT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 MAX_NAME_LENGTH = 128
@@ -59,6 +68,10 @@ class ProjectInfo:
     name: str
     description: str
     created_at_ms: int
+
+
+def _project_record(p: ProjectInfo) -> dict[str, str]:
+    return {"name": p.name, "description": p.description}
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,39 +108,71 @@ def validate_name(what: str, name: str, limit: int = MAX_NAME_LENGTH) -> str:
     return name
 
 
+def validate_description(description: str) -> str:
+    if len(description) > MAX_DESCRIPTION_LENGTH:
+        raise InvalidArgument(
+            f"description is {len(description)} characters long, at most {MAX_DESCRIPTION_LENGTH} are allowed"
+        )
+    if any(ord(c) < 32 and c not in "\n\t" for c in description):
+        raise InvalidArgument("description contains control characters")
+    return description
+
+
 def validate_project_name(name: str) -> str:
     if not _PROJECT_NAME_RE.match(name):
         raise InvalidArgument(f"project name {name[:80]!r} is not valid: {PROJECT_NAME_RULES}")
     return name
 
 
-def require_id(kind: str, what: str, value: str) -> str:
-    if not value:
-        raise InvalidArgument(f"{what} is empty")
-    if not ids.is_id(kind, value):
-        raise InvalidArgument(f"{what} {value[:80]!r} is not a {kind}_ id")
-    return value
-
-
 class ControlPlane:
-    def __init__(self, redis: Redis, scripts: Scripts, dimensions: Dimensions) -> None:
+    def __init__(self, redis: Redis, scripts: Scripts, dimensions: Dimensions, audit: Audit) -> None:
         self._redis = redis
         self._scripts = scripts
         self.dims = dimensions
+        self.audit = audit
 
     # -- organizations -------------------------------------------------------
 
-    async def create_organization(self, name: str) -> OrganizationInfo:
+    async def create_organization(self, name: str, *, actor: Principal = INTERNAL) -> OrganizationInfo:
         validate_name("organization name", name)
         org = OrganizationInfo(ids.new_id("org"), name, now_ms())
         k = keys.OrgKeys(org.id)
         with storage_errors():
-            await self._redis.hset(k.record, mapping={"n": name, "c": org.created_at_ms})
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(k.record, mapping={"n": name, "c": org.created_at_ms})
+                self.audit.append(pipe, k.audit, actor, "CreateOrganization", org.id, after={"name": name})
+                await pipe.execute()
+            # The index lives outside the organization's slot, so it is written
+            # second: an organization missing from it is invisible, never half-made.
             await self._redis.hset(keys.ORGANIZATIONS, org.id, name)
         return org
 
+    async def get_organization(self, org_id: str) -> OrganizationInfo:
+        k = await self.require_organization(org_id)
+        with storage_errors():
+            rec = _strs(await self._redis.hgetall(k.record))
+        return OrganizationInfo(org_id, rec.get("n", ""), int(rec.get("c", 0)))
+
+    async def list_organizations(
+        self, page_size: int, page_token: str, only: str | None = None
+    ) -> tuple[list[OrganizationInfo], str]:
+        """By name, then id; ``only`` limits the list to one organization (a member's own)."""
+        size = pages.page_size(page_size)
+        with storage_errors():
+            names = _strs(await self._redis.hgetall(keys.ORGANIZATIONS))
+            org_ids = [o for o in names if only is None or o == only]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for org_id in org_ids:
+                    pipe.hget(keys.OrgKeys(org_id).record, "c")
+                created = await pipe.execute()
+        items = sorted(
+            (f"{names[o]}\x00{o}", OrganizationInfo(o, names[o], int(c or 0)))
+            for o, c in zip(org_ids, created, strict=True)
+        )
+        return pages.paginate(items, size, page_token)
+
     async def require_organization(self, org_id: str) -> keys.OrgKeys:
-        require_id("org", "organization_id", org_id)
+        ids.require_id("org", "organization_id", org_id)
         k = keys.OrgKeys(org_id)
         with storage_errors():
             exists = await self._redis.exists(k.record)
@@ -153,19 +198,26 @@ class ControlPlane:
         org_id: str,
         set_: Sequence[tuple[str, str, str, int]],
         clear: Sequence[tuple[str, str, str]],
+        *,
+        actor: Principal = INTERNAL,
     ) -> list[LimitSpec]:
         specs = self._specs(set_)
         clears = self._clear_fields(clear)
         if overlap := {s.field for s in specs} & set(clears):
             raise InvalidArgument(f"limit {sorted(overlap)[0]} is both set and cleared")
         k = await self.require_organization(org_id)
-        with storage_errors():
-            async with self._redis.pipeline(transaction=True) as pipe:
-                if specs:
-                    pipe.hset(k.org_limits, mapping={s.field: s.value for s in specs})
-                if clears:
-                    pipe.hdel(k.org_limits, *clears)
-                await pipe.execute()
+
+        async def change(pipe: Pipeline) -> None:
+            before = {f: int(v) for f, v in _strs(await pipe.hgetall(k.org_limits)).items()}
+            after = {f: v for f, v in before.items() if f not in clears} | {s.field: s.value for s in specs}
+            begin_writes(pipe)
+            if specs:
+                pipe.hset(k.org_limits, mapping={s.field: s.value for s in specs})
+            if clears:
+                pipe.hdel(k.org_limits, *clears)
+            self.audit.append(pipe, k.audit, actor, "SetOrganizationLimits", org_id, before=before, after=after)
+
+        await transaction(self._redis, [k.org_limits], change)
         return await self.organization_limits(org_id)
 
     async def organization_limits(self, org_id: str) -> list[LimitSpec]:
@@ -185,27 +237,138 @@ class ControlPlane:
 
     # -- projects ------------------------------------------------------------
 
-    async def create_project(self, org_id: str, name: str, description: str = "") -> ProjectInfo:
+    async def create_project(
+        self, org_id: str, name: str, description: str = "", *, actor: Principal = INTERNAL
+    ) -> ProjectInfo:
         validate_project_name(name)
-        if len(description) > MAX_DESCRIPTION_LENGTH:
-            raise InvalidArgument(
-                f"description is {len(description)} characters long, at most {MAX_DESCRIPTION_LENGTH} are allowed"
-            )
+        validate_description(description)
         k = await self.require_organization(org_id)
         project = ProjectInfo(ids.new_id("proj"), org_id, name, description, now_ms())
-        with storage_errors():
-            if not await self._redis.hsetnx(k.project_names, name, project.id):
+
+        async def change(pipe: Pipeline) -> None:
+            if await pipe.hexists(k.project_names, name):
                 raise AlreadyExists(f"a project named {name!r} already exists in organization {org_id}")
-            await self._redis.hset(
-                k.project(project.id), mapping={"n": name, "d": description, "c": project.created_at_ms}
+            begin_writes(pipe)
+            pipe.hset(k.project_names, name, project.id)
+            pipe.hset(k.project(project.id), mapping={"n": name, "d": description, "c": project.created_at_ms})
+            self.audit.append(
+                pipe, k.audit, actor, "CreateProject", project.id, project_id=project.id, after=_project_record(project)
             )
+
+        await transaction(self._redis, [k.project_names], change)
         return project
 
-    async def require_project(self, org_id: str, project_id: str) -> keys.OrgKeys:
-        require_id("proj", "project_id", project_id)
+    async def _read_project(
+        self, client: Redis | Pipeline, k: keys.OrgKeys, org_id: str, project_id: str
+    ) -> ProjectInfo:
+        rec = _strs(await client.hgetall(k.project(project_id)))
+        if not rec:
+            raise NotFound(f"project {project_id} does not exist in organization {org_id}")
+        return ProjectInfo(project_id, org_id, rec.get("n", ""), rec.get("d", ""), int(rec.get("c", 0)))
+
+    async def get_project(self, org_id: str, project_id: str = "", name: str = "") -> ProjectInfo:
+        """By id, or by name (exactly one of them)."""
+        if bool(project_id) == bool(name):
+            raise InvalidArgument("set exactly one of project_id and name")
+        if name:
+            validate_project_name(name)
+            k = await self.require_organization(org_id)
+            with storage_errors():
+                found = await self._redis.hget(k.project_names, name)
+            if found is None:
+                raise NotFound(f"no project named {name!r} exists in organization {org_id}")
+            project_id = str(found)
+        ids.require_id("proj", "project_id", project_id)
         k = await self.require_organization(org_id)
         with storage_errors():
-            exists = await self._redis.exists(k.project(project_id))
+            return await self._read_project(self._redis, k, org_id, project_id)
+
+    async def list_projects(self, org_id: str, page_size: int, page_token: str) -> tuple[list[ProjectInfo], str]:
+        """Ordered by name. A project renamed while pages are read may move across a page boundary."""
+        size = pages.page_size(page_size)
+        k = await self.require_organization(org_id)
+        with storage_errors():
+            by_name = _strs(await self._redis.hgetall(k.project_names))
+        names, next_token = pages.paginate(sorted((n, n) for n in by_name), size, page_token)
+        with storage_errors():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for n in names:
+                    pipe.hgetall(k.project(by_name[n]))
+                records = [_strs(r) for r in await pipe.execute()]
+        projects = [
+            ProjectInfo(by_name[n], org_id, rec.get("n", n), rec.get("d", ""), int(rec.get("c", 0)))
+            for n, rec in zip(names, records, strict=True)
+            if rec
+        ]
+        return projects, next_token
+
+    async def update_project(
+        self, org_id: str, project_id: str, name: str | None, description: str | None, *, actor: Principal = INTERNAL
+    ) -> ProjectInfo:
+        """Renames and/or re-describes; the name index changes in the same transaction."""
+        if name is None and description is None:
+            raise InvalidArgument("nothing to update: set name or description")
+        if name is not None:
+            validate_project_name(name)
+        if description is not None:
+            validate_description(description)
+        ids.require_id("proj", "project_id", project_id)
+        k = await self.require_organization(org_id)
+
+        async def change(pipe: Pipeline) -> ProjectInfo:
+            old = await self._read_project(pipe, k, org_id, project_id)
+            new = ProjectInfo(
+                project_id, org_id, old.name if name is None else name,
+                old.description if description is None else description, old.created_at_ms,
+            )  # fmt: skip
+            renamed = new.name != old.name
+            if renamed and await pipe.hexists(k.project_names, new.name):
+                raise AlreadyExists(f"a project named {new.name!r} already exists in organization {org_id}")
+            begin_writes(pipe)
+            if renamed:
+                pipe.hdel(k.project_names, old.name)
+                pipe.hset(k.project_names, new.name, project_id)
+            pipe.hset(k.project(project_id), mapping={"n": new.name, "d": new.description})
+            self.audit.append(
+                pipe, k.audit, actor, "UpdateProject", project_id, project_id=project_id,
+                before=_project_record(old), after=_project_record(new),
+            )  # fmt: skip
+            return new
+
+        return await transaction(self._redis, [k.project(project_id), k.project_names], change)
+
+    async def delete_project(self, org_id: str, project_id: str, *, actor: Principal = INTERNAL) -> ProjectInfo:
+        """Removes the project record and frees its name; nothing else is touched.
+
+        Decisions need the record, so its keys stop working at the very next
+        decision. The record moves to ``pd:<id>`` so usage views can still name
+        the project; its limits, keys and usage data stay where they are, inert.
+        """
+        ids.require_id("proj", "project_id", project_id)
+        k = await self.require_organization(org_id)
+
+        async def change(pipe: Pipeline) -> ProjectInfo:
+            old = await self._read_project(pipe, k, org_id, project_id)
+            owns_name = await pipe.hget(k.project_names, old.name) == project_id
+            begin_writes(pipe)
+            pipe.rename(k.project(project_id), k.deleted_project(project_id))
+            pipe.hset(k.deleted_project(project_id), "x", now_ms())
+            if owns_name:
+                pipe.hdel(k.project_names, old.name)
+            self.audit.append(
+                pipe, k.audit, actor, "DeleteProject", project_id, project_id=project_id, before=_project_record(old)
+            )
+            return old
+
+        return await transaction(self._redis, [k.project(project_id), k.project_names], change)
+
+    async def require_project(self, org_id: str, project_id: str, *, or_deleted: bool = False) -> keys.OrgKeys:
+        """``or_deleted``: a deleted project will do too (its history stays readable)."""
+        ids.require_id("proj", "project_id", project_id)
+        k = await self.require_organization(org_id)
+        names = [k.project(project_id), *([k.deleted_project(project_id)] if or_deleted else [])]
+        with storage_errors():
+            exists = await self._redis.exists(*names)
         if not exists:
             raise NotFound(f"project {project_id} does not exist in organization {org_id}")
         return k
@@ -216,19 +379,24 @@ class ControlPlane:
         project_id: str,
         set_: Sequence[tuple[str, str, str, int]],
         clear: Sequence[tuple[str, str, str]],
+        *,
+        actor: Principal = INTERNAL,
     ) -> list[LimitSpec]:
         specs = self._specs(set_)
         clears = self._clear_fields(clear)
         if overlap := {s.field for s in specs} & set(clears):
             raise InvalidArgument(f"limit {sorted(overlap)[0]} is both set and cleared")
         k = await self.require_project(org_id, project_id)
-        args: list[str | int] = [len(self.dims.all), *(d.name for d in self.dims.all), len(specs)]
+        args: list[str | int] = [
+            self.audit.max_events, actor_json(actor), project_id, len(self.dims.all), *(d.name for d in self.dims.all),
+            len(specs),
+        ]  # fmt: skip
         for s in specs:
             args += (s.model, s.dimension.name, s.value)
         args += clears
         with storage_errors():
             reply = await self._scripts.set_project_limits(
-                keys=[k.org_limits, k.project_limits(project_id), k.project(project_id)],
+                keys=[k.org_limits, k.project_limits(project_id), k.project(project_id), k.audit],
                 args=args,
                 client=self._redis,
             )
@@ -288,25 +456,37 @@ class ControlPlane:
 
     # -- API keys ------------------------------------------------------------
 
-    async def create_api_key(self, org_id: str, project_id: str, name: str) -> tuple[ApiKeyInfo, str]:
+    async def create_api_key(
+        self, org_id: str, project_id: str, name: str, *, actor: Principal = INTERNAL
+    ) -> tuple[ApiKeyInfo, str]:
         validate_name("key name", name)
-        k = await self.require_project(org_id, project_id)
+        ids.require_id("proj", "project_id", project_id)
+        k = await self.require_organization(org_id)
         key_id, secret = ids.new_api_key(org_id)
         info = ApiKeyInfo(key_id, project_id, name, secret[: ids.VISIBLE_PREFIX_LENGTH], now_ms(), 0, False)
-        with storage_errors():
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hset(
-                    k.api_key(key_id),
-                    mapping={
-                        "h": ids.sha256_hex(secret),
-                        "p": project_id,
-                        "n": name,
-                        "x": info.prefix,
-                        "c": info.created_at_ms,
-                    },
-                )
-                pipe.sadd(k.project_api_keys(project_id), key_id)
-                await pipe.execute()
+
+        async def change(pipe: Pipeline) -> None:
+            # Watched: a key is never created for a project deleted meanwhile.
+            if not await pipe.exists(k.project(project_id)):
+                raise NotFound(f"project {project_id} does not exist in organization {org_id}")
+            begin_writes(pipe)
+            pipe.hset(
+                k.api_key(key_id),
+                mapping={
+                    "h": ids.sha256_hex(secret),
+                    "p": project_id,
+                    "n": name,
+                    "x": info.prefix,
+                    "c": info.created_at_ms,
+                },
+            )
+            pipe.sadd(k.project_api_keys(project_id), key_id)
+            self.audit.append(
+                pipe, k.audit, actor, "CreateApiKey", key_id, project_id=project_id,
+                after={"name": name, "prefix": info.prefix, "revoked": False},
+            )  # fmt: skip
+
+        await transaction(self._redis, [k.project(project_id)], change)
         return info, secret
 
     async def list_api_keys(self, org_id: str, project_id: str) -> list[ApiKeyInfo]:
@@ -327,12 +507,41 @@ class ControlPlane:
             rec.get("r") == "1",
         )  # fmt: skip
 
-    async def revoke_api_key(self, org_id: str, key_id: str) -> ApiKeyInfo:
-        require_id("key", "key_id", key_id)
+    async def revoke_api_key(self, org_id: str, key_id: str, *, actor: Principal = INTERNAL) -> ApiKeyInfo:
+        """Effective at the very next decision (decide.lua reads the flag). Revoking twice changes nothing."""
+        ids.require_id("key", "key_id", key_id)
         k = await self.require_organization(org_id)
-        with storage_errors():
-            if not await self._redis.exists(k.api_key(key_id)):
+
+        async def change(pipe: Pipeline) -> ApiKeyInfo:
+            rec = _strs(await pipe.hgetall(k.api_key(key_id)))
+            if not rec:
                 raise NotFound(f"API key {key_id} does not exist in organization {org_id}")
-            await self._redis.hset(k.api_key(key_id), "r", "1")
-            rec = _strs(await self._redis.hgetall(k.api_key(key_id)))
-        return self._key_info(key_id, rec)
+            old = self._key_info(key_id, rec)
+            begin_writes(pipe)
+            if not old.revoked:
+                pipe.hset(k.api_key(key_id), "r", "1")
+                self.audit.append(
+                    pipe, k.audit, actor, "RevokeApiKey", key_id, project_id=old.project_id,
+                    before={"name": old.name, "prefix": old.prefix, "revoked": False},
+                    after={"name": old.name, "prefix": old.prefix, "revoked": True},
+                )  # fmt: skip
+            return dataclasses.replace(old, revoked=True)
+
+        return await transaction(self._redis, [k.api_key(key_id)], change)
+
+    # -- audit ---------------------------------------------------------------
+
+    async def read_audit(
+        self, org_id: str, project_id: str, since_ms: int, until_ms: int, page_size: int, page_token: str
+    ) -> tuple[list[AuditEvent], str]:
+        """An organization's trail, or the platform's when ``org_id`` is ""; newest first."""
+        if project_id:
+            if not org_id:
+                raise InvalidArgument("project_id needs organization_id")
+            # Not required to exist: a deleted project's history stays readable.
+            ids.require_id("proj", "project_id", project_id)
+        stream = (await self.require_organization(org_id)).audit if org_id else keys.PLATFORM_AUDIT
+        return await self.audit.read(
+            stream, project_id=project_id, since_ms=since_ms, until_ms=until_ms, page_size=page_size,
+            page_token=page_token,
+        )  # fmt: skip

@@ -24,6 +24,7 @@ class Outcome(enum.IntEnum):
     INVALID_API_KEY = 4
     MODEL_NOT_AVAILABLE = 5
     PROJECT_NOT_FOUND = 6
+    MODEL_BLOCKED = 7
     SPEND_LIMIT = 8
 
 
@@ -51,7 +52,7 @@ class Decision(NamedTuple):
     replayed: bool
     # The buckets of each item, in item order (a bucket two items share is in both).
     item_buckets: tuple[tuple[BucketState, ...], ...] = ()
-    # MODEL_NOT_AVAILABLE: the 1-based index of the item whose model it is;
+    # MODEL_NOT_AVAILABLE and MODEL_BLOCKED: the 1-based index of the item whose model it is;
     # SPEND_LIMIT: the Scope whose monthly spend limit was reached.
     detail: int = 0
 

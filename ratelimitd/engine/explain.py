@@ -14,6 +14,8 @@ def refusal_message(decision: Decision, model: str, requests: int, tokens: int) 
         return "Invalid API key: it is unknown, malformed or revoked, or its project was deleted."
     if outcome is Outcome.MODEL_NOT_AVAILABLE:
         return f"The model `{model}` does not exist or you do not have access to it."
+    if outcome is Outcome.MODEL_BLOCKED:
+        return f"The model `{model}` is blocked for this project by its organization's or project's model permissions."
     if outcome is Outcome.PROJECT_NOT_FOUND:
         return "The project does not exist."
     if outcome is Outcome.SPEND_LIMIT:

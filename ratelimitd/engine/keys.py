@@ -20,6 +20,22 @@ Layout below one organization prefix::
     b:o:<model>            hash   organization buckets of a model: field "<metric>|<window>"
                                   holds "<level>:<t_us>"; expires once all are drained
     b:p:<project>:<model>  hash   project buckets of a model, the same
+
+Added by the control plane (docs/control-plane.md)::
+
+    pd:<project_id>        hash   a deleted project's record (plus x deleted ms), kept so
+                                  usage views can still name it; decisions never read it
+    m                      hash   member id -> JSON {"n" name, "r" role, "c" created ms}
+    mn                     hash   member name -> member id (uniqueness)
+    c                      hash   member credentials, two fields each:
+                                    "k:<cred_id>"  -> JSON {"m" member id, "n" name,
+                                                      "c" created ms, "h" sha256 of the token}
+                                    "h:<sha256>"   -> "<cred_id> <member_id>" (authentication)
+    mp                     hash   model permissions, read by decide.lua in one HMGET per item:
+                                    "o" / "p:<project_id>"            -> "allow" | "block"
+                                    "o|<model>" / "p:<project_id>|<model>" -> "1" per listed model
+    audit                  stream audit events of the organization, capped at about
+                                  audit_max_events (XADD MAXLEN ~)
 """
 
 from __future__ import annotations
@@ -28,6 +44,10 @@ ROOT = "rl:"
 ORGANIZATIONS = "rl:orgs"  # hash org id -> name
 CREDENTIALS = "rl:creds"  # hash sha256(token) -> credential JSON
 MANUAL_CLOCK = "rl:clock"  # tests only: the clock in microseconds
+# Audit events of platform-level changes (operator credentials). Its hash tag is
+# the whole name of CREDENTIALS, so a credential change and its event share one
+# slot and can be written in one transaction.
+PLATFORM_AUDIT = "rl:{rl:creds}:audit"
 
 
 def org_prefix(org_id: str) -> str:
@@ -65,6 +85,29 @@ class OrgKeys:
 
     def project_api_keys(self, project_id: str) -> str:
         return self.prefix + "pk:" + project_id
+
+    def deleted_project(self, project_id: str) -> str:
+        return self.prefix + "pd:" + project_id
+
+    @property
+    def members(self) -> str:
+        return self.prefix + "m"
+
+    @property
+    def member_names(self) -> str:
+        return self.prefix + "mn"
+
+    @property
+    def member_credentials(self) -> str:
+        return self.prefix + "c"
+
+    @property
+    def model_permissions(self) -> str:
+        return self.prefix + "mp"
+
+    @property
+    def audit(self) -> str:
+        return self.prefix + "audit"
 
     def request(self, request_id: str) -> str:
         return self.prefix + "r:" + request_id

@@ -35,10 +35,6 @@ MODEL_NOT_FOUND = "model_not_found"
 INVALID_REQUEST = "invalid_request"
 _REQUEST_ERROR = "invalid_request_error"
 
-# Outcome.MODEL_BLOCKED (the control plane's model permissions), matched by value
-# so that this table holds both before and after that outcome exists.
-MODEL_BLOCKED_OUTCOME = 7
-
 
 class Refusal(NamedTuple):
     http_status: int
@@ -81,14 +77,9 @@ def refusal(decision: Decision, model: str, requests: int, tokens: int) -> Refus
     outcome = decision.outcome
     if outcome is Outcome.ALLOWED:
         return None
-    if outcome == MODEL_BLOCKED_OUTCOME:
-        return Refusal(
-            403,
-            _REQUEST_ERROR,
-            "model_blocked",
-            f"The model `{model}` is blocked for this project or its organization.",
-        )
     message = refusal_message(decision, model, requests, tokens)
+    if outcome is Outcome.MODEL_BLOCKED:
+        return Refusal(403, _REQUEST_ERROR, "model_blocked", message)
     if outcome in (Outcome.PROJECT_LIMIT, Outcome.ORGANIZATION_LIMIT, Outcome.TOO_LARGE):
         assert decision.binding is not None
         metric = decision.binding.dimension.metric

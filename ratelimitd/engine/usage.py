@@ -351,7 +351,7 @@ class Usage:
     ) -> list[LogEntry]:
         if not 1 <= limit <= MAX_LOG_PAGE:
             raise InvalidArgument(f"limit {limit} must be between 1 and {MAX_LOG_PAGE}")
-        k = await self._control.require_project(org_id, project_id)
+        k = await self._control.require_project(org_id, project_id, or_deleted=True)
         with storage_errors():
             raw = cast(list[str], await self._redis.lrange(f"{k.prefix}log:{project_id}", 0, -1))
         end_ms = end_ms or int(time.time() * 1000) + 1

@@ -39,6 +39,16 @@ class OrganizationServiceStub:
                 request_serializer=ratelimitd_dot_v1_dot_admin__pb2.CreateOrganizationRequest.SerializeToString,
                 response_deserializer=ratelimitd_dot_v1_dot_admin__pb2.Organization.FromString,
                 _registered_method=True)
+        self.GetOrganization = channel.unary_unary(
+                '/ratelimitd.v1.OrganizationService/GetOrganization',
+                request_serializer=ratelimitd_dot_v1_dot_admin__pb2.GetOrganizationRequest.SerializeToString,
+                response_deserializer=ratelimitd_dot_v1_dot_admin__pb2.Organization.FromString,
+                _registered_method=True)
+        self.ListOrganizations = channel.unary_unary(
+                '/ratelimitd.v1.OrganizationService/ListOrganizations',
+                request_serializer=ratelimitd_dot_v1_dot_admin__pb2.ListOrganizationsRequest.SerializeToString,
+                response_deserializer=ratelimitd_dot_v1_dot_admin__pb2.ListOrganizationsResponse.FromString,
+                _registered_method=True)
         self.SetOrganizationLimits = channel.unary_unary(
                 '/ratelimitd.v1.OrganizationService/SetOrganizationLimits',
                 request_serializer=ratelimitd_dot_v1_dot_admin__pb2.SetOrganizationLimitsRequest.SerializeToString,
@@ -56,6 +66,19 @@ class OrganizationServiceServicer:
 
     def CreateOrganization(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetOrganization(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListOrganizations(self, request, context):
+        """The operator sees every organization; a member only its own. By name, then id.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -81,6 +104,16 @@ def add_OrganizationServiceServicer_to_server(servicer, server):
                     servicer.CreateOrganization,
                     request_deserializer=ratelimitd_dot_v1_dot_admin__pb2.CreateOrganizationRequest.FromString,
                     response_serializer=ratelimitd_dot_v1_dot_admin__pb2.Organization.SerializeToString,
+            ),
+            'GetOrganization': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOrganization,
+                    request_deserializer=ratelimitd_dot_v1_dot_admin__pb2.GetOrganizationRequest.FromString,
+                    response_serializer=ratelimitd_dot_v1_dot_admin__pb2.Organization.SerializeToString,
+            ),
+            'ListOrganizations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOrganizations,
+                    request_deserializer=ratelimitd_dot_v1_dot_admin__pb2.ListOrganizationsRequest.FromString,
+                    response_serializer=ratelimitd_dot_v1_dot_admin__pb2.ListOrganizationsResponse.SerializeToString,
             ),
             'SetOrganizationLimits': grpc.unary_unary_rpc_method_handler(
                     servicer.SetOrganizationLimits,
@@ -120,6 +153,60 @@ class OrganizationService:
             '/ratelimitd.v1.OrganizationService/CreateOrganization',
             ratelimitd_dot_v1_dot_admin__pb2.CreateOrganizationRequest.SerializeToString,
             ratelimitd_dot_v1_dot_admin__pb2.Organization.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOrganization(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ratelimitd.v1.OrganizationService/GetOrganization',
+            ratelimitd_dot_v1_dot_admin__pb2.GetOrganizationRequest.SerializeToString,
+            ratelimitd_dot_v1_dot_admin__pb2.Organization.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOrganizations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ratelimitd.v1.OrganizationService/ListOrganizations',
+            ratelimitd_dot_v1_dot_admin__pb2.ListOrganizationsRequest.SerializeToString,
+            ratelimitd_dot_v1_dot_admin__pb2.ListOrganizationsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -199,6 +286,26 @@ class ProjectServiceStub:
                 request_serializer=ratelimitd_dot_v1_dot_admin__pb2.CreateProjectRequest.SerializeToString,
                 response_deserializer=ratelimitd_dot_v1_dot_admin__pb2.Project.FromString,
                 _registered_method=True)
+        self.GetProject = channel.unary_unary(
+                '/ratelimitd.v1.ProjectService/GetProject',
+                request_serializer=ratelimitd_dot_v1_dot_admin__pb2.GetProjectRequest.SerializeToString,
+                response_deserializer=ratelimitd_dot_v1_dot_admin__pb2.Project.FromString,
+                _registered_method=True)
+        self.ListProjects = channel.unary_unary(
+                '/ratelimitd.v1.ProjectService/ListProjects',
+                request_serializer=ratelimitd_dot_v1_dot_admin__pb2.ListProjectsRequest.SerializeToString,
+                response_deserializer=ratelimitd_dot_v1_dot_admin__pb2.ListProjectsResponse.FromString,
+                _registered_method=True)
+        self.UpdateProject = channel.unary_unary(
+                '/ratelimitd.v1.ProjectService/UpdateProject',
+                request_serializer=ratelimitd_dot_v1_dot_admin__pb2.UpdateProjectRequest.SerializeToString,
+                response_deserializer=ratelimitd_dot_v1_dot_admin__pb2.Project.FromString,
+                _registered_method=True)
+        self.DeleteProject = channel.unary_unary(
+                '/ratelimitd.v1.ProjectService/DeleteProject',
+                request_serializer=ratelimitd_dot_v1_dot_admin__pb2.DeleteProjectRequest.SerializeToString,
+                response_deserializer=ratelimitd_dot_v1_dot_admin__pb2.Project.FromString,
+                _registered_method=True)
         self.SetProjectLimits = channel.unary_unary(
                 '/ratelimitd.v1.ProjectService/SetProjectLimits',
                 request_serializer=ratelimitd_dot_v1_dot_admin__pb2.SetProjectLimitsRequest.SerializeToString,
@@ -230,7 +337,38 @@ class ProjectServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def CreateProject(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Names: 1 to 64 characters, lowercase letters, digits and '-', starting
+        with a letter or digit; unique within the organization.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetProject(self, request, context):
+        """By id or by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListProjects(self, request, context):
+        """Ordered by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateProject(self, request, context):
+        """Renames and/or changes the description.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteProject(self, request, context):
+        """Its API keys stop working at the very next decision; its usage history
+        stays readable; nothing else changes. Returns the deleted project.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -275,6 +413,26 @@ def add_ProjectServiceServicer_to_server(servicer, server):
             'CreateProject': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateProject,
                     request_deserializer=ratelimitd_dot_v1_dot_admin__pb2.CreateProjectRequest.FromString,
+                    response_serializer=ratelimitd_dot_v1_dot_admin__pb2.Project.SerializeToString,
+            ),
+            'GetProject': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetProject,
+                    request_deserializer=ratelimitd_dot_v1_dot_admin__pb2.GetProjectRequest.FromString,
+                    response_serializer=ratelimitd_dot_v1_dot_admin__pb2.Project.SerializeToString,
+            ),
+            'ListProjects': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListProjects,
+                    request_deserializer=ratelimitd_dot_v1_dot_admin__pb2.ListProjectsRequest.FromString,
+                    response_serializer=ratelimitd_dot_v1_dot_admin__pb2.ListProjectsResponse.SerializeToString,
+            ),
+            'UpdateProject': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateProject,
+                    request_deserializer=ratelimitd_dot_v1_dot_admin__pb2.UpdateProjectRequest.FromString,
+                    response_serializer=ratelimitd_dot_v1_dot_admin__pb2.Project.SerializeToString,
+            ),
+            'DeleteProject': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteProject,
+                    request_deserializer=ratelimitd_dot_v1_dot_admin__pb2.DeleteProjectRequest.FromString,
                     response_serializer=ratelimitd_dot_v1_dot_admin__pb2.Project.SerializeToString,
             ),
             'SetProjectLimits': grpc.unary_unary_rpc_method_handler(
@@ -329,6 +487,114 @@ class ProjectService:
             target,
             '/ratelimitd.v1.ProjectService/CreateProject',
             ratelimitd_dot_v1_dot_admin__pb2.CreateProjectRequest.SerializeToString,
+            ratelimitd_dot_v1_dot_admin__pb2.Project.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetProject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ratelimitd.v1.ProjectService/GetProject',
+            ratelimitd_dot_v1_dot_admin__pb2.GetProjectRequest.SerializeToString,
+            ratelimitd_dot_v1_dot_admin__pb2.Project.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListProjects(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ratelimitd.v1.ProjectService/ListProjects',
+            ratelimitd_dot_v1_dot_admin__pb2.ListProjectsRequest.SerializeToString,
+            ratelimitd_dot_v1_dot_admin__pb2.ListProjectsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateProject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ratelimitd.v1.ProjectService/UpdateProject',
+            ratelimitd_dot_v1_dot_admin__pb2.UpdateProjectRequest.SerializeToString,
+            ratelimitd_dot_v1_dot_admin__pb2.Project.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteProject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ratelimitd.v1.ProjectService/DeleteProject',
+            ratelimitd_dot_v1_dot_admin__pb2.DeleteProjectRequest.SerializeToString,
             ratelimitd_dot_v1_dot_admin__pb2.Project.FromString,
             options,
             channel_credentials,
@@ -465,6 +731,646 @@ class ProjectService:
             '/ratelimitd.v1.ProjectService/RevokeApiKey',
             ratelimitd_dot_v1_dot_admin__pb2.RevokeApiKeyRequest.SerializeToString,
             ratelimitd_dot_v1_dot_admin__pb2.ApiKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class ModelPermissionServiceStub:
+    """A decision for a model that the organization's or the project's policy
+    blocks is refused with REASON_MODEL_BLOCKED before anything is charged. A
+    project's policy can only narrow its organization's.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetModelPermissions = channel.unary_unary(
+                '/ratelimitd.v1.ModelPermissionService/GetModelPermissions',
+                request_serializer=ratelimitd_dot_v1_dot_admin__pb2.GetModelPermissionsRequest.SerializeToString,
+                response_deserializer=ratelimitd_dot_v1_dot_admin__pb2.ModelPermissions.FromString,
+                _registered_method=True)
+        self.SetModelPermissions = channel.unary_unary(
+                '/ratelimitd.v1.ModelPermissionService/SetModelPermissions',
+                request_serializer=ratelimitd_dot_v1_dot_admin__pb2.SetModelPermissionsRequest.SerializeToString,
+                response_deserializer=ratelimitd_dot_v1_dot_admin__pb2.ModelPermissions.FromString,
+                _registered_method=True)
+
+
+class ModelPermissionServiceServicer:
+    """A decision for a model that the organization's or the project's policy
+    blocks is refused with REASON_MODEL_BLOCKED before anything is charged. A
+    project's policy can only narrow its organization's.
+    """
+
+    def GetModelPermissions(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetModelPermissions(self, request, context):
+        """Replaces the whole policy of the organization (project_id empty; Owner)
+        or of one project (Owner, Developer). A project allow-list naming a model
+        the organization does not allow is FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ModelPermissionServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetModelPermissions': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModelPermissions,
+                    request_deserializer=ratelimitd_dot_v1_dot_admin__pb2.GetModelPermissionsRequest.FromString,
+                    response_serializer=ratelimitd_dot_v1_dot_admin__pb2.ModelPermissions.SerializeToString,
+            ),
+            'SetModelPermissions': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetModelPermissions,
+                    request_deserializer=ratelimitd_dot_v1_dot_admin__pb2.SetModelPermissionsRequest.FromString,
+                    response_serializer=ratelimitd_dot_v1_dot_admin__pb2.ModelPermissions.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'ratelimitd.v1.ModelPermissionService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('ratelimitd.v1.ModelPermissionService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ModelPermissionService:
+    """A decision for a model that the organization's or the project's policy
+    blocks is refused with REASON_MODEL_BLOCKED before anything is charged. A
+    project's policy can only narrow its organization's.
+    """
+
+    @staticmethod
+    def GetModelPermissions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ratelimitd.v1.ModelPermissionService/GetModelPermissions',
+            ratelimitd_dot_v1_dot_admin__pb2.GetModelPermissionsRequest.SerializeToString,
+            ratelimitd_dot_v1_dot_admin__pb2.ModelPermissions.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetModelPermissions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ratelimitd.v1.ModelPermissionService/SetModelPermissions',
+            ratelimitd_dot_v1_dot_admin__pb2.SetModelPermissionsRequest.SerializeToString,
+            ratelimitd_dot_v1_dot_admin__pb2.ModelPermissions.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class MemberServiceStub:
+    """Owners add and remove members and change roles; everyone in the
+    organization can list them. The last Owner can be neither removed nor demoted.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.AddMember = channel.unary_unary(
+                '/ratelimitd.v1.MemberService/AddMember',
+                request_serializer=ratelimitd_dot_v1_dot_admin__pb2.AddMemberRequest.SerializeToString,
+                response_deserializer=ratelimitd_dot_v1_dot_admin__pb2.AddMemberResponse.FromString,
+                _registered_method=True)
+        self.ListMembers = channel.unary_unary(
+                '/ratelimitd.v1.MemberService/ListMembers',
+                request_serializer=ratelimitd_dot_v1_dot_admin__pb2.ListMembersRequest.SerializeToString,
+                response_deserializer=ratelimitd_dot_v1_dot_admin__pb2.ListMembersResponse.FromString,
+                _registered_method=True)
+        self.UpdateMember = channel.unary_unary(
+                '/ratelimitd.v1.MemberService/UpdateMember',
+                request_serializer=ratelimitd_dot_v1_dot_admin__pb2.UpdateMemberRequest.SerializeToString,
+                response_deserializer=ratelimitd_dot_v1_dot_admin__pb2.Member.FromString,
+                _registered_method=True)
+        self.RemoveMember = channel.unary_unary(
+                '/ratelimitd.v1.MemberService/RemoveMember',
+                request_serializer=ratelimitd_dot_v1_dot_admin__pb2.RemoveMemberRequest.SerializeToString,
+                response_deserializer=ratelimitd_dot_v1_dot_admin__pb2.Member.FromString,
+                _registered_method=True)
+
+
+class MemberServiceServicer:
+    """Owners add and remove members and change roles; everyone in the
+    organization can list them. The last Owner can be neither removed nor demoted.
+    """
+
+    def AddMember(self, request, context):
+        """The reply carries the member's first credential token, once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMembers(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateMember(self, request, context):
+        """Changes the role; effective at once in this server, within 2 s in others.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveMember(self, request, context):
+        """Also revokes every credential of the member.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_MemberServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'AddMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddMember,
+                    request_deserializer=ratelimitd_dot_v1_dot_admin__pb2.AddMemberRequest.FromString,
+                    response_serializer=ratelimitd_dot_v1_dot_admin__pb2.AddMemberResponse.SerializeToString,
+            ),
+            'ListMembers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMembers,
+                    request_deserializer=ratelimitd_dot_v1_dot_admin__pb2.ListMembersRequest.FromString,
+                    response_serializer=ratelimitd_dot_v1_dot_admin__pb2.ListMembersResponse.SerializeToString,
+            ),
+            'UpdateMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateMember,
+                    request_deserializer=ratelimitd_dot_v1_dot_admin__pb2.UpdateMemberRequest.FromString,
+                    response_serializer=ratelimitd_dot_v1_dot_admin__pb2.Member.SerializeToString,
+            ),
+            'RemoveMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveMember,
+                    request_deserializer=ratelimitd_dot_v1_dot_admin__pb2.RemoveMemberRequest.FromString,
+                    response_serializer=ratelimitd_dot_v1_dot_admin__pb2.Member.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'ratelimitd.v1.MemberService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('ratelimitd.v1.MemberService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class MemberService:
+    """Owners add and remove members and change roles; everyone in the
+    organization can list them. The last Owner can be neither removed nor demoted.
+    """
+
+    @staticmethod
+    def AddMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ratelimitd.v1.MemberService/AddMember',
+            ratelimitd_dot_v1_dot_admin__pb2.AddMemberRequest.SerializeToString,
+            ratelimitd_dot_v1_dot_admin__pb2.AddMemberResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMembers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ratelimitd.v1.MemberService/ListMembers',
+            ratelimitd_dot_v1_dot_admin__pb2.ListMembersRequest.SerializeToString,
+            ratelimitd_dot_v1_dot_admin__pb2.ListMembersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ratelimitd.v1.MemberService/UpdateMember',
+            ratelimitd_dot_v1_dot_admin__pb2.UpdateMemberRequest.SerializeToString,
+            ratelimitd_dot_v1_dot_admin__pb2.Member.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ratelimitd.v1.MemberService/RemoveMember',
+            ratelimitd_dot_v1_dot_admin__pb2.RemoveMemberRequest.SerializeToString,
+            ratelimitd_dot_v1_dot_admin__pb2.Member.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class CredentialServiceStub:
+    """With an organization_id: its members' credentials (Owner or operator).
+    Without: operator credentials (operator only).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreateCredential = channel.unary_unary(
+                '/ratelimitd.v1.CredentialService/CreateCredential',
+                request_serializer=ratelimitd_dot_v1_dot_admin__pb2.CreateCredentialRequest.SerializeToString,
+                response_deserializer=ratelimitd_dot_v1_dot_admin__pb2.CreateCredentialResponse.FromString,
+                _registered_method=True)
+        self.ListCredentials = channel.unary_unary(
+                '/ratelimitd.v1.CredentialService/ListCredentials',
+                request_serializer=ratelimitd_dot_v1_dot_admin__pb2.ListCredentialsRequest.SerializeToString,
+                response_deserializer=ratelimitd_dot_v1_dot_admin__pb2.ListCredentialsResponse.FromString,
+                _registered_method=True)
+        self.RevokeCredential = channel.unary_unary(
+                '/ratelimitd.v1.CredentialService/RevokeCredential',
+                request_serializer=ratelimitd_dot_v1_dot_admin__pb2.RevokeCredentialRequest.SerializeToString,
+                response_deserializer=ratelimitd_dot_v1_dot_admin__pb2.Credential.FromString,
+                _registered_method=True)
+        self.WhoAmI = channel.unary_unary(
+                '/ratelimitd.v1.CredentialService/WhoAmI',
+                request_serializer=ratelimitd_dot_v1_dot_admin__pb2.WhoAmIRequest.SerializeToString,
+                response_deserializer=ratelimitd_dot_v1_dot_admin__pb2.Principal.FromString,
+                _registered_method=True)
+
+
+class CredentialServiceServicer:
+    """With an organization_id: its members' credentials (Owner or operator).
+    Without: operator credentials (operator only).
+    """
+
+    def CreateCredential(self, request, context):
+        """Another credential for a member (organization_id and member_id set), or
+        a new operator credential (both empty). The token is in the reply once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCredentials(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeCredential(self, request, context):
+        """Effective at once in this server, within 2 s in others. The last
+        operator credential cannot be revoked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WhoAmI(self, request, context):
+        """The principal of the calling credential.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_CredentialServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreateCredential': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateCredential,
+                    request_deserializer=ratelimitd_dot_v1_dot_admin__pb2.CreateCredentialRequest.FromString,
+                    response_serializer=ratelimitd_dot_v1_dot_admin__pb2.CreateCredentialResponse.SerializeToString,
+            ),
+            'ListCredentials': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCredentials,
+                    request_deserializer=ratelimitd_dot_v1_dot_admin__pb2.ListCredentialsRequest.FromString,
+                    response_serializer=ratelimitd_dot_v1_dot_admin__pb2.ListCredentialsResponse.SerializeToString,
+            ),
+            'RevokeCredential': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeCredential,
+                    request_deserializer=ratelimitd_dot_v1_dot_admin__pb2.RevokeCredentialRequest.FromString,
+                    response_serializer=ratelimitd_dot_v1_dot_admin__pb2.Credential.SerializeToString,
+            ),
+            'WhoAmI': grpc.unary_unary_rpc_method_handler(
+                    servicer.WhoAmI,
+                    request_deserializer=ratelimitd_dot_v1_dot_admin__pb2.WhoAmIRequest.FromString,
+                    response_serializer=ratelimitd_dot_v1_dot_admin__pb2.Principal.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'ratelimitd.v1.CredentialService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('ratelimitd.v1.CredentialService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class CredentialService:
+    """With an organization_id: its members' credentials (Owner or operator).
+    Without: operator credentials (operator only).
+    """
+
+    @staticmethod
+    def CreateCredential(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ratelimitd.v1.CredentialService/CreateCredential',
+            ratelimitd_dot_v1_dot_admin__pb2.CreateCredentialRequest.SerializeToString,
+            ratelimitd_dot_v1_dot_admin__pb2.CreateCredentialResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCredentials(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ratelimitd.v1.CredentialService/ListCredentials',
+            ratelimitd_dot_v1_dot_admin__pb2.ListCredentialsRequest.SerializeToString,
+            ratelimitd_dot_v1_dot_admin__pb2.ListCredentialsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeCredential(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ratelimitd.v1.CredentialService/RevokeCredential',
+            ratelimitd_dot_v1_dot_admin__pb2.RevokeCredentialRequest.SerializeToString,
+            ratelimitd_dot_v1_dot_admin__pb2.Credential.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WhoAmI(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ratelimitd.v1.CredentialService/WhoAmI',
+            ratelimitd_dot_v1_dot_admin__pb2.WhoAmIRequest.SerializeToString,
+            ratelimitd_dot_v1_dot_admin__pb2.Principal.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class AuditServiceStub:
+    """-- audit -------------------------------------------------------------------------
+
+    Every change is recorded with who, what, when and the values before and
+    after. Owners read their organization's trail; the operator reads any, and
+    the platform's own (organization_id empty). Each trail keeps about the
+    newest `audit_max_events` events (10000 by default).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListAuditEvents = channel.unary_unary(
+                '/ratelimitd.v1.AuditService/ListAuditEvents',
+                request_serializer=ratelimitd_dot_v1_dot_admin__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=ratelimitd_dot_v1_dot_admin__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
+
+
+class AuditServiceServicer:
+    """-- audit -------------------------------------------------------------------------
+
+    Every change is recorded with who, what, when and the values before and
+    after. Owners read their organization's trail; the operator reads any, and
+    the platform's own (organization_id empty). Each trail keeps about the
+    newest `audit_max_events` events (10000 by default).
+    """
+
+    def ListAuditEvents(self, request, context):
+        """Newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AuditServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=ratelimitd_dot_v1_dot_admin__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=ratelimitd_dot_v1_dot_admin__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'ratelimitd.v1.AuditService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('ratelimitd.v1.AuditService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class AuditService:
+    """-- audit -------------------------------------------------------------------------
+
+    Every change is recorded with who, what, when and the values before and
+    after. Owners read their organization's trail; the operator reads any, and
+    the platform's own (organization_id empty). Each trail keeps about the
+    newest `audit_max_events` events (10000 by default).
+    """
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ratelimitd.v1.AuditService/ListAuditEvents',
+            ratelimitd_dot_v1_dot_admin__pb2.ListAuditEventsRequest.SerializeToString,
+            ratelimitd_dot_v1_dot_admin__pb2.ListAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

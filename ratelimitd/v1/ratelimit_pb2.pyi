@@ -71,6 +71,10 @@ class _ReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Reason.ValueTy
     """Storage was unreachable and the server runs with the fail-closed policy
     (HTTP 503). With the fail-open policy the request is allowed with this reason.
     """
+    REASON_MODEL_BLOCKED: _Reason.ValueType  # 7
+    """The organization's or the project's model permissions block the model
+    (HTTP 403). Nothing was charged. See docs/control-plane.md.
+    """
 
 class Reason(_Reason, metaclass=_ReasonEnumTypeWrapper): ...
 
@@ -97,6 +101,10 @@ REASON_SPEND_LIMIT: Reason.ValueType  # 8
 REASON_STORAGE_UNAVAILABLE: Reason.ValueType  # 6
 """Storage was unreachable and the server runs with the fail-closed policy
 (HTTP 503). With the fail-open policy the request is allowed with this reason.
+"""
+REASON_MODEL_BLOCKED: Reason.ValueType  # 7
+"""The organization's or the project's model permissions block the model
+(HTTP 403). Nothing was charged. See docs/control-plane.md.
 """
 Global___Reason: _TypeAlias = Reason  # noqa: Y015
 

@@ -42,12 +42,13 @@ then     m, the number of items, then m groups of 1 + d values:
 Reply: an array
   [1] outcome: 0 allowed, 1 project limit, 2 organization limit,
       3 larger than a limit can ever admit, 4 invalid API key,
-      5 model not available, 6 project not found, 8 monthly spend limit
+      5 model not available, 6 project not found, 7 model blocked by the
+      model permissions, 8 monthly spend limit
   [2] project id ("" when unknown)
   [3] retry after, milliseconds (0 unless outcome 1 or 2)
   [4] index of the binding bucket in the list below (1-based, 0 for none)
   [5] 1 when this is a replay of an earlier answer, else 0
-  [6] detail: for outcome 5 the index of the item (1-based); for outcome 8
+  [6] detail: for outcome 5 or 7 the index of the item (1-based); for outcome 8
       the scope whose spend limit was reached (1 organization, 2 project)
   [7] n, the number of evaluated buckets, then 5 integers per bucket:
       scope (1 organization, 2 project), dimension index (1-based),
@@ -188,6 +189,14 @@ for j, item in ipairs(items) do
   local org_limits, proj_limits, available = rl_limits(KEYS[1], proj_limits_key, model, dims)
   if not available then
     return early(5, j)
+  end
+  -- Model permissions (keys.py "mp"): the organization's allow- or block-list,
+  -- then the project's, which can only narrow it. Refused before any charge.
+  local mp = redis.call("HMGET", prefix .. "mp", "o", "o|" .. model, "p:" .. project, "p:" .. project .. "|" .. model)
+  for s = 1, 3, 2 do
+    if (mp[s] == "allow" and not mp[s + 1]) or (mp[s] == "block" and mp[s + 1]) then
+      return early(7, j)
+    end
   end
   local mine = {}
   local org_key, proj_key = prefix .. "b:o:" .. model, prefix .. "b:p:" .. project .. ":" .. model

@@ -2,7 +2,8 @@
 set_project_limits.lua: set and clear a project's custom limits, each checked
 against the organization's limit in the same atomic step (so a concurrent change
 of the organization limit cannot slip between check and write). Stores nothing
-unless every value passes.
+unless every value passes. A change that alters anything appends its audit
+event (audit.py) in the same step, with the project's limits before and after.
 
 The organization's limit for (model, dimension) is its own entry when the
 organization has any entry for that model, else its "*" entry; absent means
@@ -11,8 +12,12 @@ the organization sets no ceiling for that dimension.
 KEYS[1]  the organization's limits hash   rl:{org_x}:lim:o
 KEYS[2]  the project's limits hash        rl:{org_x}:lim:p:<project_id>
 KEYS[3]  the project record               rl:{org_x}:p:<project_id>
+KEYS[4]  the organization's audit stream   rl:{org_x}:audit
 
-ARGV[1]  d, the number of configured dimensions, then d dimension names
+ARGV[1]  the audit stream's cap (XADD MAXLEN ~)
+ARGV[2]  the actor, as audit.actor_json encodes it
+ARGV[3]  the project id
+ARGV[4]  d, the number of configured dimensions, then d dimension names
          ("metric|window")
 then     s, the number of limits to set, then s triples (model, dimension, value)
 then     the fields ("model|metric|window") to clear
@@ -25,9 +30,21 @@ if redis.call("EXISTS", KEYS[3]) == 0 then
   return {"not_found"}
 end
 
-local ndims = tonumber(ARGV[1])
+local ndims = tonumber(ARGV[4])
 local dims = {}
-for i = 1, ndims do dims[i] = ARGV[1 + i] end
+for i = 1, ndims do dims[i] = ARGV[4 + i] end
+
+local function stored()
+  local flat, t = redis.call("HGETALL", KEYS[2]), {}
+  for i = 1, #flat, 2 do t[flat[i]] = tonumber(flat[i + 1]) end
+  return t
+end
+
+local function same(a, b)
+  for k, v in pairs(a) do if b[k] ~= v then return false end end
+  for k in pairs(b) do if a[k] == nil then return false end end
+  return true
+end
 
 local function org_limit(model, dim)
   if model ~= "*" then
@@ -46,7 +63,7 @@ local function org_limit(model, dim)
   return redis.call("HGET", KEYS[1], "*|" .. dim), any
 end
 
-local pos = 2 + ndims
+local pos = 5 + ndims
 local nset = tonumber(ARGV[pos])
 local writes = {}
 for i = 0, nset - 1 do
@@ -64,6 +81,12 @@ end
 
 local clears = {}
 for i = pos + 1 + 3 * nset, #ARGV do clears[#clears + 1] = ARGV[i] end
+local before = stored()
 if #writes > 0 then redis.call("HSET", KEYS[2], unpack(writes)) end
 if #clears > 0 then redis.call("HDEL", KEYS[2], unpack(clears)) end
+local after = stored()
+if not same(before, after) then
+  redis.call("XADD", KEYS[4], "MAXLEN", "~", ARGV[1], "*", "op", "SetProjectLimits", "actor", ARGV[2],
+    "project", ARGV[3], "target", ARGV[3], "before", cjson.encode(before), "after", cjson.encode(after))
+end
 return {"ok"}
