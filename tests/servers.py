@@ -89,9 +89,11 @@ class RatelimitdProcess:
         )
         deadline = time.monotonic() + timeout_s
         while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
+            # the greeting (with a first start's credential) is printed after the port opens
+            if "listening on" in self.log_path.read_text():
+                with socket.socket() as s:
+                    if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                        return
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"ratelimitd did not start:\n{self.log_path.read_text()}")
             time.sleep(0.05)
