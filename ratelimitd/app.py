@@ -8,6 +8,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ratelimitd.api import envoy
 from ratelimitd.api.admin import (
     AuditServicer,
     CredentialServicer,
@@ -47,6 +48,7 @@ SERVICE_NAMES = [
     admin_pb2.DESCRIPTOR.services_by_name["CredentialService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
     usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
+    envoy.ENVOY_SERVICE_NAME,
 ]
 
 
@@ -122,6 +124,19 @@ class App:
         admin_pb2_grpc.add_MemberServiceServicer_to_server(MemberServicer(management, failed), server)
         admin_pb2_grpc.add_CredentialServiceServicer_to_server(CredentialServicer(management, failed), server)
         admin_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(management, failed), server)
+        envoy.add_to_server(
+            envoy.EnvoyRateLimitServicer(
+                self.decider,
+                self.usage,
+                domains=s.envoy_domains,
+                unknown_domain=s.envoy_unknown_domain,
+                descriptor_keys=s.envoy_keys,
+                header_windows=s.header_windows,
+                storage_failed=self.storage_failed,
+                metrics=self.metrics,
+            ),
+            server,
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         reflection.enable_server_reflection(
             [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],

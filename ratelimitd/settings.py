@@ -18,6 +18,15 @@ from ratelimitd.engine.retention import Retention
 from ratelimitd.storage.redis import redact
 
 STORAGE_ERROR_POLICIES = ("unavailable", "allow", "deny")
+UNKNOWN_DOMAIN_POLICIES = ("error", "allow")
+# What each Envoy descriptor entry can carry, and the entry key that carries it by default.
+ENVOY_DESCRIPTOR_ROLES = {
+    "api_key": "api_key",
+    "model": "model",
+    "tokens": "tokens",
+    "request_id": "request_id",
+    "phase": "phase",
+}
 
 
 def default_data_dir() -> Path:
@@ -89,6 +98,19 @@ class Settings:
         "audit events kept per organization (and for the platform); older ones are trimmed (approximately)",
     )
     manual_clock: bool = _field(False, "tests only: read time from the 'rl:clock' key instead of Redis TIME")
+    envoy_domains: tuple[str, ...] = _field(
+        ("ratelimitd",), "Envoy rate limit domains ShouldRateLimit decides (the filter's `domain`), comma-separated"
+    )
+    envoy_unknown_domain: str = _field(
+        "error",
+        "what ShouldRateLimit answers for another domain: 'error' (INVALID_ARGUMENT, Envoy's failure_mode_deny "
+        "decides) or 'allow' (OK, nothing charged)",
+    )
+    envoy_descriptor_keys: dict[str, str] = _field(
+        ENVOY_DESCRIPTOR_ROLES,
+        "Envoy descriptor entry keys, ROLE=KEY,... for the roles api_key, model, tokens (token estimate), "
+        "request_id and phase; roles not named keep their default key",
+    )
     operator_token: str | None = _secret_field("operator credential to accept (stored as a hash)")
 
     def __post_init__(self) -> None:
@@ -97,6 +119,17 @@ class Settings:
         for metric, window in self.header_windows.items():
             if window not in self.windows:
                 raise ValueError(f"header_windows: {metric}={window} names no configured window")
+        if self.envoy_unknown_domain not in UNKNOWN_DOMAIN_POLICIES:
+            raise ValueError(f"envoy_unknown_domain must be one of {', '.join(UNKNOWN_DOMAIN_POLICIES)}")
+        if not self.envoy_domains or not all(self.envoy_domains):
+            raise ValueError("envoy_domains: at least one non-empty domain is required")
+        if unknown := set(self.envoy_descriptor_keys) - set(ENVOY_DESCRIPTOR_ROLES):
+            raise ValueError(
+                f"envoy_descriptor_keys: {sorted(unknown)[0]!r} is not one of {', '.join(ENVOY_DESCRIPTOR_ROLES)}"
+            )
+        keys = self.envoy_keys
+        if len(set(keys.values())) != len(keys):
+            raise ValueError(f"envoy_descriptor_keys: two roles share one key in {keys}")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
@@ -113,6 +146,11 @@ class Settings:
             log_ttl_s=self.log_retention_s,
         )
 
+    @property
+    def envoy_keys(self) -> dict[str, str]:
+        """Every descriptor role and its entry key: the configured ones over the defaults."""
+        return {**ENVOY_DESCRIPTOR_ROLES, **self.envoy_descriptor_keys}
+
     def describe(self) -> str:
         redis = redact(self.redis_url) if self.redis_url else f"embedded Valkey in {self.data_dir}"
         return f"listen={self.listen} storage={redis}"
@@ -126,6 +164,8 @@ class Settings:
                 continue
             if isinstance(value, dict):
                 value = ",".join(f"{k}={v}" for k, v in value.items())
+            elif isinstance(value, tuple):
+                value = ",".join(value)
             elif isinstance(value, bool):
                 value = "1" if value else "0"
             env[f"RATELIMITD_{f.name.upper()}"] = str(value)
@@ -147,8 +187,10 @@ class Settings:
 def _convert(name: str, raw: str) -> Any:
     if name == "windows":
         return parse_windows(raw)
-    if name == "header_windows":
-        return parse_pairs(raw, "header_windows")
+    if name in ("header_windows", "envoy_descriptor_keys"):
+        return parse_pairs(raw, name)
+    if name == "envoy_domains":
+        return tuple(filter(None, (d.strip() for d in raw.split(","))))
     if name == "data_dir":
         return Path(raw)
     default = {f.name: f.default for f in dataclasses.fields(Settings)}[name]
@@ -174,5 +216,7 @@ def setting_descriptions() -> list[tuple[str, str, str]]:
             default = f.default_factory()
         else:
             default = f.default
+        if isinstance(default, tuple):
+            default = ",".join(default)
         rows.append((f"RATELIMITD_{f.name.upper()}", str(default), f.metadata["description"]))
     return rows

@@ -1,7 +1,7 @@
 """Prometheus metrics: what operators watch.
 
-    ratelimitd_decisions_total{outcome}      every CheckAndConsume, by outcome
-    ratelimitd_usage_reports_total{result}   every ReportUsage, by result
+    ratelimitd_decisions_total{outcome}      every CheckAndConsume and Envoy ShouldRateLimit decision, by outcome
+    ratelimitd_usage_reports_total{result}   every ReportUsage and Envoy usage call, by result
     ratelimitd_storage_errors_total          calls that found storage unreachable
     ratelimitd_storage_up                    1 while storage answers (0 in any worker: 0)
 
@@ -27,9 +27,17 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         decisions = Counter(
-            "ratelimitd_decisions", "CheckAndConsume decisions by outcome", ["outcome"], registry=self.registry
+            "ratelimitd_decisions",
+            "Decisions (CheckAndConsume, ShouldRateLimit) by outcome",
+            ["outcome"],
+            registry=self.registry,
         )
-        reports = Counter("ratelimitd_usage_reports", "ReportUsage calls by result", ["result"], registry=self.registry)
+        reports = Counter(
+            "ratelimitd_usage_reports",
+            "Usage reports (ReportUsage, Envoy usage calls) by result",
+            ["result"],
+            registry=self.registry,
+        )
         # children bound once: the hot path only increments
         self.decisions = {o: decisions.labels(o.name.lower()) for o in Outcome}
         self.storage_unavailable_decisions = decisions.labels("storage_unavailable")

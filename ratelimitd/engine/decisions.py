@@ -106,9 +106,17 @@ class Decider:
     async def check(self, caller: Caller, model: str, requests: int, tokens: int, request_id: str = "") -> Decision:
         return await self.check_items(caller, (Item(model, requests, tokens),), request_id)
 
-    async def check_items(self, caller: Caller, items: Sequence[Item], request_id: str = "") -> Decision:
-        """Decides all items together: every bucket of every item has room, or nothing is charged."""
-        remember = "1" if request_id else "0"
+    async def check_items(
+        self, caller: Caller, items: Sequence[Item], request_id: str = "", *, replay: bool = True
+    ) -> Decision:
+        """Decides all items together: every bucket of every item has room, or nothing is charged.
+
+        A caller-chosen ``request_id`` is remembered: a repeat gets the first answer again
+        (``replay``), and an admitted request's reservation waits under it for Usage.report.
+        ``replay=False`` keeps the reservation but decides every call anew, for callers whose
+        request ids an end user may choose and so must not buy a free pass by repeating one.
+        """
+        remember = "1" if request_id and replay else "0"
         request_id = request_id or new_request_id()
         org = keys.OrgKeys(caller.organization_id)
         if caller.key_id:
