@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # CheckAndConsume under ghz (a Go load generator, lighter than a Python client).
-# Bounded: at most $REQUESTS calls or $DURATION, on loopback only.
+# Bounded: at most $REQUESTS calls and $MAX_SECONDS seconds, on loopback only.
+# (ghz 0.93 ignores -n whenever -z is given, so the time bound is an outer `timeout`.)
 #
 #   load/ghz.sh                      # starts a server on an embedded Valkey
 #   ADDRESS=127.0.0.1:50051 RATELIMITD_TOKEN=... load/ghz.sh
@@ -11,7 +12,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 GHZ=${GHZ:-$(command -v ghz || echo "$(go env GOPATH 2>/dev/null)/bin/ghz")}
 REQUESTS=${REQUESTS:-50000}
-DURATION=${DURATION:-20s}
+MAX_SECONDS=${MAX_SECONDS:-60}
 CONCURRENCY=${CONCURRENCY:-64}
 WORKERS=${WORKERS:-1}  # server processes, when the script starts the server
 
@@ -27,9 +28,9 @@ if [[ -z "${ADDRESS:-}" ]]; then
 fi
 
 KEY=$("$PY" load/bench.py --address "$ADDRESS" --setup-only --projects 1)
-"$GHZ" --insecure \
+timeout "$MAX_SECONDS" "$GHZ" --insecure \
   --proto proto/ratelimitd/v1/ratelimit.proto --import-paths proto \
   --call ratelimitd.v1.RateLimitService.CheckAndConsume \
   -d "{\"api_key\":\"$KEY\",\"model\":\"llama-3.1-8b-instant\",\"tokens\":500}" \
-  -n "$REQUESTS" -z "$DURATION" -c "$CONCURRENCY" --connections 4 \
+  -n "$REQUESTS" -c "$CONCURRENCY" --connections 4 \
   "$ADDRESS"

@@ -7,7 +7,15 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 work=$(mktemp -d)
 chmod 755 "$work"
-trap 'kill "$server" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
+stop() {
+  if [[ -n "${server:-}" ]]; then
+    pkill -TERM -P "$server" 2>/dev/null || true
+    kill -TERM "$server" 2>/dev/null || true
+    wait "$server" 2>/dev/null || true
+  fi
+  rm -rf "$work"
+}
+trap stop EXIT
 
 "$PYTHON" -m venv "$work/venv"
 "$work/venv/bin/pip" install --quiet . >/dev/null
@@ -22,7 +30,8 @@ if [[ $(id -u) == 0 ]] && command -v runuser >/dev/null &&
   chown nobody "$work/data"
   as_user=(runuser -u nobody --)
 fi
-(cd "$work/data" && env RATELIMITD_LISTEN="127.0.0.1:$port" RATELIMITD_DATA_DIR="$work/data" PYTHONUNBUFFERED=1 \
+# exec: $server is the server itself (or runuser, whose child gets its SIGTERM)
+(cd "$work/data" && exec env RATELIMITD_LISTEN="127.0.0.1:$port" RATELIMITD_DATA_DIR="$work/data" PYTHONUNBUFFERED=1 \
   "${as_user[@]}" "$work/venv/bin/ratelimitd" serve >"$work/serve.log" 2>&1) &
 server=$!
 
