@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from tests.servers import ROOT, free_port
+from tests.servers import ROOT, free_port, stop_process
 
 SHIPPED_CONFIG = ROOT / "clients" / "envoy" / "envoy.yaml"
 
@@ -88,13 +88,7 @@ class EnvoyProcess:
             time.sleep(0.02)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 class _Handler(BaseHTTPRequestHandler):

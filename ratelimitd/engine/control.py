@@ -193,6 +193,16 @@ class ControlPlane:
             (validate_model(model, wildcard=True), self.dims.get(metric, window)) for model, metric, window in entries
         )
 
+    def _changes(
+        self, set_: Sequence[tuple[str, str, str, int]], clear: Sequence[tuple[str, str, str]]
+    ) -> tuple[list[LimitSpec], list[str]]:
+        """Limits to set and fields to clear, validated; naming one limit in both is an error."""
+        specs = self._specs(set_)
+        clears = self._clear_fields(clear)
+        if overlap := {s.field for s in specs} & set(clears):
+            raise InvalidArgument(f"limit {sorted(overlap)[0]} is both set and cleared")
+        return specs, clears
+
     async def set_organization_limits(
         self,
         org_id: str,
@@ -201,10 +211,7 @@ class ControlPlane:
         *,
         actor: Principal = INTERNAL,
     ) -> list[LimitSpec]:
-        specs = self._specs(set_)
-        clears = self._clear_fields(clear)
-        if overlap := {s.field for s in specs} & set(clears):
-            raise InvalidArgument(f"limit {sorted(overlap)[0]} is both set and cleared")
+        specs, clears = self._changes(set_, clear)
         k = await self.require_organization(org_id)
 
         async def change(pipe: Pipeline) -> None:
@@ -382,10 +389,7 @@ class ControlPlane:
         *,
         actor: Principal = INTERNAL,
     ) -> list[LimitSpec]:
-        specs = self._specs(set_)
-        clears = self._clear_fields(clear)
-        if overlap := {s.field for s in specs} & set(clears):
-            raise InvalidArgument(f"limit {sorted(overlap)[0]} is both set and cleared")
+        specs, clears = self._changes(set_, clear)
         k = await self.require_project(org_id, project_id)
         args: list[str | int] = [
             self.audit.max_events, actor_json(actor), project_id, len(self.dims.all), *(d.name for d in self.dims.all),
