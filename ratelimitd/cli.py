@@ -153,9 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"ratelimitd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
-    from ratelimitd import client_cli
+    from ratelimitd import client_cli, usage_cli
 
     client_cli.add_parsers(sub)
+    usage_cli.add_parsers(sub)
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -10,6 +12,7 @@ import pytest
 import redis.asyncio
 
 from ratelimitd.app import App
+from ratelimitd.cli import main
 from ratelimitd.engine import keys
 from ratelimitd.settings import Settings
 from ratelimitd.v1 import admin_pb2 as apb
@@ -144,3 +147,34 @@ async def client(app: App) -> AsyncIterator[Client]:
 @pytest.fixture
 def tmp(tmp_path: Path) -> Path:
     return tmp_path
+
+
+class Cli:
+    def __init__(self, capsys: pytest.CaptureFixture[str]) -> None:
+        self.capsys = capsys
+
+    async def __call__(self, *argv: str) -> tuple[int, str, str]:
+        code = await asyncio.to_thread(main, list(argv))
+        out, err = self.capsys.readouterr()
+        return code, out, err
+
+    async def ok(self, *argv: str) -> str:
+        code, out, err = await self(*argv)
+        assert (code, err) == (0, ""), err
+        return out
+
+    async def json(self, *argv: str) -> dict[str, object]:
+        return json.loads(await self.ok(*argv, "--json"))  # type: ignore[no-any-return]
+
+    async def fails(self, *argv: str, code: int = 1) -> str:
+        got, out, err = await self(*argv)
+        assert got == code and out == "", (got, out, err)
+        assert err.count("\n") == 1 and err.startswith("ratelimitd: "), err
+        return err
+
+
+@pytest.fixture
+def cli(app: App, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Cli:
+    monkeypatch.setenv("RATELIMITD_ADDRESS", f"127.0.0.1:{app.port}")
+    monkeypatch.setenv("RATELIMITD_TOKEN", OPERATOR_TOKEN)
+    return Cli(capsys)
