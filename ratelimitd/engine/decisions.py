@@ -10,8 +10,7 @@ from typing import NamedTuple
 from ratelimitd.engine import keys
 from ratelimitd.engine.limits import Dimension, Dimensions
 from ratelimitd.engine.retention import Retention
-from ratelimitd.engine.scripts import Scripts
-from ratelimitd.storage.pipelined import PipelinedConnection
+from ratelimitd.engine.scripts import ScriptRunner, Scripts
 
 
 class Outcome(enum.IntEnum):
@@ -88,7 +87,7 @@ class Decider:
 
     def __init__(
         self,
-        connection: PipelinedConnection,
+        connection: ScriptRunner,
         scripts: Scripts,
         dimensions: Dimensions,
         retention: Retention,

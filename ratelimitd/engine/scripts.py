@@ -8,8 +8,9 @@ script and retry, so callers never see the server's script cache: redis-py's
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from importlib import resources
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
@@ -25,6 +26,13 @@ def read_script(name: str) -> str:
     if name in _WITH_LIB:
         text = lua.joinpath("lib.lua").read_text() + "\n" + text
     return text
+
+
+class ScriptRunner(Protocol):
+    """Runs a script by sha, loading it on NOSCRIPT; raises StorageUnavailable when storage
+    cannot be reached. storage/pipelined.py is the production one."""
+
+    async def evalsha(self, script: LuaScript, keys: Sequence[str], args: Sequence[str | int]) -> Any: ...
 
 
 class LuaScript(NamedTuple):

@@ -26,8 +26,7 @@ from ratelimitd.engine.decisions import Caller, Outcome
 from ratelimitd.engine.errors import FailedPrecondition, InvalidArgument, NotFound
 from ratelimitd.engine.limits import MAX_LIMIT, Dimensions, validate_model
 from ratelimitd.engine.retention import Retention
-from ratelimitd.engine.scripts import Scripts
-from ratelimitd.storage.pipelined import PipelinedConnection
+from ratelimitd.engine.scripts import ScriptRunner, Scripts
 from ratelimitd.storage.redis import storage_errors
 
 # Percent of a spend limit at which an alert counts as crossed.
@@ -168,7 +167,7 @@ class Usage:
     def __init__(
         self,
         redis: Redis,
-        connection: PipelinedConnection,
+        connection: ScriptRunner,
         scripts: Scripts,
         dimensions: Dimensions,
         control: ControlPlane,
