@@ -23,6 +23,7 @@ from ratelimitd.api.health import StorageHealth
 from ratelimitd.api.metrics import Metrics
 from ratelimitd.api.usage import UsageServicer
 from ratelimitd.engine.audit import Audit
+from ratelimitd.engine.clock import manual_clock, server_time
 from ratelimitd.engine.control import ControlPlane
 from ratelimitd.engine.credentials import Credentials
 from ratelimitd.engine.decisions import Decider
@@ -87,10 +88,9 @@ class App:
             Members(self.redis, self.control, self.credentials, audit),
             ModelPermissions(self.redis, self.control, audit),
         )
-        self.decider = Decider(self.pipeline, scripts, dims, s.retention, manual_clock=s.manual_clock)
-        self.usage = Usage(
-            self.redis, self.pipeline, scripts, dims, self.control, s.retention, manual_clock=s.manual_clock
-        )
+        clock = manual_clock(self.redis) if s.manual_clock else server_time
+        self.decider = Decider(self.pipeline, scripts, dims, s.retention, clock=clock)
+        self.usage = Usage(self.redis, self.pipeline, scripts, dims, self.control, s.retention, clock=clock)
         self.metrics = Metrics()
         self.health = StorageHealth(
             self.redis, SERVICE_NAMES, s.health_interval_s, on_change=lambda up: self.metrics.storage_up.set(int(up))

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from ratelimitd.engine import keys
+from ratelimitd.engine.clock import Clock, server_time
 from ratelimitd.engine.limits import Dimension, Dimensions
 from ratelimitd.engine.retention import Retention
 from ratelimitd.engine.scripts import ScriptRunner, Scripts
@@ -92,12 +93,12 @@ class Decider:
         dimensions: Dimensions,
         retention: Retention,
         *,
-        manual_clock: bool = False,
+        clock: Clock = server_time,
     ) -> None:
         self._connection = connection
+        self._clock = clock
         self._script = scripts.decide
         self._dims = dimensions.all
-        self._clock_keys = [keys.MANUAL_CLOCK] if manual_clock else []
         # What does not change per call is laid out once.
         self._config_args = [*retention.args(), *dimensions.args()]
         self._dim_is_tokens = [d.metric == "tokens" for d in self._dims]
@@ -128,9 +129,8 @@ class Decider:
         for item in items:
             args.append(item.model)
             args += [item.tokens if is_tokens else item.requests for is_tokens in self._dim_is_tokens]
-        reply = await self._connection.evalsha(
-            self._script, [org.org_limits, subject, org.request(request_id), *self._clock_keys], args
-        )
+        args.append(await self._clock())
+        reply = await self._connection.evalsha(self._script, [org.org_limits, subject, org.request(request_id)], args)
         return self._parse(reply, caller.organization_id, request_id, len(items))
 
     def _parse(self, reply: list[int | str], org_id: str, request_id: str, nitems: int) -> Decision:

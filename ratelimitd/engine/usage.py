@@ -21,6 +21,7 @@ from typing import Any, NamedTuple, cast
 from redis.asyncio import Redis
 
 from ratelimitd.engine import keys
+from ratelimitd.engine.clock import Clock, server_time
 from ratelimitd.engine.control import ControlPlane
 from ratelimitd.engine.decisions import Caller, Outcome
 from ratelimitd.engine.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -173,14 +174,14 @@ class Usage:
         control: ControlPlane,
         retention: Retention,
         *,
-        manual_clock: bool = False,
+        clock: Clock = server_time,
     ) -> None:
         self._redis = redis
         self._connection = connection
         self._script = scripts.report
         self._control = control
         self._config_args = [*retention.args(), *dimensions.args()]
-        self._clock_keys = [keys.MANUAL_CLOCK] if manual_clock else []
+        self._clock = clock
 
     # -- reporting (once per request) ------------------------------------
 
@@ -211,11 +212,9 @@ class Usage:
         kind, subject = ("k", org.api_key(caller.key_id)) if caller.key_id else ("p", org.project(caller.project_id))
         args: list[str | int] = [
             kind, caller.key_hash, caller.project_id, request_id, model, input_tokens, output_tokens, cached_tokens,
-            status_code, latency_ms, *self._config_args,
+            status_code, latency_ms, *self._config_args, await self._clock(),
         ]  # fmt: skip
-        reply = await self._connection.evalsha(
-            self._script, [org.org_limits, subject, org.request(request_id), *self._clock_keys], args
-        )
+        reply = await self._connection.evalsha(self._script, [org.org_limits, subject, org.request(request_id)], args)
         status = int(reply[0])
         if status == 4:
             raise FailedPrecondition("the API key is unknown or does not match")

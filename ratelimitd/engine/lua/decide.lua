@@ -23,7 +23,6 @@ KEYS[1]  the organization's limits hash        rl:{org_x}:lim:o
 KEYS[2]  the caller record: API key hash        rl:{org_x}:k:<key_id>
          or, for a trusted caller, the project  rl:{org_x}:p:<project_id>
 KEYS[3]  the request record                     rl:{org_x}:r:<request_id>
-KEYS[4]  optional: a manual clock (tests only), microseconds as a string
 
 ARGV[1]  caller kind: "k" (API key) or "p" (project id)
 ARGV[2]  sha256 hex of the presented API key ("" for kind "p")
@@ -38,6 +37,7 @@ ARGV[12] d, the number of dimensions, then d pairs:
            dimension "metric|window" (e.g. "tokens|minute"), window length in ms
 then     m, the number of items, then m groups of 1 + d values:
            model, then the item's cost in each dimension, in dimension order
+last     "" to use the server's TIME; tests only: the time, microseconds
 
 Reply: an array
   [1] outcome: 0 allowed, 1 project limit, 2 organization limit,
@@ -96,7 +96,7 @@ if remember then
   end
 end
 
-local now = rl_now(KEYS[4])
+local now = rl_now(ARGV[#ARGV])
 local key_id = "-"
 
 local function finish(reply)

@@ -4,14 +4,14 @@ scripts.py puts this text in front of decide.lua and report.lua, so each is
 still one self-contained script (one EVALSHA), and the bucket arithmetic and
 limit resolution exist once.
 
-Units: time in microseconds (from TIME, or the manual clock in tests), window
+Units: time in microseconds (from TIME, or the test clock in tests), window
 lengths in microseconds, levels in the metric's units.
 ]]
 
--- The server's clock, or the manual clock key (tests only).
-local function rl_now(clock_key)
-  if clock_key then
-    return tonumber(redis.call("GET", clock_key) or "0")
+-- The server's clock, or (tests only) the time the caller passes.
+local function rl_now(given)
+  if given ~= "" then
+    return tonumber(given)
   end
   local t = redis.call("TIME")
   return tonumber(t[1]) * 1000000 + tonumber(t[2])

@@ -17,7 +17,6 @@ tokens unless the organization counts them (setting "cached" = "1" in cfg).
 KEYS[1]  the organization's limits hash        rl:{org_x}:lim:o
 KEYS[2]  the caller record (API key or project), as in decide.lua
 KEYS[3]  the request record                     rl:{org_x}:r:<request_id>
-KEYS[4]  optional: a manual clock (tests only)
 
 ARGV[1]  caller kind "k" or "p"        ARGV[2]  sha256 of the API key or ""
 ARGV[3]  project id (kind "p") or ""   ARGV[4]  request id
@@ -28,6 +27,7 @@ ARGV[10] latency, milliseconds
 ARGV[11] request record lifetime, ms   ARGV[12..14] usage retention (minute, hour, day buckets), s
 ARGV[15] log entries kept per project  ARGV[16] log lifetime, s
 ARGV[17] d, then d pairs: dimension "metric|window", window length in ms
+last     "" to use the server's TIME; tests only: the time, microseconds
 
 Reply: {status, project, model, tokens counted, token delta applied, spend (micro-USD, as a string)}
   status: 0 reconciled, 1 duplicate (nothing changed), 2 no reservation (charged in full),
@@ -61,7 +61,7 @@ elseif redis.call("EXISTS", KEYS[2]) == 0 then
   return {6, "", "", 0, 0, "0"}
 end
 
-local now = rl_now(KEYS[4])
+local now = rl_now(ARGV[#ARGV])
 local raw = redis.call("GET", KEYS[3])
 local record = raw and cjson.decode(raw) or nil
 if record and record.rep then
