@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +17,7 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from tests.servers import ROOT, free_port, stop_process
+from tests.servers import ROOT, free_port, stop_process, wait_until
 
 SHIPPED_CONFIG = ROOT / "clients" / "envoy" / "envoy.yaml"
 
@@ -74,18 +73,20 @@ class EnvoyProcess:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
-        deadline = time.monotonic() + timeout_s
-        while True:
+        proc = self.proc
+
+        def ready() -> bool:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/ready", timeout=1) as r:
-                    if r.status == 200:
-                        return
+                    return bool(r.status == 200)
             except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"envoy did not start:\n{log.read_text() if log.exists() else ''}")
-            time.sleep(0.02)
+                return False
+
+        try:
+            wait_until(ready, "envoy", timeout_s, alive=lambda: proc.poll() is None)
+        except RuntimeError:
+            self.stop()
+            raise RuntimeError(f"envoy did not start:\n{log.read_text() if log.exists() else ''}") from None
 
     def stop(self) -> None:
         stop_process(self.proc)

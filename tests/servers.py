@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -25,6 +26,25 @@ def stop_process(proc: subprocess.Popen[bytes] | None, timeout_s: float = 10) ->
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def wait_until(
+    ready: Callable[[], bool], what: str, timeout_s: float = 10, alive: Callable[[], bool] = lambda: True
+) -> None:
+    """Polls a process's readiness (a port, a ping, a page): the one place tests wait for a
+    process to come up. Never for time to pass: windows are tested with the manual clock."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if not alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not become ready")
+        time.sleep(0.02)
+
+
+def answers_ping(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
 
 
 def free_port() -> int:
@@ -59,15 +79,8 @@ class ValkeyProcess:
             stdout=subprocess.DEVNULL,
         )  # fmt: skip
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if client.ping():
-                    return
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise
-                time.sleep(0.01)
+        proc = self.proc
+        wait_until(lambda: answers_ping(client), "valkey", alive=lambda: proc.poll() is None)
 
     def stop(self) -> None:
         stop_process(self.proc)
@@ -96,16 +109,19 @@ class RatelimitdProcess:
             env=self.env,
             cwd=ROOT,
         )
-        deadline = time.monotonic() + timeout_s
-        while True:
+        proc = self.proc
+
+        def ready() -> bool:
             # the greeting (with a first start's credential) is printed after the port opens
-            if "listening on" in self.log_path.read_text():
-                with socket.socket() as s:
-                    if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                        return
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"ratelimitd did not start:\n{self.log_path.read_text()}")
-            time.sleep(0.05)
+            if "listening on" not in self.log_path.read_text():
+                return False
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+        try:
+            wait_until(ready, "ratelimitd", timeout_s, alive=lambda: proc.poll() is None)
+        except RuntimeError:
+            raise RuntimeError(f"ratelimitd did not start:\n{self.log_path.read_text()}") from None
 
     def output(self) -> str:
         return self.log_path.read_text()

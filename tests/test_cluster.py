@@ -10,8 +10,8 @@ different nodes.
 
 from __future__ import annotations
 
+import functools
 import subprocess
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,45 +31,57 @@ from ratelimitd.engine.scripts import LuaScript, Scripts
 from ratelimitd.engine.usage import ReportResult, Usage
 from ratelimitd.storage.embedded import find_server_binary
 from tests.conftest import settings_for
-from tests.servers import ValkeyProcess, free_port, stop_process
+from tests.servers import ValkeyProcess, answers_ping, free_port, stop_process, wait_until
 
 M = "llama-3.3-70b-versatile"
 DAY = 86400  # day windows: nothing refills while the test runs on the real clock
 
 
+def _alive(proc: subprocess.Popen[bytes]) -> bool:
+    return proc.poll() is None
+
+
 class Cluster:
     def __init__(self, root: Path) -> None:
-        self.ports = [free_port() for _ in range(3)]
+        # three data ports and three cluster-bus ports (by default the bus is port + 10000,
+        # which may be taken or above 65535); free_port() may hand out a port twice
+        ports: list[int] = []
+        while len(ports) < 6:
+            if (port := free_port()) not in ports:
+                ports.append(port)
+        self.ports, self.bus_ports = ports[:3], ports[3:]
         self.procs: list[subprocess.Popen[bytes]] = []
-        for port in self.ports:
+        self.bounds = [0, 5461, 10923, 16384]
+        try:
+            self._form(root)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _form(self, root: Path) -> None:
+        for port, bus_port in zip(self.ports, self.bus_ports, strict=True):
             d = root / str(port)
             d.mkdir()
             self.procs.append(
                 subprocess.Popen(
                     [find_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-                     "--cluster-config-file", "nodes.conf", "--dir", str(d), "--save", "", "--appendonly", "no"],
+                     "--cluster-port", str(bus_port),
+                     "--cluster-config-file", "nodes.conf", "--dir", str(d), "--save", "", "--appendonly", "no",
+                     "--logfile", str(d / "valkey.log")],
                     stdout=subprocess.DEVNULL,
                 )
             )  # fmt: skip
-        nodes = [redis.Redis(port=p) for p in self.ports]
-        deadline = time.monotonic() + 10
-        for node in nodes:
-            while True:
-                try:
-                    node.ping()
-                    break
-                except redis.ConnectionError:
-                    assert time.monotonic() < deadline, "a cluster node did not start"
-                    time.sleep(0.02)
-        bounds = [0, 5461, 10923, 16384]
+        nodes = [redis.Redis(host="127.0.0.1", port=p, socket_timeout=2) for p in self.ports]
+        for node, proc in zip(nodes, self.procs, strict=True):
+            wait_until(functools.partial(answers_ping, node), "a cluster node", alive=functools.partial(_alive, proc))
         for i, node in enumerate(nodes):
-            node.execute_command("CLUSTER", "ADDSLOTSRANGE", bounds[i], bounds[i + 1] - 1)  # type: ignore[no-untyped-call]
-        for port in self.ports[1:]:
-            nodes[0].execute_command("CLUSTER", "MEET", "127.0.0.1", port)  # type: ignore[no-untyped-call]
-        while not all(b"cluster_state:ok" in n.execute_command("CLUSTER", "INFO") for n in nodes):  # type: ignore[no-untyped-call]
-            assert time.monotonic() < deadline, "the cluster did not form"
-            time.sleep(0.05)
-        self.bounds = bounds
+            node.execute_command("CLUSTER", "ADDSLOTSRANGE", self.bounds[i], self.bounds[i + 1] - 1)  # type: ignore[no-untyped-call]
+        for port, bus_port in zip(self.ports[1:], self.bus_ports[1:], strict=True):
+            nodes[0].execute_command("CLUSTER", "MEET", "127.0.0.1", port, bus_port)  # type: ignore[no-untyped-call]
+        wait_until(
+            lambda: all(b"cluster_state:ok" in n.execute_command("CLUSTER", "INFO") for n in nodes),  # type: ignore[no-untyped-call]
+            "the cluster",
+        )
 
     def node_of(self, key: str) -> int:
         slot = key_slot(key.encode())
