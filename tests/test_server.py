@@ -59,6 +59,8 @@ async def test_metrics_count_decisions_by_outcome(valkey: ValkeyProcess, redis_c
         assert m['ratelimitd_decisions_total{outcome="organization_limit"}'] == 1
         assert m['ratelimitd_decisions_total{outcome="invalid_api_key"}'] == 1
         assert m["ratelimitd_storage_up"] == 1
+        # three decisions reached storage (the malformed key did not)
+        assert m['ratelimitd_decision_seconds_count{api="check_and_consume"}'] == 3
     finally:
         await client.channel.close()
         await app.stop(0)

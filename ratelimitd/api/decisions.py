@@ -105,6 +105,7 @@ class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
         self._decisions = metrics.decisions
         self._storage_unavailable = metrics.storage_unavailable_decisions
         self._reports = metrics.reports
+        self._seconds = metrics.check_seconds
 
     @rpc
     async def CheckAndConsume(
@@ -118,7 +119,8 @@ class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
             decision = Decision(Outcome.INVALID_API_KEY, "", "", request_id, 0, None, (), False)
         else:
             try:
-                decision = await self._decider.check(caller, model, requests, tokens, request_id)
+                with self._seconds.time():
+                    decision = await self._decider.check(caller, model, requests, tokens, request_id)
             except StorageUnavailable:
                 if self._on_storage_error == "unavailable":
                     raise

@@ -265,6 +265,7 @@ class EnvoyRateLimitServicer:
         self.storage_failed = storage_failed
         self._decisions = metrics.decisions
         self._reports = metrics.reports
+        self._seconds = metrics.envoy_seconds
 
     @rpc
     async def ShouldRateLimit(self, request: RateLimitRequest, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -334,7 +335,8 @@ class EnvoyRateLimitServicer:
         else:
             # No replay: the request id comes from a header, and repeating one must not
             # buy a free pass. The reservation still waits under it for the usage call.
-            decision = await self._decider.check_items(caller, items, request_id, replay=False)
+            with self._seconds.time():
+                decision = await self._decider.check_items(caller, items, request_id, replay=False)
         self._decisions[decision.outcome].inc()
         return self._reply(decision, items, slots)
 

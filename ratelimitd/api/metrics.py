@@ -4,6 +4,7 @@
     ratelimitd_usage_reports_total{result}   every ReportUsage and Envoy usage call, by result
     ratelimitd_storage_errors_total          calls that found storage unreachable
     ratelimitd_storage_up                    1 while storage answers (0 in any worker: 0)
+    ratelimitd_decision_seconds{api}         time to decide, storage round trip included (histogram)
 
 Served over HTTP at ``--metrics-listen`` (off by default). With ``--workers``
 the supervisor serves the sum over its workers (prometheus_client's
@@ -15,7 +16,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, multiprocess, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
 
 from ratelimitd.engine.decisions import Outcome
 from ratelimitd.engine.usage import ReportResult
@@ -48,6 +49,15 @@ class Metrics:
         self.storage_up = Gauge(
             "ratelimitd_storage_up", "1 while storage answers", registry=self.registry, multiprocess_mode="livemin"
         )
+        seconds = Histogram(
+            "ratelimitd_decision_seconds",
+            "Time to decide, from a validated request to the engine's answer (one storage round trip)",
+            ["api"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=self.registry,
+        )
+        self.check_seconds = seconds.labels("check_and_consume")
+        self.envoy_seconds = seconds.labels("envoy")
         self._server: Any = None
 
     def serve(self, listen: str) -> int:
