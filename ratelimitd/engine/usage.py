@@ -143,10 +143,6 @@ class Price(NamedTuple):
     cached_input_per_million: float
 
 
-def current_month() -> str:
-    return datetime.now(UTC).strftime("%Y-%m")
-
-
 def _month_key(month: str) -> str:
     """'YYYY-MM' -> 'YYYYMM', validated."""
     try:
@@ -275,10 +271,19 @@ class Usage:
                 # stored in micro-USD, the unit report.lua adds spend in
                 await self._redis.hset(k.prefix + "spendlim", field_, repr(limit_usd * 1e6))
 
+    async def _current_month(self) -> str:
+        """This month by the clock the scripts count spend with (storage's TIME), not ours."""
+        given = await self._clock()
+        with storage_errors():
+            now_s = int(given) / 1e6 if given else (await self._redis.time())[0]
+        return datetime.fromtimestamp(now_s, UTC).strftime("%Y-%m")
+
     async def spend(self, org_id: str, month: str = "") -> tuple[str, SpendLine, list[SpendLine]]:
-        month = month or current_month()
-        month_key = _month_key(month)
+        if month:
+            _month_key(month)  # a malformed month is refused before anything is looked up
         k = await self._control.require_organization(org_id)
+        month = month or await self._current_month()
+        month_key = _month_key(month)
         with storage_errors():
             spent = cast(dict[str, str], await self._redis.hgetall(f"{k.prefix}spend:{month_key}"))
             limits = cast(dict[str, str], await self._redis.hgetall(k.prefix + "spendlim"))
