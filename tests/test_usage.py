@@ -149,7 +149,10 @@ async def test_usage_totals_equal_the_reports_across_widths_and_groupings(client
     org = await client.org("o", [("*", "tokens", "minute", 10**9), ("*", "requests", "minute", 10**6)])
     pa, ka = await client.project(org, "a", [("*", "requests", "minute", 3)])
     pb_, kb = await client.project(org, "b")
-    start_ms = int(clock.now_s) * 1000  # a whole hour
+    # The calls span about two hours: start them at the day's first hour so
+    # they never straddle midnight, which would split the DAY rows in two.
+    await clock.set(clock.now_s // 86400 * 86400 + 3600)
+    start_ms = int(clock.now_s) * 1000
     sent = {("a", "m1"): [0, 0, 0], ("a", "m2"): [0, 0, 0], ("b", "m1"): [0, 0, 0]}
     rng = random.Random(3)
     for step in range(40):
