@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
 import redis.asyncio
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ratelimitd.app import App
@@ -20,9 +22,11 @@ from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from tests.certs import SERVER_NAMES, Pair, authority
 from tests.conftest import AUTH, OPERATOR_TOKEN, Cli, Client, Clock, settings_for, stubs
-from tests.servers import ROOT, RatelimitdProcess, ValkeyProcess
+from tests.edge import EnvoyProcess, Reply, envoy_config, http_request, upstream
+from tests.servers import ROOT, RatelimitdProcess, ValkeyProcess, free_port
 
 M = "llama-3.1-8b-instant"
+TLS_CLUSTER = ROOT / "clients" / "envoy" / "ratelimitd-tls-cluster.yaml"
 HANG_GUARD_S = 10  # generous: a refused handshake must end the call, not hang it
 
 
@@ -320,3 +324,80 @@ async def test_a_failed_handshake_is_one_line_from_the_cli_process(tls_app: App,
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("ratelimitd: UNAVAILABLE: "), done.stderr
     assert "CERTIFICATE_VERIFY_FAILED" in done.stderr
+
+
+# -- Envoy ---------------------------------------------------------------------------
+
+
+def envoy_over_tls(tmp: Path, upstream_port: int, ratelimitd_port: int, pki: Pki, *, client_cert: bool) -> EnvoyProcess:
+    """clients/envoy/envoy.yaml with its ratelimitd cluster replaced by the shipped TLS one, whose
+    file paths and port point at this run's certificates and server."""
+    config = envoy_config(
+        listen_port=free_port(),
+        admin_port=free_port(),
+        upstream_port=upstream_port,
+        ratelimitd_port=ratelimitd_port,
+        failure_mode_deny=True,  # a refused handshake must show as 503, not pass unlimited
+    )
+    (cluster,) = yaml.safe_load(TLS_CLUSTER.read_text())
+    cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"][
+        "port_value"
+    ] = ratelimitd_port
+    context = cluster["transport_socket"]["typed_config"]["common_tls_context"]
+    context["validation_context"]["trusted_ca"] = {"filename": str(pki.ca)}
+    if client_cert:
+        context["tls_certificates"] = [
+            {"certificate_chain": {"filename": str(pki.client.cert)}, "private_key": {"filename": str(pki.client.key)}}
+        ]
+    else:
+        del context["tls_certificates"]
+    clusters = config["static_resources"]["clusters"]
+    clusters[:] = [c for c in clusters if c["name"] != "ratelimitd"] + [cluster]
+    envoy = EnvoyProcess(config, tmp)
+    envoy.start()
+    return envoy
+
+
+@pytest.fixture
+def upstream_port() -> Iterator[int]:
+    with upstream() as port:
+        yield port
+
+
+async def chat(envoy: EnvoyProcess, key: str) -> Reply:
+    body = {"model": M, "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"authorization": f"Bearer {key}"}
+    return await asyncio.to_thread(http_request, envoy.port, "POST", "/v1/chat/completions", body, headers)
+
+
+async def test_envoy_asks_ratelimitd_over_mtls_and_a_request_is_rate_limited(
+    mtls_app: App, pki: Pki, upstream_port: int, tmp_path: Path
+) -> None:
+    client = secure(f"127.0.0.1:{mtls_app.port}", pki.ca, pki.client)
+    org = await client.org("o", [(M, "requests", "minute", 100)])
+    _, key = await client.project(org, "prod", [(M, "requests", "minute", 2)])
+    await client.channel.close()
+    envoy = envoy_over_tls(tmp_path, upstream_port, mtls_app.port, pki, client_cert=True)
+    try:
+        assert [(await chat(envoy, key)).status for _ in range(2)] == [200, 200]
+        refused = await chat(envoy, key)
+        assert refused.status == 429 and refused.json()["error"]["code"] == "rate_limit_exceeded"
+        stats = await asyncio.to_thread(http_request, envoy.admin_port, "GET", "/stats?filter=ratelimitd.ssl")
+        handshakes = re.search(rb"cluster\.ratelimitd\.ssl\.handshake: (\d+)", stats.body)
+        assert handshakes and int(handshakes[1]) >= 1, stats.body
+    finally:
+        envoy.stop()
+
+
+async def test_envoy_without_its_client_certificate_gets_no_decision_from_mtls(
+    mtls_app: App, pki: Pki, upstream_port: int, tmp_path: Path
+) -> None:
+    envoy = envoy_over_tls(tmp_path, upstream_port, mtls_app.port, pki, client_cert=False)
+    try:
+        reply = await chat(envoy, "rlk_anything")
+        assert reply.status == 503  # failure_mode_deny: ratelimitd could not be asked
+        stats = await asyncio.to_thread(http_request, envoy.admin_port, "GET", "/stats?filter=ratelimitd")
+        failed = re.search(rb"cluster\.ratelimitd\.upstream_cx_connect_fail: (\d+)", stats.body)
+        assert failed and int(failed[1]) >= 1, stats.body
+    finally:
+        envoy.stop()
