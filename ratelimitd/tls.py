@@ -25,20 +25,25 @@ def _read(path: str, what: str) -> bytes:
         raise TlsConfigError(f"{what} {path}: {e.strerror or e}") from None
 
 
+def _reason(e: OSError) -> str:
+    return str(getattr(e, "reason", None) or e.strerror or e)
+
+
 def _check_pair(cert: str, key: str, what: str) -> None:
     try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key)
-    except (ssl.SSLError, OSError) as e:
-        reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e)
-        raise TlsConfigError(f"{what} {cert} with key {key}: not a PEM certificate and its key ({reason})") from None
+        # An empty password: an encrypted key must fail here, not make OpenSSL prompt on the terminal.
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key, password=lambda: "")
+    except OSError as e:  # ssl.SSLError is one
+        raise TlsConfigError(
+            f"{what} {cert} with key {key}: not a PEM certificate and its unencrypted private key ({_reason(e)})"
+        ) from None
 
 
 def _check_ca(path: str, what: str) -> None:
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
-    except (ssl.SSLError, OSError) as e:
-        reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e)
-        raise TlsConfigError(f"{what} {path}: not PEM CA certificates ({reason})") from None
+    except OSError as e:
+        raise TlsConfigError(f"{what} {path}: not PEM CA certificates ({_reason(e)})") from None
 
 
 def server_credentials(cert: str, key: str, client_ca: str | None) -> grpc.ServerCredentials:

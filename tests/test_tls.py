@@ -182,7 +182,7 @@ def serve(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_serve_with_a_client_ca_but_no_certificate_says_so_and_exits(pki: Pki, valkey: ValkeyProcess) -> None:
     done = serve("--redis-url", valkey.url, "--tls-client-ca", str(pki.ca))
-    assert done.returncode != 0 and "listening" not in done.stdout
+    assert done.returncode == 2 and "listening" not in done.stdout
     assert done.stderr.strip() == (
         "ratelimitd: --tls-client-ca needs --tls-cert and --tls-key: "
         "client certificates (mTLS) are checked only over TLS"
