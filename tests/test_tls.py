@@ -401,3 +401,22 @@ async def test_envoy_without_its_client_certificate_gets_no_decision_from_mtls(
         assert failed and int(failed[1]) >= 1, stats.body
     finally:
         envoy.stop()
+
+
+async def test_the_cli_with_tls_alone_trusts_the_default_roots(tls_app: App, pki: Pki) -> None:
+    """--tls (or RATELIMITD_TLS=1) without a CA: gRPC's default roots, which this run points at its CA."""
+    base = [sys.executable, "-m", "ratelimitd", "health", "--address", f"127.0.0.1:{tls_app.port}"]
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(ROOT)}
+    runs = [
+        (base, env),  # plaintext: the TLS port answers nothing
+        ([*base, "--tls"], env),  # gRPC's own roots do not hold this run's CA
+        ([*base, "--tls"], {**env, "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH": str(pki.ca)}),
+        (base, {**env, "RATELIMITD_TLS": "1", "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH": str(pki.ca)}),
+    ]
+    done = [
+        await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True, timeout=60, cwd=ROOT, env=e)
+        for argv, e in runs
+    ]
+    assert [d.returncode for d in done] == [1, 1, 0, 0], [d.stderr for d in done]
+    assert "CERTIFICATE_VERIFY_FAILED" in done[1].stderr
+    assert [d.stdout for d in done[2:]] == ["SERVING\n"] * 2
