@@ -36,6 +36,7 @@ from ratelimitd.settings import Settings
 from ratelimitd.storage import redis as storage
 from ratelimitd.storage.embedded import EmbeddedValkey
 from ratelimitd.storage.pipelined import PipelinedConnection
+from ratelimitd.tls import server_credentials
 from ratelimitd.v1 import admin_pb2, admin_pb2_grpc, ratelimit_pb2, ratelimit_pb2_grpc, usage_pb2, usage_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -142,13 +143,19 @@ class App:
             [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             server,
         )
-        self.port = server.add_insecure_port(s.listen)
+        self.port = self._add_port(server)
         if not self.port:
             raise OSError(f"cannot listen on {s.listen}")
         await server.start()
         self.server = server
         if s.metrics_listen and not self.worker:
             self.metrics_port = self.metrics.serve(s.metrics_listen)
+
+    def _add_port(self, server: grpc.aio.Server) -> int:
+        s = self.settings
+        if not s.tls_cert or not s.tls_key:
+            return server.add_insecure_port(s.listen)
+        return server.add_secure_port(s.listen, server_credentials(s.tls_cert, s.tls_key, s.tls_client_ca))
 
     def storage_failed(self) -> None:
         """Any call that found storage unreachable: count it, and turn health NOT_SERVING now."""

@@ -38,6 +38,9 @@ def serve(args: argparse.Namespace) -> int:
         manual_clock=True if args.manual_clock else None,
         workers=args.workers,
         metrics_listen=args.metrics_listen,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
     )
     if args.worker:
         return run_async(_serve_worker(settings))
@@ -57,8 +60,10 @@ def _stop_event() -> asyncio.Event:
 def _greet(settings: Settings, address: str, embedded: bool, token: str | None, workers: int = 1) -> None:
     storage = f"embedded Valkey, data in {settings.data_dir}" if embedded else settings.describe()
     processes = f", {workers} worker processes" if workers > 1 else ""
+    transport = {"TLS": " over TLS", "mTLS": " over TLS, client certificates required"}.get(settings.tls, "")
     print(
-        f"ratelimitd {__version__} listening on {address} (gRPC: decisions, management, health, reflection{processes})"
+        f"ratelimitd {__version__} listening on {address}{transport} "
+        f"(gRPC: decisions, management, health, reflection{processes})"
     )
     print(f"storage: {storage}")
     if token:
@@ -139,12 +144,18 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--header-windows", help="e.g. requests=day,tokens=minute")
     p.add_argument("--workers", type=int, help="server processes sharing the port (default 1)")
     p.add_argument("--metrics-listen", help="host:port for Prometheus metrics (/metrics); default off")
+    p.add_argument("--tls-cert", help="PEM certificate of the gRPC port: TLS only (with --tls-key)")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", help="PEM CA: clients must present a certificate it issued (mTLS)")
     p.add_argument("--manual-clock", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=serve)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # gRPC's core logs each failed TLS handshake at INFO, on either side: a CLI error would grow a
+    # second line, and every stray plaintext connection would write one to the server's log.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     logging.basicConfig(
         level=os.environ.get("RATELIMITD_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

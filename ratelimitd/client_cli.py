@@ -25,6 +25,7 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from ratelimitd.engine import ids
+from ratelimitd.tls import ClientTls
 from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import admin_pb2_grpc, ratelimit_pb2_grpc
 from ratelimitd.v1 import ratelimit_pb2 as pb
@@ -39,8 +40,8 @@ SHORTHANDS = {
 
 
 class Api:
-    def __init__(self, address: str, token: str | None) -> None:
-        self.channel = grpc.aio.insecure_channel(address)
+    def __init__(self, address: str, token: str | None, tls: ClientTls | None = None) -> None:
+        self.channel = (tls or ClientTls()).channel(address)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.decisions: ratelimit_pb2_grpc.RateLimitServiceAsyncStub = ratelimit_pb2_grpc.RateLimitServiceStub(
             self.channel
@@ -683,7 +684,7 @@ def verb_command(verb: Verb, *, demo_mode: bool = False) -> Callable[[argparse.N
         async def go() -> int:
             if demo_mode and not args.address:
                 return await demo(None, args)
-            api = Api(args.address or DEFAULT_ADDRESS, args.token)
+            api = Api(args.address or DEFAULT_ADDRESS, args.token, client_tls(args))
             try:
                 return await verb(api, args)
             except grpc.aio.AioRpcError as e:
@@ -708,7 +709,34 @@ def client_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     p.add_argument("--token", default=os.environ.get("RATELIMITD_TOKEN"), help="credential (or RATELIMITD_TOKEN)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    env = os.environ.get
+    tls = p.add_argument_group("TLS (docs/operations.md); any of these turns TLS on")
+    tls.add_argument(
+        "--tls", action="store_true", default=_flag(env("RATELIMITD_TLS")), help="TLS, trusting the system's roots"
+    )
+    tls.add_argument("--tls-ca", default=env("RATELIMITD_TLS_CA"), help="PEM CA to trust for the server's certificate")
+    tls.add_argument(
+        "--tls-cert",
+        default=env("RATELIMITD_TLS_CLIENT_CERT"),
+        help="PEM client certificate, for mTLS (with --tls-key)",
+    )
+    tls.add_argument("--tls-key", default=env("RATELIMITD_TLS_CLIENT_KEY"), help="PEM private key of --tls-cert")
+    tls.add_argument(
+        "--tls-server-name",
+        default=env("RATELIMITD_TLS_SERVER_NAME"),
+        help="verify the server's certificate for this name instead of the address's host",
+    )
     return p
+
+
+def _flag(value: str | None) -> bool:
+    return (value or "").lower() in ("1", "true", "yes")
+
+
+def client_tls(args: argparse.Namespace) -> ClientTls:
+    return ClientTls(
+        enabled=args.tls, ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, server_name=args.tls_server_name
+    )
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -111,6 +111,13 @@ class Settings:
         "Envoy descriptor entry keys, ROLE=KEY,... for the roles api_key, model, tokens (token estimate), "
         "request_id and phase; roles not named keep their default key",
     )
+    tls_cert: str | None = _field(
+        None, "PEM certificate (chain) of the gRPC port; with tls_key, the port speaks TLS only; unset: plaintext"
+    )
+    tls_key: str | None = _field(None, "PEM private key of tls_cert")
+    tls_client_ca: str | None = _field(
+        None, "PEM CA certificates; set: clients must present a certificate one of them issued (mTLS)"
+    )
     operator_token: str | None = _secret_field("operator credential to accept (stored as a hash)")
 
     def __post_init__(self) -> None:
@@ -130,10 +137,24 @@ class Settings:
         keys = self.envoy_keys
         if len(set(keys.values())) != len(keys):
             raise ValueError(f"envoy_descriptor_keys: two roles share one key in {keys}")
+        self._check_tls()
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
                 raise ValueError(f"{f.name} must be positive, not {value}")
+
+    def _check_tls(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together: both for TLS, neither for plaintext")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError(
+                "--tls-client-ca needs --tls-cert and --tls-key: client certificates (mTLS) are checked only over TLS"
+            )
+
+    @property
+    def tls(self) -> str:
+        """How the port is reached: 'plaintext', 'TLS' or 'mTLS'."""
+        return "mTLS" if self.tls_client_ca else "TLS" if self.tls_cert else "plaintext"
 
     @property
     def retention(self) -> Retention:

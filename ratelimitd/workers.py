@@ -23,6 +23,7 @@ from ratelimitd.engine.credentials import Credentials
 from ratelimitd.settings import Settings
 from ratelimitd.storage import redis as storage
 from ratelimitd.storage.embedded import EmbeddedValkey, die_with_parent
+from ratelimitd.tls import server_credentials
 
 
 class Supervisor:
@@ -40,6 +41,9 @@ class Supervisor:
         host, _, port = s.listen.rpartition(":")
         if port == "0":
             raise ValueError("--workers needs a fixed port to share, not port 0")
+        if s.tls_cert and s.tls_key:
+            # each worker reads the files itself; a bad one should stop start-up here, named once
+            server_credentials(s.tls_cert, s.tls_key, s.tls_client_ca)
         url = s.redis_url
         if not url:
             self.embedded = EmbeddedValkey(s.data_dir)

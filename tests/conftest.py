@@ -98,7 +98,11 @@ class Client:
 
 
 def channel_client(address: str) -> Client:
-    channel = grpc.aio.insecure_channel(address)
+    return stubs(grpc.aio.insecure_channel(address))
+
+
+def stubs(channel: grpc.aio.Channel) -> Client:
+    """Our services' stubs on a channel made elsewhere (e.g. with TLS)."""
     return Client(
         channel,
         ratelimit_pb2_grpc.RateLimitServiceStub(channel),
