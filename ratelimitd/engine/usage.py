@@ -213,7 +213,10 @@ class Usage:
         reply = await self._connection.evalsha(self._script, [org.org_limits, subject, org.request(request_id)], args)
         status = int(reply[0])
         if status == 4:
-            raise FailedPrecondition("the API key is unknown or does not match")
+            raise FailedPrecondition(
+                "the API key is unknown or does not match, or it is revoked (or its project deleted) and "
+                f"request {request_id} is not one it was admitted for"
+            )
         if status == 5:
             raise InvalidArgument(f"request {request_id} has no reservation, so model is required")
         if status == 6:

@@ -11,6 +11,12 @@ Either way the usage is recorded: counters at three resolutions, the monthly
 spend from the model's price, and one entry in the project's request log.
 Exactly once per request id: the record remembers it was reported.
 
+A revoked key, or a key whose project was deleted, may still report the one
+thing it can honestly have: a request it was admitted for before (the record
+holds a reservation made by that very key), because that request ran and its
+usage is real. Any other report from it is refused (status 4) and writes
+nothing, as from an unknown key.
+
 Tokens that count toward token limits: input + output, less the cached input
 tokens unless the organization counts them (setting "cached" = "1" in cfg).
 
@@ -31,7 +37,8 @@ last     "" to use the server's TIME; tests only: the time, microseconds
 
 Reply: {status, project, model, tokens counted, token delta applied, spend (micro-USD, as a string)}
   status: 0 reconciled, 1 duplicate (nothing changed), 2 no reservation (charged in full),
-          4 invalid API key, 5 no model (no reservation and none given),
+          4 invalid API key (unknown, not matching, or revoked/project deleted
+            and not reporting its own reservation), 5 no model (no reservation and none given),
           6 project not found, 7 the request id belongs to another project
 ]]
 
@@ -51,12 +58,13 @@ for i = 1, ndims do
 end
 
 local key_id = "-"
+local retired = false -- revoked, or its project deleted: only its own reservations may be reported
 if kind == "k" then
-  -- A key revoked after admission still reports what its request used.
-  local rec = redis.call("HMGET", KEYS[2], "h", "p")
+  local rec = redis.call("HMGET", KEYS[2], "h", "p", "r")
   if not rec[1] or rec[1] ~= key_hash then return {4, "", "", 0, 0, "0"} end
   project = rec[2]
   key_id = string.match(KEYS[2], ":k:(.+)$")
+  retired = rec[3] == "1" or redis.call("EXISTS", prefix .. "p:" .. project) == 0
 elseif redis.call("EXISTS", KEYS[2]) == 0 then
   return {6, "", "", 0, 0, "0"}
 end
@@ -64,6 +72,9 @@ end
 local now = rl_now(ARGV[#ARGV])
 local raw = redis.call("GET", KEYS[3])
 local record = raw and cjson.decode(raw) or nil
+if retired and not (record and record.m and record.p == project and record.k == key_id) then
+  return {4, "", "", 0, 0, "0"}
+end
 if record and record.rep then
   return {1, project, record.rm or "", 0, 0, "0"}
 end
