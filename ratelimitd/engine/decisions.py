@@ -9,9 +9,13 @@ from typing import NamedTuple
 
 from ratelimitd.engine import keys
 from ratelimitd.engine.clock import Clock, server_time
+from ratelimitd.engine.errors import InvalidArgument
 from ratelimitd.engine.limits import Dimension, Dimensions
 from ratelimitd.engine.retention import Retention
 from ratelimitd.engine.scripts import ScriptRunner, Scripts
+
+# Items one decision may weigh: each adds its buckets to one script's stack and reply.
+MAX_ITEMS_PER_DECISION = 64
 
 
 class Outcome(enum.IntEnum):
@@ -119,6 +123,10 @@ class Decider:
         pass by repeating one. Either way the id belongs to its first caller: anyone else using it
         is refused (REQUEST_ID_REUSED).
         """
+        if not items:
+            raise InvalidArgument("a decision needs at least one item")
+        if len(items) > MAX_ITEMS_PER_DECISION:
+            raise InvalidArgument(f"{len(items)} items; at most {MAX_ITEMS_PER_DECISION} are allowed in one decision")
         remember = ("1" if replay else "2") if request_id else "0"
         request_id = request_id or new_request_id()
         org = keys.OrgKeys(caller.organization_id)
