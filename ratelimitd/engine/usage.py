@@ -223,6 +223,11 @@ class Usage:
             raise NotFound(f"project {caller.project_id} does not exist")
         if status == 7:
             raise FailedPrecondition(f"request {request_id} belongs to another project")
+        if status == 8:
+            raise FailedPrecondition(
+                f"the usage counter {reply[2]} of this project, model and key would pass 2^62 in its current "
+                "minute, hour or day; the report was not recorded"
+            )
         return Report(
             ReportResult(status), str(reply[1]), str(reply[2]), int(reply[3]), int(reply[4]), float(reply[5]) / 1e6
         )
