@@ -34,7 +34,17 @@ from ratelimitd.api.decisions import MAX_REQUESTS, validate_request_id
 from ratelimitd.api.errors import rpc
 from ratelimitd.api.metrics import Metrics
 from ratelimitd.engine import ids, refusals
-from ratelimitd.engine.decisions import BucketState, Caller, Decider, Decision, Item, Outcome, Scope, new_request_id
+from ratelimitd.engine.decisions import (
+    MAX_ITEMS_PER_DECISION,
+    BucketState,
+    Caller,
+    Decider,
+    Decision,
+    Item,
+    Outcome,
+    Scope,
+    new_request_id,
+)
 from ratelimitd.engine.errors import FailedPrecondition, InvalidArgument
 from ratelimitd.engine.headers import rate_limit_headers
 from ratelimitd.engine.limits import MAX_LIMIT, Dimension, validate_model
@@ -44,7 +54,7 @@ from ratelimitd.engine.usage import Usage
 log = logging.getLogger(__name__)
 
 ENVOY_SERVICE_NAME = rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name
-MAX_DESCRIPTORS = 64
+MAX_DESCRIPTORS = MAX_ITEMS_PER_DECISION  # each of ours is one item of the decision
 # The phase entry's values: the call after the response, and which tokens its hits_addend counts.
 # A total of unknown split is reported as input tokens (spend is then priced at the input price).
 USAGE_PHASES = {"usage": "input", "usage_input": "input", "usage_output": "output", "usage_cached": "cached"}

@@ -26,10 +26,13 @@ from ratelimitd.engine.audit import Audit, AuditEvent, actor_json
 from ratelimitd.engine.authz import INTERNAL, Principal
 from ratelimitd.engine.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from ratelimitd.engine.limits import (
+    MAX_LIMITS_PER_SCOPE,
     WILDCARD,
     Dimension,
     Dimensions,
     LimitSpec,
+    check_batch_size,
+    check_scope_size,
     parse_limit_field,
     unique_fields,
     validate_limit_value,
@@ -197,6 +200,7 @@ class ControlPlane:
         self, set_: Sequence[tuple[str, str, str, int]], clear: Sequence[tuple[str, str, str]]
     ) -> tuple[list[LimitSpec], list[str]]:
         """Limits to set and fields to clear, validated; naming one limit in both is an error."""
+        check_batch_size(len(set_), len(clear))
         specs = self._specs(set_)
         clears = self._clear_fields(clear)
         if overlap := {s.field for s in specs} & set(clears):
@@ -217,6 +221,7 @@ class ControlPlane:
         async def change(pipe: Pipeline) -> None:
             before = {f: int(v) for f, v in _strs(await pipe.hgetall(k.org_limits)).items()}
             after = {f: v for f, v in before.items() if f not in clears} | {s.field: s.value for s in specs}
+            check_scope_size(len(before), len(after), f"organization {org_id}")
             begin_writes(pipe)
             if specs:
                 pipe.hset(k.org_limits, mapping={s.field: s.value for s in specs})
@@ -392,8 +397,8 @@ class ControlPlane:
         specs, clears = self._changes(set_, clear)
         k = await self.require_project(org_id, project_id)
         args: list[str | int] = [
-            self.audit.max_events, actor_json(actor), project_id, len(self.dims.all), *(d.name for d in self.dims.all),
-            len(specs),
+            self.audit.max_events, actor_json(actor), project_id, MAX_LIMITS_PER_SCOPE, len(self.dims.all),
+            *(d.name for d in self.dims.all), len(specs),
         ]  # fmt: skip
         for s in specs:
             args += (s.model, s.dimension.name, s.value)
@@ -412,6 +417,8 @@ class ControlPlane:
                 f"organization {org_id} has no limits for model {reply[1]!r} (nor a '*' default), "
                 "so a project cannot have one"
             )
+        if status == "too_many":
+            check_scope_size(int(reply[1]), int(reply[2]), f"project {project_id}")
         if status == "above":
             model, dim, value, ceiling = reply[1], reply[2], reply[3], reply[4]
             metric, window = dim.split("|")

@@ -9,9 +9,13 @@ from typing import NamedTuple
 
 from ratelimitd.engine import keys
 from ratelimitd.engine.clock import Clock, server_time
+from ratelimitd.engine.errors import InvalidArgument
 from ratelimitd.engine.limits import Dimension, Dimensions
 from ratelimitd.engine.retention import Retention
 from ratelimitd.engine.scripts import ScriptRunner, Scripts
+
+# Items one decision may weigh: each adds its buckets to one script's stack and reply.
+MAX_ITEMS_PER_DECISION = 64
 
 
 class Outcome(enum.IntEnum):
@@ -26,6 +30,7 @@ class Outcome(enum.IntEnum):
     PROJECT_NOT_FOUND = 6
     MODEL_BLOCKED = 7
     SPEND_LIMIT = 8
+    REQUEST_ID_REUSED = 9
 
 
 class Scope(enum.IntEnum):
@@ -111,12 +116,18 @@ class Decider:
     ) -> Decision:
         """Decides all items together: every bucket of every item has room, or nothing is charged.
 
-        A caller-chosen ``request_id`` is remembered: a repeat gets the first answer again
-        (``replay``), and an admitted request's reservation waits under it for Usage.report.
-        ``replay=False`` keeps the reservation but decides every call anew, for callers whose
-        request ids an end user may choose and so must not buy a free pass by repeating one.
+        A caller-chosen ``request_id`` is remembered: a repeat by the same caller asking for the
+        same items gets the first answer again (``replay``), and an admitted request's reservation
+        waits under it for Usage.report. ``replay=False`` keeps the reservation but decides every
+        call anew, for callers whose request ids an end user may choose and so must not buy a free
+        pass by repeating one. Either way the id belongs to its first caller: anyone else using it
+        is refused (REQUEST_ID_REUSED).
         """
-        remember = "1" if request_id and replay else "0"
+        if not items:
+            raise InvalidArgument("a decision needs at least one item")
+        if len(items) > MAX_ITEMS_PER_DECISION:
+            raise InvalidArgument(f"{len(items)} items; at most {MAX_ITEMS_PER_DECISION} are allowed in one decision")
+        remember = ("1" if replay else "2") if request_id else "0"
         request_id = request_id or new_request_id()
         org = keys.OrgKeys(caller.organization_id)
         if caller.key_id:

@@ -18,6 +18,12 @@ def refusal_message(decision: Decision, model: str, requests: int, tokens: int) 
         return f"The model `{model}` is blocked for this project by its organization's or project's model permissions."
     if outcome is Outcome.PROJECT_NOT_FOUND:
         return "The project does not exist."
+    if outcome is Outcome.REQUEST_ID_REUSED:
+        return (
+            f"Request id {decision.request_id} was already used by another caller or for a different request "
+            "(model or costs); nothing was charged. A retry must repeat the same request; send a new request id "
+            "for a new request."
+        )
     if outcome is Outcome.SPEND_LIMIT:
         whose = "organization" if decision.detail == Scope.ORGANIZATION else "project"
         return (

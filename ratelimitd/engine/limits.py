@@ -18,6 +18,11 @@ WILDCARD = "*"
 # Lua's cjson keeps 14 significant digits; stay well inside exact integers.
 MAX_LIMIT = 10**12
 MAX_MODEL_LENGTH = 128
+# Limits one Set*Limits call may set and clear together: the whole batch is checked and written
+# in one atomic step (for a project, one script whose arguments Lua unpacks onto its stack).
+MAX_LIMITS_PER_CALL = 1000
+# Limits one organization, or one project, may hold in all: every change reads and audits them whole.
+MAX_LIMITS_PER_SCOPE = 10_000
 _MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
 
 
@@ -106,10 +111,28 @@ def parse_limit_field(field: str, dims: Dimensions) -> tuple[str, Dimension] | N
 
 def unique_fields(specs: Iterable[tuple[str, Dimension]]) -> list[str]:
     """Fields of (model, dimension) pairs; a pair named twice is an error."""
-    seen: list[str] = []
+    fields: list[str] = []
+    seen: set[str] = set()
     for model, dim in specs:
         field = f"{model}|{dim.name}"
         if field in seen:
             raise InvalidArgument(f"limit {model} {dim.metric}/{dim.window} is named twice")
-        seen.append(field)
-    return seen
+        seen.add(field)
+        fields.append(field)
+    return fields
+
+
+def check_batch_size(to_set: int, to_clear: int) -> None:
+    """One Set*Limits call changes at most MAX_LIMITS_PER_CALL limits, set and cleared together."""
+    if to_set + to_clear > MAX_LIMITS_PER_CALL:
+        raise InvalidArgument(
+            f"{to_set} limits to set and {to_clear} to clear; at most {MAX_LIMITS_PER_CALL} are allowed in one call"
+        )
+
+
+def check_scope_size(before: int, after: int, scope: str) -> None:
+    """A scope holds at most MAX_LIMITS_PER_SCOPE limits; one already past it may only shrink."""
+    if after > MAX_LIMITS_PER_SCOPE and after > before:
+        raise InvalidArgument(
+            f"{scope} would hold {after} limits; at most {MAX_LIMITS_PER_SCOPE} are allowed (clear some first)"
+        )

@@ -13,6 +13,8 @@ Every refusal becomes one JSON body and one HTTP status::
     model without any limit, none given       404     invalid_request_error  model_not_found
     model blocked for the project or org      403     invalid_request_error  model_blocked
     monthly spend limit reached               400     invalid_request_error  blocked_api_access
+    request id used by another caller or      409     invalid_request_error  request_id_reused
+      for a different request
     a malformed value the client sent         400     invalid_request_error  invalid_request
 
 ``type`` of a limit refusal names the metric of the bucket that refused, so a
@@ -90,4 +92,6 @@ def refusal(decision: Decision, model: str, requests: int, tokens: int) -> Refus
         return model_not_found(message)
     if outcome is Outcome.SPEND_LIMIT:
         return Refusal(400, _REQUEST_ERROR, "blocked_api_access", message)
+    if outcome is Outcome.REQUEST_ID_REUSED:
+        return Refusal(409, _REQUEST_ERROR, "request_id_reused", message)
     return Refusal(401, _REQUEST_ERROR, INVALID_API_KEY, message)  # INVALID_API_KEY, PROJECT_NOT_FOUND

@@ -213,13 +213,21 @@ class Usage:
         reply = await self._connection.evalsha(self._script, [org.org_limits, subject, org.request(request_id)], args)
         status = int(reply[0])
         if status == 4:
-            raise FailedPrecondition("the API key is unknown or does not match")
+            raise FailedPrecondition(
+                "the API key is unknown or does not match, or it is revoked (or its project deleted) and "
+                f"request {request_id} is not one it was admitted for"
+            )
         if status == 5:
             raise InvalidArgument(f"request {request_id} has no reservation, so model is required")
         if status == 6:
             raise NotFound(f"project {caller.project_id} does not exist")
         if status == 7:
             raise FailedPrecondition(f"request {request_id} belongs to another project")
+        if status == 8:
+            raise FailedPrecondition(
+                f"the usage counter {reply[2]} of this project, model and key would pass 2^62 in its current "
+                "minute, hour or day; the report was not recorded"
+            )
         return Report(
             ReportResult(status), str(reply[1]), str(reply[2]), int(reply[3]), int(reply[4]), float(reply[5]) / 1e6
         )

@@ -75,6 +75,11 @@ class _ReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Reason.ValueTy
     """The organization's or the project's model permissions block the model
     (HTTP 403). Nothing was charged. See docs/control-plane.md.
     """
+    REASON_REQUEST_ID_REUSED: _Reason.ValueType  # 9
+    """The request id was used before by another caller (another API key, or
+    another project) or for another request (other model or costs). Nothing
+    was charged; a new request needs a new request id (HTTP 409).
+    """
 
 class Reason(_Reason, metaclass=_ReasonEnumTypeWrapper): ...
 
@@ -105,6 +110,11 @@ REASON_STORAGE_UNAVAILABLE: Reason.ValueType  # 6
 REASON_MODEL_BLOCKED: Reason.ValueType  # 7
 """The organization's or the project's model permissions block the model
 (HTTP 403). Nothing was charged. See docs/control-plane.md.
+"""
+REASON_REQUEST_ID_REUSED: Reason.ValueType  # 9
+"""The request id was used before by another caller (another API key, or
+another project) or for another request (other model or costs). Nothing
+was charged; a new request needs a new request id (HTTP 409).
 """
 Global___Reason: _TypeAlias = Reason  # noqa: Y015
 
@@ -155,8 +165,11 @@ class CheckRequest(_message.Message):
     still refuses while a token bucket is in debt.
     """
     request_id: _builtins.str
-    """Optional caller-chosen id. A retry with the same id gets the same answer
-    and is not charged twice; it is also the id ReportUsage refers to.
+    """Optional caller-chosen id, unique within the organization. A retry by the
+    same caller (the same API key, or for a trusted caller the same project)
+    with the same model and costs gets the same answer and is not charged
+    twice; any other use of the id is refused with REASON_REQUEST_ID_REUSED.
+    It is also the id ReportUsage refers to.
     """
     @_builtins.property
     def project(self) -> Global___ProjectRef: ...

@@ -1,11 +1,20 @@
 --[[
 decide.lua: one rate-limit decision, atomically. (lib.lua is prepended.)
 
-Authenticates the caller, checks the monthly spend limits, resolves the
-project's and the organization's limits for every item (a model and its costs)
-of the request, evaluates every applicable bucket, and charges all of them or
-none. Items naming the same model share their buckets, and their costs add up.
-It also counts the decision in the usage counters and logs refusals.
+Authenticates the caller, replays an earlier answer to the same request,
+checks the monthly spend limits, resolves the project's and the organization's
+limits for every item (a model and its costs) of the request, evaluates every
+applicable bucket, and charges all of them or none. Items naming the same model
+share their buckets, and their costs add up. It also counts the decision in the
+usage counters and logs refusals.
+
+Authentication comes first: a caller that fails it (outcomes 4 and 6) gets its
+refusal and nothing is read or written under its request id, so it can neither
+replay someone else's answer nor claim an id. A request id belongs to the
+caller that used it first (the same API key; for a trusted caller, the same
+project): the record keeps that caller (p, k) and, with an answer, what was
+asked (f: models and costs). Another caller, or the same caller asking for
+something else, is refused with outcome 9 and nothing is charged.
 
 Everything the script touches lives under one organization prefix
 "rl:{org_<id>}:", so every key shares one hash tag (one Cluster slot). Keys the
@@ -28,7 +37,10 @@ ARGV[1]  caller kind: "k" (API key) or "p" (project id)
 ARGV[2]  sha256 hex of the presented API key ("" for kind "p")
 ARGV[3]  project id (kind "p"; "" for kind "k")
 ARGV[4]  request id
-ARGV[5]  "1" when the caller chose the request id: remember any answer for replay
+ARGV[5]  "1": the caller chose the request id; remember any answer for replay
+         "2": the caller chose it, but every call is decided anew (the id
+              still belongs to its first caller, and keeps the reservation)
+         "0": the server made the id up, so no record can exist yet
 ARGV[6]  request record lifetime, milliseconds
 ARGV[7..9]   usage retention after each minute, hour, day bucket, seconds
 ARGV[10] request log: entries kept per project
@@ -43,7 +55,8 @@ Reply: an array
   [1] outcome: 0 allowed, 1 project limit, 2 organization limit,
       3 larger than a limit can ever admit, 4 invalid API key,
       5 model not available, 6 project not found, 7 model blocked by the
-      model permissions, 8 monthly spend limit
+      model permissions, 8 monthly spend limit, 9 the request id was used by
+      another caller or for another request
   [2] project id ("" when unknown)
   [3] retry after, milliseconds (0 unless outcome 1 or 2)
   [4] index of the binding bucket in the list below (1-based, 0 for none)
@@ -58,7 +71,7 @@ Reply: an array
 
 local prefix = string.sub(KEYS[1], 1, -6) -- strip "lim:o"
 local kind, key_hash, project = ARGV[1], ARGV[2], ARGV[3]
-local request_id, remember = ARGV[4], ARGV[5] == "1"
+local request_id, remember, chosen_id = ARGV[4], ARGV[5] == "1", ARGV[5] ~= "0"
 local record_ttl = tonumber(ARGV[6])
 local resolutions = {{"m", 60, tonumber(ARGV[7])}, {"h", 3600, tonumber(ARGV[8])}, {"d", 86400, tonumber(ARGV[9])}}
 local log_cap, log_ttl = tonumber(ARGV[10]), tonumber(ARGV[11])
@@ -83,40 +96,35 @@ for j = 1, nitems do
   }
 end
 
-local reported = false
-if remember then
-  local earlier = redis.call("GET", KEYS[3])
-  if earlier then
-    local rec = cjson.decode(earlier)
-    if rec.reply then
-      rec.reply[5] = 1
-      return rec.reply
-    end
-    reported = rec.rep == 1 -- its usage report came first: decide, but never reconcile again
-  end
+-- What is asked, as a replay must match it: every item's model, requests and tokens.
+local asked = {}
+for j, item in ipairs(items) do
+  asked[j] = string.format("%s|%.0f|%.0f", item.model, item.requests, item.tokens)
 end
+local fingerprint = table.concat(asked, ",")
 
 local now = rl_now(ARGV[#ARGV])
 local key_id = "-"
+local reported = false
 
+-- Only for an authenticated caller: counts the decision, logs a refusal, and
+-- remembers the answer (never over another caller's record: outcome 9).
 local function finish(reply)
   local outcome = reply[1]
-  if outcome ~= 4 and outcome ~= 6 then
-    for _, item in ipairs(items) do
-      local counters = {}
-      if outcome == 0 then counters.req = item.requests else counters["ref:" .. outcome] = 1 end
-      rl_count_usage(prefix, now, resolutions, project .. "|" .. item.model .. "|" .. key_id .. "|", counters)
-    end
-    if outcome ~= 0 then
-      rl_log(prefix, project, {id = request_id, t = math.floor(now / 1000), m = items[1].model, k = key_id,
-                               ok = false, r = outcome, tok = items[1].tokens}, log_cap, log_ttl)
-    end
+  for _, item in ipairs(items) do
+    local counters = {}
+    if outcome == 0 then counters.req = item.requests else counters["ref:" .. outcome] = 1 end
+    rl_count_usage(prefix, now, resolutions, project .. "|" .. item.model .. "|" .. key_id .. "|", counters)
   end
-  if remember or outcome == 0 then
-    local record = {reply = reply, rep = reported and 1 or nil}
+  if outcome ~= 0 then
+    rl_log(prefix, project, {id = request_id, t = math.floor(now / 1000), m = items[1].model, k = key_id,
+                             ok = false, r = outcome, tok = items[1].tokens}, log_cap, log_ttl)
+  end
+  if outcome ~= 9 and (remember or outcome == 0) then
+    local record = {reply = reply, rep = reported and 1 or nil, p = project, k = key_id, f = fingerprint}
     if outcome == 0 then
       -- The reservation ReportUsage reconciles against.
-      record.p, record.k, record.m, record.t = project, key_id, {}, {}
+      record.m, record.t = {}, {}
       for j, item in ipairs(items) do record.m[j], record.t[j] = item.model, item.tokens end
     end
     redis.call("SET", KEYS[3], cjson.encode(record), "PX", record_ttl)
@@ -125,19 +133,20 @@ local function finish(reply)
 end
 
 local function early(outcome, detail)
-  return finish({outcome, outcome == 4 and "" or project, 0, 0, 0, detail or 0, 0})
+  return finish({outcome, project, 0, 0, 0, detail or 0, 0})
 end
 
--- Who is asking.
+-- Who is asking. Unauthenticated: refused, and nothing written anywhere.
+local unauthenticated = {4, "", 0, 0, 0, 0, 0}
 if kind == "k" then
   local rec = redis.call("HMGET", KEYS[2], "h", "p", "r", "u")
   if not rec[1] or rec[1] ~= key_hash or rec[3] == "1" then
-    return early(4)
+    return unauthenticated
   end
   project = rec[2]
   key_id = string.match(KEYS[2], ":k:(.+)$")
   if redis.call("EXISTS", prefix .. "p:" .. project) == 0 then
-    return early(4)
+    return unauthenticated
   end
   -- last use, at most once a second per key, to keep the hot path cheap
   local now_ms = math.floor(now / 1000)
@@ -145,7 +154,26 @@ if kind == "k" then
     redis.call("HSET", KEYS[2], "u", now_ms)
   end
 elseif redis.call("EXISTS", KEYS[2]) == 0 then
-  return early(6)
+  return {6, project, 0, 0, 0, 0, 0}
+end
+
+-- An earlier use of the request id: replayed to its own caller asking the same
+-- thing, refused to anyone else. A record without an answer is a usage report
+-- that came first; it binds the id to its project only (reports are per project).
+if chosen_id then
+  local earlier = redis.call("GET", KEYS[3])
+  if earlier then
+    local rec = cjson.decode(earlier)
+    local same_caller = rec.p == project and (rec.reply == nil or rec.k == key_id)
+    if not same_caller or (remember and rec.reply and rec.f ~= fingerprint) then
+      return early(9)
+    end
+    if remember and rec.reply then
+      rec.reply[5] = 1
+      return rec.reply
+    end
+    reported = remember and rec.rep == 1 -- its usage report came first: decide, but never reconcile again
+  end
 end
 
 -- Monthly spend limits: reached means refused until next month or a higher limit.

@@ -99,23 +99,54 @@ local function rl_month(now)
   return string.format("%04d%02d", year, month)
 end
 
+-- The largest total an integer usage counter may reach. HINCRBY fails past
+-- 2^63 - 1, and only after whatever the script wrote before it; 2^62 is exact
+-- in a Lua number, so the check below is too.
+local RL_MAX_COUNTER = 2 ^ 62
+
+-- The usage hash of one resolution at a time.
+local function rl_usage_key(prefix, now, r)
+  local now_s = math.floor(now / 1000000)
+  local start = now_s - now_s % r[2]
+  return prefix .. "u:" .. r[1] .. ":" .. start, start
+end
+
+-- The name of an integer counter that adding `counters` would take past
+-- RL_MAX_COUNTER, or nil when all fit. A script calls it before its first
+-- write, so an overflow refuses the whole call instead of half applying it.
+local function rl_usage_overflow(prefix, now, resolutions, who, counters)
+  local names, fields = {}, {}
+  for name in pairs(counters) do
+    names[#names + 1] = name
+    fields[#fields + 1] = who .. name
+  end
+  for _, r in ipairs(resolutions) do
+    local totals = redis.call("HMGET", rl_usage_key(prefix, now, r), unpack(fields))
+    for n, name in ipairs(names) do
+      if (tonumber(totals[n]) or 0) + counters[name] > RL_MAX_COUNTER then return name end
+    end
+  end
+  return nil
+end
+
 -- Adds counters to the usage of one (project, model, key) at each resolution.
 -- resolutions: {{"m", 60, ttl_s}, {"h", 3600, ttl_s}, {"d", 86400, ttl_s}}
--- counters: {name = amount, ...}; amounts may be fractional (spend).
-local function rl_count_usage(prefix, now, resolutions, who, counters)
-  local now_s = math.floor(now / 1000000)
+-- counters: {name = whole amount, ...}; fractional: {name = amount, ...} (spend),
+-- kept apart because a whole amount of spend added with HINCRBY to a fractional
+-- total fails (and a large one is written "1e+18", which HINCRBY refuses too).
+local function rl_count_usage(prefix, now, resolutions, who, counters, fractional)
+  local amounts = {}
+  for name, amount in pairs(counters) do amounts[name] = {amount, "HINCRBY", string.format("%.0f", amount)} end
+  for name, amount in pairs(fractional or {}) do
+    amounts[name] = {amount, "HINCRBYFLOAT", string.format("%.17g", amount)}
+  end
   for _, r in ipairs(resolutions) do
-    local start = now_s - now_s % r[2]
-    local key = prefix .. "u:" .. r[1] .. ":" .. start
+    local key, start = rl_usage_key(prefix, now, r)
     local created = false
-    for name, amount in pairs(counters) do
+    for name, a in pairs(amounts) do
+      local amount = a[1]
       if amount ~= 0 then
-        local total
-        if amount == math.floor(amount) then
-          total = redis.call("HINCRBY", key, who .. name, amount)
-        else
-          total = tonumber(redis.call("HINCRBYFLOAT", key, who .. name, amount))
-        end
+        local total = tonumber(redis.call(a[2], key, who .. name, a[3]))
         -- a field just created (the key too, perhaps): only then set the expiry
         if total == amount then created = true end
       end

@@ -11,6 +11,12 @@ Either way the usage is recorded: counters at three resolutions, the monthly
 spend from the model's price, and one entry in the project's request log.
 Exactly once per request id: the record remembers it was reported.
 
+A revoked key, or a key whose project was deleted, may still report the one
+thing it can honestly have: a request it was admitted for before (the record
+holds a reservation made by that very key), because that request ran and its
+usage is real. Any other report from it is refused (status 4) and writes
+nothing, as from an unknown key.
+
 Tokens that count toward token limits: input + output, less the cached input
 tokens unless the organization counts them (setting "cached" = "1" in cfg).
 
@@ -29,10 +35,14 @@ ARGV[15] log entries kept per project  ARGV[16] log lifetime, s
 ARGV[17] d, then d pairs: dimension "metric|window", window length in ms
 last     "" to use the server's TIME; tests only: the time, microseconds
 
+Every check comes before the first write: a report is applied whole or not at all.
+
 Reply: {status, project, model, tokens counted, token delta applied, spend (micro-USD, as a string)}
   status: 0 reconciled, 1 duplicate (nothing changed), 2 no reservation (charged in full),
-          4 invalid API key, 5 no model (no reservation and none given),
-          6 project not found, 7 the request id belongs to another project
+          4 invalid API key (unknown, not matching, or revoked/project deleted
+            and not reporting its own reservation), 5 no model (no reservation and none given),
+          6 project not found, 7 the request id belongs to another project,
+          8 a usage counter would pass its maximum (the name of the counter in place of the model)
 ]]
 
 local prefix = string.sub(KEYS[1], 1, -6)
@@ -51,12 +61,13 @@ for i = 1, ndims do
 end
 
 local key_id = "-"
+local retired = false -- revoked, or its project deleted: only its own reservations may be reported
 if kind == "k" then
-  -- A key revoked after admission still reports what its request used.
-  local rec = redis.call("HMGET", KEYS[2], "h", "p")
+  local rec = redis.call("HMGET", KEYS[2], "h", "p", "r")
   if not rec[1] or rec[1] ~= key_hash then return {4, "", "", 0, 0, "0"} end
   project = rec[2]
   key_id = string.match(KEYS[2], ":k:(.+)$")
+  retired = rec[3] == "1" or redis.call("EXISTS", prefix .. "p:" .. project) == 0
 elseif redis.call("EXISTS", KEYS[2]) == 0 then
   return {6, "", "", 0, 0, "0"}
 end
@@ -64,6 +75,9 @@ end
 local now = rl_now(ARGV[#ARGV])
 local raw = redis.call("GET", KEYS[3])
 local record = raw and cjson.decode(raw) or nil
+if retired and not (record and record.m and record.p == project and record.k == key_id) then
+  return {4, "", "", 0, 0, "0"}
+end
 if record and record.rep then
   return {1, project, record.rm or "", 0, 0, "0"}
 end
@@ -96,6 +110,12 @@ if settings[1] ~= "1" then counted = counted - cached end
 if counted < 0 then counted = 0 end
 local delta = counted - reserved
 
+local who = project .. "|" .. model .. "|" .. key_id .. "|"
+local counters = {rep = 1, ["in"] = input, out = output, cached = cached}
+local overflow = rl_usage_overflow(prefix, now, resolutions, who, counters)
+if overflow then return {8, project, overflow, 0, 0, "0"} end
+
+-- Checked: from here on every call writes.
 if delta ~= 0 then
   -- the same groups decide.lua charged: every limited dimension is loaded so the
   -- group's expiry still covers each bucket, and the tokens ones take the delta
@@ -128,14 +148,13 @@ if price then
   spend = (input - cached) * tonumber(p_in) + output * tonumber(p_out) + cached * tonumber(p_cached)
   if spend > 0 then
     local month_key = prefix .. "spend:" .. rl_month(now)
-    redis.call("HINCRBYFLOAT", month_key, "o", spend)
-    redis.call("HINCRBYFLOAT", month_key, "p:" .. project, spend)
+    redis.call("HINCRBYFLOAT", month_key, "o", string.format("%.17g", spend))
+    redis.call("HINCRBYFLOAT", month_key, "p:" .. project, string.format("%.17g", spend))
     redis.call("EXPIRE", month_key, 400 * 86400)
   end
 end
 
-rl_count_usage(prefix, now, resolutions, project .. "|" .. model .. "|" .. key_id .. "|",
-               {rep = 1, ["in"] = input, out = output, cached = cached, spend = spend})
+rl_count_usage(prefix, now, resolutions, who, counters, {spend = spend})
 rl_log(prefix, project, {id = request_id, t = math.floor(now / 1000), m = model, k = key_id, ok = true,
                          ["in"] = input, out = output, cached = cached, s = status_code, lat = latency,
                          res = status}, log_cap, log_ttl)

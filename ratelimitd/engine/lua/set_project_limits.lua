@@ -2,7 +2,8 @@
 set_project_limits.lua: set and clear a project's custom limits, each checked
 against the organization's limit in the same atomic step (so a concurrent change
 of the organization limit cannot slip between check and write). Stores nothing
-unless every value passes. A change that alters anything appends its audit
+unless every value passes, and the project holds no more than its maximum
+number of limits afterwards (unless it held more before and shrinks). A change that alters anything appends its audit
 event (audit.py) in the same step, with the project's limits before and after.
 
 The organization's limit for (model, dimension) is its own entry when the
@@ -17,22 +18,24 @@ KEYS[4]  the organization's audit stream   rl:{org_x}:audit
 ARGV[1]  the audit stream's cap (XADD MAXLEN ~)
 ARGV[2]  the actor, as audit.actor_json encodes it
 ARGV[3]  the project id
-ARGV[4]  d, the number of configured dimensions, then d dimension names
+ARGV[4]  the most limits a project may hold
+ARGV[5]  d, the number of configured dimensions, then d dimension names
          ("metric|window")
 then     s, the number of limits to set, then s triples (model, dimension, value)
 then     the fields ("model|metric|window") to clear
 
 Reply: {"ok"} | {"not_found"} | {"above", model, dimension, value, org_limit}
-       | {"no_model", model}
+       | {"no_model", model} | {"too_many", limits before, limits after}
 ]]
 
 if redis.call("EXISTS", KEYS[3]) == 0 then
   return {"not_found"}
 end
 
-local ndims = tonumber(ARGV[4])
+local max_limits = tonumber(ARGV[4])
+local ndims = tonumber(ARGV[5])
 local dims = {}
-for i = 1, ndims do dims[i] = ARGV[4 + i] end
+for i = 1, ndims do dims[i] = ARGV[5 + i] end
 
 local function stored()
   local flat, t = redis.call("HGETALL", KEYS[2]), {}
@@ -63,7 +66,7 @@ local function org_limit(model, dim)
   return redis.call("HGET", KEYS[1], "*|" .. dim), any
 end
 
-local pos = 5 + ndims
+local pos = 6 + ndims
 local nset = tonumber(ARGV[pos])
 local writes = {}
 for i = 0, nset - 1 do
@@ -82,6 +85,21 @@ end
 local clears = {}
 for i = pos + 1 + 3 * nset, #ARGV do clears[#clears + 1] = ARGV[i] end
 local before = stored()
+
+-- How many limits the project would hold (the caller names each field once).
+local held = 0
+for _ in pairs(before) do held = held + 1 end
+local count = held
+for i = 1, #writes, 2 do
+  if before[writes[i]] == nil then count = count + 1 end
+end
+for _, field in ipairs(clears) do
+  if before[field] ~= nil then count = count - 1 end
+end
+if count > max_limits and count > held then
+  return {"too_many", held, count}
+end
+
 if #writes > 0 then redis.call("HSET", KEYS[2], unpack(writes)) end
 if #clears > 0 then redis.call("HDEL", KEYS[2], unpack(clears)) end
 local after = stored()
