@@ -35,6 +35,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import signal
 import statistics
 import subprocess
 import sys
@@ -306,6 +307,11 @@ def main() -> int:
     ap.add_argument("--generator", choices=["auto", "ghz", "python"], default="auto")
     ap.add_argument("--max-seconds", type=float, default=120.0, help="bound of one round")
     ap.add_argument("--warmup", type=int, default=500, help="calls per server and RPC before the rounds, not counted")
+    ap.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="record ratelimitd's processes with py-spy (collapsed stacks, --idle off) during all rounds into FILE",
+    )
     args = ap.parse_args()
     for name, value, top in [
         ("calls", args.calls, 2_000_000), ("rounds", args.rounds, 50), ("concurrency", args.concurrency, 1024),
@@ -352,6 +358,7 @@ def main() -> int:
         results: dict[tuple[str, str], list[dict[str, float]]] = {}
         print()
         print(HEAD)
+        profiler = start_profiler(args.profile, servers[0].pids()) if args.profile else None
         for n in range(1, args.rounds + 1):
             order = servers if n % 2 else servers[::-1]
             for rpc in rpcs:
@@ -359,6 +366,8 @@ def main() -> int:
                     r = run_round(s, valkey, gen, rpc, key, load)
                     results.setdefault((rpc, s.name), []).append(r)
                     print(row(str(n), rpc, s.name, r), flush=True)
+        if profiler is not None:
+            stop_profiler(profiler, args.profile)
         summarize(results, rpcs)
     finally:
         if gen is not None:
@@ -368,6 +377,29 @@ def main() -> int:
         valkey.stop()
         tmp.cleanup()
     return 0
+
+
+def start_profiler(path: str, pids: list[int]) -> list[subprocess.Popen[bytes]]:
+    """py-spy (pip install py-spy) on each server process; its own CPU is not the server's."""
+    spy = Path(sys.executable).with_name("py-spy")
+    binary = str(spy) if spy.exists() else "py-spy"
+    started = []
+    for pid in pids:
+        cmd = [binary, "record", "--pid", str(pid), "--format", "raw", "--rate", "200", "-o", f"{path}.{pid}"]
+        started.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    time.sleep(1.0)  # attached before the first round
+    return started
+
+
+def stop_profiler(started: list[subprocess.Popen[bytes]], path: str) -> None:
+    for p in started:
+        p.send_signal(signal.SIGINT)
+    for p in started:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    print(f"py-spy: collapsed stacks in {path}.<pid>")
 
 
 def summarize(results: dict[tuple[str, str], list[dict[str, float]]], rpcs: list[str]) -> None:
