@@ -21,6 +21,9 @@ For each phase it resets Valkey's statistics (CONFIG RESETSTAT) and reads
 - script usec per decision: the ``usec`` of every script entry (eval, evalsha,
   their _ro forms, fcall, fcall_ro) / decisions. Valkey's time in the script,
   including the commands the script calls;
+- Valkey CPU per decision: utime+stime of the Valkey process (/proc), which
+  adds reading, parsing and answering each call to the script time (10 ms
+  ticks: use a few thousand calls);
 - commands per decision: Valkey counts every command a script runs in
   ``commandstats`` too (checked at start-up by running a script that calls
   INCR three times; the line ``nested commands counted`` says what it found), so
@@ -81,6 +84,11 @@ def summarize(stats: dict[str, dict[str, float]], n: int) -> dict[str, Any]:
     }
 
 
+def cpu_us(valkey: procs.Valkey, since: float, calls: int) -> float:
+    """Valkey's process CPU (utime+stime) per call since ``since``: scripts, parsing, network."""
+    return round((procs.cpu_seconds(valkey.pid) - since) / calls * 1e6, 1)
+
+
 def nested_commands_counted(client: Any) -> bool:
     """Whether this server counts the commands a script runs in INFO commandstats."""
     client.config_resetstat()
@@ -137,13 +145,18 @@ def measure_server(valkey: procs.Valkey, calls: int) -> dict[str, Any]:
                 warm = stub.CheckAndConsume(check)
             stub.ReportUsage(pb.ReportUsageRequest(api_key=key, request_id=warm.request_id, input_tokens=1))
             r.config_resetstat()
+            cpu = procs.cpu_seconds(valkey.pid)
             request_ids, admitted = [], 0
             for _ in range(calls):
                 reply = stub.CheckAndConsume(check)
                 admitted += reply.allowed
                 request_ids.append(reply.request_id)
-            decide = summarize(commandstats(r), calls) | {"admitted": admitted}
+            decide = summarize(commandstats(r), calls) | {
+                "admitted": admitted,
+                "valkey_cpu_us": cpu_us(valkey, cpu, calls),
+            }
             r.config_resetstat()
+            cpu = procs.cpu_seconds(valkey.pid)
             for i, request_id in enumerate(request_ids):
                 stub.ReportUsage(
                     pb.ReportUsageRequest(
@@ -151,7 +164,7 @@ def measure_server(valkey: procs.Valkey, calls: int) -> dict[str, Any]:
                         cached_tokens=i % 100, status_code=200, latency_ms=10,
                     )
                 )  # fmt: skip
-            report = summarize(commandstats(r), calls)
+            report = summarize(commandstats(r), calls) | {"valkey_cpu_us": cpu_us(valkey, cpu, calls)}
         return {"mode": "server (gRPC, one call at a time)", "decide": decide, "report": report}
     finally:
         procs.stop(server)
@@ -185,12 +198,14 @@ async def measure_direct(valkey: procs.Valkey, calls: int) -> dict[str, Any]:
         warm = await app.decider.check(caller, MODEL, 1, TOKENS)  # scripts loaded
         await app.usage.report(caller, warm.request_id, "", 1, 0, 0, 200, 10)
         r.config_resetstat()
+        cpu = procs.cpu_seconds(valkey.pid)
         request_ids = [(await app.decider.check(caller, MODEL, 1, TOKENS)).request_id for _ in range(calls)]
-        decide = summarize(commandstats(r), calls)
+        decide = summarize(commandstats(r), calls) | {"valkey_cpu_us": cpu_us(valkey, cpu, calls)}
         r.config_resetstat()
+        cpu = procs.cpu_seconds(valkey.pid)
         for i, request_id in enumerate(request_ids):  # the same reports as through the server
             await app.usage.report(caller, request_id, "", 300 + i % 200, 150, i % 100, 200, 10)
-        report = summarize(commandstats(r), calls)
+        report = summarize(commandstats(r), calls) | {"valkey_cpu_us": cpu_us(valkey, cpu, calls)}
         return {"mode": "direct (engine in-process)", "decide": decide, "report": report}
     finally:
         await app.stop(0)
@@ -198,12 +213,14 @@ async def measure_direct(valkey: procs.Valkey, calls: int) -> dict[str, Any]:
 
 def show(result: dict[str, Any]) -> None:
     print(f"mode: {result['mode']}; nested commands counted: {result['nested_commands_counted']}")
-    print(f"{'phase':<8} {'calls':>6} {'script_us/call':>14} {'scripts/call':>12} {'commands/call':>13}  breakdown")
+    head = f"{'phase':<8} {'calls':>6} {'script_us/call':>14} {'valkey_cpu_us':>13} {'scripts/call':>12}"
+    print(f"{head} {'commands/call':>13}  breakdown")
     for phase in ("decide", "report"):
         s = result[phase]
         breakdown = " ".join(f"{c}={n:g}" for c, n in s["commands"].items())
         print(
-            f"{phase:<8} {s['calls']:>6} {s['script_usec_per_call']:>14.2f} {s['scripts_per_call']:>12.2f} "
+            f"{phase:<8} {s['calls']:>6} {s['script_usec_per_call']:>14.2f} {s['valkey_cpu_us']:>13.1f} "
+            f"{s['scripts_per_call']:>12.2f} "
             f"{s['commands_per_call']:>13.2f}  {breakdown}"
         )
 
