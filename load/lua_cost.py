@@ -1,12 +1,38 @@
-"""Server-side cost of the hot path's scripts: microseconds per call inside Valkey.
+"""Valkey-side cost of the hot path: script time and commands per decision, inside Valkey.
 
-    python load/lua_cost.py [--calls 3000]
+    python load/lua_cost.py [--calls 3000]              # through the real server (gRPC), the default
+    python load/lua_cost.py --direct [--calls 3000]     # the engine in-process, scripts called directly
 
-Starts a private Valkey on a free loopback port, runs ``--calls`` decisions
-(4 windows, organization and project buckets) and as many usage reports, one at a
-time, and prints Valkey's own ``usec_per_call`` for each script (INFO
-commandstats). This is what bounds decisions/s per Valkey core, whatever the
-number of ratelimitd processes in front of it.
+Both modes start a private Valkey on a free loopback port (no AOF, no RDB) and
+set up one organization with RPM/RPD/TPM/TPD limits for the model, one project
+with RPM/TPM limits and one API key, all large enough that every call is
+admitted (each decision still evaluates and charges all six buckets). Then, one
+call at a time, ``--calls`` decisions with a token estimate of 500, and a usage
+report for each admitted one.
+
+``server`` mode (the default) runs ``python -m ratelimitd serve --redis-url``
+and calls it over gRPC (CheckAndConsume, then ReportUsage): exactly what a
+client's decision costs Valkey. ``--direct`` runs the engine in this process
+(``Decider.check``, ``Usage.report``), the measurement this tool always made.
+
+For each phase it resets Valkey's statistics (CONFIG RESETSTAT) and reads
+``INFO commandstats`` afterwards:
+
+- script usec per decision: the ``usec`` of every script entry (eval, evalsha,
+  their _ro forms, fcall, fcall_ro) / decisions. Valkey's time in the script,
+  including the commands the script calls;
+- Valkey CPU per decision: utime+stime of the Valkey process (/proc), which
+  adds reading, parsing and answering each call to the script time (10 ms
+  ticks: use a few thousand calls);
+- commands per decision: Valkey counts every command a script runs in
+  ``commandstats`` too (checked at start-up by running a script that calls
+  INCR three times; the line ``nested commands counted`` says what it found), so
+  the calls of every other entry / decisions is the number of commands run per
+  decision, by name in the breakdown. ``ping`` (the server's health probe) is
+  left out.
+
+This is what bounds decisions/s per Valkey core, whatever the number of
+ratelimitd processes in front of it. Benchmarks only: no assertion on timing.
 """
 
 from __future__ import annotations
@@ -14,80 +40,213 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
+from typing import Any
 
-import redis
+import grpc
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ratelimitd.app import App  # noqa: E402
-from ratelimitd.engine import ids  # noqa: E402
-from ratelimitd.engine.decisions import Caller  # noqa: E402
-from ratelimitd.settings import Settings  # noqa: E402
-from ratelimitd.storage.embedded import find_server_binary  # noqa: E402
-from tests.servers import free_port  # noqa: E402
+import procs
+from bench import MODEL
+
+from ratelimitd.v1 import admin_pb2 as apb
+from ratelimitd.v1 import ratelimit_pb2 as pb
+from ratelimitd.v1 import ratelimit_pb2_grpc
 
 BIG = 10**11
+TOKENS = 500
+SCRIPT_COMMANDS = {"eval", "evalsha", "eval_ro", "evalsha_ro", "fcall", "fcall_ro"}
+BACKGROUND_COMMANDS = {"ping", "config|resetstat"}  # the server's health probe; this tool's own reset
 
 
-async def measure(url: str, port: int, calls: int) -> dict[str, float]:
-    app = App(Settings.load(env={}, listen="127.0.0.1:0", redis_url=url, operator_token="rlt_cost"))
+def commandstats(client: Any) -> dict[str, dict[str, float]]:
+    """INFO commandstats as {command: {"calls": n, "usec": t}} (``cmdstat_`` prefix dropped)."""
+    stats: dict[str, dict[str, Any]] = client.info("commandstats")
+    return {
+        name.removeprefix("cmdstat_"): {"calls": float(v["calls"]), "usec": float(v["usec"])}
+        for name, v in stats.items()
+    }
+
+
+def summarize(stats: dict[str, dict[str, float]], n: int) -> dict[str, Any]:
+    scripts = {c: v for c, v in stats.items() if c in SCRIPT_COMMANDS}
+    nested = {c: v for c, v in stats.items() if c not in SCRIPT_COMMANDS and c not in BACKGROUND_COMMANDS}
+    return {
+        "calls": n,
+        "script_usec_per_call": round(sum(v["usec"] for v in scripts.values()) / n, 2),
+        "scripts_per_call": round(sum(v["calls"] for v in scripts.values()) / n, 2),
+        "commands_per_call": round(sum(v["calls"] for v in nested.values()) / n, 2),
+        "commands": {
+            c: round(v["calls"] / n, 2) for c, v in sorted(nested.items(), key=lambda kv: -kv[1]["calls"]) if v["calls"]
+        },
+    }
+
+
+def cpu_us(valkey: procs.Valkey, since: float, calls: int) -> float:
+    """Valkey's process CPU (utime+stime) per call since ``since``: scripts, parsing, network."""
+    return round((procs.cpu_seconds(valkey.pid) - since) / calls * 1e6, 1)
+
+
+def nested_commands_counted(client: Any) -> bool:
+    """Whether this server counts the commands a script runs in INFO commandstats."""
+    client.config_resetstat()
+    client.eval("redis.call('INCR', KEYS[1]) redis.call('INCR', KEYS[1]) return redis.call('INCR', KEYS[1])", 1, "x")
+    counted = commandstats(client).get("incr", {}).get("calls", 0) == 3
+    client.delete("x")
+    return counted
+
+
+# -- through the real server -------------------------------------------------------
+
+
+async def setup_key(address: str) -> str:
+    """Organization: RPM/RPD/TPM/TPD; project: RPM/TPM; one key. Returns its secret."""
+    from ratelimitd.client_cli import Api
+
+    api = Api(address, procs.OPERATOR_TOKEN)
+    md = api.metadata
+    org = await api.orgs.CreateOrganization(apb.CreateOrganizationRequest(name="cost"), metadata=md)
+    dims = [("requests", "minute"), ("requests", "day"), ("tokens", "minute"), ("tokens", "day")]
+    await api.orgs.SetOrganizationLimits(
+        apb.SetOrganizationLimitsRequest(
+            organization_id=org.id, set=[apb.Limit(model=MODEL, metric=m, window=w, limit=BIG) for m, w in dims]
+        ),
+        metadata=md,
+    )
+    p = await api.projects.CreateProject(apb.CreateProjectRequest(organization_id=org.id, name="p"), metadata=md)
+    await api.projects.SetProjectLimits(
+        apb.SetProjectLimitsRequest(
+            organization_id=org.id,
+            project_id=p.id,
+            set=[apb.Limit(model=MODEL, metric=m, window="minute", limit=BIG) for m in ("requests", "tokens")],
+        ),
+        metadata=md,
+    )
+    k = await api.projects.CreateApiKey(
+        apb.CreateApiKeyRequest(organization_id=org.id, project_id=p.id, name="k"), metadata=md
+    )
+    await api.channel.close()
+    return str(k.secret)
+
+
+def measure_server(valkey: procs.Valkey, calls: int) -> dict[str, Any]:
+    port = procs.free_port()
+    server = procs.start_ratelimitd(valkey.url, port)
+    try:
+        address = f"{procs.HOST}:{port}"
+        key = asyncio.run(setup_key(address))
+        r = valkey.client()
+        with grpc.insecure_channel(address) as channel:
+            stub = ratelimit_pb2_grpc.RateLimitServiceStub(channel)
+            check = pb.CheckRequest(api_key=key, model=MODEL, tokens=TOKENS)
+            for _ in range(20):  # scripts loaded, connections open
+                warm = stub.CheckAndConsume(check)
+            stub.ReportUsage(pb.ReportUsageRequest(api_key=key, request_id=warm.request_id, input_tokens=1))
+            r.config_resetstat()
+            cpu = procs.cpu_seconds(valkey.pid)
+            request_ids, admitted = [], 0
+            for _ in range(calls):
+                reply = stub.CheckAndConsume(check)
+                admitted += reply.allowed
+                request_ids.append(reply.request_id)
+            decide = summarize(commandstats(r), calls) | {
+                "admitted": admitted,
+                "valkey_cpu_us": cpu_us(valkey, cpu, calls),
+            }
+            r.config_resetstat()
+            cpu = procs.cpu_seconds(valkey.pid)
+            for i, request_id in enumerate(request_ids):
+                stub.ReportUsage(
+                    pb.ReportUsageRequest(
+                        api_key=key, request_id=request_id, input_tokens=300 + i % 200, output_tokens=150,
+                        cached_tokens=i % 100, status_code=200, latency_ms=10,
+                    )
+                )  # fmt: skip
+            report = summarize(commandstats(r), calls) | {"valkey_cpu_us": cpu_us(valkey, cpu, calls)}
+        return {"mode": "server (gRPC, one call at a time)", "decide": decide, "report": report}
+    finally:
+        procs.stop(server)
+
+
+# -- the engine in this process (the original measurement) ---------------------------
+
+
+async def measure_direct(valkey: procs.Valkey, calls: int) -> dict[str, Any]:
+    from ratelimitd.app import App
+    from ratelimitd.engine import ids
+    from ratelimitd.engine.decisions import Caller
+    from ratelimitd.settings import Settings
+
+    app = App(Settings.load(env={}, listen="127.0.0.1:0", redis_url=valkey.url, operator_token="rlt_cost"))
     await app.start()
     try:
         c = app.control
         org = await c.create_organization("cost")
         dims = [("requests", "minute"), ("requests", "day"), ("tokens", "minute"), ("tokens", "day")]
-        await c.set_organization_limits(org.id, [("m", m, w, BIG) for m, w in dims], [])
+        await c.set_organization_limits(org.id, [(MODEL, m, w, BIG) for m, w in dims], [])
         project = await c.create_project(org.id, "p")
         await c.set_project_limits(
-            org.id, project.id, [("m", "requests", "minute", BIG), ("m", "tokens", "minute", BIG)], []
+            org.id, project.id, [(MODEL, "requests", "minute", BIG), (MODEL, "tokens", "minute", BIG)], []
         )
         _, secret = await c.create_api_key(org.id, project.id, "k")
         parsed = ids.parse_api_key(secret)
         assert parsed is not None
         caller = Caller(parsed.org_id, parsed.key_id, parsed.hash, "")
-        r = redis.Redis(port=port)
-        await app.decider.check(caller, "m", 1, 500)  # scripts loaded
+        r = valkey.client()
+        warm = await app.decider.check(caller, MODEL, 1, TOKENS)  # scripts loaded
+        await app.usage.report(caller, warm.request_id, "", 1, 0, 0, 200, 10)
         r.config_resetstat()
-        request_ids = [(await app.decider.check(caller, "m", 1, 500)).request_id for _ in range(calls)]
-        decide = r.info("commandstats")["cmdstat_evalsha"]["usec_per_call"]
+        cpu = procs.cpu_seconds(valkey.pid)
+        request_ids = [(await app.decider.check(caller, MODEL, 1, TOKENS)).request_id for _ in range(calls)]
+        decide = summarize(commandstats(r), calls) | {"valkey_cpu_us": cpu_us(valkey, cpu, calls)}
         r.config_resetstat()
-        for request_id in request_ids:
-            await app.usage.report(caller, request_id, "", 300, 150, 0, 200, 10)
-        report = r.info("commandstats")["cmdstat_evalsha"]["usec_per_call"]
-        return {"calls": calls, "decide_usec_per_call": decide, "report_usec_per_call": report}
+        cpu = procs.cpu_seconds(valkey.pid)
+        for i, request_id in enumerate(request_ids):  # the same reports as through the server
+            await app.usage.report(caller, request_id, "", 300 + i % 200, 150, i % 100, 200, 10)
+        report = summarize(commandstats(r), calls) | {"valkey_cpu_us": cpu_us(valkey, cpu, calls)}
+        return {"mode": "direct (engine in-process)", "decide": decide, "report": report}
     finally:
         await app.stop(0)
 
 
+def show(result: dict[str, Any]) -> None:
+    print(f"mode: {result['mode']}; nested commands counted: {result['nested_commands_counted']}")
+    head = f"{'phase':<8} {'calls':>6} {'script_us/call':>14} {'valkey_cpu_us':>13} {'scripts/call':>12}"
+    print(f"{head} {'commands/call':>13}  breakdown")
+    for phase in ("decide", "report"):
+        s = result[phase]
+        breakdown = " ".join(f"{c}={n:g}" for c, n in s["commands"].items())
+        print(
+            f"{phase:<8} {s['calls']:>6} {s['script_usec_per_call']:>14.2f} {s['valkey_cpu_us']:>13.1f} "
+            f"{s['scripts_per_call']:>12.2f} "
+            f"{s['commands_per_call']:>13.2f}  {breakdown}"
+        )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--calls", type=int, default=3000)
+    ap.add_argument("--calls", type=int, default=3000, help="decisions (and as many reports), one at a time")
+    ap.add_argument("--direct", action="store_true", help="the engine in this process instead of the server")
+    ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    port = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        server = subprocess.Popen(
-            [find_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", tmp],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            client = redis.Redis(port=port)
-            for _ in range(200):
-                try:
-                    client.ping()
-                    break
-                except redis.ConnectionError:
-                    time.sleep(0.02)
-            print(json.dumps(asyncio.run(measure(f"redis://127.0.0.1:{port}/0", port, args.calls))))
-        finally:
-            server.terminate()
-            server.wait()
+    if not 0 < args.calls <= 1_000_000:
+        ap.error("--calls must be in 1..1000000")
+    valkey = procs.Valkey().start()
+    try:
+        counted = nested_commands_counted(valkey.client())
+        if args.direct:
+            result = asyncio.run(measure_direct(valkey, args.calls))
+        else:
+            result = measure_server(valkey, args.calls)
+        result["nested_commands_counted"] = counted
+    finally:
+        valkey.stop()
+    if args.json:
+        print(json.dumps(result))
+    else:
+        show(result)
     return 0
 
 
