@@ -70,6 +70,12 @@ class App:
 
     async def start(self) -> None:
         s = self.settings
+        # Port sharing only among our own workers: otherwise a second server on
+        # the same port must fail rather than split the traffic silently. The
+        # port is taken before storage starts, so a server that cannot listen
+        # never touches the data directory.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if self.worker else 0)])
+        self.port = _bind(server, s.listen)
         if s.redis_url:
             self.redis_url = s.redis_url
         else:
@@ -99,9 +105,6 @@ class App:
         if self.health.serving and not self.worker:
             self.bootstrap_token = await self.credentials.bootstrap(s.operator_token)
 
-        # Port sharing only among our own workers: otherwise a second server on
-        # the same port must fail rather than split the traffic silently.
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if self.worker else 0)])
         ratelimit_pb2_grpc.add_RateLimitServiceServicer_to_server(
             RateLimitServicer(
                 self.decider,
@@ -142,9 +145,6 @@ class App:
             [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             server,
         )
-        self.port = server.add_insecure_port(s.listen)
-        if not self.port:
-            raise OSError(f"cannot listen on {s.listen}")
         await server.start()
         self.server = server
         if s.metrics_listen and not self.worker:
@@ -170,3 +170,13 @@ class App:
     async def wait(self) -> None:
         assert self.server is not None
         await self.server.wait_for_termination()
+
+
+def _bind(server: grpc.aio.Server, listen: str) -> int:
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError:  # grpc's "Failed to bind", whose details go to its own log
+        port = 0
+    if not port:
+        raise OSError(f"cannot listen on {listen}: the address is in use or not available here")
+    return port
