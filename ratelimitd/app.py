@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 
 import grpc
@@ -154,6 +156,21 @@ class App:
         """Any call that found storage unreachable: count it, and turn health NOT_SERVING now."""
         self.metrics.storage_errors.inc()
         self.health.failed()
+
+    async def drain(self, drain_s: float, grace_s: float, hurry: asyncio.Event) -> None:
+        """Stops the way load balancers need: NOT_SERVING at once while calls are still
+        answered for ``drain_s`` (``hurry`` ends that early), then no new calls, and
+        ``grace_s`` for the calls in flight before they are cancelled."""
+        log.info(
+            "draining: health NOT_SERVING, still answering for %g s, then up to %g s for calls in flight",
+            drain_s,
+            grace_s,
+        )
+        if self.server is not None:
+            await self.health.stop()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(hurry.wait(), drain_s)
+        await self.stop(grace_s)
 
     async def stop(self, grace_s: float = 2.0) -> None:
         if hasattr(self, "metrics"):

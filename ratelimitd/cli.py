@@ -86,8 +86,9 @@ async def _serve(settings: Settings) -> int:
     host = settings.listen.rsplit(":", 1)[0]
     _greet(settings, f"{host}:{app.port}", app.embedded is not None, app.bootstrap_token)
     await stop.wait()
-    print("ratelimitd: shutting down")
-    await app.stop()
+    print("ratelimitd: shutting down (a second signal ends the drain early)", flush=True)
+    stop.clear()
+    await app.drain(settings.drain_s, settings.shutdown_grace_s, hurry=stop)
     return 0
 
 
@@ -97,8 +98,10 @@ async def _serve_worker(settings: Settings) -> int:
     app = App(settings, worker=True)
     stop = _stop_event()
     await app.start()
+    log.info("worker pid %d serving", os.getpid())
     await stop.wait()
-    await app.stop()
+    stop.clear()
+    await app.drain(settings.drain_s, settings.shutdown_grace_s, hurry=stop)
     return 0
 
 
