@@ -113,14 +113,18 @@ async def _serve_supervised(settings: Settings) -> int:
         await supervisor.start()
     except Exception as e:  # noqa: BLE001 - start-up failures end in one clear line
         print(f"ratelimitd: cannot start: {e}", file=sys.stderr)
-        supervisor.stop()
+        await supervisor.stop()
         return 1
     stop = _stop_event()
     _greet(settings, settings.listen, supervisor.embedded is not None, supervisor.bootstrap_token, settings.workers)
-    await supervisor.wait(stop)
-    print("ratelimitd: shutting down")
-    supervisor.stop()
-    return 0 if stop.is_set() else 1
+    failure = await supervisor.wait(stop)
+    if failure:
+        print(f"ratelimitd: {failure}; stopping", file=sys.stderr, flush=True)
+    else:
+        print("ratelimitd: shutting down (a second signal ends the drain early)", flush=True)
+    stop.clear()
+    await supervisor.stop(hurry=stop)
+    return 1 if failure else 0
 
 
 def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
