@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 
 import grpc
@@ -71,6 +73,12 @@ class App:
 
     async def start(self) -> None:
         s = self.settings
+        # Port sharing only among our own workers: otherwise a second server on
+        # the same port must fail rather than split the traffic silently. The
+        # port is taken before storage starts, so a server that cannot listen
+        # never touches the data directory.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if self.worker else 0)])
+        self.port = _bind(server, s)
         if s.redis_url:
             self.redis_url = s.redis_url
         else:
@@ -100,9 +108,6 @@ class App:
         if self.health.serving and not self.worker:
             self.bootstrap_token = await self.credentials.bootstrap(s.operator_token)
 
-        # Port sharing only among our own workers: otherwise a second server on
-        # the same port must fail rather than split the traffic silently.
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if self.worker else 0)])
         ratelimit_pb2_grpc.add_RateLimitServiceServicer_to_server(
             RateLimitServicer(
                 self.decider,
@@ -143,24 +148,30 @@ class App:
             [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             server,
         )
-        self.port = self._add_port(server)
-        if not self.port:
-            raise OSError(f"cannot listen on {s.listen}")
         await server.start()
         self.server = server
         if s.metrics_listen and not self.worker:
             self.metrics_port = self.metrics.serve(s.metrics_listen)
 
-    def _add_port(self, server: grpc.aio.Server) -> int:
-        s = self.settings
-        if not s.tls_cert or not s.tls_key:
-            return server.add_insecure_port(s.listen)
-        return server.add_secure_port(s.listen, server_credentials(s.tls_cert, s.tls_key, s.tls_client_ca))
-
     def storage_failed(self) -> None:
         """Any call that found storage unreachable: count it, and turn health NOT_SERVING now."""
         self.metrics.storage_errors.inc()
         self.health.failed()
+
+    async def drain(self, drain_s: float, grace_s: float, hurry: asyncio.Event) -> None:
+        """Stops the way load balancers need: NOT_SERVING at once while calls are still
+        answered for ``drain_s`` (``hurry`` ends that early), then no new calls, and
+        ``grace_s`` for the calls in flight before they are cancelled."""
+        log.info(
+            "draining: health NOT_SERVING, still answering for %g s, then up to %g s for calls in flight",
+            drain_s,
+            grace_s,
+        )
+        if self.server is not None:
+            await self.health.stop()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(hurry.wait(), drain_s)
+        await self.stop(grace_s)
 
     async def stop(self, grace_s: float = 2.0) -> None:
         if hasattr(self, "metrics"):
@@ -177,3 +188,17 @@ class App:
     async def wait(self) -> None:
         assert self.server is not None
         await self.server.wait_for_termination()
+
+
+def _bind(server: grpc.aio.Server, s: Settings) -> int:
+    listen = s.listen
+    try:
+        if s.tls_cert and s.tls_key:
+            port = server.add_secure_port(listen, server_credentials(s.tls_cert, s.tls_key, s.tls_client_ca))
+        else:
+            port = server.add_insecure_port(listen)
+    except RuntimeError:  # grpc's "Failed to bind", whose details go to its own log
+        port = 0
+    if not port:
+        raise OSError(f"cannot listen on {listen}: the address is in use or not available here")
+    return port

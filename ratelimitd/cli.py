@@ -91,8 +91,9 @@ async def _serve(settings: Settings) -> int:
     host = settings.listen.rsplit(":", 1)[0]
     _greet(settings, f"{host}:{app.port}", app.embedded is not None, app.bootstrap_token)
     await stop.wait()
-    print("ratelimitd: shutting down")
-    await app.stop()
+    print("ratelimitd: shutting down (a second signal ends the drain early)", flush=True)
+    stop.clear()
+    await app.drain(settings.drain_s, settings.shutdown_grace_s, hurry=stop)
     return 0
 
 
@@ -102,8 +103,10 @@ async def _serve_worker(settings: Settings) -> int:
     app = App(settings, worker=True)
     stop = _stop_event()
     await app.start()
+    log.info("worker pid %d serving", os.getpid())
     await stop.wait()
-    await app.stop()
+    stop.clear()
+    await app.drain(settings.drain_s, settings.shutdown_grace_s, hurry=stop)
     return 0
 
 
@@ -115,14 +118,18 @@ async def _serve_supervised(settings: Settings) -> int:
         await supervisor.start()
     except Exception as e:  # noqa: BLE001 - start-up failures end in one clear line
         print(f"ratelimitd: cannot start: {e}", file=sys.stderr)
-        supervisor.stop()
+        await supervisor.stop()
         return 1
     stop = _stop_event()
     _greet(settings, settings.listen, supervisor.embedded is not None, supervisor.bootstrap_token, settings.workers)
-    await supervisor.wait(stop)
-    print("ratelimitd: shutting down")
-    supervisor.stop()
-    return 0 if stop.is_set() else 1
+    failure = await supervisor.wait(stop)
+    if failure:
+        print(f"ratelimitd: {failure}; stopping", file=sys.stderr, flush=True)
+    else:
+        print("ratelimitd: shutting down (a second signal ends the drain early)", flush=True)
+    stop.clear()
+    await supervisor.stop(hurry=stop)
+    return 1 if failure else 0
 
 
 def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

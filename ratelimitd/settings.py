@@ -19,6 +19,8 @@ from ratelimitd.storage.redis import redact
 
 STORAGE_ERROR_POLICIES = ("unavailable", "allow", "deny")
 UNKNOWN_DOMAIN_POLICIES = ("error", "allow")
+# Numeric settings where 0 means "none" rather than a mistake.
+MAY_BE_ZERO = ("drain_s",)
 # What each Envoy descriptor entry can carry, and the entry key that carries it by default.
 ENVOY_DESCRIPTOR_ROLES = {
     "api_key": "api_key",
@@ -93,6 +95,20 @@ class Settings:
     health_interval_s: float = _field(1.0, "how often storage health is probed")
     metrics_listen: str = _field("", "host:port to serve Prometheus metrics over HTTP (/metrics); empty: off")
     workers: int = _field(1, "server processes sharing the port (SO_REUSEPORT), one per core you give it")
+    drain_s: float = _field(
+        5.0,
+        "on SIGTERM/SIGINT: report NOT_SERVING but keep answering this long, so load balancers move away; 0: no drain",
+    )
+    shutdown_grace_s: float = _field(
+        10.0, "after the drain: stop accepting calls; calls in flight get this long to finish"
+    )
+    worker_restart_backoff_s: float = _field(
+        1.0, "--workers: a dead worker is restarted after this long, doubled for each recent crash (at most 30 s)"
+    )
+    worker_crash_limit: int = _field(
+        5, "--workers: this many worker crashes within worker_crash_window_s stop the whole server (exit status 1)"
+    )
+    worker_crash_window_s: float = _field(60.0, "--workers: the window worker_crash_limit counts crashes in")
     audit_max_events: int = _field(
         DEFAULT_MAX_EVENTS,
         "audit events kept per organization (and for the platform); older ones are trimmed (approximately)",
@@ -141,7 +157,8 @@ class Settings:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
-                raise ValueError(f"{f.name} must be positive, not {value}")
+                if not (value == 0 and f.name in MAY_BE_ZERO):
+                    raise ValueError(f"{f.name} must be positive, not {value}")
 
     def _check_tls(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -93,7 +93,8 @@ class RatelimitdProcess:
         self.port = free_port()
         self.log_path = log
         self.args = ["--listen", f"127.0.0.1:{self.port}", *args]
-        self.env = {**os.environ, **(env or {})}
+        # no drain unless a test asks for one: stopping a test server should not wait for load balancers
+        self.env = {**os.environ, "RATELIMITD_DRAIN_S": "0", **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property

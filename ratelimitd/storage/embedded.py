@@ -5,6 +5,12 @@ inside the data directory (or a short path beside it), persists with an
 append-only file, and is tied to our process: on Linux the kernel sends it
 SIGTERM when ratelimitd dies, even by ``kill -9``, so it flushes and exits and
 the next start finds every organization, key and bucket where it was.
+
+One ratelimitd at a time owns a data directory: it holds an exclusive lock on
+``ratelimitd.lock`` there for as long as it runs (the kernel drops the lock
+when the process dies, however it dies), so a second server on the same
+directory stops with a clear message instead of stopping the first one's
+storage. While we run, a storage server that dies is started again.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import hashlib
 import logging
 import os
@@ -26,6 +33,10 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+LOCK_FILE = "ratelimitd.lock"
+# How often a running server is checked for, and the longest wait between restart attempts.
+_WATCH_INTERVAL_S = 0.25
+_MAX_RESTART_DELAY_S = 30.0
 # sun_path holds 108 bytes on Linux; keep a margin.
 _MAX_SOCKET_PATH = 100
 
@@ -55,6 +66,10 @@ def die_with_parent() -> None:  # pragma: no cover - runs in the child between f
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+class DataDirInUse(RuntimeError):
+    """Another live ratelimitd holds the data directory's lock."""
+
+
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -76,13 +91,16 @@ class EmbeddedValkey:
             socket_path = Path(tempfile.gettempdir()) / f"ratelimitd-{digest}.sock"
         self.socket_path = socket_path
         self.pid_file = self.data_dir / "valkey.pid"
+        self._lock_fd: int | None = None
+        self._watch: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> str:
         return f"unix://{self.socket_path}"
 
     def _stop_leftover(self) -> None:
-        """A server from an earlier run that outlived us (non-Linux, or still shutting down)."""
+        """A server from an earlier run that outlived us (non-Linux, or still shutting down).
+        Only called with the directory's lock held, so no live ratelimitd still uses it."""
         try:
             pid = int(self.pid_file.read_text().strip())
         except (FileNotFoundError, ValueError):
@@ -97,8 +115,61 @@ class EmbeddedValkey:
                 sent = True
             time.sleep(0.05)
 
-    async def start(self, timeout_s: float = 20.0) -> str:
+    def _lock(self) -> None:
+        """Holds the data directory for this process's life; the lock file names our pid."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise DataDirInUse(
+                f"data directory {self.data_dir} is in use by another ratelimitd (pid {holder})"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing drops the flock
+            self._lock_fd = None
+
+    async def start(self, timeout_s: float = 20.0) -> str:
+        """Locks the data directory, starts the server, and restarts it whenever it dies until ``stop``."""
+        if self._lock_fd is None:
+            self._lock()
+        try:
+            await self._launch(timeout_s)
+        except BaseException:
+            self._unlock()
+            raise
+        self._watch = asyncio.get_running_loop().create_task(self._keep_running())
+        return self.url
+
+    async def _keep_running(self) -> None:
+        delay = _WATCH_INTERVAL_S
+        while True:
+            await asyncio.sleep(delay)
+            assert self.process is not None
+            if self.process.poll() is None:
+                continue
+            log.warning(
+                "storage server (pid %d) exited with status %s; restarting it",
+                self.process.pid,
+                self.process.returncode,
+            )
+            try:
+                await self._launch()
+            except Exception as e:  # noqa: BLE001 - logged; tried again, less often each time
+                delay = min(delay * 2, _MAX_RESTART_DELAY_S)
+                log.error("storage server did not restart (%s); next attempt in %.1f s", e, delay)
+            else:
+                delay = _WATCH_INTERVAL_S
+                log.warning("storage server restarted (pid %d)", self.process.pid)
+
+    async def _launch(self, timeout_s: float = 20.0) -> None:
         self._stop_leftover()
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
@@ -121,7 +192,6 @@ class EmbeddedValkey:
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, preexec_fn=die_with_parent
         )
         await self._wait_ready(timeout_s)
-        return self.url
 
     async def _wait_ready(self, timeout_s: float) -> None:
         from redis.asyncio import Redis
@@ -143,12 +213,19 @@ class EmbeddedValkey:
                 finally:
                     await client.aclose()
             if time.monotonic() > deadline:
-                self.stop()
+                self._stop_process()
                 raise TimeoutError(f"storage server did not answer within {timeout_s:.0f}s")
             await asyncio.sleep(0.02)
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM: Valkey flushes the append-only file and exits."""
+        """SIGTERM: Valkey flushes the append-only file and exits; then the data directory is free."""
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        self._stop_process(timeout_s)
+        self._unlock()
+
+    def _stop_process(self, timeout_s: float = 10.0) -> None:
         if self.process is None or self.process.poll() is not None:
             return
         self.process.terminate()
