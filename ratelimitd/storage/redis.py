@@ -57,8 +57,15 @@ def state_unavailable(code: str) -> StorageUnavailable:
     return StorageUnavailable(f"storage is unavailable: {STORAGE_STATES[code]} ({code}); nothing was applied")
 
 
+# What a server that wants a password answers a long command (a script call) from a
+# connection that has not authenticated, instead of NOAUTH; it then closes it.
+_UNAUTHENTICATED_PROTOCOL_ERROR = "ERR Protocol error: unauthenticated"
+
+
 def storage_state(reply: str) -> str | None:
     """The STORAGE_STATES code an error reply starts with, if any."""
+    if reply.startswith(_UNAUTHENTICATED_PROTOCOL_ERROR):
+        return "NOAUTH"
     code = reply.split(" ", 1)[0]
     return code if code in STORAGE_STATES else None
 
