@@ -42,7 +42,7 @@ def admin(valkey: ValkeyProcess, password: str | None = None) -> redis.Redis:
 
 def replies_error(client: redis.Redis, code: str, *command: str) -> bool:
     try:
-        client.execute_command(*(command or ("PING",)))
+        client.execute_command(*(command or ("PING",)))  # type: ignore[no-untyped-call]
     except redis.RedisError as e:
         return code in f"{type(e).__name__} {e}".upper()
     return False
