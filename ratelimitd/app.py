@@ -102,7 +102,7 @@ class App:
         self.usage = Usage(self.redis, self.pipeline, scripts, dims, self.control, s.retention, clock=clock)
         self.metrics = Metrics()
         self.health = StorageHealth(
-            self.redis, SERVICE_NAMES, s.health_interval_s, on_change=lambda up: self.metrics.storage_up.set(int(up))
+            self.pipeline, SERVICE_NAMES, s.health_interval_s, on_change=lambda up: self.metrics.storage_up.set(int(up))
         )
         await self.health.start()
         if self.health.serving and not self.worker:

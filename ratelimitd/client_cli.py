@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -158,16 +159,41 @@ def decision_text(reply: pb.CheckResponse) -> str:
     return "\n".join(lines)
 
 
+# Back-off between attempts of a call that storage left UNAVAILABLE: about 6 s in all,
+# enough for a restart or a failover, short enough for a terminal.
+RETRY_DELAYS_S = (0.2, 0.4, 0.8, 1.6, 3.2)
+
+T = TypeVar("T")
+
+
+async def retry_unavailable(attempt: Callable[[], Awaitable[T]]) -> T:
+    """Runs ``attempt`` again while the server answers UNAVAILABLE. The caller must send the
+    same request id every time: a timed-out call may have been applied, and only the same
+    id makes the retry exact (the decision replayed, the report counted once)."""
+    for delay in RETRY_DELAYS_S:
+        try:
+            return await attempt()
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+        await asyncio.sleep(delay)
+    return await attempt()
+
+
+def new_request_id() -> str:
+    return "cli_" + os.urandom(12).hex()
+
+
 # -- verbs -----------------------------------------------------------------
 
 
 async def check(api: Api, args: argparse.Namespace) -> int:
-    reply = await api.decisions.CheckAndConsume(
-        pb.CheckRequest(
-            api_key=args.api_key, model=args.model, requests=args.requests, tokens=args.tokens,
-            request_id=args.request_id or "",
-        )
+    # Always a request id of our own, so a retry after a timeout cannot charge twice.
+    request = pb.CheckRequest(
+        api_key=args.api_key, model=args.model, requests=args.requests, tokens=args.tokens,
+        request_id=args.request_id or new_request_id(),
     )  # fmt: skip
+    reply = await retry_unavailable(lambda: api.decisions.CheckAndConsume(request))
     emit(args, reply, lambda: decision_text(reply))
     return 0 if reply.allowed else 3
 

@@ -15,7 +15,16 @@ import argparse
 import time
 from datetime import UTC, datetime
 
-from ratelimitd.client_cli import Api, CliError, client_flags, emit, render, resolve_project, verb_command
+from ratelimitd.client_cli import (
+    Api,
+    CliError,
+    client_flags,
+    emit,
+    render,
+    resolve_project,
+    retry_unavailable,
+    verb_command,
+)
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from ratelimitd.v1 import usage_pb2 as upb
 from ratelimitd.v1 import usage_pb2_grpc
@@ -158,12 +167,12 @@ async def logs(api: Api, args: argparse.Namespace) -> int:
 
 
 async def report(api: Api, args: argparse.Namespace) -> int:
-    reply = await api.decisions.ReportUsage(
-        pb.ReportUsageRequest(
-            api_key=args.api_key, request_id=args.request_id, model=args.model or "", input_tokens=args.input,
-            output_tokens=args.output, cached_tokens=args.cached, status_code=args.status, latency_ms=args.latency_ms,
-        )
+    request = pb.ReportUsageRequest(
+        api_key=args.api_key, request_id=args.request_id, model=args.model or "", input_tokens=args.input,
+        output_tokens=args.output, cached_tokens=args.cached, status_code=args.status, latency_ms=args.latency_ms,
     )  # fmt: skip
+    # the same request id on every attempt: a report that went through is counted once
+    reply = await retry_unavailable(lambda: api.decisions.ReportUsage(request))
     result = pb.ReportUsageResponse.Result.Name(reply.result).removeprefix("RESULT_").lower()
     emit(
         args,

@@ -115,15 +115,21 @@ def stubs(channel: grpc.aio.Channel) -> Client:
     )
 
 
+# Tests share two cores with other work, so a slow turn of the event loop must not
+# read as a storage outage: the production 250 ms would fail calls by chance. Tests
+# of timeouts set their own.
+TEST_STORAGE_TIMEOUT_MS = 10_000
+
+
 def settings_for(url: str, **overrides: object) -> Settings:
-    return Settings.load(
-        env={},
-        listen="127.0.0.1:0",
-        redis_url=url,
-        manual_clock=True,
-        operator_token=OPERATOR_TOKEN,
-        **overrides,
-    )
+    defaults: dict[str, object] = {
+        "listen": "127.0.0.1:0",
+        "redis_url": url,
+        "manual_clock": True,
+        "operator_token": OPERATOR_TOKEN,
+        "storage_timeout_ms": TEST_STORAGE_TIMEOUT_MS,
+    }
+    return Settings.load(env={}, **{**defaults, **overrides})
 
 
 @pytest.fixture

@@ -65,7 +65,9 @@ class ValkeyProcess:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> None:
+    def start(self, *extra: str, wait_ready: bool = True) -> None:
+        """``extra``: more server options. ``wait_ready=False``: return once the port
+        accepts connections, even if the server only answers LOADING yet."""
         self.proc = subprocess.Popen(
             [
                 find_server_binary(),
@@ -75,12 +77,18 @@ class ValkeyProcess:
                 "--appendonly", "no",
                 "--dir", str(self.dir),
                 "--logfile", str(self.dir / "valkey.log"),
+                *extra,
             ],
             stdout=subprocess.DEVNULL,
         )  # fmt: skip
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
         proc = self.proc
-        wait_until(lambda: answers_ping(client), "valkey", alive=lambda: proc.poll() is None)
+        ready = (lambda: answers_ping(client)) if wait_ready else self.accepts_connections
+        wait_until(ready, "valkey", alive=lambda: proc.poll() is None)
+
+    def accepts_connections(self) -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
 
     def stop(self) -> None:
         stop_process(self.proc)

@@ -15,7 +15,7 @@ from ratelimitd.engine import ids
 from ratelimitd.engine.authz import authorize
 from ratelimitd.engine.credentials import Credentials
 from ratelimitd.engine.decisions import BucketState, Caller, Decider, Decision, Outcome, Scope
-from ratelimitd.engine.errors import InvalidArgument, NotFound, StorageUnavailable
+from ratelimitd.engine.errors import InvalidArgument, NotFound, StorageOutcomeUnknown, StorageUnavailable
 from ratelimitd.engine.explain import refusal_message
 from ratelimitd.engine.headers import rate_limit_headers
 from ratelimitd.engine.limits import MAX_LIMIT, validate_model
@@ -122,9 +122,14 @@ class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
             try:
                 with self._seconds.time():
                     decision = await self._decider.check(caller, model, requests, tokens, request_id)
-            except StorageUnavailable:
+            except StorageUnavailable as e:
                 if self._on_storage_error == "unavailable":
-                    raise
+                    if request_id or not isinstance(e, StorageOutcomeUnknown):
+                        raise
+                    # Without a request id the call cannot be retried exactly: say so.
+                    raise StorageOutcomeUnknown(
+                        f"{e.message}. This call had no request_id, so a retry is a new decision"
+                    ) from e
                 self.storage_failed()
                 self._storage_unavailable.inc()
                 allowed = self._on_storage_error == "allow"

@@ -3,6 +3,11 @@
 Services reported: "" (the whole server), "storage", and each of our gRPC
 services. A storage failure seen by any call turns them NOT_SERVING at once;
 a background probe turns them back to SERVING when storage answers again.
+
+The probe is a write on the hot path's connection, so health says what a decision
+would find: a store that answers PING but refuses writes (a replica, a full
+memory, a lost primary) is NOT_SERVING, and the probe's timeout, like a
+decision's, measures storage rather than a busy event loop.
 """
 
 from __future__ import annotations
@@ -10,22 +15,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from grpc_health.v1 import health, health_pb2
-from redis.asyncio import Redis
+
+from ratelimitd.engine import keys
+from ratelimitd.engine.errors import StorageUnavailable
 
 log = logging.getLogger(__name__)
 
 STORAGE = "storage"
+_PROBE_TTL_MS = 60_000
+
+
+class Connection(Protocol):
+    """storage/pipelined.py's PipelinedConnection: raises StorageUnavailable when storage cannot be used."""
+
+    async def call(self, command: Sequence[str | int | bytes]) -> Any: ...
 
 
 class StorageHealth:
     def __init__(
-        self, redis: Redis, services: list[str], interval_s: float, on_change: Callable[[bool], None] = lambda _: None
+        self,
+        connection: Connection,
+        services: list[str],
+        interval_s: float,
+        on_change: Callable[[bool], None] = lambda _: None,
     ) -> None:
         self.servicer = health.aio.HealthServicer()
-        self._redis = redis
+        self._connection = connection
         self._names = ["", STORAGE, *services]
         self._interval = interval_s
         self._task: asyncio.Task[None] | None = None
@@ -36,7 +55,7 @@ class StorageHealth:
         if serving == self.serving:
             return
         if self.serving is not None:
-            log.warning("storage is %s", "reachable again" if serving else "unreachable")
+            log.warning("storage is %s", "usable again" if serving else "unavailable")
         self.serving = serving
         self._on_change(serving)
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -50,8 +69,12 @@ class StorageHealth:
 
     async def probe(self) -> bool:
         try:
-            ok = bool(await self._redis.ping())
-        except Exception:  # noqa: BLE001 - any failure means not serving
+            await self._connection.call(["SET", keys.HEALTH_PROBE, "1", "PX", _PROBE_TTL_MS])
+            ok = True
+        except StorageUnavailable:
+            ok = False
+        except Exception as e:  # noqa: BLE001 - any other failure means not serving too
+            log.warning("storage health probe failed: %s", e)
             ok = False
         await self._set(ok)
         return ok

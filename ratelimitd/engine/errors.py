@@ -53,3 +53,15 @@ class PermissionDenied(RatelimitdError):
 class StorageUnavailable(RatelimitdError):
     kind = ErrorKind.UNAVAILABLE
     transient = True
+
+
+class StorageOutcomeUnknown(StorageUnavailable):
+    """Storage failed after the call was sent (a timeout, a broken connection): the
+    call may or may not have been applied. A retry with the same request id is exact."""
+
+
+def outcome_unknown(cause: str) -> StorageOutcomeUnknown:
+    return StorageOutcomeUnknown(
+        f"{cause} after the call was sent, so it may have been applied. Retry with the same request_id: "
+        "a decision is then replayed exactly and a usage report counted once"
+    )

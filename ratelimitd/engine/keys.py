@@ -44,6 +44,9 @@ ROOT = "rl:"
 ORGANIZATIONS = "rl:orgs"  # hash org id -> name
 CREDENTIALS = "rl:creds"  # hash sha256(token) -> credential JSON
 MANUAL_CLOCK = "rl:clock"  # tests only: the clock in microseconds
+# Written by the health probe (a write, because a store that answers PING may still
+# refuse every write: a replica, a full memory); it expires by itself.
+HEALTH_PROBE = "rl:health"
 # Audit events of platform-level changes (operator credentials). Its hash tag is
 # the whole name of CREDENTIALS, so a credential change and its event share one
 # slot and can be written in one transaction.

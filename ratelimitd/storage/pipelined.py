@@ -6,16 +6,24 @@ load, concurrent decisions share round trips and system calls instead of each
 taking a pooled connection, packing, writing and reading on its own; with no
 concurrency it costs what a plain call costs.
 
-Failure is fast and shared: when the oldest unanswered command is older than
-the timeout, or the connection breaks, every waiting call fails with
-StorageUnavailable and the next call reconnects. NOSCRIPT (a new or restarted
-server) is answered by loading the script and retrying once.
+Failure is fast and shared: when the oldest unanswered command has waited on
+storage longer than the timeout, or the connection breaks, every waiting call
+fails with StorageUnavailable and the next call reconnects. A reply that
+describes the server's state (LOADING, READONLY, OOM, BUSY, MASTERDOWN, NOAUTH,
+see storage/redis.py STORAGE_STATES) is an outage too, and the connection is
+rebuilt. NOSCRIPT (a new or restarted server) is answered by loading the script
+and retrying once.
+
+The timeout measures storage, not us: a command's clock starts when it is
+written, and a watchdog that runs late (the event loop was busy, so replies may
+be sitting unread in the socket) lets the reader catch up before judging.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import ssl
 import time
 from collections.abc import Sequence
@@ -24,12 +32,31 @@ from typing import Any
 import hiredis
 from redis.asyncio.connection import parse_url
 
-from ratelimitd.engine.errors import StorageUnavailable
+from ratelimitd.engine.errors import StorageUnavailable, outcome_unknown
 from ratelimitd.engine.scripts import LuaScript
+from ratelimitd.storage.redis import state_unavailable, storage_state
+
+# A watchdog this late was held up by a busy event loop, not by storage.
+_LATE_S = 0.01
+# How long a late watchdog lets the reader catch up before judging again, and how
+# many times in a row it may do so (so a loop that stays overloaded still fails
+# calls to a dead storage, only later).
+_CATCH_UP_S = 0.005
+_MAX_CATCH_UPS = 50
 
 
 class ScriptError(Exception):
     """A script failed inside the server: a bug, not an outage."""
+
+
+class _Pending:
+    """A command in flight: its caller's future, and when it was written (0: not yet)."""
+
+    __slots__ = ("future", "sent_at")
+
+    def __init__(self, future: asyncio.Future[Any]) -> None:
+        self.future = future
+        self.sent_at = 0.0
 
 
 def _encode(args: Sequence[str | int | bytes]) -> bytes:
@@ -49,10 +76,11 @@ class PipelinedConnection:
         self._writer: asyncio.StreamWriter | None = None
         self._connecting: asyncio.Future[None] | None = None
         self._outbox: list[bytes] = []
-        # (future, sent at) per command in flight, in the order the server answers
-        self._waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
+        # commands in flight, in the order the server answers
+        self._waiting: collections.deque[_Pending] = collections.deque()
         self._flush_scheduled = False
         self._watchdog: asyncio.TimerHandle | None = None
+        self._catch_ups = 0
         self._read_task: asyncio.Task[None] | None = None
 
     # -- public ----------------------------------------------------------------
@@ -72,13 +100,21 @@ class PipelinedConnection:
             await self._connect()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
+        connection = self._writer
         self._outbox.append(_encode(command))
-        self._waiting.append((future, time.monotonic()))
+        self._waiting.append(_Pending(future))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
         reply = await future
         if isinstance(reply, hiredis.ReplyError):
+            code = storage_state(str(reply))
+            if code is not None:
+                # The state belongs to the server, but a new connection re-authenticates
+                # and re-resolves the host (a failover); calls behind this one fail too.
+                if self._writer is connection:
+                    self._fail(outcome_unknown("the storage connection was reset"))
+                raise state_unavailable(code)
             raise ScriptError(str(reply))
         return reply
 
@@ -95,8 +131,12 @@ class PipelinedConnection:
         try:
             await asyncio.wait_for(self._open(), self._timeout)
             self._connecting.set_result(None)
+        except StorageUnavailable as e:  # the AUTH or SELECT was refused (WRONGPASS, LOADING, ...)
+            self._connecting.set_exception(e)
+            self._connecting.exception()
+            raise
         except (OSError, TimeoutError, ScriptError) as e:
-            error = StorageUnavailable(f"storage is unavailable: {type(e).__name__}")
+            error = StorageUnavailable(f"storage is unavailable: cannot connect ({type(e).__name__})")
             self._connecting.set_exception(error)
             self._connecting.exception()  # retrieved: waiters get it through shield
             raise error from e
@@ -128,19 +168,35 @@ class PipelinedConnection:
             self._fail(StorageUnavailable("storage connection lost"))
             return
         writer.write(b"".join(self._outbox))
+        now = time.monotonic()
+        for pending in itertools.islice(reversed(self._waiting), len(self._outbox)):
+            pending.sent_at = now
         self._outbox.clear()
         if self._watchdog is None:
-            self._watchdog = asyncio.get_running_loop().call_later(self._timeout, self._check_deadline)
+            self._arm_watchdog(self._timeout)
 
-    def _check_deadline(self) -> None:
+    def _arm_watchdog(self, delay: float) -> None:
+        due = time.monotonic() + delay
+        self._watchdog = asyncio.get_running_loop().call_later(delay, self._check_deadline, due)
+
+    def _check_deadline(self, due: float) -> None:
         self._watchdog = None
         if not self._waiting:
             return
-        age = time.monotonic() - self._waiting[0][1]
+        now = time.monotonic()
+        if now - due > _LATE_S and self._catch_ups < _MAX_CATCH_UPS:
+            # The loop was busy: replies may have arrived meanwhile, unread. Judge
+            # again once the reader has run.
+            self._catch_ups += 1
+            self._arm_watchdog(_CATCH_UP_S)
+            return
+        self._catch_ups = 0
+        oldest = self._waiting[0].sent_at or now
+        age = now - oldest
         if age >= self._timeout:
-            self._fail(StorageUnavailable("storage is unavailable: TimeoutError"))
+            self._fail(outcome_unknown(f"storage did not answer within {round(self._timeout * 1000)} ms"))
         else:
-            self._watchdog = asyncio.get_running_loop().call_later(self._timeout - age, self._check_deadline)
+            self._arm_watchdog(self._timeout - age)
 
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
         parser = self._parser
@@ -151,14 +207,17 @@ class PipelinedConnection:
                     raise ConnectionResetError("storage closed the connection")
                 parser.feed(data)
                 while (reply := parser.gets()) is not False:
-                    future, _ = self._waiting.popleft()
+                    future = self._waiting.popleft().future
                     if not future.done():
                         future.set_result(reply)
         except (OSError, IndexError, hiredis.ProtocolError) as e:
-            self._fail(StorageUnavailable(f"storage is unavailable: {type(e).__name__}"), from_reader=True)
+            self._fail(outcome_unknown(f"the storage connection broke ({type(e).__name__})"), from_reader=True)
 
     def _fail(self, error: StorageUnavailable, *, from_reader: bool = False) -> None:
-        """Fails every waiting call and drops the connection; the next call reconnects."""
+        """Fails every waiting call and drops the connection; the next call reconnects.
+
+        ``error`` is for the calls already written; those still in the outbox never
+        reached storage and are told so."""
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
@@ -169,7 +228,9 @@ class PipelinedConnection:
             self._read_task.cancel()
         self._read_task = None
         self._outbox.clear()
+        self._catch_ups = 0
+        unsent = StorageUnavailable("storage is unavailable: the connection was lost; nothing was applied")
         while self._waiting:
-            future, _ = self._waiting.popleft()
-            if not future.done():
-                future.set_exception(error)
+            pending = self._waiting.popleft()
+            if not pending.future.done():
+                pending.future.set_exception(error if pending.sent_at else unsent)

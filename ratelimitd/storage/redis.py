@@ -19,6 +19,64 @@ from redis.retry import Retry
 
 from ratelimitd.engine.errors import StorageUnavailable
 
+# Error replies that describe the storage server's state rather than our command:
+# the same command succeeds once the state passes, so they are outages (the failure
+# policy, health and the metric apply), not bugs. Each refuses the command before it
+# changes anything: a script is refused at its first write (Valkey checks OOM and a
+# replica's READONLY there), and every script of ours writes. Anything else a script
+# replies (a Lua error) is a bug and stays one.
+STORAGE_STATES = {
+    "LOADING": "it is loading its data after a restart",
+    "READONLY": "it is a read-only replica",
+    "MASTERDOWN": "it is a replica that lost its primary",
+    "OOM": "it is out of memory (maxmemory reached)",
+    "BUSY": "it is busy running a long script",
+    "NOAUTH": "it requires a password the storage URL does not give",
+    "WRONGPASS": "it rejected the password of the storage URL",
+    "NOPERM": "its ACL user lacks a permission",
+    "MISCONF": "it cannot persist its data and refuses writes",
+    "NOREPLICAS": "it has too few replicas to accept writes",
+    "TRYAGAIN": "its cluster is moving the data",
+    "CLUSTERDOWN": "its cluster is down",
+}
+# redis-py raises these classes for some of the codes above, with the code removed
+# from the message.
+_STATE_CLASSES: tuple[tuple[type[Exception], str], ...] = (
+    (redis.exceptions.BusyLoadingError, "LOADING"),
+    (redis.exceptions.ReadOnlyError, "READONLY"),
+    (redis.exceptions.MasterDownError, "MASTERDOWN"),
+    (redis.exceptions.OutOfMemoryError, "OOM"),
+    (redis.exceptions.NoPermissionError, "NOPERM"),
+    (redis.exceptions.AuthenticationError, "NOAUTH"),
+    (redis.exceptions.TryAgainError, "TRYAGAIN"),
+    (redis.exceptions.ClusterDownError, "CLUSTERDOWN"),
+)
+
+
+def state_unavailable(code: str) -> StorageUnavailable:
+    return StorageUnavailable(f"storage is unavailable: {STORAGE_STATES[code]} ({code}); nothing was applied")
+
+
+# What a server that wants a password answers a long command (a script call) from a
+# connection that has not authenticated, instead of NOAUTH; it then closes it.
+_UNAUTHENTICATED_PROTOCOL_ERROR = "ERR Protocol error: unauthenticated"
+
+
+def storage_state(reply: str) -> str | None:
+    """The STORAGE_STATES code an error reply starts with, if any."""
+    if reply.startswith(_UNAUTHENTICATED_PROTOCOL_ERROR):
+        return "NOAUTH"
+    code = reply.split(" ", 1)[0]
+    return code if code in STORAGE_STATES else None
+
+
+def _state_of(error: Exception) -> str | None:
+    for cls, code in _STATE_CLASSES:
+        if isinstance(error, cls):
+            return code
+    return storage_state(str(error)) if isinstance(error, redis.exceptions.ResponseError) else None
+
+
 SUPPORTED_SCHEMES = ("redis://", "rediss://", "unix://")
 T = TypeVar("T")
 # Enough for any realistic burst of concurrent changes to one organization.
@@ -40,12 +98,21 @@ def connect(url: str, *, timeout_s: float, max_connections: int = 256) -> Redis:
 
 @contextmanager
 def storage_errors() -> Iterator[None]:
-    """Turns driver failures that mean 'storage unreachable' into StorageUnavailable."""
+    """Turns driver failures that mean 'storage unreachable or not usable now' into
+    StorageUnavailable: no connection, no answer in time, or a STORAGE_STATES reply."""
     try:
         yield
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ConnectionError, TimeoutError) as e:
-        # BusyLoadingError (Valkey replaying its AOF) is a ConnectionError too.
-        raise StorageUnavailable(f"storage is unavailable: {type(e).__name__}") from e
+    except (redis.exceptions.TimeoutError, TimeoutError) as e:
+        raise StorageUnavailable(
+            "storage did not answer in time; a change this call asked for may have been applied"
+        ) from e
+    except (redis.exceptions.ConnectionError, ConnectionError, redis.exceptions.ResponseError) as e:
+        code = _state_of(e)
+        if code is not None:
+            raise state_unavailable(code) from e
+        if isinstance(e, redis.exceptions.ResponseError):
+            raise
+        raise StorageUnavailable("storage is unavailable: cannot connect or the connection broke") from e
 
 
 def redact(url: str) -> str:
