@@ -22,6 +22,7 @@ from ratelimitd.api.decisions import RateLimitServicer
 from ratelimitd.api.health import StorageHealth
 from ratelimitd.api.metrics import Metrics
 from ratelimitd.api.usage import UsageServicer
+from ratelimitd.api.wire import Guard
 from ratelimitd.engine.audit import Audit
 from ratelimitd.engine.clock import manual_clock, server_time
 from ratelimitd.engine.control import ControlPlane
@@ -51,6 +52,8 @@ SERVICE_NAMES = [
     usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
     envoy.ENVOY_SERVICE_NAME,
 ]
+# A key that is not UTF-8 is refused like any unknown key rather than as a malformed request (api/wire.py).
+CHECK_AND_CONSUME = f"/{SERVICE_NAMES[0]}/CheckAndConsume"
 
 
 class App:
@@ -101,7 +104,10 @@ class App:
 
         # Port sharing only among our own workers: otherwise a second server on
         # the same port must fail rather than split the traffic silently.
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if self.worker else 0)])
+        server = grpc.aio.server(
+            interceptors=[Guard(lenient=[CHECK_AND_CONSUME])],
+            options=[("grpc.so_reuseport", 1 if self.worker else 0)],
+        )
         ratelimit_pb2_grpc.add_RateLimitServiceServicer_to_server(
             RateLimitServicer(
                 self.decider,
