@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -28,6 +30,7 @@ from ratelimitd.engine.clock import manual_clock, server_time
 from ratelimitd.engine.control import ControlPlane
 from ratelimitd.engine.credentials import Credentials
 from ratelimitd.engine.decisions import Decider
+from ratelimitd.engine.errors import StorageUnavailable
 from ratelimitd.engine.limits import Dimensions
 from ratelimitd.engine.members import Members
 from ratelimitd.engine.permissions import ModelPermissions
@@ -70,6 +73,9 @@ class App:
         self.redis_url = ""
         self.bootstrap_token: str | None = None
         self.metrics_port = 0
+        # Told the operator credential created once storage first answers, when it did not at start.
+        self.on_late_bootstrap: Callable[[str], None] = lambda token: None
+        self._late_bootstrap: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -101,6 +107,8 @@ class App:
         await self.health.start()
         if self.health.serving and not self.worker:
             self.bootstrap_token = await self.credentials.bootstrap(s.operator_token)
+        elif not self.worker:
+            self._late_bootstrap = asyncio.get_running_loop().create_task(self._bootstrap_once_storage_answers())
 
         # Port sharing only among our own workers: otherwise a second server on
         # the same port must fail rather than split the traffic silently.
@@ -156,12 +164,27 @@ class App:
         if s.metrics_listen and not self.worker:
             self.metrics_port = self.metrics.serve(s.metrics_listen)
 
+    async def _bootstrap_once_storage_answers(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.health_interval_s)
+            if not self.health.serving:
+                continue
+            try:
+                token = await self.credentials.bootstrap(self.settings.operator_token)
+            except StorageUnavailable:
+                continue
+            if token:
+                self.on_late_bootstrap(token)
+            return
+
     def storage_failed(self) -> None:
         """Any call that found storage unreachable: count it, and turn health NOT_SERVING now."""
         self.metrics.storage_errors.inc()
         self.health.failed()
 
     async def stop(self, grace_s: float = 2.0) -> None:
+        if self._late_bootstrap is not None:
+            self._late_bootstrap.cancel()
         if hasattr(self, "metrics"):
             self.metrics.stop()
         if self.server is not None:

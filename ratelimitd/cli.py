@@ -54,21 +54,45 @@ def _stop_event() -> asyncio.Event:
     return stop
 
 
-def _greet(settings: Settings, address: str, embedded: bool, token: str | None, workers: int = 1) -> None:
+def _greet(
+    settings: Settings, address: str, embedded: bool, token: str | None, workers: int = 1, storage_up: bool = True
+) -> None:
     storage = f"embedded Valkey, data in {settings.data_dir}" if embedded else settings.describe()
     processes = f", {workers} worker processes" if workers > 1 else ""
     print(
         f"ratelimitd {__version__} listening on {address} (gRPC: decisions, management, health, reflection{processes})"
     )
     print(f"storage: {storage}")
-    if token:
-        print()
-        print("First start: an operator credential was created. It is shown only now; keep it safe:")
-        print(f"  export RATELIMITD_TOKEN={token}")
-        print("Then, in another terminal, watch the reference's worked example run against this server:")
-        print(f"  ratelimitd demo --address {address}")
+    if not storage_up:
+        _storage_unreachable_warning(settings)
+    elif token:
+        _show_new_credential(token, address)
     elif not settings.operator_token:
         print("operator credential: created on first start (set RATELIMITD_TOKEN to use the CLI)")
+    sys.stdout.flush()
+
+
+def _storage_unreachable_warning(settings: Settings) -> None:
+    policy = {
+        "unavailable": "every call is answered UNAVAILABLE",
+        "allow": "decisions are allowed unchecked (--on-storage-error allow), other calls answered UNAVAILABLE",
+        "deny": "decisions are refused (--on-storage-error deny), other calls answered UNAVAILABLE",
+    }[settings.on_storage_error]
+    print(
+        f"WARNING: storage is unreachable. Health is NOT_SERVING and {policy} until it answers; "
+        "ratelimitd keeps trying and recovers by itself.",
+        file=sys.stderr,
+    )
+    if not settings.operator_token:
+        print("operator credential: none yet; one is created and shown here once storage answers (if none exists)")
+
+
+def _show_new_credential(token: str, address: str) -> None:
+    print()
+    print("First start: an operator credential was created. It is shown only now; keep it safe:")
+    print(f"  export RATELIMITD_TOKEN={token}")
+    print("Then, in another terminal, watch the reference's worked example run against this server:")
+    print(f"  ratelimitd demo --address {address}")
     sys.stdout.flush()
 
 
@@ -76,6 +100,8 @@ async def _serve(settings: Settings) -> int:
     from ratelimitd.app import App
 
     app = App(settings)
+    host = settings.listen.rsplit(":", 1)[0]
+    app.on_late_bootstrap = lambda token: _show_new_credential(token, f"{host}:{app.port}")
     try:
         await app.start()
     except Exception as e:  # noqa: BLE001 - start-up failures end in one clear line
@@ -83,8 +109,13 @@ async def _serve(settings: Settings) -> int:
         await app.stop(0)
         return 1
     stop = _stop_event()
-    host = settings.listen.rsplit(":", 1)[0]
-    _greet(settings, f"{host}:{app.port}", app.embedded is not None, app.bootstrap_token)
+    _greet(
+        settings,
+        f"{host}:{app.port}",
+        app.embedded is not None,
+        app.bootstrap_token,
+        storage_up=bool(app.health.serving),
+    )
     await stop.wait()
     print("ratelimitd: shutting down")
     await app.stop()
