@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -24,11 +25,13 @@ from ratelimitd.api.decisions import RateLimitServicer
 from ratelimitd.api.health import StorageHealth
 from ratelimitd.api.metrics import Metrics
 from ratelimitd.api.usage import UsageServicer
+from ratelimitd.api.wire import Guard
 from ratelimitd.engine.audit import Audit
 from ratelimitd.engine.clock import manual_clock, server_time
 from ratelimitd.engine.control import ControlPlane
 from ratelimitd.engine.credentials import Credentials
 from ratelimitd.engine.decisions import Decider
+from ratelimitd.engine.errors import StorageUnavailable
 from ratelimitd.engine.limits import Dimensions
 from ratelimitd.engine.members import Members
 from ratelimitd.engine.permissions import ModelPermissions
@@ -54,6 +57,8 @@ SERVICE_NAMES = [
     usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
     envoy.ENVOY_SERVICE_NAME,
 ]
+# A key that is not UTF-8 is refused like any unknown key rather than as a malformed request (api/wire.py).
+CHECK_AND_CONSUME = f"/{SERVICE_NAMES[0]}/CheckAndConsume"
 
 
 class App:
@@ -70,6 +75,9 @@ class App:
         self.redis_url = ""
         self.bootstrap_token: str | None = None
         self.metrics_port = 0
+        # Told the operator credential created once storage first answers, when it did not at start.
+        self.on_late_bootstrap: Callable[[str], None] = lambda token: None
+        self._late_bootstrap: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -77,7 +85,10 @@ class App:
         # the same port must fail rather than split the traffic silently. The
         # port is taken before storage starts, so a server that cannot listen
         # never touches the data directory.
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if self.worker else 0)])
+        server = grpc.aio.server(
+            interceptors=[Guard(lenient=[CHECK_AND_CONSUME])],
+            options=[("grpc.so_reuseport", 1 if self.worker else 0)],
+        )
         self.port = _bind(server, s)
         if s.redis_url:
             self.redis_url = s.redis_url
@@ -107,6 +118,8 @@ class App:
         await self.health.start()
         if self.health.serving and not self.worker:
             self.bootstrap_token = await self.credentials.bootstrap(s.operator_token)
+        elif not self.worker:
+            self._late_bootstrap = asyncio.get_running_loop().create_task(self._bootstrap_once_storage_answers())
 
         ratelimit_pb2_grpc.add_RateLimitServiceServicer_to_server(
             RateLimitServicer(
@@ -153,6 +166,19 @@ class App:
         if s.metrics_listen and not self.worker:
             self.metrics_port = self.metrics.serve(s.metrics_listen)
 
+    async def _bootstrap_once_storage_answers(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.health_interval_s)
+            if not self.health.serving:
+                continue
+            try:
+                token = await self.credentials.bootstrap(self.settings.operator_token)
+            except StorageUnavailable:
+                continue
+            if token:
+                self.on_late_bootstrap(token)
+            return
+
     def storage_failed(self) -> None:
         """Any call that found storage unreachable: count it, and turn health NOT_SERVING now."""
         self.metrics.storage_errors.inc()
@@ -174,6 +200,8 @@ class App:
         await self.stop(grace_s)
 
     async def stop(self, grace_s: float = 2.0) -> None:
+        if self._late_bootstrap is not None:
+            self._late_bootstrap.cancel()
         if hasattr(self, "metrics"):
             self.metrics.stop()
         if self.server is not None:

@@ -57,7 +57,9 @@ def _stop_event() -> asyncio.Event:
     return stop
 
 
-def _greet(settings: Settings, address: str, embedded: bool, token: str | None, workers: int = 1) -> None:
+def _greet(
+    settings: Settings, address: str, embedded: bool, token: str | None, workers: int = 1, storage_up: bool = True
+) -> None:
     storage = f"embedded Valkey, data in {settings.data_dir}" if embedded else settings.describe()
     processes = f", {workers} worker processes" if workers > 1 else ""
     transport = {"TLS": " over TLS", "mTLS": " over TLS, client certificates required"}.get(settings.tls, "")
@@ -66,14 +68,36 @@ def _greet(settings: Settings, address: str, embedded: bool, token: str | None, 
         f"(gRPC: decisions, management, health, reflection{processes})"
     )
     print(f"storage: {storage}")
-    if token:
-        print()
-        print("First start: an operator credential was created. It is shown only now; keep it safe:")
-        print(f"  export RATELIMITD_TOKEN={token}")
-        print("Then, in another terminal, watch the reference's worked example run against this server:")
-        print(f"  ratelimitd demo --address {address}")
+    if not storage_up:
+        _storage_unreachable_warning(settings)
+    elif token:
+        _show_new_credential(token, address)
     elif not settings.operator_token:
         print("operator credential: created on first start (set RATELIMITD_TOKEN to use the CLI)")
+    sys.stdout.flush()
+
+
+def _storage_unreachable_warning(settings: Settings) -> None:
+    policy = {
+        "unavailable": "every call is answered UNAVAILABLE",
+        "allow": "decisions are allowed unchecked (--on-storage-error allow), other calls answered UNAVAILABLE",
+        "deny": "decisions are refused (--on-storage-error deny), other calls answered UNAVAILABLE",
+    }[settings.on_storage_error]
+    print(
+        f"WARNING: storage is unreachable. Health is NOT_SERVING and {policy} until it answers; "
+        "ratelimitd keeps trying and recovers by itself.",
+        file=sys.stderr,
+    )
+    if not settings.operator_token:
+        print("operator credential: none yet; one is created and shown here once storage answers (if none exists)")
+
+
+def _show_new_credential(token: str, address: str) -> None:
+    print()
+    print("First start: an operator credential was created. It is shown only now; keep it safe:")
+    print(f"  export RATELIMITD_TOKEN={token}")
+    print("Then, in another terminal, watch the reference's worked example run against this server:")
+    print(f"  ratelimitd demo --address {address}")
     sys.stdout.flush()
 
 
@@ -81,6 +105,8 @@ async def _serve(settings: Settings) -> int:
     from ratelimitd.app import App
 
     app = App(settings)
+    host = settings.listen.rsplit(":", 1)[0]
+    app.on_late_bootstrap = lambda token: _show_new_credential(token, f"{host}:{app.port}")
     try:
         await app.start()
     except Exception as e:  # noqa: BLE001 - start-up failures end in one clear line
@@ -88,8 +114,13 @@ async def _serve(settings: Settings) -> int:
         await app.stop(0)
         return 1
     stop = _stop_event()
-    host = settings.listen.rsplit(":", 1)[0]
-    _greet(settings, f"{host}:{app.port}", app.embedded is not None, app.bootstrap_token)
+    _greet(
+        settings,
+        f"{host}:{app.port}",
+        app.embedded is not None,
+        app.bootstrap_token,
+        storage_up=bool(app.health.serving),
+    )
     await stop.wait()
     print("ratelimitd: shutting down (a second signal ends the drain early)", flush=True)
     stop.clear()
@@ -163,6 +194,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     # gRPC's core logs each failed TLS handshake at INFO, on either side: a CLI error would grow a
     # second line, and every stray plaintext connection would write one to the server's log.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    try:
+        try:
+            return _main(argv)
+        finally:
+            # Inside the try: a reader that has gone away is noticed here, not in the interpreter's last flush.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        return _reader_gone()
+
+
+def _reader_gone() -> int:
+    """stdout's reader has gone (``ratelimitd … | head -1``): exit quietly, as a command killed by SIGPIPE."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # the interpreter flushes stdout once more on exit
+    return 128 + signal.SIGPIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     logging.basicConfig(
         level=os.environ.get("RATELIMITD_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

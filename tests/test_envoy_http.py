@@ -17,8 +17,19 @@ import redis.asyncio
 from ratelimitd.app import App
 from ratelimitd.engine import keys
 from tests.conftest import Client, Clock, settings_for
-from tests.edge import SHIPPED_CONFIG, EnvoyProcess, Reply, envoy_binary, envoy_config, http_request, upstream
+from tests.edge import (
+    SHIPPED_CONFIG,
+    EnvoyProcess,
+    Reply,
+    envoy_binary,
+    envoy_config,
+    http_request,
+    requires_envoy,
+    upstream,
+)
 from tests.servers import ValkeyProcess, free_port
+
+pytestmark = requires_envoy  # every test here runs a real Envoy
 
 M = "llama-3.1-8b-instant"
 M2 = "llama-3.3-70b-versatile"
