@@ -212,6 +212,9 @@ class Guard(grpc.aio.ServerInterceptor):
         """``lenient``: full method names ("/pkg.Service/Method") that read bad UTF-8 as U+FFFD."""
         self._lenient = frozenset(lenient)
         self._log = _QuietLog(log_every_s)
+        # method -> (the handler grpc found, its guarded twin): wrapping costs far more than a
+        # lookup, and this runs on every call, the hot path's included.
+        self._guarded: dict[str, tuple[Any, Any]] = {}
 
     async def intercept_service(
         self,
@@ -221,7 +224,12 @@ class Guard(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        guarded: grpc.RpcMethodHandler[Any, Any] = self._guard(handler, handler_call_details.method)
+        method = handler_call_details.method
+        cached = self._guarded.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, self._guard(handler, method))
+            self._guarded[method] = cached
+        guarded: grpc.RpcMethodHandler[Any, Any] = cached[1]
         return guarded
 
     def _guard(self, handler: Any, method: str) -> Any:
