@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ratelimitd.storage.embedded import die_with_parent, find_server_binary  # noqa: E402
+from tests.servers import stop_process  # noqa: E402
 
 HOST = "127.0.0.1"
 OPERATOR_TOKEN = "rlt_load-operator"
@@ -45,15 +46,7 @@ def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout_s:
     raise TimeoutError(f"nothing listens on {HOST}:{port}")
 
 
-def stop(proc: subprocess.Popen[bytes] | None, timeout_s: float = 10) -> None:
-    """SIGTERM, then SIGKILL if it does not exit in time."""
-    if proc is not None and proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+stop = stop_process
 
 
 def cpu_seconds(pid: int) -> float:

@@ -32,6 +32,16 @@ def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyProcess]:
 
 
 @pytest.fixture
+async def own_valkey(tmp_path: Path) -> AsyncIterator[ValkeyProcess]:
+    """A Valkey of the test's own, for tests that stop it, restart it or change its state."""
+    (tmp_path / "own-valkey").mkdir()
+    v = ValkeyProcess(tmp_path / "own-valkey")
+    v.start()
+    yield v
+    v.stop()
+
+
+@pytest.fixture
 async def redis_client(valkey: ValkeyProcess) -> AsyncIterator[redis.asyncio.Redis]:
     client = redis.asyncio.Redis.from_url(valkey.url, decode_responses=True)
     await client.flushall()

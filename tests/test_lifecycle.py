@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -72,14 +72,6 @@ async def allowed(
     stub = client.decisions if isinstance(client, Client) else client
     reply = await stub.CheckAndConsume(pb.CheckRequest(api_key=key, model=M, request_id=request_id), timeout=60)
     return bool(reply.allowed)
-
-
-@pytest.fixture
-async def own_valkey(tmp_path: Path) -> AsyncIterator[ValkeyProcess]:
-    v = ValkeyProcess(tmp_path)
-    v.start()
-    yield v
-    v.stop()
 
 
 @pytest.fixture

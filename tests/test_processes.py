@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -76,14 +75,6 @@ async def test_workers_share_one_port_and_one_answer(
             await c.channel.close()
         server.stop()
     assert "2 worker processes" in server.output()
-
-
-@pytest.fixture
-async def own_valkey(tmp_path: Path) -> AsyncIterator[ValkeyProcess]:
-    v = ValkeyProcess(tmp_path)
-    v.start()
-    yield v
-    v.stop()
 
 
 async def health_status(channel: grpc.aio.Channel, service: str = "") -> int:

@@ -12,7 +12,7 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
@@ -163,15 +163,6 @@ STATES: dict[str, Callable[[ValkeyProcess, Path], AbstractContextManager[None]]]
     "NOAUTH": password_required,
     "WRONGPASS": password_changed,
 }
-
-
-@pytest.fixture
-async def own_valkey(tmp_path: Path) -> AsyncIterator[ValkeyProcess]:
-    (tmp_path / "valkey").mkdir()
-    v = ValkeyProcess(tmp_path / "valkey")
-    v.start()
-    yield v
-    v.stop()
 
 
 @pytest.mark.parametrize("state", list(STATES))

@@ -9,9 +9,8 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import grpc
 import pytest
@@ -29,14 +28,6 @@ from tests.test_server import scrape
 
 M = "llama-3.1-8b-instant"
 TIMEOUT_MS = 200
-
-
-@pytest.fixture
-async def own_valkey(tmp_path: Path) -> AsyncIterator[ValkeyProcess]:
-    v = ValkeyProcess(tmp_path)
-    v.start()
-    yield v
-    v.stop()
 
 
 @contextmanager
