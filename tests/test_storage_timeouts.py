@@ -23,6 +23,7 @@ from ratelimitd.storage.pipelined import PipelinedConnection
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from tests.conftest import Client, channel_client, settings_for
 from tests.servers import ValkeyProcess
+from tests.test_envoy_rls import desc, request, rls
 from tests.test_processes import health_status
 from tests.test_server import scrape
 
@@ -203,3 +204,20 @@ async def test_the_suite_settings_tolerate_a_busy_event_loop(app: App, client: C
         busy = False
         await hogging
     assert reply.reason == pb.REASON_UNSPECIFIED
+
+
+async def test_a_timed_out_envoy_decision_says_envoy_decides_not_to_retry(own_valkey: ValkeyProcess) -> None:
+    app, client = await timed_app(own_valkey.url)
+    try:
+        org = await client.org("o", [(M, "requests", "day", 10)])
+        _, key = await client.project(org, "a")
+        with stalled(own_valkey):
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await rls(client).ShouldRateLimit(request(desc(api_key=key, model=M)), timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        details = e.value.details() or ""
+        assert "may have been applied" in details and "failure_mode_deny decides" in details
+        assert "request_id" not in details  # Envoy's path never replays: that advice would mislead
+    finally:
+        await client.channel.close()
+        await app.stop(0)

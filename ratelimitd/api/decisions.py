@@ -127,8 +127,9 @@ class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
                     if request_id or not isinstance(e, StorageOutcomeUnknown):
                         raise
                     # Without a request id the call cannot be retried exactly: say so.
-                    raise StorageOutcomeUnknown(
-                        f"{e.message}. This call had no request_id, so a retry is a new decision"
+                    raise e.advising(
+                        f"{StorageOutcomeUnknown.RETRY_EXACTLY}. This call had no request_id, so a retry is a new "
+                        "decision"
                     ) from e
                 self.storage_failed()
                 self._storage_unavailable.inc()

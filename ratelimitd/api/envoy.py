@@ -45,7 +45,7 @@ from ratelimitd.engine.decisions import (
     Scope,
     new_request_id,
 )
-from ratelimitd.engine.errors import FailedPrecondition, InvalidArgument
+from ratelimitd.engine.errors import FailedPrecondition, InvalidArgument, StorageOutcomeUnknown
 from ratelimitd.engine.headers import rate_limit_headers
 from ratelimitd.engine.limits import MAX_LIMIT, Dimension, validate_model
 from ratelimitd.engine.refusals import Refusal
@@ -345,8 +345,13 @@ class EnvoyRateLimitServicer:
         else:
             # No replay: the request id comes from a header, and repeating one must not
             # buy a free pass. The reservation still waits under it for the usage call.
-            with self._seconds.time():
-                decision = await self._decider.check_items(caller, items, request_id, replay=False)
+            try:
+                with self._seconds.time():
+                    decision = await self._decider.check_items(caller, items, request_id, replay=False)
+            except StorageOutcomeUnknown as e:
+                # The generic advice (retry with the same request id) does not hold here:
+                # Envoy never retries a decision, and this path never replays one.
+                raise e.advising("Envoy does not retry a decision; its failure_mode_deny decides the request") from e
         self._decisions[decision.outcome].inc()
         return self._reply(decision, items, slots)
 

@@ -59,9 +59,14 @@ class StorageOutcomeUnknown(StorageUnavailable):
     """Storage failed after the call was sent (a timeout, a broken connection): the
     call may or may not have been applied. A retry with the same request id is exact."""
 
-
-def outcome_unknown(cause: str) -> StorageOutcomeUnknown:
-    return StorageOutcomeUnknown(
-        f"{cause} after the call was sent, so it may have been applied. Retry with the same request_id: "
-        "a decision is then replayed exactly and a usage report counted once"
+    RETRY_EXACTLY = (
+        "Retry with the same request_id: a decision is then replayed exactly and a usage report counted once"
     )
+
+    def __init__(self, cause: str, advice: str = RETRY_EXACTLY) -> None:
+        super().__init__(f"{cause} after the call was sent, so it may have been applied. {advice}")
+        self.cause = cause
+
+    def advising(self, advice: str) -> StorageOutcomeUnknown:
+        """The same failure, with what this caller can do about it."""
+        return StorageOutcomeUnknown(self.cause, advice)

@@ -32,7 +32,7 @@ from typing import Any
 import hiredis
 from redis.asyncio.connection import parse_url
 
-from ratelimitd.engine.errors import StorageUnavailable, outcome_unknown
+from ratelimitd.engine.errors import StorageOutcomeUnknown, StorageUnavailable
 from ratelimitd.engine.scripts import LuaScript
 from ratelimitd.storage.redis import state_unavailable, storage_state
 
@@ -113,7 +113,7 @@ class PipelinedConnection:
                 # The state belongs to the server, but a new connection re-authenticates
                 # and re-resolves the host (a failover); calls behind this one fail too.
                 if self._writer is connection:
-                    self._fail(outcome_unknown("the storage connection was reset"))
+                    self._fail(StorageOutcomeUnknown("the storage connection was reset"))
                 raise state_unavailable(code)
             raise ScriptError(str(reply))
         return reply
@@ -194,7 +194,7 @@ class PipelinedConnection:
         oldest = self._waiting[0].sent_at or now
         age = now - oldest
         if age >= self._timeout:
-            self._fail(outcome_unknown(f"storage did not answer within {round(self._timeout * 1000)} ms"))
+            self._fail(StorageOutcomeUnknown(f"storage did not answer within {round(self._timeout * 1000)} ms"))
         else:
             self._arm_watchdog(self._timeout - age)
 
@@ -211,7 +211,7 @@ class PipelinedConnection:
                     if not future.done():
                         future.set_result(reply)
         except (OSError, IndexError, hiredis.ProtocolError) as e:
-            self._fail(outcome_unknown(f"the storage connection broke ({type(e).__name__})"), from_reader=True)
+            self._fail(StorageOutcomeUnknown(_broke(e)), from_reader=True)
 
     def _fail(self, error: StorageUnavailable, *, from_reader: bool = False) -> None:
         """Fails every waiting call and drops the connection; the next call reconnects.
@@ -234,3 +234,11 @@ class PipelinedConnection:
             pending = self._waiting.popleft()
             if not pending.future.done():
                 pending.future.set_exception(error if pending.sent_at else unsent)
+
+
+def _broke(error: Exception) -> str:
+    """Why the connection broke, in words (no exception class names reach a caller)."""
+    reason = error.strerror if isinstance(error, OSError) else None
+    if isinstance(error, hiredis.ProtocolError):
+        reason = "a reply that is not RESP"
+    return f"the storage connection broke ({reason})" if reason else "the storage connection broke"
