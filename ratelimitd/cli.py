@@ -145,6 +145,7 @@ async def _serve_supervised(settings: Settings) -> int:
     from ratelimitd.workers import Supervisor
 
     supervisor = Supervisor(settings)
+    supervisor.on_late_bootstrap = lambda token: _show_new_credential(token, settings.listen)
     try:
         await supervisor.start()
     except Exception as e:  # noqa: BLE001 - start-up failures end in one clear line
@@ -152,7 +153,14 @@ async def _serve_supervised(settings: Settings) -> int:
         await supervisor.stop()
         return 1
     stop = _stop_event()
-    _greet(settings, settings.listen, supervisor.embedded is not None, supervisor.bootstrap_token, settings.workers)
+    _greet(
+        settings,
+        settings.listen,
+        supervisor.embedded is not None,
+        supervisor.bootstrap_token,
+        settings.workers,
+        storage_up=supervisor.storage_up,
+    )
     failure = await supervisor.wait(stop)
     if failure:
         print(f"ratelimitd: {failure}; stopping", file=sys.stderr, flush=True)

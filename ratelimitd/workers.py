@@ -25,9 +25,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 from ratelimitd.api.metrics import MULTIPROCESS_ENV, Metrics
 from ratelimitd.engine.credentials import Credentials
+from ratelimitd.engine.errors import StorageUnavailable
 from ratelimitd.settings import Settings
 from ratelimitd.storage import redis as storage
 from ratelimitd.storage.embedded import EmbeddedValkey, die_with_parent
@@ -52,6 +54,11 @@ class Supervisor:
         self._env: dict[str, str] = {}
         self._crashes: collections.deque[float] = collections.deque()  # when, monotonic, within the window
         self._restart_at: dict[int, float] = {}  # worker slot -> when to start it again
+        # Storage that did not answer at start: the workers start anyway (NOT_SERVING until it
+        # does, as a single process would), and the operator credential is made once it answers.
+        self.storage_up = True
+        self.on_late_bootstrap: Callable[[str], None] = lambda token: None
+        self._storage_url = ""
 
     async def start(self, timeout_s: float = 30.0) -> None:
         s = self.settings
@@ -66,11 +73,8 @@ class Supervisor:
         if not url:
             self.embedded = EmbeddedValkey(s.data_dir)
             url = await self.embedded.start()
-        client = storage.connect(url, timeout_s=s.storage_timeout_ms / 1000)
-        try:
-            self.bootstrap_token = await Credentials(client).bootstrap(s.operator_token)
-        finally:
-            await client.aclose()
+        self._storage_url = url
+        self.storage_up = await self._bootstrap()
         self._env = {**os.environ, **s.to_env(), "RATELIMITD_REDIS_URL": url, "RATELIMITD_WORKERS": "1"}
         if s.metrics_listen:
             # workers write their metrics to files here; the supervisor serves the sum
@@ -87,6 +91,17 @@ class Supervisor:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"no worker opened the port within {timeout_s:g} s; see their output above")
             await asyncio.sleep(0.05)
+
+    async def _bootstrap(self) -> bool:
+        """Creates the first operator credential (if none exists); False when storage did not answer."""
+        client = storage.connect(self._storage_url, timeout_s=self.settings.storage_timeout_ms / 1000)
+        try:
+            self.bootstrap_token = await Credentials(client).bootstrap(self.settings.operator_token)
+        except StorageUnavailable:
+            return False
+        finally:
+            await client.aclose()
+        return True
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
@@ -125,9 +140,16 @@ class Supervisor:
 
     async def wait(self, stop: asyncio.Event) -> str | None:
         """Tends the workers until stopped (None), or until crashes come too often (why)."""
+        next_bootstrap = time.monotonic()
         while not stop.is_set():
             if failure := self.tend():
                 return failure
+            if not self.storage_up and time.monotonic() >= next_bootstrap:
+                next_bootstrap = time.monotonic() + self.settings.health_interval_s
+                if await self._bootstrap():
+                    self.storage_up = True
+                    if self.bootstrap_token:
+                        self.on_late_bootstrap(self.bootstrap_token)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.1)
         return None

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ratelimitd.v1 import admin_pb2 as apb
@@ -29,13 +30,19 @@ async def poll(what: str, ready: Callable[[], Awaitable[bool]]) -> None:
         await asyncio.sleep(0.02)
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
 async def test_unreachable_storage_at_start_is_a_clear_warning_and_the_credential_comes_when_it_answers(
-    tmp_path: Path,
+    tmp_path: Path, workers: str
 ) -> None:
     (tmp_path / "valkey").mkdir()
     valkey = ValkeyProcess(tmp_path / "valkey")  # its port is chosen, nothing listens on it yet
     server = RatelimitdProcess(
-        "--redis-url", valkey.url, env={"RATELIMITD_HEALTH_INTERVAL_S": "0.05"}, log=tmp_path / "serve.log"
+        "--redis-url",
+        valkey.url,
+        "--workers",
+        workers,
+        env={"RATELIMITD_HEALTH_INTERVAL_S": "0.05"},
+        log=tmp_path / "serve.log",
     )
     server.start()
     client = channel_client(server.address)
