@@ -30,7 +30,13 @@ from google.protobuf.message import Message
 from ratelimitd.client_cli import ROLE_NAMES, ROLES, SHORTHANDS, Api, metric_window
 from ratelimitd.engine.control import validate_description, validate_project_name
 from ratelimitd.engine.errors import InvalidArgument
-from ratelimitd.engine.limits import METRICS, validate_limit_value, validate_model
+from ratelimitd.engine.limits import (
+    MAX_LIMITS_PER_CALL,
+    MAX_LIMITS_PER_SCOPE,
+    METRICS,
+    validate_limit_value,
+    validate_model,
+)
 from ratelimitd.engine.members import validate_member_name
 from ratelimitd.engine.permissions import Access, validate_policy
 from ratelimitd.v1 import admin_pb2 as apb
@@ -194,6 +200,10 @@ def _problems(spec: Spec) -> list[str]:
                 problems.append(f"{at}: metric {metric!r} is not one of {', '.join(METRICS)}")
             check(at, validate_limit_value, value)
         check_policy(f"{where}.models", project.models)
+        if len(project.limits or {}) > MAX_LIMITS_PER_SCOPE:
+            problems.append(
+                f"{where}.limits: {len(project.limits or {})} limits; a project holds at most {MAX_LIMITS_PER_SCOPE}"
+            )
     for name in spec.members or {}:
         check(f"members.{name}", validate_member_name, name)
     return problems
@@ -421,6 +431,12 @@ class Applier:
         to_set = {k: v for k, v in sorted(want.items()) if have.get(k) != v}
         to_clear = sorted(k for k in have if k not in want)
         if not to_set and not to_clear:
+            return
+        if len(to_set) + len(to_clear) > MAX_LIMITS_PER_CALL:
+            self.problems.append(
+                f"projects.{name}.limits: {len(to_set) + len(to_clear)} limits change at once; the server takes at "
+                f"most {MAX_LIMITS_PER_CALL} in one call, so apply the file in steps"
+            )
             return
         parts = [_limit_text(k, v) + (f" (was {have[k]})" if k in have else "") for k, v in to_set.items()]
         parts += [f"clear {_limit_text(k, None)} (was {have[k]})" for k in to_clear]

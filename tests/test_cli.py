@@ -21,6 +21,7 @@ import redis.asyncio
 from ratelimitd.app import App
 from ratelimitd.engine import keys
 from ratelimitd.engine.control import PROJECT_NAME_RULES
+from ratelimitd.engine.limits import MAX_LIMITS_PER_CALL
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from tests.conftest import OPERATOR_TOKEN, Cli, Client
 
@@ -277,6 +278,25 @@ async def test_apply_reports_every_bad_value_in_the_file_before_any_call(cli: Cl
             "ratelimitd: projects.fine.limits.m.tpm: limit 10000000000000 is above the maximum 1000000000000",
             "ratelimitd: nothing was changed (4 problems)",
         ]
+
+
+async def test_apply_says_when_a_project_changes_more_limits_than_one_call_takes(
+    cli: Cli, tmp_path: Path, redis_client: redis.asyncio.Redis
+) -> None:
+    org = str((await cli.json("org", "create", "acme"))["id"])
+    await cli.ok("org", "limits", org, "--model", "*", "--set", "rpm=100")
+    limits = "".join(f"      m{i}: {{rpm: 1}}\n" for i in range(MAX_LIMITS_PER_CALL + 1))
+    spec = tmp_path / "many.yaml"
+    spec.write_text(f"organization: {org}\nprojects:\n  many:\n    limits:\n{limits}")
+    before = await redis_client.xlen(keys.OrgKeys(org).audit)
+    code, out, err = await cli("apply", "-f", str(spec))
+    assert (code, out) == (1, ""), err
+    assert err.splitlines() == [
+        f"ratelimitd: projects.many.limits: {MAX_LIMITS_PER_CALL + 1} limits change at once; the server takes at "
+        f"most {MAX_LIMITS_PER_CALL} in one call, so apply the file in steps",
+        "ratelimitd: nothing was changed (1 problem)",
+    ]
+    assert await redis_client.xlen(keys.OrgKeys(org).audit) == before
 
 
 async def test_models_set_refuses_an_empty_allow_list(cli: Cli) -> None:
