@@ -26,6 +26,7 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from ratelimitd.engine import ids
+from ratelimitd.engine.keys import MANUAL_CLOCK
 from ratelimitd.tls import ClientTls
 from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import admin_pb2_grpc, ratelimit_pb2_grpc
@@ -710,8 +711,12 @@ async def demo(api: Api | None, args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory(prefix="ratelimitd-demo-") as tmp:
         token = "rlt_demo"
-        app = App(Settings.load(listen="127.0.0.1:0", data_dir=Path(tmp), operator_token=token))
+        # A stopped clock: the buckets drain with time, so on a slow or busy machine a burst
+        # that takes a second would see an extra request admitted, and the demo would not
+        # show the reference's exact numbers. (A server given with --address runs on real time.)
+        app = App(Settings.load(listen="127.0.0.1:0", data_dir=Path(tmp), operator_token=token, manual_clock=True))
         await app.start()
+        await app.redis.set(MANUAL_CLOCK, time.time_ns() // 1000)
         print(f"(a private ratelimitd on 127.0.0.1:{app.port} with an embedded Valkey; pass --address to use yours)\n")
         try:
             local = Api(f"127.0.0.1:{app.port}", token)

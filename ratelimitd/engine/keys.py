@@ -43,7 +43,7 @@ from __future__ import annotations
 ROOT = "rl:"
 ORGANIZATIONS = "rl:orgs"  # hash org id -> name
 CREDENTIALS = "rl:creds"  # hash sha256(token) -> credential JSON
-MANUAL_CLOCK = "rl:clock"  # tests only: the clock in microseconds
+MANUAL_CLOCK = "rl:clock"  # tests and the private demo: a stopped clock, in microseconds
 # Written by the health probe (a write, because a store that answers PING may still
 # refuse every write: a replica, a full memory); it expires by itself.
 HEALTH_PROBE = "rl:health"
