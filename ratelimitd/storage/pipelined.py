@@ -136,7 +136,7 @@ class PipelinedConnection:
             self._connecting.exception()
             raise
         except (OSError, TimeoutError, ScriptError) as e:
-            error = StorageUnavailable(f"storage is unavailable: cannot connect ({type(e).__name__})")
+            error = StorageUnavailable(f"storage is unavailable: cannot connect ({_connect_failure(e)})")
             self._connecting.set_exception(error)
             self._connecting.exception()  # retrieved: waiters get it through shield
             raise error from e
@@ -242,3 +242,11 @@ def _broke(error: Exception) -> str:
     if isinstance(error, hiredis.ProtocolError):
         reason = "a reply that is not RESP"
     return f"the storage connection broke ({reason})" if reason else "the storage connection broke"
+
+
+def _connect_failure(error: Exception) -> str:
+    if isinstance(error, TimeoutError):
+        return "no answer in time"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return "the handshake failed"
