@@ -312,6 +312,7 @@ def main() -> int:
         metavar="FILE",
         help="record ratelimitd's processes with py-spy (collapsed stacks, --idle off) during all rounds into FILE",
     )
+    ap.add_argument("--native", action="store_true", help="with --profile: C frames too (py-spy --native)")
     args = ap.parse_args()
     for name, value, top in [
         ("calls", args.calls, 2_000_000), ("rounds", args.rounds, 50), ("concurrency", args.concurrency, 1024),
@@ -358,7 +359,7 @@ def main() -> int:
         results: dict[tuple[str, str], list[dict[str, float]]] = {}
         print()
         print(HEAD)
-        profiler = start_profiler(args.profile, servers[0].pids()) if args.profile else None
+        profiler = start_profiler(args.profile, servers[0].pids(), args.native) if args.profile else None
         for n in range(1, args.rounds + 1):
             order = servers if n % 2 else servers[::-1]
             for rpc in rpcs:
@@ -379,13 +380,14 @@ def main() -> int:
     return 0
 
 
-def start_profiler(path: str, pids: list[int]) -> list[subprocess.Popen[bytes]]:
+def start_profiler(path: str, pids: list[int], native: bool = False) -> list[subprocess.Popen[bytes]]:
     """py-spy (pip install py-spy) on each server process; its own CPU is not the server's."""
     spy = Path(sys.executable).with_name("py-spy")
     binary = str(spy) if spy.exists() else "py-spy"
     started = []
     for pid in pids:
         cmd = [binary, "record", "--pid", str(pid), "--format", "raw", "--rate", "200", "-o", f"{path}.{pid}"]
+        cmd += ["--native"] if native else []
         started.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     time.sleep(1.0)  # attached before the first round
     return started
