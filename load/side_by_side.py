@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import multiprocessing
 import signal
@@ -61,7 +62,8 @@ from ratelimitd.v1 import ratelimit_pb2_grpc
 ROOT = procs.ROOT
 DOMAIN = "ratelimitd"
 TOKENS = 500
-RPCS = {"check": "CheckAndConsume", "envoy": "ShouldRateLimit"}
+RPCS = {"check": "CheckAndConsume", "envoy": "ShouldRateLimit", "stream": "CheckAndConsumeStream"}
+DEFAULT_RPCS = ["check", "envoy"]
 SCRIPT_COMMANDS = ("cmdstat_evalsha", "cmdstat_eval", "cmdstat_evalsha_ro", "cmdstat_eval_ro")
 
 
@@ -81,6 +83,8 @@ async def _drive(
     channels = [
         grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(connections)
     ]
+    if rpc == "stream":
+        return await _drive_streams(channels, key, calls, concurrency, seconds)
     if rpc == "check":
         check_req = pb.CheckRequest(api_key=key, model=MODEL, tokens=TOKENS)
         check_stubs = [ratelimit_pb2_grpc.RateLimitServiceStub(ch) for ch in channels]
@@ -119,6 +123,56 @@ async def _drive(
     return {
         "ok": ok,
         "errors": errors,
+        "seconds": elapsed,
+        "p50_ms": percentile(latencies, 0.5) * 1000 if latencies else 0.0,
+        "p99_ms": percentile(latencies, 0.99) * 1000 if latencies else 0.0,
+    }
+
+
+async def _drive_streams(
+    channels: list[grpc.aio.Channel], key: str, calls: int, concurrency: int, seconds: float
+) -> dict[str, float]:
+    """One CheckAndConsumeStream per connection, ``concurrency`` requests in flight over them all."""
+    await asyncio.gather(*(ch.channel_ready() for ch in channels))
+    request = pb.CheckRequest(api_key=key, model=MODEL, tokens=TOKENS)
+    latencies: list[float] = []
+    counts = {"ok": 0, "errors": 0, "sent": 0}
+    deadline = time.perf_counter() + seconds
+
+    async def one_stream(channel: grpc.aio.Channel, window: int) -> None:
+        call = ratelimit_pb2_grpc.RateLimitServiceStub(channel).CheckAndConsumeStream()
+        room = asyncio.Semaphore(window)
+        sent_at: collections.deque[float] = collections.deque()
+
+        async def send() -> None:
+            while True:
+                await room.acquire()
+                if counts["sent"] >= calls or time.perf_counter() >= deadline:
+                    break
+                counts["sent"] += 1
+                sent_at.append(time.perf_counter())
+                await call.write(request)
+            await call.done_writing()
+
+        sending = asyncio.get_running_loop().create_task(send())
+        async for reply in call:
+            latencies.append(time.perf_counter() - sent_at.popleft())
+            room.release()
+            counts["ok" if not reply.error_code else "errors"] += 1
+            if not reply.allowed:
+                counts["errors"] += 1
+        await sending
+
+    windows = [concurrency // len(channels) + (i < concurrency % len(channels)) for i in range(len(channels))]
+    start = time.perf_counter()
+    await asyncio.gather(*(one_stream(ch, w) for ch, w in zip(channels, windows, strict=True) if w))
+    elapsed = time.perf_counter() - start
+    for ch in channels:
+        await ch.close()
+    latencies.sort()
+    return {
+        "ok": counts["ok"],
+        "errors": counts["errors"],
         "seconds": elapsed,
         "p50_ms": percentile(latencies, 0.5) * 1000 if latencies else 0.0,
         "p99_ms": percentile(latencies, 0.99) * 1000 if latencies else 0.0,
@@ -303,7 +357,11 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=16, help="calls in flight")
     ap.add_argument("--connections", type=int, help="client connections (default: 4 per worker)")
     ap.add_argument("--workers", type=int, default=1, help="ratelimitd --workers (and as many no-op processes)")
-    ap.add_argument("--rpc", choices=["both", *RPCS], default="both")
+    ap.add_argument(
+        "--rpc",
+        default="both",
+        help=f"comma-separated, of {', '.join(RPCS)} (both: check,envoy); stream always uses the Python generator",
+    )
     ap.add_argument("--generator", choices=["auto", "ghz", "python"], default="auto")
     ap.add_argument("--max-seconds", type=float, default=120.0, help="bound of one round")
     ap.add_argument("--warmup", type=int, default=500, help="calls per server and RPC before the rounds, not counted")
@@ -323,7 +381,9 @@ def main() -> int:
     connections = args.connections or 4 * args.workers
     if not 0 < connections <= 256:
         ap.error("--connections must be in 1..256")
-    rpcs = list(RPCS) if args.rpc == "both" else [args.rpc]
+    rpcs = DEFAULT_RPCS if args.rpc == "both" else args.rpc.split(",")
+    if not rpcs or any(r not in RPCS for r in rpcs):
+        ap.error(f"--rpc takes a comma-separated list of {', '.join(RPCS)}, or both")
     load = Load(args.calls, args.concurrency, connections, args.max_seconds)
     lifetime = (args.rounds * len(rpcs) * 2 + 2) * args.max_seconds + 60
 
@@ -334,6 +394,7 @@ def main() -> int:
     valkey = procs.Valkey()
     servers: list[Server] = []
     gen: PythonGenerator | Ghz | None = None
+    python_gen: PythonGenerator | None = None
     try:
         valkey.start()
         port = procs.free_port()
@@ -345,8 +406,12 @@ def main() -> int:
             write_envoy_protoset(protoset)
             gen = Ghz(ghz, protoset)
         else:
-            gen = PythonGenerator()
-        print(f"generator: {gen.name}")
+            gen = python_gen = PythonGenerator()
+        if "stream" in rpcs and python_gen is None:
+            python_gen = PythonGenerator()  # ghz's bidi streams are not a stream of concurrent requests
+        gens = {rpc: python_gen if rpc == "stream" and python_gen else gen for rpc in rpcs}
+        streams_by = f"; for streams: {python_gen.name}" if python_gen is not None and python_gen is not gen else ""
+        print(f"generator: {gen.name}{streams_by}")
         print(
             f"load: {args.calls} calls/round, concurrency {args.concurrency}, {connections} connections; "
             f"ratelimitd --workers {args.workers} (pids {servers[0].pids()}), no-op x{args.workers}; "
@@ -355,7 +420,7 @@ def main() -> int:
         warm = Load(args.warmup, args.concurrency, connections, args.max_seconds)
         for rpc in rpcs:
             for s in servers:
-                gen.run(s.address, rpc, key, warm)
+                gens[rpc].run(s.address, rpc, key, warm)
         results: dict[tuple[str, str], list[dict[str, float]]] = {}
         print()
         print(HEAD)
@@ -364,15 +429,16 @@ def main() -> int:
             order = servers if n % 2 else servers[::-1]
             for rpc in rpcs:
                 for s in order:
-                    r = run_round(s, valkey, gen, rpc, key, load)
+                    r = run_round(s, valkey, gens[rpc], rpc, key, load)
                     results.setdefault((rpc, s.name), []).append(r)
                     print(row(str(n), rpc, s.name, r), flush=True)
         if profiler is not None:
             stop_profiler(profiler, args.profile)
         summarize(results, rpcs)
     finally:
-        if gen is not None:
-            gen.close()
+        for g in {gen, python_gen} - {None}:
+            assert g is not None
+            g.close()
         for s in servers:
             s.stop()
         valkey.stop()
