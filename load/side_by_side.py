@@ -191,6 +191,7 @@ class Load:
     concurrency: int
     connections: int
     max_seconds: float
+    rps: int = 0  # ghz only: a fixed offered rate (0: as fast as it answers)
 
 
 class PythonGenerator:
@@ -217,6 +218,7 @@ class Ghz:
     def run(self, address: str, rpc: str, key: str, load: Load) -> dict[str, float]:
         cmd = [self.binary, "--insecure", "--format", "json", "--timeout", "20s"]
         cmd += ["-n", str(load.calls), "-c", str(load.concurrency), "--connections", str(load.connections)]
+        cmd += ["--rps", str(load.rps)] if load.rps else []
         if rpc == "check":
             cmd += ["--proto", str(ROOT / "proto/ratelimitd/v1/ratelimit.proto"), "--import-paths", str(ROOT / "proto")]
             cmd += ["--call", "ratelimitd.v1.RateLimitService.CheckAndConsume"]
@@ -363,6 +365,7 @@ def main() -> int:
         help=f"comma-separated, of {', '.join(RPCS)} (both: check,envoy); stream always uses the Python generator",
     )
     ap.add_argument("--generator", choices=["auto", "ghz", "python"], default="auto")
+    ap.add_argument("--rps", type=int, default=0, help="ghz: offer this many calls/s (latency at a given load)")
     ap.add_argument("--max-seconds", type=float, default=120.0, help="bound of one round")
     ap.add_argument("--warmup", type=int, default=500, help="calls per server and RPC before the rounds, not counted")
     ap.add_argument(
@@ -384,7 +387,7 @@ def main() -> int:
     rpcs = DEFAULT_RPCS if args.rpc == "both" else args.rpc.split(",")
     if not rpcs or any(r not in RPCS for r in rpcs):
         ap.error(f"--rpc takes a comma-separated list of {', '.join(RPCS)}, or both")
-    load = Load(args.calls, args.concurrency, connections, args.max_seconds)
+    load = Load(args.calls, args.concurrency, connections, args.max_seconds, args.rps)
     lifetime = (args.rounds * len(rpcs) * 2 + 2) * args.max_seconds + 60
 
     ghz = procs.find_ghz() if args.generator != "python" else None
