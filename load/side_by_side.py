@@ -400,6 +400,9 @@ def main() -> int:
     python_gen: PythonGenerator | None = None
     try:
         valkey.start()
+        # Valkey records its own stalls (commands, expiry cycles, forks) of 2 ms or more.
+        with valkey.client() as c:
+            c.config_set("latency-monitor-threshold", 2)
         port = procs.free_port()
         servers.append(Server("ratelimitd", port, [procs.start_ratelimitd(valkey.url, port, args.workers)]))
         servers.append(start_noop(args.workers, lifetime))
@@ -438,6 +441,9 @@ def main() -> int:
         if profiler is not None:
             stop_profiler(profiler, args.profile)
         summarize(results, rpcs)
+        with valkey.client() as c:
+            stalls = c.execute_command("LATENCY", "LATEST")
+        print("valkey's own stalls >= 2 ms (event, latest ms, max ms):", [(e[0], e[2], e[3]) for e in stalls] or "none")
     finally:
         for g in {gen, python_gen} - {None}:
             assert g is not None
