@@ -6,7 +6,9 @@
 It creates one organization with limits high enough that most calls are
 admitted (every call still evaluates and charges all four windows of both the
 project and the organization), then keeps ``--concurrency`` calls in flight
-from ``--processes`` client processes until ``--requests`` calls or
+from ``--processes`` client processes (``--connections`` each, 4 per
+server worker by default; ``--mix stream`` sends them on one
+CheckAndConsumeStream per connection) until ``--requests`` calls or
 ``--seconds`` have passed, whichever comes first. Loopback only.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import multiprocessing
 import os
@@ -68,11 +71,17 @@ async def setup(address: str, token: str, projects: int) -> list[str]:
 
 
 async def drive(
-    address: str, keys: list[str], requests: int, seconds: float, concurrency: int, mix: str
+    address: str, keys: list[str], requests: int, seconds: float, concurrency: int, mix: str, connections: int
 ) -> dict[str, object]:
-    channel = grpc.aio.insecure_channel(address)
-    stub = ratelimit_pb2_grpc.RateLimitServiceStub(channel)
+    # One connection per channel (a local subchannel pool): the server's workers share
+    # the port by connection, so a client with one connection keeps one worker busy.
+    channels = [
+        grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(connections)
+    ]
+    stubs = [ratelimit_pb2_grpc.RateLimitServiceStub(ch) for ch in channels]
     reqs = [pb.CheckRequest(api_key=k, model=MODEL, tokens=500) for k in keys]
+    if mix == "stream":
+        return await drive_streams(stubs, reqs, requests, seconds, concurrency)
     latencies: list[float] = []
     report_latencies: list[float] = []
     allowed = errors = 0
@@ -82,6 +91,7 @@ async def drive(
     async def worker(w: int) -> None:
         nonlocal sent, allowed, errors
         i = w
+        stub = stubs[w % len(stubs)]
         while sent < requests and time.perf_counter() < deadline:
             sent += 1
             req = reqs[i % len(reqs)]
@@ -106,14 +116,62 @@ async def drive(
     start = time.perf_counter()
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
     elapsed = time.perf_counter() - start
-    await channel.close()
+    for ch in channels:
+        await ch.close()
     return {
         "latencies": latencies, "report_latencies": report_latencies, "allowed": allowed, "errors": errors,
         "elapsed": elapsed,
     }  # fmt: skip
 
 
-def client_process(args: tuple[str, list[str], int, float, int, str]) -> dict[str, object]:
+async def drive_streams(
+    stubs: list[ratelimit_pb2_grpc.RateLimitServiceAsyncStub],
+    reqs: list[pb.CheckRequest],
+    requests: int,
+    seconds: float,
+    concurrency: int,
+) -> dict[str, object]:
+    """One CheckAndConsumeStream per connection, ``concurrency`` requests in flight over them all."""
+    latencies: list[float] = []
+    counts = {"sent": 0, "allowed": 0, "errors": 0}
+    deadline = time.perf_counter() + seconds
+
+    async def one_stream(stub: ratelimit_pb2_grpc.RateLimitServiceAsyncStub, window: int) -> None:
+        call = stub.CheckAndConsumeStream()
+        room = asyncio.Semaphore(window)
+        sent_at: collections.deque[float] = collections.deque()
+
+        async def send() -> None:
+            while True:
+                await room.acquire()
+                if counts["sent"] >= requests or time.perf_counter() >= deadline:
+                    break
+                request = reqs[counts["sent"] % len(reqs)]
+                counts["sent"] += 1
+                sent_at.append(time.perf_counter())
+                await call.write(request)
+            await call.done_writing()
+
+        sending = asyncio.get_running_loop().create_task(send())
+        async for reply in call:
+            latencies.append(time.perf_counter() - sent_at.popleft())
+            room.release()
+            counts["allowed"] += reply.allowed
+            counts["errors"] += reply.error_code != 0
+        await sending
+
+    n = len(stubs)
+    windows = [concurrency // n + (i < concurrency % n) for i in range(n)]
+    start = time.perf_counter()
+    await asyncio.gather(*(one_stream(stub, w) for stub, w in zip(stubs, windows, strict=True) if w))
+    elapsed = time.perf_counter() - start
+    return {
+        "latencies": latencies, "report_latencies": [], "allowed": counts["allowed"], "errors": counts["errors"],
+        "elapsed": elapsed,
+    }  # fmt: skip
+
+
+def client_process(args: tuple[str, list[str], int, float, int, str, int]) -> dict[str, object]:
     import uvloop
 
     return uvloop.run(drive(*args))
@@ -136,9 +194,12 @@ def main() -> int:
     ap.add_argument("--projects", type=int, default=16, help="projects (keys) the load is spread over")
     ap.add_argument(
         "--mix",
-        choices=["check", "report"],
+        choices=["check", "report", "stream"],
         default="check",
-        help="report: every admitted check is followed by ReportUsage",
+        help="report: every admitted check is followed by ReportUsage; stream: CheckAndConsumeStream",
+    )
+    ap.add_argument(
+        "--connections", type=int, help="connections per client process (default: 4 per server worker, at least 4)"
     )
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--setup-only", action="store_true", help="create the org against --address, print one key")
@@ -166,7 +227,8 @@ def main() -> int:
             address, token = args.address, args.token
         keys = asyncio.run(setup(address, token, args.projects))
         per = args.requests // args.processes
-        jobs = [(address, keys, per, args.seconds, args.concurrency, args.mix)] * args.processes
+        connections = args.connections or 4 * max(1, args.workers)
+        jobs = [(address, keys, per, args.seconds, args.concurrency, args.mix, connections)] * args.processes
         with multiprocessing.get_context("spawn").Pool(args.processes) as pool:
             results = pool.map(client_process, jobs)
     finally:

@@ -15,6 +15,8 @@ REQUESTS=${REQUESTS:-50000}
 MAX_SECONDS=${MAX_SECONDS:-60}
 CONCURRENCY=${CONCURRENCY:-64}
 WORKERS=${WORKERS:-1}  # server processes, when the script starts the server
+# SO_REUSEPORT spreads connections, not calls, over the workers: 4 per worker keeps them all busy.
+CONNECTIONS=${CONNECTIONS:-$((4 * WORKERS))}
 
 if [[ -z "${ADDRESS:-}" ]]; then
   ADDRESS=127.0.0.1:50778
@@ -32,5 +34,5 @@ timeout "$MAX_SECONDS" "$GHZ" --insecure \
   --proto proto/ratelimitd/v1/ratelimit.proto --import-paths proto \
   --call ratelimitd.v1.RateLimitService.CheckAndConsume \
   -d "{\"api_key\":\"$KEY\",\"model\":\"llama-3.1-8b-instant\",\"tokens\":500}" \
-  -n "$REQUESTS" -c "$CONCURRENCY" --connections 4 \
+  -n "$REQUESTS" -c "$CONCURRENCY" --connections "$CONNECTIONS" \
   "$ADDRESS"

@@ -17,6 +17,8 @@ REQUESTS=${REQUESTS:-20000}
 MAX_SECONDS=${MAX_SECONDS:-60}
 CONCURRENCY=${CONCURRENCY:-64}
 WORKERS=${WORKERS:-1}  # server processes, when the script starts the server
+# SO_REUSEPORT spreads connections, not calls, over the workers: 4 per worker keeps them all busy.
+CONNECTIONS=${CONNECTIONS:-$((4 * WORKERS))}
 
 SERVER="" DATA="" PROTOSET=$(mktemp --suffix .protoset)
 cleanup() {
@@ -63,5 +65,5 @@ timeout "$MAX_SECONDS" "$GHZ" --insecure --protoset "$PROTOSET" \
         {\"key\":\"api_key\",\"value\":\"Bearer $KEY\"},
         {\"key\":\"model\",\"value\":\"llama-3.1-8b-instant\"},
         {\"key\":\"tokens\",\"value\":\"500\"}]}]}" \
-  -n "$REQUESTS" -c "$CONCURRENCY" --connections 4 \
+  -n "$REQUESTS" -c "$CONCURRENCY" --connections "$CONNECTIONS" \
   "$ADDRESS"

@@ -2,7 +2,8 @@
 
     python load/noop_server.py [--port 0] [--max-seconds 600] [--reply full|empty]
 
-Serves ``ratelimitd.v1.RateLimitService`` (CheckAndConsume, ReportUsage) and
+Serves ``ratelimitd.v1.RateLimitService`` (CheckAndConsume, ReportUsage, CheckAndConsumeStream: a reply per
+request, in order) and
 Envoy's ``envoy.service.ratelimit.v3.RateLimitService`` (ShouldRateLimit) with
 grpc.aio on uvloop, exactly as ratelimitd's own server is built (generated
 deserializers, one grpc.aio server, one event loop), and answers every call with
@@ -27,6 +28,7 @@ import argparse
 import asyncio
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +108,12 @@ class NoopRateLimit(ratelimit_pb2_grpc.RateLimitServiceServicer):
 
     async def ReportUsage(self, request: pb.ReportUsageRequest, context: Any) -> pb.ReportUsageResponse:
         return self.report
+
+    async def CheckAndConsumeStream(
+        self, request_iterator: AsyncIterator[pb.CheckRequest], context: Any
+    ) -> AsyncIterator[pb.CheckResponse]:
+        async for _ in request_iterator:
+            yield self.check
 
 
 class NoopEnvoy(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]

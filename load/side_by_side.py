@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import multiprocessing
 import signal
@@ -61,7 +62,8 @@ from ratelimitd.v1 import ratelimit_pb2_grpc
 ROOT = procs.ROOT
 DOMAIN = "ratelimitd"
 TOKENS = 500
-RPCS = {"check": "CheckAndConsume", "envoy": "ShouldRateLimit"}
+RPCS = {"check": "CheckAndConsume", "envoy": "ShouldRateLimit", "stream": "CheckAndConsumeStream"}
+DEFAULT_RPCS = ["check", "envoy"]
 SCRIPT_COMMANDS = ("cmdstat_evalsha", "cmdstat_eval", "cmdstat_evalsha_ro", "cmdstat_eval_ro")
 
 
@@ -81,6 +83,8 @@ async def _drive(
     channels = [
         grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(connections)
     ]
+    if rpc == "stream":
+        return await _drive_streams(channels, key, calls, concurrency, seconds)
     if rpc == "check":
         check_req = pb.CheckRequest(api_key=key, model=MODEL, tokens=TOKENS)
         check_stubs = [ratelimit_pb2_grpc.RateLimitServiceStub(ch) for ch in channels]
@@ -125,6 +129,56 @@ async def _drive(
     }
 
 
+async def _drive_streams(
+    channels: list[grpc.aio.Channel], key: str, calls: int, concurrency: int, seconds: float
+) -> dict[str, float]:
+    """One CheckAndConsumeStream per connection, ``concurrency`` requests in flight over them all."""
+    await asyncio.gather(*(ch.channel_ready() for ch in channels))
+    request = pb.CheckRequest(api_key=key, model=MODEL, tokens=TOKENS)
+    latencies: list[float] = []
+    counts = {"ok": 0, "errors": 0, "sent": 0}
+    deadline = time.perf_counter() + seconds
+
+    async def one_stream(channel: grpc.aio.Channel, window: int) -> None:
+        call = ratelimit_pb2_grpc.RateLimitServiceStub(channel).CheckAndConsumeStream()
+        room = asyncio.Semaphore(window)
+        sent_at: collections.deque[float] = collections.deque()
+
+        async def send() -> None:
+            while True:
+                await room.acquire()
+                if counts["sent"] >= calls or time.perf_counter() >= deadline:
+                    break
+                counts["sent"] += 1
+                sent_at.append(time.perf_counter())
+                await call.write(request)
+            await call.done_writing()
+
+        sending = asyncio.get_running_loop().create_task(send())
+        async for reply in call:
+            latencies.append(time.perf_counter() - sent_at.popleft())
+            room.release()
+            counts["ok" if not reply.error_code else "errors"] += 1
+            if not reply.allowed:
+                counts["errors"] += 1
+        await sending
+
+    windows = [concurrency // len(channels) + (i < concurrency % len(channels)) for i in range(len(channels))]
+    start = time.perf_counter()
+    await asyncio.gather(*(one_stream(ch, w) for ch, w in zip(channels, windows, strict=True) if w))
+    elapsed = time.perf_counter() - start
+    for ch in channels:
+        await ch.close()
+    latencies.sort()
+    return {
+        "ok": counts["ok"],
+        "errors": counts["errors"],
+        "seconds": elapsed,
+        "p50_ms": percentile(latencies, 0.5) * 1000 if latencies else 0.0,
+        "p99_ms": percentile(latencies, 0.99) * 1000 if latencies else 0.0,
+    }
+
+
 def _generator_process(args: tuple[str, str, str, int, int, int, float]) -> dict[str, float]:
     import uvloop
 
@@ -137,6 +191,7 @@ class Load:
     concurrency: int
     connections: int
     max_seconds: float
+    rps: int = 0  # ghz only: a fixed offered rate (0: as fast as it answers)
 
 
 class PythonGenerator:
@@ -163,6 +218,7 @@ class Ghz:
     def run(self, address: str, rpc: str, key: str, load: Load) -> dict[str, float]:
         cmd = [self.binary, "--insecure", "--format", "json", "--timeout", "20s"]
         cmd += ["-n", str(load.calls), "-c", str(load.concurrency), "--connections", str(load.connections)]
+        cmd += ["--rps", str(load.rps)] if load.rps else []
         if rpc == "check":
             cmd += ["--proto", str(ROOT / "proto/ratelimitd/v1/ratelimit.proto"), "--import-paths", str(ROOT / "proto")]
             cmd += ["--call", "ratelimitd.v1.RateLimitService.CheckAndConsume"]
@@ -303,8 +359,13 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=16, help="calls in flight")
     ap.add_argument("--connections", type=int, help="client connections (default: 4 per worker)")
     ap.add_argument("--workers", type=int, default=1, help="ratelimitd --workers (and as many no-op processes)")
-    ap.add_argument("--rpc", choices=["both", *RPCS], default="both")
+    ap.add_argument(
+        "--rpc",
+        default="both",
+        help=f"comma-separated, of {', '.join(RPCS)} (both: check,envoy); stream always uses the Python generator",
+    )
     ap.add_argument("--generator", choices=["auto", "ghz", "python"], default="auto")
+    ap.add_argument("--rps", type=int, default=0, help="ghz: offer this many calls/s (latency at a given load)")
     ap.add_argument("--max-seconds", type=float, default=120.0, help="bound of one round")
     ap.add_argument("--warmup", type=int, default=500, help="calls per server and RPC before the rounds, not counted")
     ap.add_argument(
@@ -312,6 +373,7 @@ def main() -> int:
         metavar="FILE",
         help="record ratelimitd's processes with py-spy (collapsed stacks, --idle off) during all rounds into FILE",
     )
+    ap.add_argument("--native", action="store_true", help="with --profile: C frames too (py-spy --native)")
     args = ap.parse_args()
     for name, value, top in [
         ("calls", args.calls, 2_000_000), ("rounds", args.rounds, 50), ("concurrency", args.concurrency, 1024),
@@ -322,8 +384,10 @@ def main() -> int:
     connections = args.connections or 4 * args.workers
     if not 0 < connections <= 256:
         ap.error("--connections must be in 1..256")
-    rpcs = list(RPCS) if args.rpc == "both" else [args.rpc]
-    load = Load(args.calls, args.concurrency, connections, args.max_seconds)
+    rpcs = DEFAULT_RPCS if args.rpc == "both" else args.rpc.split(",")
+    if not rpcs or any(r not in RPCS for r in rpcs):
+        ap.error(f"--rpc takes a comma-separated list of {', '.join(RPCS)}, or both")
+    load = Load(args.calls, args.concurrency, connections, args.max_seconds, args.rps)
     lifetime = (args.rounds * len(rpcs) * 2 + 2) * args.max_seconds + 60
 
     ghz = procs.find_ghz() if args.generator != "python" else None
@@ -333,8 +397,12 @@ def main() -> int:
     valkey = procs.Valkey()
     servers: list[Server] = []
     gen: PythonGenerator | Ghz | None = None
+    python_gen: PythonGenerator | None = None
     try:
         valkey.start()
+        # Valkey records its own stalls (commands, expiry cycles, forks) of 2 ms or more.
+        with valkey.client() as c:
+            c.config_set("latency-monitor-threshold", 2)
         port = procs.free_port()
         servers.append(Server("ratelimitd", port, [procs.start_ratelimitd(valkey.url, port, args.workers)]))
         servers.append(start_noop(args.workers, lifetime))
@@ -344,8 +412,12 @@ def main() -> int:
             write_envoy_protoset(protoset)
             gen = Ghz(ghz, protoset)
         else:
-            gen = PythonGenerator()
-        print(f"generator: {gen.name}")
+            gen = python_gen = PythonGenerator()
+        if "stream" in rpcs and python_gen is None:
+            python_gen = PythonGenerator()  # ghz's bidi streams are not a stream of concurrent requests
+        gens = {rpc: python_gen if rpc == "stream" and python_gen else gen for rpc in rpcs}
+        streams_by = f"; for streams: {python_gen.name}" if python_gen is not None and python_gen is not gen else ""
+        print(f"generator: {gen.name}{streams_by}")
         print(
             f"load: {args.calls} calls/round, concurrency {args.concurrency}, {connections} connections; "
             f"ratelimitd --workers {args.workers} (pids {servers[0].pids()}), no-op x{args.workers}; "
@@ -354,24 +426,28 @@ def main() -> int:
         warm = Load(args.warmup, args.concurrency, connections, args.max_seconds)
         for rpc in rpcs:
             for s in servers:
-                gen.run(s.address, rpc, key, warm)
+                gens[rpc].run(s.address, rpc, key, warm)
         results: dict[tuple[str, str], list[dict[str, float]]] = {}
         print()
         print(HEAD)
-        profiler = start_profiler(args.profile, servers[0].pids()) if args.profile else None
+        profiler = start_profiler(args.profile, servers[0].pids(), args.native) if args.profile else None
         for n in range(1, args.rounds + 1):
             order = servers if n % 2 else servers[::-1]
             for rpc in rpcs:
                 for s in order:
-                    r = run_round(s, valkey, gen, rpc, key, load)
+                    r = run_round(s, valkey, gens[rpc], rpc, key, load)
                     results.setdefault((rpc, s.name), []).append(r)
                     print(row(str(n), rpc, s.name, r), flush=True)
         if profiler is not None:
             stop_profiler(profiler, args.profile)
         summarize(results, rpcs)
+        with valkey.client() as c:
+            stalls = c.execute_command("LATENCY", "LATEST")
+        print("valkey's own stalls >= 2 ms (event, latest ms, max ms):", [(e[0], e[2], e[3]) for e in stalls] or "none")
     finally:
-        if gen is not None:
-            gen.close()
+        for g in {gen, python_gen} - {None}:
+            assert g is not None
+            g.close()
         for s in servers:
             s.stop()
         valkey.stop()
@@ -379,13 +455,14 @@ def main() -> int:
     return 0
 
 
-def start_profiler(path: str, pids: list[int]) -> list[subprocess.Popen[bytes]]:
+def start_profiler(path: str, pids: list[int], native: bool = False) -> list[subprocess.Popen[bytes]]:
     """py-spy (pip install py-spy) on each server process; its own CPU is not the server's."""
     spy = Path(sys.executable).with_name("py-spy")
     binary = str(spy) if spy.exists() else "py-spy"
     started = []
     for pid in pids:
         cmd = [binary, "record", "--pid", str(pid), "--format", "raw", "--rate", "200", "-o", f"{path}.{pid}"]
+        cmd += ["--native"] if native else []
         started.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     time.sleep(1.0)  # attached before the first round
     return started

@@ -120,6 +120,24 @@ async def test_a_reply_waiting_behind_a_busy_event_loop_is_not_a_storage_timeout
         await connection.close()
 
 
+async def test_a_reply_that_arrived_while_the_loop_was_busy_is_read_before_the_watchdog_judges(
+    valkey: ValkeyProcess,
+) -> None:
+    # The loop blocks from right after the write until just past the timeout, so the
+    # watchdog runs about on time (not late) in the same turn in which the loop sees
+    # the reply waiting in the socket: it must judge only once that reply is read.
+    connection = PipelinedConnection(valkey.url, timeout_s=0.05)
+    try:
+        assert await connection.call(["PING"]) == "PONG"  # connected
+        loop = asyncio.get_running_loop()
+        for _ in range(3):
+            reply = loop.create_task(connection.call(["PING"]))
+            loop.call_soon(lambda: loop.call_soon(time.sleep, 0.052))
+            assert await reply == "PONG"
+    finally:
+        await connection.close()
+
+
 async def test_a_busy_event_loop_does_not_turn_decisions_or_health_unavailable(
     valkey: ValkeyProcess, redis_client: redis.asyncio.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:

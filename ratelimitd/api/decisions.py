@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import grpc
 
 from ratelimitd.api.auth import authorization
-from ratelimitd.api.errors import rpc
+from ratelimitd.api.errors import STATUS, rpc
 from ratelimitd.api.metrics import Metrics
 from ratelimitd.engine import ids
 from ratelimitd.engine.authz import authorize
 from ratelimitd.engine.credentials import Credentials
 from ratelimitd.engine.decisions import BucketState, Caller, Decider, Decision, Outcome, Scope
-from ratelimitd.engine.errors import InvalidArgument, NotFound, StorageOutcomeUnknown, StorageUnavailable
+from ratelimitd.engine.errors import (
+    InvalidArgument,
+    NotFound,
+    RatelimitdError,
+    StorageOutcomeUnknown,
+    StorageUnavailable,
+)
 from ratelimitd.engine.explain import refusal_message
 from ratelimitd.engine.headers import rate_limit_headers
 from ratelimitd.engine.limits import MAX_LIMIT, validate_model
@@ -23,7 +31,12 @@ from ratelimitd.engine.usage import ReportResult, Usage
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from ratelimitd.v1 import ratelimit_pb2_grpc
 
+log = logging.getLogger(__name__)
+
 MAX_REQUESTS = 1_000_000
+# Requests of one CheckAndConsumeStream decided at once; beyond it the stream is
+# read no further until answers go out (HTTP/2 flow control holds the sender).
+MAX_STREAM_IN_FLIGHT = 256
 MAX_REQUEST_ID_LENGTH = 128
 _REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]+$")
 
@@ -112,6 +125,53 @@ class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
     async def CheckAndConsume(
         self, request: pb.CheckRequest, context: grpc.aio.ServicerContext[pb.CheckRequest, pb.CheckResponse]
     ) -> pb.CheckResponse:
+        return await self._check(request, context)
+
+    async def CheckAndConsumeStream(
+        self,
+        request_iterator: AsyncIterator[pb.CheckRequest],
+        context: grpc.aio.ServicerContext[pb.CheckRequest, pb.CheckResponse],
+    ) -> AsyncIterator[pb.CheckResponse]:
+        """Each request decided as it arrives, concurrently; the answers in the order of the requests."""
+        loop = asyncio.get_running_loop()
+        answers: asyncio.Queue[asyncio.Future[pb.CheckResponse] | None] = asyncio.Queue(MAX_STREAM_IN_FLIGHT)
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    await answers.put(loop.create_task(self._answer(request, context)))
+            except Exception as e:  # noqa: BLE001 - a broken request stream (an abort): ends the call, in order
+                broken: asyncio.Future[pb.CheckResponse] = loop.create_future()
+                broken.set_exception(e)
+                await answers.put(broken)
+                return
+            await answers.put(None)
+
+        reading = loop.create_task(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield await answer
+        finally:
+            reading.cancel()
+            while not answers.empty():
+                if (left := answers.get_nowait()) is not None:
+                    left.cancel()
+
+    async def _answer(
+        self, request: pb.CheckRequest, context: grpc.aio.ServicerContext[pb.CheckRequest, pb.CheckResponse]
+    ) -> pb.CheckResponse:
+        """One request of a stream: the unary call's decision, or its error status as an answer."""
+        try:
+            return await self._check(request, context)
+        except RatelimitdError as e:
+            if e.transient:
+                log.warning("CheckAndConsumeStream: %s", e.message)
+                self.storage_failed()
+            return pb.CheckResponse(error_code=STATUS[e.kind].value[0], error_message=e.message)
+
+    async def _check(
+        self, request: pb.CheckRequest, context: grpc.aio.ServicerContext[pb.CheckRequest, pb.CheckResponse]
+    ) -> pb.CheckResponse:
         model = validate_model(request.model, wildcard=False)
         requests, tokens = validate_costs(request.requests, request.tokens)
         request_id = validate_request_id(request.request_id)
@@ -182,7 +242,7 @@ class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
         if which == "api_key":
             if not request.api_key:
                 raise InvalidArgument("api_key is empty")
-            parsed = ids.parse_api_key(request.api_key)
+            parsed = ids.parse_api_key_cached(request.api_key)
             return None if parsed is None else Caller(parsed.org_id, parsed.key_id, parsed.hash, "")
         if which == "project":
             principal = await self._credentials.authenticate(authorization(context))

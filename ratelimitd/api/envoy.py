@@ -400,7 +400,7 @@ class EnvoyRateLimitServicer:
             # hits_addend 0 checks without charging anything, the estimate included.
             slots.append(len(items))
             items.append(Item(model, p.hits, estimate if p.hits else 0))
-        parsed_key = ids.parse_api_key(next(iter(api_keys)))
+        parsed_key = ids.parse_api_key_cached(next(iter(api_keys)))
         caller = None if parsed_key is None else Caller(parsed_key.org_id, parsed_key.key_id, parsed_key.hash, "")
         return caller, request_id, items, slots
 
@@ -443,7 +443,7 @@ class EnvoyRateLimitServicer:
         ok = Reply([Status(False)] * len(parsed), {})
         usage = [p for p in parsed if "phase" in p.roles]
         api_keys = {p.roles["api_key"] for p in usage if p.roles.get("api_key")}
-        parsed_key = ids.parse_api_key(next(iter(api_keys))) if len(api_keys) == 1 else None
+        parsed_key = ids.parse_api_key_cached(next(iter(api_keys))) if len(api_keys) == 1 else None
         if parsed_key is None:
             log.debug("usage call without one well-formed API key: nothing to charge")
             return ok

@@ -19,6 +19,7 @@ hot path.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import secrets
@@ -85,6 +86,12 @@ def parse_api_key(secret: str) -> ParsedApiKey | None:
         return None
     body = secret[len(API_KEY_PREFIX) :]
     return ParsedApiKey("key_" + body[:_ID_LEN], "org_" + body[_ID_LEN : 2 * _ID_LEN], sha256_hex(secret))
+
+
+# Keys that call often are parsed (and hashed) once: the hot path sees the same few
+# thousand keys again and again. The cache lives only in this process's memory, like
+# the request that carried the key; it is never logged or written anywhere.
+parse_api_key_cached = functools.lru_cache(maxsize=16_384)(parse_api_key)
 
 
 def new_token() -> str:

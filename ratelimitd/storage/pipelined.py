@@ -1,33 +1,41 @@
 """An auto-pipelining connection for the hot path's script calls.
 
-Every command issued in one turn of the event loop goes out in one write on one
-connection, and the replies come back in order through one hiredis parser. Under
-load, concurrent decisions share round trips and system calls instead of each
-taking a pooled connection, packing, writing and reading on its own; with no
-concurrency it costs what a plain call costs.
+Calls are batched: while one batch of commands is in storage, the calls that
+arrive meanwhile wait in an outbox, and the moment the batch's last reply is
+read they go out together in one write. With no concurrency a call is written at
+once and costs what a plain call costs; under load, concurrent decisions share
+one write, one read and one wake-up of storage instead of a system call pair
+each, which is most of what a call to storage costs the server. Storage runs
+commands one after the other anyway, so waiting for the batch ahead adds no
+queueing that storage would not impose.
 
-Failure is fast and shared: when the oldest unanswered command has waited on
-storage longer than the timeout, or the connection breaks, every waiting call
-fails with StorageUnavailable and the next call reconnects. A reply that
-describes the server's state (LOADING, READONLY, OOM, BUSY, MASTERDOWN, NOAUTH,
-see storage/redis.py STORAGE_STATES) is an outage too, and the connection is
+Replies are read in the transport's callback (an asyncio Protocol, not a stream
+and a reader task): a reply resolves its call in the same turn of the event loop
+in which its bytes arrive, with no task in between.
+
+Failure is fast and shared: when the batch in storage has waited longer than
+the timeout, or the connection breaks, every waiting call fails with
+StorageUnavailable and the next call reconnects. A reply that describes the
+server's state (LOADING, READONLY, OOM, BUSY, MASTERDOWN, NOAUTH, see
+storage/redis.py STORAGE_STATES) is an outage too, and the connection is
 rebuilt. NOSCRIPT (a new or restarted server) is answered by loading the script
 and retrying once.
 
-The timeout measures storage, not us: a command's clock starts when it is
-written, and a watchdog that runs late (the event loop was busy, so replies may
-be sitting unread in the socket) lets the reader catch up before judging.
+The timeout measures storage, not us: a batch's clock starts when it is written,
+calls waiting in the outbox are not in storage yet, and the watchdog never
+judges on the turn it wakes up: a loop that was busy (timers run before the loop
+reads its sockets) may have replies sitting unread, so an overdue batch is
+judged again once the socket has been read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import ssl
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import hiredis
 from redis.asyncio.connection import parse_url
@@ -38,9 +46,9 @@ from ratelimitd.storage.redis import state_unavailable, storage_state
 
 # A watchdog this late was held up by a busy event loop, not by storage.
 _LATE_S = 0.01
-# How long a late watchdog lets the reader catch up before judging again, and how
-# many times in a row it may do so (so a loop that stays overloaded still fails
-# calls to a dead storage, only later).
+# How long the watchdog lets the loop read the socket before it judges (again),
+# and how many times in a row a late watchdog may wait (so a loop that stays
+# overloaded still fails calls to a dead storage, only later).
 _CATCH_UP_S = 0.005
 _MAX_CATCH_UPS = 50
 
@@ -49,22 +57,22 @@ class ScriptError(Exception):
     """A script failed inside the server: a bug, not an outage."""
 
 
-class _Pending:
-    """A command in flight: its caller's future, and when it was written (0: not yet)."""
+class _Link(asyncio.Protocol):
+    """One connection's transport callbacks, handed to the PipelinedConnection that owns it."""
 
-    __slots__ = ("future", "sent_at")
+    def __init__(self, owner: PipelinedConnection) -> None:
+        self.owner = owner
+        self.transport: asyncio.Transport | None = None
 
-    def __init__(self, future: asyncio.Future[Any]) -> None:
-        self.future = future
-        self.sent_at = 0.0
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
 
+    def data_received(self, data: bytes) -> None:
+        self.owner._received(self, data)
 
-def _encode(args: Sequence[str | int | bytes]) -> bytes:
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        b = a if isinstance(a, bytes) else str(a).encode()
-        out.append(b"$%d\r\n%b\r\n" % (len(b), b))
-    return b"".join(out)
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner._lost(self)
 
 
 class PipelinedConnection:
@@ -72,47 +80,52 @@ class PipelinedConnection:
         self._options: dict[str, Any] = dict(parse_url(url))
         self._tls = url.startswith("rediss://")
         self._timeout = timeout_s
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._link: _Link | None = None
+        self._parser = hiredis.Reader(encoding="utf-8", errors="replace")
         self._connecting: asyncio.Future[None] | None = None
         self._outbox: list[bytes] = []
-        # commands in flight, in the order the server answers
-        self._waiting: collections.deque[_Pending] = collections.deque()
+        # Every unanswered call, in the order the server answers: the first
+        # ``_in_flight`` were written (one batch, at ``_sent_at``), the rest wait in the outbox.
+        self._waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self._in_flight = 0
+        self._sent_at = 0.0
+        self._batch = 0  # batches written so far: which batch the watchdog suspects
+        self._suspect = -1
         self._flush_scheduled = False
         self._watchdog: asyncio.TimerHandle | None = None
         self._catch_ups = 0
-        self._read_task: asyncio.Task[None] | None = None
 
     # -- public ----------------------------------------------------------------
 
     async def evalsha(self, script: LuaScript, keys: Sequence[str], args: Sequence[str | int]) -> Any:
-        command = ["EVALSHA", script.sha, len(keys), *keys, *args]
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         try:
             return await self.call(command)
         except ScriptError as e:
             if not str(e).startswith("NOSCRIPT"):
                 raise
-        await self.call(["SCRIPT", "LOAD", script.source])
+        await self.call(("SCRIPT", "LOAD", script.source))
         return await self.call(command)
 
     async def call(self, command: Sequence[str | int | bytes]) -> Any:
-        if self._writer is None or self._writer.is_closing():
+        if self._link is None:
             await self._connect()
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        connection = self._writer
-        self._outbox.append(_encode(command))
-        self._waiting.append(_Pending(future))
-        if not self._flush_scheduled:
+        link = self._link
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        # hiredis's stub types the argument as a 1-tuple; it takes any tuple of str, int, float, bytes.
+        self._outbox.append(hiredis.pack_command(tuple(command)))  # type: ignore[arg-type]
+        self._waiting.append(future)
+        if not self._in_flight and not self._flush_scheduled:
+            # Commands issued in this turn of the loop go out together.
             self._flush_scheduled = True
-            loop.call_soon(self._flush)
+            future.get_loop().call_soon(self._flush)
         reply = await future
         if isinstance(reply, hiredis.ReplyError):
             code = storage_state(str(reply))
             if code is not None:
                 # The state belongs to the server, but a new connection re-authenticates
                 # and re-resolves the host (a failover); calls behind this one fail too.
-                if self._writer is connection:
+                if self._link is link:
                     self._fail(StorageOutcomeUnknown("the storage connection was reset"))
                 raise state_unavailable(code)
             raise ScriptError(str(reply))
@@ -145,14 +158,18 @@ class PipelinedConnection:
 
     async def _open(self) -> None:
         o = self._options
+        loop = asyncio.get_running_loop()
+        link = _Link(self)
         if "path" in o:
-            reader, writer = await asyncio.open_unix_connection(o["path"])
+            await loop.create_unix_connection(lambda: link, o["path"])
         else:
+            host = o.get("host", "localhost")
             context = ssl.create_default_context() if self._tls else None
-            reader, writer = await asyncio.open_connection(o.get("host", "localhost"), o.get("port", 6379), ssl=context)
-        self._reader, self._writer = reader, writer
+            await loop.create_connection(
+                lambda: link, host, o.get("port", 6379), ssl=context, server_hostname=host if context else None
+            )
         self._parser = hiredis.Reader(encoding="utf-8", errors="replace")
-        self._read_task = asyncio.get_running_loop().create_task(self._read_loop(reader))
+        self._link = link
         if o.get("password"):
             auth = ["AUTH", o["username"], o["password"]] if o.get("username") else ["AUTH", o["password"]]
             await self.call(auth)
@@ -161,19 +178,46 @@ class PipelinedConnection:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if not self._outbox:
-            return
-        writer = self._writer
-        if writer is None or writer.is_closing():
+        if self._outbox and not self._in_flight:
+            self._write()
+
+    def _write(self) -> None:
+        """Writes the outbox as one batch (nothing else is in flight)."""
+        link = self._link
+        if link is None or link.transport is None or link.transport.is_closing():
             self._fail(StorageUnavailable("storage connection lost"))
             return
-        writer.write(b"".join(self._outbox))
-        now = time.monotonic()
-        for pending in itertools.islice(reversed(self._waiting), len(self._outbox)):
-            pending.sent_at = now
+        link.transport.write(b"".join(self._outbox))
+        self._in_flight = len(self._outbox)
         self._outbox.clear()
+        self._sent_at = time.monotonic()
+        self._batch += 1
         if self._watchdog is None:
             self._arm_watchdog(self._timeout)
+
+    def _received(self, link: _Link, data: bytes) -> None:
+        if link is not self._link:
+            return  # a connection already given up
+        parser = self._parser
+        waiting = self._waiting
+        try:
+            parser.feed(data)
+            while (reply := parser.gets()) is not False:
+                future = waiting.popleft()
+                self._in_flight -= 1
+                if not future.done():
+                    future.set_result(reply)
+        except (IndexError, hiredis.ProtocolError) as e:
+            self._fail(StorageOutcomeUnknown(_broke(e)))
+            return
+        if not self._in_flight and self._outbox:
+            self._write()
+
+    def _lost(self, link: _Link) -> None:
+        if link is self._link:
+            self._fail(StorageOutcomeUnknown("the storage connection broke (closed by storage)"))
+
+    # -- the watchdog -----------------------------------------------------------
 
     def _arm_watchdog(self, delay: float) -> None:
         due = time.monotonic() + delay
@@ -181,39 +225,30 @@ class PipelinedConnection:
 
     def _check_deadline(self, due: float) -> None:
         self._watchdog = None
-        if not self._waiting:
+        if not self._in_flight:
+            self._suspect = -1
             return
         now = time.monotonic()
         if now - due > _LATE_S and self._catch_ups < _MAX_CATCH_UPS:
             # The loop was busy: replies may have arrived meanwhile, unread. Judge
-            # again once the reader has run.
+            # again once the socket has been read.
             self._catch_ups += 1
             self._arm_watchdog(_CATCH_UP_S)
             return
         self._catch_ups = 0
-        oldest = self._waiting[0].sent_at or now
-        age = now - oldest
-        if age >= self._timeout:
-            self._fail(StorageOutcomeUnknown(f"storage did not answer within {round(self._timeout * 1000)} ms"))
-        else:
+        age = now - self._sent_at
+        if age < self._timeout:
+            self._suspect = -1
             self._arm_watchdog(self._timeout - age)
+        elif self._suspect != self._batch:
+            # Overdue as far as this turn knows; timers run before the loop reads its
+            # sockets, so the answer may be waiting there. Look again after a read.
+            self._suspect = self._batch
+            self._arm_watchdog(_CATCH_UP_S)
+        else:
+            self._fail(StorageOutcomeUnknown(f"storage did not answer within {round(self._timeout * 1000)} ms"))
 
-    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
-        parser = self._parser
-        try:
-            while True:
-                data = await reader.read(65536)
-                if not data:
-                    raise ConnectionResetError("storage closed the connection")
-                parser.feed(data)
-                while (reply := parser.gets()) is not False:
-                    future = self._waiting.popleft().future
-                    if not future.done():
-                        future.set_result(reply)
-        except (OSError, IndexError, hiredis.ProtocolError) as e:
-            self._fail(StorageOutcomeUnknown(_broke(e)), from_reader=True)
-
-    def _fail(self, error: StorageUnavailable, *, from_reader: bool = False) -> None:
+    def _fail(self, error: StorageUnavailable) -> None:
         """Fails every waiting call and drops the connection; the next call reconnects.
 
         ``error`` is for the calls already written; those still in the outbox never
@@ -221,27 +256,27 @@ class PipelinedConnection:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
-        if self._writer is not None:
-            self._writer.close()
-        self._writer = self._reader = None
-        if self._read_task is not None and not from_reader:
-            self._read_task.cancel()
-        self._read_task = None
+        link, self._link = self._link, None
+        if link is not None and link.transport is not None:
+            link.transport.close()
         self._outbox.clear()
         self._catch_ups = 0
+        self._suspect = -1
+        sent, self._in_flight = self._in_flight, 0
         unsent = StorageUnavailable("storage is unavailable: the connection was lost; nothing was applied")
-        while self._waiting:
-            pending = self._waiting.popleft()
-            if not pending.future.done():
-                pending.future.set_exception(error if pending.sent_at else unsent)
+        waiting = self._waiting
+        while waiting:
+            future = waiting.popleft()
+            if not future.done():
+                future.set_exception(error if sent > 0 else unsent)
+            sent -= 1
 
 
 def _broke(error: Exception) -> str:
     """Why the connection broke, in words (no exception class names reach a caller)."""
-    reason = error.strerror if isinstance(error, OSError) else None
     if isinstance(error, hiredis.ProtocolError):
-        reason = "a reply that is not RESP"
-    return f"the storage connection broke ({reason})" if reason else "the storage connection broke"
+        return "the storage connection broke (a reply that is not RESP)"
+    return "the storage connection broke"
 
 
 def _connect_failure(error: Exception) -> str:

@@ -271,6 +271,8 @@ class CheckResponse(_message.Message):
     ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
     PROJECT_ID_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
     allowed: _builtins.bool
     reason: Global___Reason.ValueType
     message: _builtins.str
@@ -285,6 +287,14 @@ class CheckResponse(_message.Message):
     project_id: _builtins.str
     replayed: _builtins.bool
     """True when this answer is a replay of an earlier decision with the same request_id."""
+    error_code: _builtins.int
+    """CheckAndConsumeStream only: the gRPC status code (google.rpc.Code) that
+    CheckAndConsume would have ended this request with, e.g. 3 for
+    INVALID_ARGUMENT or 14 for UNAVAILABLE; 0 for a decision. When it is not
+    0, nothing else but `error_message` is set and nothing was charged
+    (UNAVAILABLE: see docs/operations.md on storage timeouts).
+    """
+    error_message: _builtins.str
     @_builtins.property
     def binding(self) -> Global___BucketStatus:
         """The bucket that decided a refusal (the one that frees up last)."""
@@ -311,10 +321,12 @@ class CheckResponse(_message.Message):
         organization_id: _builtins.str = ...,
         project_id: _builtins.str = ...,
         replayed: _builtins.bool = ...,
+        error_code: _builtins.int = ...,
+        error_message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["binding", b"binding"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "binding", b"binding", "buckets", b"buckets", "headers", b"headers", "message", b"message", "organization_id", b"organization_id", "project_id", b"project_id", "reason", b"reason", "replayed", b"replayed", "request_id", b"request_id", "retry_after_ms", b"retry_after_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "binding", b"binding", "buckets", b"buckets", "error_code", b"error_code", "error_message", b"error_message", "headers", b"headers", "message", b"message", "organization_id", b"organization_id", "project_id", b"project_id", "reason", b"reason", "replayed", b"replayed", "request_id", b"request_id", "retry_after_ms", b"retry_after_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -44,6 +44,11 @@ class RateLimitServiceStub:
                 request_serializer=ratelimitd_dot_v1_dot_ratelimit__pb2.ReportUsageRequest.SerializeToString,
                 response_deserializer=ratelimitd_dot_v1_dot_ratelimit__pb2.ReportUsageResponse.FromString,
                 _registered_method=True)
+        self.CheckAndConsumeStream = channel.stream_stream(
+                '/ratelimitd.v1.RateLimitService/CheckAndConsumeStream',
+                request_serializer=ratelimitd_dot_v1_dot_ratelimit__pb2.CheckRequest.SerializeToString,
+                response_deserializer=ratelimitd_dot_v1_dot_ratelimit__pb2.CheckResponse.FromString,
+                _registered_method=True)
 
 
 class RateLimitServiceServicer:
@@ -66,6 +71,20 @@ class RateLimitServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckAndConsumeStream(self, request_iterator, context):
+        """CheckAndConsume for many requests on one stream, the path for a busy
+        caller (a gateway): each CheckRequest is decided exactly as
+        CheckAndConsume decides it, concurrently with the others, and answered by
+        one CheckResponse, in the order the requests were sent. A request that
+        CheckAndConsume would answer with an error status gets a CheckResponse
+        with only `error_code` and `error_message` set, and the stream goes on.
+        A trusted caller's `authorization` metadata is sent once, on the stream.
+        See docs/api.md.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RateLimitServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +97,11 @@ def add_RateLimitServiceServicer_to_server(servicer, server):
                     servicer.ReportUsage,
                     request_deserializer=ratelimitd_dot_v1_dot_ratelimit__pb2.ReportUsageRequest.FromString,
                     response_serializer=ratelimitd_dot_v1_dot_ratelimit__pb2.ReportUsageResponse.SerializeToString,
+            ),
+            'CheckAndConsumeStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.CheckAndConsumeStream,
+                    request_deserializer=ratelimitd_dot_v1_dot_ratelimit__pb2.CheckRequest.FromString,
+                    response_serializer=ratelimitd_dot_v1_dot_ratelimit__pb2.CheckResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +158,33 @@ class RateLimitService:
             '/ratelimitd.v1.RateLimitService/ReportUsage',
             ratelimitd_dot_v1_dot_ratelimit__pb2.ReportUsageRequest.SerializeToString,
             ratelimitd_dot_v1_dot_ratelimit__pb2.ReportUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckAndConsumeStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/ratelimitd.v1.RateLimitService/CheckAndConsumeStream',
+            ratelimitd_dot_v1_dot_ratelimit__pb2.CheckRequest.SerializeToString,
+            ratelimitd_dot_v1_dot_ratelimit__pb2.CheckResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,16 @@ class RateLimitServiceStub:
     reservation in the same buckets, records usage, spend and a log entry.
     Exactly once per request id.
     """
+    CheckAndConsumeStream: _grpc.StreamStreamMultiCallable[_ratelimit_pb2.CheckRequest, _ratelimit_pb2.CheckResponse]
+    """CheckAndConsume for many requests on one stream, the path for a busy
+    caller (a gateway): each CheckRequest is decided exactly as
+    CheckAndConsume decides it, concurrently with the others, and answered by
+    one CheckResponse, in the order the requests were sent. A request that
+    CheckAndConsume would answer with an error status gets a CheckResponse
+    with only `error_code` and `error_message` set, and the stream goes on.
+    A trusted caller's `authorization` metadata is sent once, on the stream.
+    See docs/api.md.
+    """
 
 @_typing.type_check_only
 class RateLimitServiceAsyncStub(RateLimitServiceStub):
@@ -57,6 +67,16 @@ class RateLimitServiceAsyncStub(RateLimitServiceStub):
     """Tells what an admitted request really used. Reconciles its token
     reservation in the same buckets, records usage, spend and a log entry.
     Exactly once per request id.
+    """
+    CheckAndConsumeStream: _aio.StreamStreamMultiCallable[_ratelimit_pb2.CheckRequest, _ratelimit_pb2.CheckResponse]  # type: ignore[assignment]
+    """CheckAndConsume for many requests on one stream, the path for a busy
+    caller (a gateway): each CheckRequest is decided exactly as
+    CheckAndConsume decides it, concurrently with the others, and answered by
+    one CheckResponse, in the order the requests were sent. A request that
+    CheckAndConsume would answer with an error status gets a CheckResponse
+    with only `error_code` and `error_message` set, and the stream goes on.
+    A trusted caller's `authorization` metadata is sent once, on the stream.
+    See docs/api.md.
     """
 
 class RateLimitServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -79,6 +99,22 @@ class RateLimitServiceServicer(metaclass=_abc_1.ABCMeta):
         """Tells what an admitted request really used. Reconciles its token
         reservation in the same buckets, records usage, spend and a log entry.
         Exactly once per request id.
+        """
+
+    @_abc_1.abstractmethod
+    def CheckAndConsumeStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_ratelimit_pb2.CheckRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_ratelimit_pb2.CheckResponse], _abc.AsyncIterator[_ratelimit_pb2.CheckResponse]]:
+        """CheckAndConsume for many requests on one stream, the path for a busy
+        caller (a gateway): each CheckRequest is decided exactly as
+        CheckAndConsume decides it, concurrently with the others, and answered by
+        one CheckResponse, in the order the requests were sent. A request that
+        CheckAndConsume would answer with an error status gets a CheckResponse
+        with only `error_code` and `error_message` set, and the stream goes on.
+        A trusted caller's `authorization` metadata is sent once, on the stream.
+        See docs/api.md.
         """
 
 def add_RateLimitServiceServicer_to_server(servicer: RateLimitServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
