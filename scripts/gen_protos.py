@@ -100,7 +100,9 @@ def python_client(root: Path) -> None:
         target.mkdir(parents=True, exist_ok=True)
         for path in generated.iterdir():
             shutil.copyfile(path, target / path.name)
-    (target / "__init__.py").write_text(f'"""Generated from proto/{CLIENT_PROTO} by scripts/gen_protos.py; do not edit."""\n')
+    (target / "__init__.py").write_text(
+        f'"""Generated from proto/{CLIENT_PROTO} by scripts/gen_protos.py; do not edit."""\n'
+    )
 
 
 PYTHON_CLIENT_DIR = "clients/python/src/ratelimitd_client/_gen"

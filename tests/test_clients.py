@@ -1,0 +1,103 @@
+"""The Go, TypeScript and Python client suites, each run by its own tool against one live server.
+
+One `ratelimitd serve` (on its own Valkey, clock stopped so no bucket refills mid-suite) is
+started for the module; each language gets its own project and key, so the suites never share a
+bucket. Every client test asks for models of its own (the organization's `*` limit gives each model
+its own bucket: 2 requests and 1,000 tokens). A language whose toolchain this machine lacks is
+skipped, naming the missing tool; CI has all three.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.conftest import OPERATOR_TOKEN, channel_client
+from tests.servers import ROOT, RatelimitdProcess, ValkeyProcess
+
+CLIENTS = ROOT / "clients"
+# Generous: a first `go test` compiles grpc (a minute on two busy cores); a hang guard only.
+SUITE_TIMEOUT_S = 600
+LIMITS = [("*", "requests", "minute", 2), ("*", "tokens", "minute", 1000)]
+
+
+async def seed(address: str) -> dict[str, str]:
+    client = channel_client(address)
+    try:
+        org = await client.org("clients", LIMITS)
+        keys = {lang: (await client.project(org, f"{lang}-suite"))[1] for lang in ("go", "typescript", "python")}
+    finally:
+        await client.channel.close()
+    return {f"RATELIMITD_TEST_KEY_{lang.upper()}": key for lang, key in keys.items()}
+
+
+@pytest.fixture(scope="module")
+def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """The environment a client suite reads: the server's address and an API key of its own."""
+    tmp = tmp_path_factory.mktemp("clients")
+    valkey = ValkeyProcess(tmp)
+    valkey.start()
+    redis.Redis(port=valkey.port).set("rl:clock", 1_000_000_000_000)
+    server = RatelimitdProcess(
+        "--redis-url",
+        valkey.url,
+        "--manual-clock",
+        "--header-windows",
+        "requests=minute,tokens=minute",
+        env={"RATELIMITD_OPERATOR_TOKEN": OPERATOR_TOKEN},
+        log=tmp / "s.log",
+    )
+    try:
+        server.start()
+        keys = asyncio.run(seed(server.address))
+        yield {"RATELIMITD_TEST_ADDRESS": server.address, **keys}
+    finally:
+        server.stop()
+        valkey.stop()
+
+
+def run_suite(cmd: list[str], cwd: Path, env: dict[str, str]) -> None:
+    result = subprocess.run(
+        cmd,
+        cwd=cwd,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=SUITE_TIMEOUT_S,
+        check=False,
+    )
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-6000:]}"
+
+
+def require(tool: str, what: str) -> str:
+    found = shutil.which(tool)
+    if found is None:
+        pytest.skip(f"{tool} is not on PATH: the {what} client suite needs it")
+    return found
+
+
+def test_python_client_suite_against_a_live_server(live_server: dict[str, str]) -> None:
+    run_suite([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], CLIENTS / "python", live_server)
+
+
+def test_go_client_suite_against_a_live_server(live_server: dict[str, str]) -> None:
+    go = require("go", "Go")
+    run_suite([go, "test", "-count=1", "./..."], CLIENTS / "go", live_server)
+
+
+def test_typescript_client_suite_against_a_live_server(live_server: dict[str, str]) -> None:
+    npm = require("npm", "TypeScript")
+    require("node", "TypeScript")
+    package = CLIENTS / "typescript"
+    if not (package / "node_modules").exists():
+        run_suite([npm, "ci", "--no-audit", "--no-fund"], package, {})
+    run_suite([npm, "test", "--silent"], package, live_server)
