@@ -64,7 +64,7 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         valkey.stop()
 
 
-def run_suite(cmd: list[str], cwd: Path, env: dict[str, str]) -> None:
+def run_suite(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
     result = subprocess.run(
         cmd,
         cwd=cwd,
@@ -76,6 +76,7 @@ def run_suite(cmd: list[str], cwd: Path, env: dict[str, str]) -> None:
         check=False,
     )
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-6000:]}"
+    return result.stdout
 
 
 def require(tool: str, what: str) -> str:
@@ -86,12 +87,14 @@ def require(tool: str, what: str) -> str:
 
 
 def test_python_client_suite_against_a_live_server(live_server: dict[str, str]) -> None:
-    run_suite([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], CLIENTS / "python", live_server)
+    output = run_suite([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], CLIENTS / "python", live_server)
+    assert " passed" in output and "skipped" not in output, output
 
 
 def test_go_client_suite_against_a_live_server(live_server: dict[str, str]) -> None:
     go = require("go", "Go")
-    run_suite([go, "test", "-count=1", "./..."], CLIENTS / "go", live_server)
+    output = run_suite([go, "test", "-count=1", "-v", "./..."], CLIENTS / "go", live_server)
+    assert "--- PASS" in output and "--- SKIP" not in output, output
 
 
 def test_typescript_client_suite_against_a_live_server(live_server: dict[str, str]) -> None:
@@ -100,4 +103,5 @@ def test_typescript_client_suite_against_a_live_server(live_server: dict[str, st
     package = CLIENTS / "typescript"
     if not (package / "node_modules").exists():
         run_suite([npm, "ci", "--no-audit", "--no-fund"], package, {})
-    run_suite([npm, "test", "--silent"], package, live_server)
+    output = run_suite([npm, "test", "--silent"], package, live_server)
+    assert "# pass " in output and "# skipped 0" in output and "# fail 0" in output, output
