@@ -3,14 +3,16 @@
 One `ratelimitd serve` (on its own Valkey, clock stopped so no bucket refills mid-suite) is
 started for the module; each language gets its own project and key, so the suites never share a
 bucket. Every client test asks for models of its own (the organization's `*` limit gives each model
-its own bucket: 2 requests and 1,000 tokens). A language whose toolchain this machine lacks is
-skipped, naming the missing tool; CI has all three.
+its own bucket: 2 requests and 1,000 tokens). Each client README's example is run as pasted,
+against the same server. A language whose toolchain this machine lacks is skipped, naming the
+missing tool; CI has all three.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,7 +28,13 @@ from tests.servers import ROOT, RatelimitdProcess, ValkeyProcess
 CLIENTS = ROOT / "clients"
 # Generous: a first `go test` compiles grpc (a minute on two busy cores); a hang guard only.
 SUITE_TIMEOUT_S = 600
-LIMITS = [("*", "requests", "minute", 2), ("*", "tokens", "minute", 1000)]
+README_MODEL = "llama-3.1-8b-instant"
+LIMITS = [
+    ("*", "requests", "minute", 2),
+    ("*", "tokens", "minute", 1000),
+    (README_MODEL, "requests", "minute", 1000),
+    (README_MODEL, "tokens", "minute", 1_000_000),
+]
 
 
 async def seed(address: str) -> dict[str, str]:
@@ -87,7 +95,9 @@ def require(tool: str, what: str) -> str:
 
 
 def test_python_client_suite_against_a_live_server(live_server: dict[str, str]) -> None:
-    output = run_suite([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], CLIENTS / "python", live_server)
+    output = run_suite(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], CLIENTS / "python", live_server
+    )
     assert " passed" in output and "skipped" not in output, output
 
 
@@ -105,3 +115,59 @@ def test_typescript_client_suite_against_a_live_server(live_server: dict[str, st
         run_suite([npm, "ci", "--no-audit", "--no-fund"], package, {})
     output = run_suite([npm, "test", "--silent"], package, live_server)
     assert "# pass " in output and "# skipped 0" in output and "# fail 0" in output, output
+
+
+def readme_example(language: str, fence: str) -> str:
+    """The first `fence` code block under the README's "## Example" heading."""
+    text = (CLIENTS / language / "README.md").read_text()
+    section = text.split("\n## Example\n", 1)[1]
+    found = re.search(rf"```{fence}\n(.*?)```", section, re.DOTALL)
+    assert found, f"clients/{language}/README.md has no {fence} example"
+    return found.group(1)
+
+
+def readme_env(live_server: dict[str, str], language: str) -> dict[str, str]:
+    key = live_server[f"RATELIMITD_TEST_KEY_{language.upper()}"]
+    return {"RATELIMITD_ADDRESS": live_server["RATELIMITD_TEST_ADDRESS"], "RATELIMITD_API_KEY": key}
+
+
+def admitted_then_reconciled(output: str) -> bool:
+    """The examples print "200 <remaining requests>" and then the report's result (1: RECONCILED);
+    the organization's bucket is shared by the three examples, so the remainder is not fixed."""
+    lines = output.splitlines()
+    return len(lines) == 2 and re.fullmatch(r"200 \d+", lines[0]) is not None and lines[1] == "1"
+
+
+def test_the_python_readme_example_works_as_pasted(live_server: dict[str, str]) -> None:
+    code = readme_example("python", "python")
+    output = run_suite([sys.executable, "-c", code], ROOT, readme_env(live_server, "python"))
+    assert admitted_then_reconciled(output), output
+
+
+def test_the_go_readme_example_works_as_pasted(live_server: dict[str, str], tmp_path: Path) -> None:
+    go = require("go", "Go")
+    module = CLIENTS / "go"
+    (tmp_path / "main.go").write_text(readme_example("go", "go"))
+    # a module of its own, as a user's would be, with the client taken from this checkout
+    (tmp_path / "go.mod").write_text(
+        "module example\n\ngo 1.24.0\n\nrequire github.com/ratelimitd/ratelimitd/clients/go v0.0.0\n\n"
+        f"replace github.com/ratelimitd/ratelimitd/clients/go => {module}\n"
+    )
+    shutil.copyfile(module / "go.sum", tmp_path / "go.sum")
+    output = run_suite([go, "run", "-mod=mod", "."], tmp_path, readme_env(live_server, "go"))
+    assert re.fullmatch(r"200 \d+", output.splitlines()[-1]), output
+
+
+def test_the_typescript_readme_example_works_as_pasted(live_server: dict[str, str]) -> None:
+    node = require("node", "TypeScript")
+    package = CLIENTS / "typescript"
+    if not (package / "dist").exists():
+        run_suite([require("npm", "TypeScript"), "run", "build"], package, {})
+    # inside the package, so `import "@ratelimitd/client"` resolves to it as it would when installed
+    script = package / ".readme-example.test-tmp.mjs"
+    script.write_text(readme_example("typescript", "js"))
+    try:
+        output = run_suite([node, script.name], package, readme_env(live_server, "typescript"))
+    finally:
+        script.unlink()
+    assert admitted_then_reconciled(output), output
