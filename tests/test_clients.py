@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from http import HTTPStatus
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,30 @@ def test_the_typescript_readme_example_works_as_pasted(live_server: dict[str, st
     finally:
         script.unlink()
     assert admitted_then_reconciled(output), output
+
+
+def documented_refusal_statuses() -> dict[str, int]:
+    """docs/api.md's refusal table: reason -> the HTTP status an LLM API answers."""
+    rows = re.findall(r"^\| `(REASON_[A-Z_]+)`[^|]*\| (\d{3})\b", (ROOT / "docs/api.md").read_text(), re.MULTILINE)
+    return {reason: int(status) for reason, status in rows}
+
+
+def go_status(name: str) -> int:
+    snake = re.sub(r"(?<!^)(?=[A-Z])", "_", name).upper()  # TooManyRequests -> TOO_MANY_REQUESTS
+    return int(HTTPStatus[snake])
+
+
+def test_every_client_answers_each_refusal_with_the_documented_status() -> None:
+    from ratelimitd_client._gen import ratelimit_pb2 as client_pb
+    from ratelimitd_client.http import REFUSALS
+
+    documented = documented_refusal_statuses()
+    assert len(documented) == len(client_pb.Reason.values()) - 1  # every reason but UNSPECIFIED
+    python = {client_pb.Reason.Name(reason): status for reason, (status, _) in REFUSALS.items()}
+    go_source = (CLIENTS / "go/http.go").read_text()
+    go = {r: go_status(s) for r, s in re.findall(r"pb\.Reason_(REASON_\w+):\s*\{http\.Status(\w+),", go_source)}
+    ts_source = (CLIENTS / "typescript/src/http.ts").read_text()
+    typescript = {f"REASON_{r}": int(s) for r, s in re.findall(r"\[Reason\.(\w+), \[(\d{3}),", ts_source)}
+    assert python == documented
+    assert go == documented
+    assert typescript == documented

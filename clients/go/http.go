@@ -3,8 +3,11 @@ package ratelimitd
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"strings"
+
+	"google.golang.org/grpc/codes"
 
 	pb "github.com/ratelimitd/ratelimitd/clients/go/gen/ratelimitd/v1"
 )
@@ -103,7 +106,14 @@ func Middleware(client *Client, describe Describe) func(http.Handler) http.Handl
 			model, tokens := describe(r)
 			decision, err := client.Check(r.Context(), CheckRequest{APIKey: apiKey, Model: model, Tokens: tokens})
 			if err != nil {
-				errorAnswer(http.Header{}, http.StatusBadRequest, err.Error(), "invalid_request_error", "invalid_request").Write(w)
+				// Bad input the end user sent (an empty model) is theirs to fix; anything else
+				// (a credential ratelimitd refuses) is this server's configuration.
+				status, errorType, code := http.StatusInternalServerError, "server_error", "internal_error"
+				var rlErr *Error
+				if errors.As(err, &rlErr) && rlErr.Code == codes.InvalidArgument {
+					status, errorType, code = http.StatusBadRequest, "invalid_request_error", "invalid_request"
+				}
+				errorAnswer(http.Header{}, status, err.Error(), errorType, code).Write(w)
 				return
 			}
 			answer := decision.HTTP()

@@ -13,7 +13,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Literal, TypedDict, TypeVar, Unpack
 
 import grpc
 import grpc.aio
@@ -59,6 +59,17 @@ class Options:
     backoff_s: float = 0.05
     fail: FailMode = "closed"
     token: str | None = None
+
+
+class Usage(TypedDict, total=False):
+    """What ReportUsage takes besides the key and the request id (docs/usage.md)."""
+
+    model: str
+    input_tokens: int
+    output_tokens: int
+    cached_tokens: int
+    status_code: int
+    latency_ms: int
 
 
 @dataclass(frozen=True)
@@ -152,9 +163,9 @@ class Client:
                 _raise(error, attempts_failed=False)
             return fallback(self._options, request, error)
 
-    def report(self, api_key: str, request_id: str, **usage: int | str) -> pb.ReportUsageResponse:
-        """``usage``: model, input_tokens, output_tokens, cached_tokens, status_code, latency_ms."""
-        request = pb.ReportUsageRequest(api_key=api_key, request_id=request_id, **usage)  # type: ignore[arg-type]
+    def report(self, api_key: str, request_id: str, **usage: Unpack[Usage]) -> pb.ReportUsageResponse:
+        """Tells what an admitted request really used; a retry of it is counted once."""
+        request = pb.ReportUsageRequest(api_key=api_key, request_id=request_id, **usage)
         try:
             return self._call(self._report, request)
         except grpc.RpcError as error:
@@ -211,9 +222,9 @@ class AsyncClient:
                 _raise(error, attempts_failed=False)
             return fallback(self._options, request, error)
 
-    async def report(self, api_key: str, request_id: str, **usage: int | str) -> pb.ReportUsageResponse:
-        """``usage``: model, input_tokens, output_tokens, cached_tokens, status_code, latency_ms."""
-        request = pb.ReportUsageRequest(api_key=api_key, request_id=request_id, **usage)  # type: ignore[arg-type]
+    async def report(self, api_key: str, request_id: str, **usage: Unpack[Usage]) -> pb.ReportUsageResponse:
+        """Tells what an admitted request really used; a retry of it is counted once."""
+        request = pb.ReportUsageRequest(api_key=api_key, request_id=request_id, **usage)
         try:
             return await self._call(self._report, request)
         except grpc.RpcError as error:

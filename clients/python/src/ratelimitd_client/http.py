@@ -16,7 +16,7 @@ _REQUEST_ERROR = "invalid_request_error"
 _JSON = {"content-type": "application/json"}
 
 # reason -> (HTTP status, error code); limit refusals name the refused metric as their type.
-REFUSALS: dict[int, tuple[int, str]] = {
+REFUSALS: dict[ratelimit_pb2.Reason.ValueType, tuple[int, str]] = {
     Reason.REASON_PROJECT_LIMIT: (429, "rate_limit_exceeded"),
     Reason.REASON_ORGANIZATION_LIMIT: (429, "rate_limit_exceeded"),
     Reason.REASON_REQUEST_TOO_LARGE: (413, "request_too_large"),
