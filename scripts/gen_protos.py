@@ -223,14 +223,22 @@ def last_release() -> str | None:
     return tags[0] if tags else None
 
 
+def fork_point() -> str | None:
+    """Where this branch left main: comparing with main itself would read every change merged
+    into main since then as one this branch took away."""
+    found = subprocess.run(["git", "merge-base", "HEAD", "main"], cwd=ROOT, capture_output=True, text=True, check=False)
+    return found.stdout.strip() or None
+
+
 def lint() -> int:
-    """buf lint, then buf breaking against the last release tag (before the first one: main)."""
+    """buf lint, then buf breaking against the last release tag (before the first one: the
+    commit this branch started from on main)."""
     if subprocess.run([buf(), "lint"], cwd=ROOT, check=False).returncode != 0:
         return 1
     print("buf lint: clean")
-    against = os.environ.get("RATELIMITD_BREAKING_AGAINST") or last_release() or "main"
-    if against == "none":
-        print("buf breaking: skipped (RATELIMITD_BREAKING_AGAINST=none)")
+    against = os.environ.get("RATELIMITD_BREAKING_AGAINST") or last_release() or fork_point()
+    if against in (None, "none"):
+        print("buf breaking: skipped (no release tag and no main to compare with, or RATELIMITD_BREAKING_AGAINST=none)")
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         # git archive reads any ref, also from a worktree or a shallow CI clone where buf's own
