@@ -105,6 +105,7 @@ def test_an_unreachable_service_fails_open_or_closed_as_chosen(fail: str, status
         decision = client.check(KEY, fresh_model())
     assert decision.unreachable and decision.allowed is (fail == "open")
     assert decision.http().status == status
+    assert b"127.0.0.1" not in decision.http().body and "UNAVAILABLE" in decision.error  # the log's, not the user's
 
 
 def test_bad_input_raises_with_the_servers_status() -> None:

@@ -91,7 +91,8 @@ class Decision:
     def http(self) -> http.HttpAnswer:
         """The HTTP answer: 200 with x-ratelimit-* headers, or 429/413/401/403/... with a JSON error."""
         if self.unreachable and not self.allowed:
-            return http.unreachable(f"The rate limit service is unavailable: {self.error}")
+            # self.error names internal addresses: it is for the operator's log, not the end user
+            return http.unreachable("The rate limit service is unavailable.")
         return http.answer(self.response)
 
 
