@@ -226,8 +226,12 @@ def last_release() -> str | None:
 def fork_point() -> str | None:
     """Where this branch left main: comparing with main itself would read every change merged
     into main since then as one this branch took away."""
-    found = subprocess.run(["git", "merge-base", "HEAD", "main"], cwd=ROOT, capture_output=True, text=True, check=False)
-    return found.stdout.strip() or None
+    for main in ("main", "origin/main"):
+        cmd = ["git", "merge-base", "HEAD", main]
+        found = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+        if found.stdout.strip():
+            return found.stdout.strip()
+    return None
 
 
 def lint() -> int:
