@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Envoy's ShouldRateLimit (envoy.service.ratelimit.v3) under ghz, called the way Envoy calls it:
-# domain "ratelimitd", one descriptor [api_key, model, tokens]. ghz reads the method from a
-# protoset built from the descriptors xds-protos installs (it ships no .proto files).
+# domain "ratelimitd", one descriptor [api_key, model, tokens]. ghz reads the method from the
+# protoset load/protoset.py writes: the buf image of proto/ plus Envoy's RLS descriptors from
+# xds-protos (it ships no .proto files), so no .proto file is copied here.
 # Bounded: $REQUESTS calls, and stopped after $MAX_SECONDS whatever happens; loopback only.
 # (ghz 0.93 ignores -n whenever -z or -x is given, so the time bound is an outer `timeout`.)
 #
@@ -27,26 +28,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$PY" - "$PROTOSET" <<'PY'
-import sys
-
-from envoy.service.ratelimit.v3 import rls_pb2
-from google.protobuf import descriptor_pb2
-
-out, seen = descriptor_pb2.FileDescriptorSet(), set()
-
-
-def add(fd):
-    if fd.name not in seen:
-        seen.add(fd.name)
-        for dep in fd.dependencies:
-            add(dep)
-        fd.CopyToProto(out.file.add())
-
-
-add(rls_pb2.DESCRIPTOR)
-open(sys.argv[1], "wb").write(out.SerializeToString())
-PY
+"$PY" load/protoset.py "$PROTOSET"
 
 if [[ -z "${ADDRESS:-}" ]]; then
   ADDRESS=127.0.0.1:50779

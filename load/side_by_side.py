@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import procs
 from bench import MODEL, percentile, setup
+from protoset import write_protoset
 
 from ratelimitd.storage.embedded import die_with_parent
 from ratelimitd.v1 import ratelimit_pb2 as pb
@@ -219,17 +220,12 @@ class Ghz:
         cmd = [self.binary, "--insecure", "--format", "json", "--timeout", "20s"]
         cmd += ["-n", str(load.calls), "-c", str(load.concurrency), "--connections", str(load.connections)]
         cmd += ["--rps", str(load.rps)] if load.rps else []
+        cmd += ["--protoset", self.protoset]
         if rpc == "check":
-            cmd += ["--proto", str(ROOT / "proto/ratelimitd/v1/ratelimit.proto"), "--import-paths", str(ROOT / "proto")]
             cmd += ["--call", "ratelimitd.v1.RateLimitService.CheckAndConsume"]
             data: dict[str, Any] = {"api_key": key, "model": MODEL, "tokens": TOKENS}
         else:
-            cmd += [
-                "--protoset",
-                self.protoset,
-                "--call",
-                "envoy.service.ratelimit.v3.RateLimitService.ShouldRateLimit",
-            ]
+            cmd += ["--call", "envoy.service.ratelimit.v3.RateLimitService.ShouldRateLimit"]
             entries = [{"key": "api_key", "value": f"Bearer {key}"}, {"key": "model", "value": MODEL}]
             entries.append({"key": "tokens", "value": str(TOKENS)})
             data = {"domain": DOMAIN, "descriptors": [{"entries": entries}]}
@@ -253,23 +249,6 @@ class Ghz:
 
     def close(self) -> None:
         pass
-
-
-def write_envoy_protoset(path: str) -> None:
-    """Envoy's RLS descriptors as ghz reads them (xds-protos ships no .proto files)."""
-    from google.protobuf import descriptor_pb2
-
-    out, seen = descriptor_pb2.FileDescriptorSet(), set()
-
-    def add(fd: Any) -> None:
-        if fd.name not in seen:
-            seen.add(fd.name)
-            for dep in fd.dependencies:
-                add(dep)
-            fd.CopyToProto(out.file.add())
-
-    add(rls_pb2.DESCRIPTOR)
-    Path(path).write_bytes(out.SerializeToString())
 
 
 # -- the servers -------------------------------------------------------------------
@@ -408,8 +387,8 @@ def main() -> int:
         servers.append(start_noop(args.workers, lifetime))
         key = asyncio.run(setup(servers[0].address, procs.OPERATOR_TOKEN, 1))[0]
         if ghz:
-            protoset = str(Path(tmp.name) / "rls.protoset")
-            write_envoy_protoset(protoset)
+            protoset = str(Path(tmp.name) / "ratelimitd.binpb")
+            write_protoset(protoset)
             gen = Ghz(ghz, protoset)
         else:
             gen = python_gen = PythonGenerator()
