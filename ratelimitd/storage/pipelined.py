@@ -68,9 +68,21 @@ def _encode(args: Sequence[str | int | bytes]) -> bytes:
 
 
 class PipelinedConnection:
-    def __init__(self, url: str, *, timeout_s: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float,
+        ssl_context: ssl.SSLContext | None = None,
+        passthrough: tuple[str, ...] = (),
+    ) -> None:
+        """``ssl_context``: for rediss:// (default: the system's CAs). ``passthrough``: error
+        replies starting with one of these are returned, not raised, and leave the connection
+        alone (storage/cluster.py reads MOVED, ASK, TRYAGAIN and CLUSTERDOWN itself)."""
         self._options: dict[str, Any] = dict(parse_url(url))
         self._tls = url.startswith("rediss://")
+        self._ssl_context = ssl_context
+        self._passthrough = passthrough
         self._timeout = timeout_s
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -108,6 +120,8 @@ class PipelinedConnection:
             loop.call_soon(self._flush)
         reply = await future
         if isinstance(reply, hiredis.ReplyError):
+            if self._passthrough and str(reply).startswith(self._passthrough):
+                return reply
             code = storage_state(str(reply))
             if code is not None:
                 # The state belongs to the server, but a new connection re-authenticates
@@ -148,7 +162,7 @@ class PipelinedConnection:
         if "path" in o:
             reader, writer = await asyncio.open_unix_connection(o["path"])
         else:
-            context = ssl.create_default_context() if self._tls else None
+            context = (self._ssl_context or ssl.create_default_context()) if self._tls else None
             reader, writer = await asyncio.open_connection(o.get("host", "localhost"), o.get("port", 6379), ssl=context)
         self._reader, self._writer = reader, writer
         self._parser = hiredis.Reader(encoding="utf-8", errors="replace")
