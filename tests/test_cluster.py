@@ -364,3 +364,16 @@ async def test_clusterdown_takes_the_storage_unavailable_path_and_recovers(clust
 
 def wait_until_state(node: Any, state: str) -> None:
     wait_until(lambda: f"cluster_state:{state}" in node.execute_command("CLUSTER", "INFO"), f"cluster_state:{state}")
+
+
+async def test_a_deleted_project_stops_deciding_on_a_cluster(served: tuple[App, Client]) -> None:
+    # redis-py's cluster pipeline refused the RENAME that deletes a project (INTERNAL)
+    _, client = served
+    org = await client.org("acme", [(M, "requests", "day", 100)])
+    project, secret = await client.project(org, "doomed")
+    assert await admitted(client, secret, 1) == 1
+    await client.projects.DeleteProject(
+        apb.DeleteProjectRequest(organization_id=org, project_id=project), metadata=AUTH
+    )
+    refused = await client.decisions.CheckAndConsume(pb.CheckRequest(api_key=secret, model=M))
+    assert not refused.allowed and refused.reason == pb.REASON_INVALID_API_KEY

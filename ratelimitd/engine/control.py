@@ -363,7 +363,8 @@ class ControlPlane:
             old = await self._read_project(pipe, k, org_id, project_id)
             owns_name = await pipe.hget(k.project_names, old.name) == project_id
             begin_writes(pipe)
-            pipe.rename(k.project(project_id), k.deleted_project(project_id))
+            # raw: redis-py's cluster pipeline refuses rename() even within one slot
+            pipe.execute_command("RENAME", k.project(project_id), k.deleted_project(project_id))
             pipe.hset(k.deleted_project(project_id), "x", now_ms())
             if owns_name:
                 pipe.hdel(k.project_names, old.name)

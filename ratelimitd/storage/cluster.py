@@ -83,8 +83,11 @@ class ClusterConnection:
         return await self._routed(slot_of(keys[0]), lambda c: c.evalsha(script, keys, args))
 
     async def call(self, command: Sequence[str | int | bytes]) -> Any:
-        """One command, on the primary of its key (``command[1]``). The health probe's
-        write goes to every primary: the cluster is usable only if each of them is."""
+        """One command, on the primary of its key (``command[1]``; without one, of slot 0).
+        The health probe's write goes to every primary: the cluster is usable only if each
+        of them is."""
+        if len(command) < 2:  # no key: any primary answers for the cluster
+            return await self._routed(0, lambda c: c.call(command))
         key = command[1]
         if key == keys.HEALTH_PROBE:
             return await self._probe_every_primary(command)
