@@ -80,7 +80,14 @@ class ClusterConnection:
     # -- ScriptRunner and call -------------------------------------------------
 
     async def evalsha(self, script: LuaScript, keys: Sequence[str], args: Sequence[str | int]) -> Any:
-        return await self._routed(slot_of(keys[0]), lambda c: c.evalsha(script, keys, args))
+        slot = slot_of(keys[0])
+        address = self._slots[slot] if self._slots is not None else ""
+        if address:  # the common case, without the redirect machinery's frames
+            reply = await self._send(address, lambda c: c.evalsha(script, keys, args))
+            if not isinstance(reply, hiredis.ReplyError):
+                return reply
+            # a redirect or a cluster state: nothing ran, so sending again is exact
+        return await self._routed(slot, lambda c: c.evalsha(script, keys, args))
 
     async def call(self, command: Sequence[str | int | bytes]) -> Any:
         """One command, on the primary of its key (``command[1]``; without one, of slot 0).
