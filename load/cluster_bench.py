@@ -38,12 +38,13 @@ from typing import Any, cast
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import bench  # noqa: E402
+import procs  # noqa: E402
 import redis  # noqa: E402
 import redis.asyncio  # noqa: E402
 from redis.asyncio.cluster import RedisCluster  # noqa: E402
 from redis.crc import key_slot  # noqa: E402
 
-from load import bench, procs  # noqa: E402
 from ratelimitd.client_cli import Api, parse_limit_args  # noqa: E402
 from ratelimitd.v1 import admin_pb2 as apb  # noqa: E402
 from tests.cluster import BOUNDS, LocalCluster  # noqa: E402
