@@ -12,15 +12,19 @@ from __future__ import annotations
 import functools
 import itertools
 import subprocess
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import grpc
 import redis
 from redis.crc import key_slot
 
 from ratelimitd.storage.embedded import find_server_binary
 from tests.servers import answers_ping, free_port, stop_process, wait_until
 
+T = TypeVar("T")
 BOUNDS = [0, 5461, 10923, 16384]
 NODE_TIMEOUT_MS = 1000
 _BASE32 = "abcdefghijklmnopqrstuvwxyz234567"
@@ -149,6 +153,18 @@ class LocalCluster:
             if len(found) == 3:
                 return [found[node] for node in range(3)]
         raise AssertionError("unreachable")
+
+
+async def answered(call: Callable[[], Awaitable[T]]) -> T:
+    """A management call retried as a client should after a failover: the first one may find
+    the old primary gone (UNAVAILABLE, nothing applied); retries reach the new one."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return await call()
+        except grpc.aio.AioRpcError as e:
+            assert e.code() == grpc.StatusCode.UNAVAILABLE, (e.code(), e.details())
+            assert time.monotonic() < deadline, "the control plane did not resume by itself"
 
 
 def _alive(proc: subprocess.Popen[bytes] | None) -> bool:

@@ -30,7 +30,7 @@ from ratelimitd.settings import Settings
 from ratelimitd.storage.topology import parse
 from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import ratelimit_pb2 as pb
-from tests.cluster import LocalCluster
+from tests.cluster import LocalCluster, answered
 from tests.conftest import AUTH, Client, channel_client, settings_for
 from tests.servers import wait_until
 from tests.test_processes import health_status
@@ -314,7 +314,7 @@ async def test_a_killed_primary_fails_fast_then_its_replica_takes_over(
     assert await admitted(client, on_primary[1], 80) == 65
     # the control plane found the new primary too
     org_id = own_cluster.org_ids_one_per_primary()[0]
-    _, secret = await client.project(org_id, "after-failover", [(M, "requests", "day", 7)])
+    _, secret = await answered(lambda: client.project(org_id, "after-failover", [(M, "requests", "day", 7)]))
     assert await admitted(client, secret, 10) == 7
     assert own_cluster.primary_of_slot(slot_of_org(own_cluster.org_ids_one_per_primary()[0])) == 3
     m = await scrape(app.metrics_port)
@@ -357,10 +357,21 @@ async def test_clusterdown_takes_the_storage_unavailable_path_and_recovers(clust
         while await health_status(client.channel) != health_pb2.HealthCheckResponse.SERVING:
             assert time.monotonic() < deadline, "health never came back"
             await asyncio.sleep(0.02)  # polls the background probe, no time window
-        assert await remaining_requests(client, secret) == 100 - 3 - 1  # the outage charged nothing
+        reply = await decided_by_storage(client, secret)
+        assert reply.buckets[0].remaining == 100 - 3 - 1  # the outage charged nothing
     finally:
         await client.channel.close()
         await app.stop(0)
+
+
+async def decided_by_storage(client: Client, secret: str) -> pb.CheckResponse:
+    """The first decision storage makes again (the policy answers until then; it charges nothing)."""
+    deadline = time.monotonic() + 30
+    while True:
+        assert time.monotonic() < deadline, "decisions did not resume by themselves"
+        reply = await client.decisions.CheckAndConsume(pb.CheckRequest(api_key=secret, model=M), timeout=10)
+        if reply.reason != pb.REASON_STORAGE_UNAVAILABLE:
+            return reply
 
 
 def wait_until_state(node: Any, state: str) -> None:

@@ -23,7 +23,7 @@ from ratelimitd.storage.embedded import find_server_binary
 from ratelimitd.storage.sentinel import SentinelConnection
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from tests.certs import SERVER_NAMES, authority
-from tests.cluster import free_ports
+from tests.cluster import answered, free_ports
 from tests.conftest import Client, channel_client, settings_for
 from tests.servers import ValkeyProcess, answers_ping, stop_process, wait_until
 
@@ -132,7 +132,7 @@ async def test_sentinel_failover_decisions_resume_on_the_new_primary(
     # nothing admitted before the failover was lost, nothing refused was charged
     assert await admitted(client, secret, 50) == 50 - 11
     # the control plane follows the sentinels too
-    _, other = await client.project(org, "b")
+    _, other = await answered(lambda: client.project(org, "b"))
     assert await admitted(client, other, 60) == 100 - 50
 
 

@@ -172,7 +172,11 @@ class ClusterConnection:
         )
 
     async def _probe_every_primary(self, command: Sequence[str | int | bytes]) -> Any:
-        await self._primary_of(0)  # a first table
+        if self._slots is None:
+            await self._refresh_now()
+        if "" in (self._slots or ()):
+            # slots no one served at the last look: the probe is the periodic look again
+            self._schedule_refresh()
         replies = await asyncio.gather(
             *(self._probe(address, command) for address in self.primaries()),
         )
@@ -200,8 +204,10 @@ class ClusterConnection:
             await self._refresh_now()
         assert self._slots is not None
         address = self._slots[slot]
+        if not address and time.monotonic() - self._refreshed_at >= _MIN_REFRESH_INTERVAL_S:
+            await self._refresh_now()  # a slot served again since the last look is used at once
+            address = self._slots[slot]
         if not address:
-            self._schedule_refresh()
             raise StorageUnavailable(
                 f"storage is unavailable: no cluster node serves slot {slot} (CLUSTERDOWN); nothing was applied"
             )

@@ -26,7 +26,7 @@ from typing import Any, Literal, Protocol, cast
 from urllib.parse import quote, unquote
 
 from redis.asyncio import Redis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
@@ -38,9 +38,6 @@ SINGLE_SCHEMES = ("redis://", "rediss://", "unix://")
 CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 SENTINEL_SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
 SUPPORTED_SCHEMES = SINGLE_SCHEMES + CLUSTER_SCHEMES + SENTINEL_SCHEMES
-# redis-py's cluster client follows a MOVED/ASK or a failover this many times before it
-# gives up; the control plane is not on the hot path, so a few tries are worth it.
-_CONTROL_PLANE_CLUSTER_ATTEMPTS = 3
 
 
 class HotPath(Protocol):
@@ -147,6 +144,28 @@ def _host_port(text: str, url: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+class _ReloadingPipeline(ClusterPipeline):
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
+        try:
+            return await super().execute(raise_on_error, allow_redirections)
+        except RedisCluster.ERRORS_ALLOW_RETRY:
+            self.cluster_client._initialize = True  # the flag redis-py's own retries set
+            raise
+
+
+class _ClusterClient(RedisCluster):
+    """redis-py's cluster client, made to reload its topology after a pipeline that could not
+    reach a node. With retries off, its pipelines (which also carry ``exists()``) re-raise a
+    connection error without marking the topology stale: after a failover every later call
+    would still go to the dead primary."""
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
+        if shard_hint:
+            raise ValueError("a cluster pipeline takes no shard_hint")
+        # redis-py's own classes declare an attribute abstract that its __init__ sets
+        return _ReloadingPipeline(self, transaction)  # type: ignore[abstract]
+
+
 def control_plane_client(topology: Topology, *, timeout_s: float, tls: StorageTls, max_connections: int) -> Redis:
     """redis-py's client for the topology. A cluster gets RedisCluster, which runs the same
     commands (each on its key's node) and single-slot transactions; it is returned as
@@ -162,12 +181,15 @@ def control_plane_client(topology: Topology, *, timeout_s: float, tls: StorageTl
     if topology.kind == "single":
         return Redis.from_url(topology.url, retry=Retry(NoBackoff(), 0), **common)
     if topology.kind == "cluster":
-        cluster = RedisCluster(
+        cluster = _ClusterClient(
             startup_nodes=[ClusterNode(h, p) for h, p in topology.nodes],
             username=topology.username,
             password=topology.password,
             ssl=topology.tls,
-            retry=AsyncRetry(NoBackoff(), _CONTROL_PLANE_CLUSTER_ATTEMPTS),
+            # No retries, as on one server: redis-py would repeat a write that timed out,
+            # which may have been applied. It still follows MOVED/ASK, and after a failed
+            # call it reloads the topology, so the next call finds a new primary.
+            retry=AsyncRetry(NoBackoff(), 0),
             **common,
         )
         return cast(Redis, cluster)
