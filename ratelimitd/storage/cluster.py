@@ -87,6 +87,9 @@ class ClusterConnection:
             if not isinstance(reply, hiredis.ReplyError):
                 return reply
             # a redirect or a cluster state: nothing ran, so sending again is exact
+            code, *rest = str(reply).split(" ")
+            if code == "MOVED":
+                self._slots_point(slot, _address(rest[1], address))
         return await self._routed(slot, lambda c: c.evalsha(script, keys, args))
 
     async def call(self, command: Sequence[str | int | bytes]) -> Any:
