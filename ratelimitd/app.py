@@ -41,7 +41,7 @@ from ratelimitd.engine.usage import Usage
 from ratelimitd.settings import Settings
 from ratelimitd.storage import redis as storage
 from ratelimitd.storage.embedded import EmbeddedValkey
-from ratelimitd.storage.pipelined import PipelinedConnection
+from ratelimitd.storage.topology import hot_path_connection, parse
 from ratelimitd.tls import server_credentials
 from ratelimitd.v1 import admin_pb2, admin_pb2_grpc, ratelimit_pb2, ratelimit_pb2_grpc, usage_pb2, usage_pb2_grpc
 
@@ -97,8 +97,9 @@ class App:
         else:
             self.embedded = EmbeddedValkey(s.data_dir)
             self.redis_url = await self.embedded.start()
-        self.redis = storage.connect(self.redis_url, timeout_s=s.storage_timeout_ms / 1000)
-        self.pipeline = PipelinedConnection(self.redis_url, timeout_s=s.storage_timeout_ms / 1000)
+        timeout_s = s.storage_timeout_ms / 1000
+        self.redis = storage.connect(self.redis_url, timeout_s=timeout_s, tls=s.storage_tls)
+        self.pipeline = hot_path_connection(parse(self.redis_url), timeout_s=timeout_s, tls=s.storage_tls)
         scripts = Scripts(self.redis)
         dims = Dimensions(s.windows)
         audit = Audit(self.redis, s.audit_max_events)

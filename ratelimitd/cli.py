@@ -41,6 +41,9 @@ def serve(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
+        redis_tls_ca=args.redis_tls_ca,
+        redis_tls_cert=args.redis_tls_cert,
+        redis_tls_key=args.redis_tls_key,
     )
     if args.worker:
         return run_async(_serve_worker(settings))
@@ -183,7 +186,14 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--listen", help="host:port (default 127.0.0.1:50051)")
-    p.add_argument("--redis-url", help="redis://, rediss:// or unix:// URL; unset = embedded Valkey")
+    p.add_argument(
+        "--redis-url",
+        help="redis://, rediss://, unix://, redis+cluster://host:port[,...] or "
+        "redis+sentinel://host:port[,...]/service URL; unset = embedded Valkey",
+    )
+    p.add_argument("--redis-tls-ca", help="PEM CA of the storage servers' certificates (rediss schemes)")
+    p.add_argument("--redis-tls-cert", help="PEM client certificate for storage (rediss schemes, with --redis-tls-key)")
+    p.add_argument("--redis-tls-key", help="PEM private key of --redis-tls-cert")
     p.add_argument("--data-dir", help="data directory of the embedded Valkey")
     p.add_argument("--on-storage-error", choices=["unavailable", "allow", "deny"])
     p.add_argument("--windows", help="limit windows, e.g. minute=60,day=86400")

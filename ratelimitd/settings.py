@@ -16,6 +16,7 @@ from typing import Any
 from ratelimitd.engine.audit import DEFAULT_MAX_EVENTS
 from ratelimitd.engine.retention import Retention
 from ratelimitd.storage.redis import redact
+from ratelimitd.storage.topology import StorageTls, parse
 
 STORAGE_ERROR_POLICIES = ("unavailable", "allow", "deny")
 UNKNOWN_DOMAIN_POLICIES = ("error", "allow")
@@ -71,8 +72,18 @@ def _field(default: Any, description: str) -> Any:
 class Settings:
     listen: str = _field("127.0.0.1:50051", "host:port of the gRPC server (all services, one port)")
     redis_url: str | None = _field(
-        None, "redis://, rediss:// or unix:// URL of Redis/Valkey; unset: run an embedded Valkey in data_dir"
+        None,
+        "storage URL: redis://, rediss:// or unix:// (one server), redis+cluster://host:port[,host:port...] "
+        "(a Cluster), redis+sentinel://host:port[,host:port...]/service[/db] (Sentinel); rediss+cluster:// and "
+        "rediss+sentinel:// with TLS; unset: run an embedded Valkey in data_dir",
     )
+    redis_tls_ca: str | None = _field(
+        None, "rediss schemes: PEM CA certificates that signed the storage servers' certificates; unset: the system's"
+    )
+    redis_tls_cert: str | None = _field(
+        None, "rediss schemes: PEM client certificate to present to storage servers that ask for one"
+    )
+    redis_tls_key: str | None = _field(None, "rediss schemes: PEM private key of redis_tls_cert")
     data_dir: Path = _field(default_data_dir(), "where the embedded Valkey keeps its data")
     storage_timeout_ms: int = _field(250, "fail a storage call after this long (decisions answer UNAVAILABLE)")
     on_storage_error: str = _field(
@@ -154,6 +165,7 @@ class Settings:
         if len(set(keys.values())) != len(keys):
             raise ValueError(f"envoy_descriptor_keys: two roles share one key in {keys}")
         self._check_tls()
+        self._check_storage()
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
@@ -167,6 +179,16 @@ class Settings:
             raise ValueError(
                 "--tls-client-ca needs --tls-cert and --tls-key: client certificates (mTLS) are checked only over TLS"
             )
+
+    def _check_storage(self) -> None:
+        if self.redis_url:
+            parse(self.redis_url)  # a ValueError that names what is wrong with it
+        if bool(self.redis_tls_cert) != bool(self.redis_tls_key):
+            raise ValueError("--redis-tls-cert and --redis-tls-key go together: both or neither")
+
+    @property
+    def storage_tls(self) -> StorageTls:
+        return StorageTls(self.redis_tls_ca, self.redis_tls_cert, self.redis_tls_key)
 
     @property
     def tls(self) -> str:

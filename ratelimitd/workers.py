@@ -94,7 +94,9 @@ class Supervisor:
 
     async def _bootstrap(self) -> bool:
         """Creates the first operator credential (if none exists); False when storage did not answer."""
-        client = storage.connect(self._storage_url, timeout_s=self.settings.storage_timeout_ms / 1000)
+        client = storage.connect(
+            self._storage_url, timeout_s=self.settings.storage_timeout_ms / 1000, tls=self.settings.storage_tls
+        )
         try:
             self.bootstrap_token = await Credentials(client).bootstrap(self.settings.operator_token)
         except StorageUnavailable:

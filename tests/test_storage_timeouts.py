@@ -207,11 +207,13 @@ async def test_the_suite_settings_tolerate_a_busy_event_loop(app: App, client: C
     org = await client.org("o", [(M, "requests", "day", 100)])
     _, key = await client.project(org, "a")
     busy = True
+    pipeline = app.pipeline
+    assert isinstance(pipeline, PipelinedConnection)  # one server: the suite's Valkey
 
     async def hog() -> None:
         give_up = time.monotonic() + 20  # a hang guard
         while busy and time.monotonic() < give_up:
-            if app.pipeline._waiting:  # a storage call is in flight: stall while its reply comes
+            if pipeline._waiting:  # a storage call is in flight: stall while its reply comes
                 time.sleep(0.3)  # noqa: ASYNC251 - blocking the loop is the point
             await asyncio.sleep(0)
 

@@ -39,7 +39,7 @@ from ratelimitd.engine.limits import (
     validate_model,
 )
 from ratelimitd.engine.scripts import Scripts
-from ratelimitd.storage.redis import begin_writes, storage_errors, transaction
+from ratelimitd.storage.redis import begin_writes, key_exists, storage_errors, transaction
 
 # Names are part of URLs, metric labels and YAML keys, hence the narrow set.
 PROJECT_NAME_RULES = "1 to 64 characters: lowercase letters, digits and '-', starting with a letter or digit"
@@ -363,7 +363,8 @@ class ControlPlane:
             old = await self._read_project(pipe, k, org_id, project_id)
             owns_name = await pipe.hget(k.project_names, old.name) == project_id
             begin_writes(pipe)
-            pipe.rename(k.project(project_id), k.deleted_project(project_id))
+            # raw: redis-py's cluster pipeline refuses rename() even within one slot
+            pipe.execute_command("RENAME", k.project(project_id), k.deleted_project(project_id))
             pipe.hset(k.deleted_project(project_id), "x", now_ms())
             if owns_name:
                 pipe.hdel(k.project_names, old.name)
@@ -478,7 +479,7 @@ class ControlPlane:
 
         async def change(pipe: Pipeline) -> None:
             # Watched: a key is never created for a project deleted meanwhile.
-            if not await pipe.exists(k.project(project_id)):
+            if not await key_exists(pipe, k.project(project_id)):
                 raise NotFound(f"project {project_id} does not exist in organization {org_id}")
             begin_writes(pipe)
             pipe.hset(

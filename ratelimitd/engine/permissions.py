@@ -31,7 +31,7 @@ from ratelimitd.engine.authz import INTERNAL, Principal
 from ratelimitd.engine.control import ControlPlane
 from ratelimitd.engine.errors import FailedPrecondition, InvalidArgument, NotFound
 from ratelimitd.engine.limits import validate_model
-from ratelimitd.storage.redis import begin_writes, storage_errors, transaction
+from ratelimitd.storage.redis import begin_writes, key_exists, storage_errors, transaction
 
 MAX_MODELS = 256
 ORGANIZATION_SCOPE = "o"
@@ -117,7 +117,7 @@ class ModelPermissions:
         watched = [k.model_permissions, *([k.project(project_id)] if project_id else [])]
 
         async def change(pipe: Pipeline) -> ModelPolicy:
-            if project_id and not await pipe.exists(k.project(project_id)):
+            if project_id and not await key_exists(pipe, k.project(project_id)):
                 raise NotFound(f"project {project_id} does not exist in organization {org_id}")
             raw = cast(dict[str, str], await pipe.hgetall(k.model_permissions))
             before = _policy(raw, scope)

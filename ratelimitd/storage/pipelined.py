@@ -76,9 +76,21 @@ class _Link(asyncio.Protocol):
 
 
 class PipelinedConnection:
-    def __init__(self, url: str, *, timeout_s: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float,
+        ssl_context: ssl.SSLContext | None = None,
+        passthrough: tuple[str, ...] = (),
+    ) -> None:
+        """``ssl_context``: for rediss:// (default: the system's CAs). ``passthrough``: error
+        replies starting with one of these are returned, not raised, and leave the connection
+        alone (storage/cluster.py reads MOVED, ASK, TRYAGAIN and CLUSTERDOWN itself)."""
         self._options: dict[str, Any] = dict(parse_url(url))
         self._tls = url.startswith("rediss://")
+        self._ssl_context = ssl_context
+        self._passthrough = passthrough
         self._timeout = timeout_s
         self._link: _Link | None = None
         self._parser = hiredis.Reader(encoding="utf-8", errors="replace")
@@ -121,6 +133,8 @@ class PipelinedConnection:
             future.get_loop().call_soon(self._flush)
         reply = await future
         if isinstance(reply, hiredis.ReplyError):
+            if self._passthrough and str(reply).startswith(self._passthrough):
+                return reply
             code = storage_state(str(reply))
             if code is not None:
                 # The state belongs to the server, but a new connection re-authenticates
@@ -164,7 +178,7 @@ class PipelinedConnection:
             await loop.create_unix_connection(lambda: link, o["path"])
         else:
             host = o.get("host", "localhost")
-            context = ssl.create_default_context() if self._tls else None
+            context = (self._ssl_context or ssl.create_default_context()) if self._tls else None
             await loop.create_connection(
                 lambda: link, host, o.get("port", 6379), ssl=context, server_hostname=host if context else None
             )

@@ -14,10 +14,9 @@ from typing import TypeVar
 import redis.exceptions
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from ratelimitd.engine.errors import StorageUnavailable
+from ratelimitd.storage.topology import StorageTls, control_plane_client, parse
 
 # Error replies that describe the storage server's state rather than our command:
 # the same command succeeds once the state passes, so they are outages (the failure
@@ -77,22 +76,16 @@ def _state_of(error: Exception) -> str | None:
     return storage_state(str(error)) if isinstance(error, redis.exceptions.ResponseError) else None
 
 
-SUPPORTED_SCHEMES = ("redis://", "rediss://", "unix://")
 T = TypeVar("T")
 # Enough for any realistic burst of concurrent changes to one organization.
 _TRANSACTION_ATTEMPTS = 50
 
 
-def connect(url: str, *, timeout_s: float, max_connections: int = 256) -> Redis:
-    if not url.startswith(SUPPORTED_SCHEMES):
-        raise ValueError(f"redis URL {redact(url)!r} must start with one of {', '.join(SUPPORTED_SCHEMES)}")
-    return Redis.from_url(
-        url,
-        decode_responses=True,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 0),
-        max_connections=max_connections,
+def connect(url: str, *, timeout_s: float, max_connections: int = 256, tls: StorageTls | None = None) -> Redis:
+    """redis-py's client for the storage the URL names (one server, a Cluster or a
+    Sentinel-managed primary: storage/topology.py)."""
+    return control_plane_client(
+        parse(url), timeout_s=timeout_s, tls=tls or StorageTls(), max_connections=max_connections
     )
 
 
@@ -145,6 +138,13 @@ async def transaction(client: Redis, watch: Sequence[str], body: Callable[[Pipel
                     continue
                 return result
     raise StorageUnavailable("too many concurrent changes to the same records; try again")
+
+
+async def key_exists(pipe: Pipeline, key: str) -> bool:
+    """EXISTS in ``transaction``'s read phase, on every topology: redis-py's cluster
+    pipeline splits ``exists()`` by slot and, while watching, never runs it (it returns
+    the pipeline itself, which is truthy)."""
+    return bool(await pipe.execute_command("EXISTS", key))
 
 
 def begin_writes(pipe: Pipeline) -> None:
