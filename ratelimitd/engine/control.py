@@ -227,6 +227,7 @@ class ControlPlane:
                 pipe.hset(k.org_limits, mapping={s.field: s.value for s in specs})
             if clears:
                 pipe.hdel(k.org_limits, *clears)
+            keys.invalidate_decision_config(pipe, k)
             self.audit.append(pipe, k.audit, actor, "SetOrganizationLimits", org_id, before=before, after=after)
 
         await transaction(self._redis, [k.org_limits], change)
@@ -365,6 +366,7 @@ class ControlPlane:
             begin_writes(pipe)
             pipe.rename(k.project(project_id), k.deleted_project(project_id))
             pipe.hset(k.deleted_project(project_id), "x", now_ms())
+            keys.invalidate_decision_config(pipe, k)
             if owns_name:
                 pipe.hdel(k.project_names, old.name)
             self.audit.append(
@@ -405,7 +407,7 @@ class ControlPlane:
         args += clears
         with storage_errors():
             reply = await self._scripts.set_project_limits(
-                keys=[k.org_limits, k.project_limits(project_id), k.project(project_id), k.audit],
+                keys=[k.org_limits, k.project_limits(project_id), k.project(project_id), k.audit, k.state],
                 args=args,
                 client=self._redis,
             )

@@ -15,6 +15,9 @@ from typing import Any, NamedTuple, Protocol
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
+from ratelimitd.engine.limits import Dimensions
+from ratelimitd.engine.retention import Retention
+
 # Scripts that evaluate buckets get lib.lua in front: one EVALSHA each, one
 # copy of the shared arithmetic.
 _WITH_LIB = ("decide", "report")
@@ -46,6 +49,53 @@ class LuaScript(NamedTuple):
 def load(name: str) -> LuaScript:
     source = read_script(name)
     return LuaScript(name, source, hashlib.sha1(source.encode()).hexdigest())
+
+
+# How much later than strictly needed the state hash expires when a writer
+# extends it: the extension (one PEXPIREAT) then happens about once per this
+# interval under steady traffic rather than on every decision.
+EXPIRY_SLACK_MS = 60_000
+
+
+def _lua_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def layout(dimensions: Dimensions) -> str:
+    """Names the bucket layout of the state hash: it changes when the dimensions do."""
+    text = ",".join(f"{d.name}={d.window_ms}" for d in dimensions.all)
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def settings_prelude(dimensions: Dimensions, retention: Retention) -> str:
+    """The RL_* constants decide.lua and report.lua read, as Lua source.
+
+    Baked into the script text instead of passed as ARGV on every call: the
+    script parses nothing per call, and processes with equal settings share one
+    script (one SHA)."""
+    dims = dimensions.all
+    resolutions = (("m", 60, retention.minute_s), ("h", 3600, retention.hour_s), ("d", 86400, retention.day_s))
+    lines = [
+        f"local RL_NDIMS = {len(dims)}",
+        f"local RL_DIMS = {{{', '.join(_lua_string(d.name) for d in dims)}}}",
+        f"local RL_WINDOWS_US = {{{', '.join(str(d.window_ms * 1000) for d in dims)}}}",
+        f"local RL_METRIC_TOKENS = {{{', '.join('true' if d.metric == 'tokens' else 'false' for d in dims)}}}",
+        f"local RL_LAYOUT = {_lua_string(layout(dimensions))}",
+        f"local RL_RECORD_TTL_MS = {retention.request_ttl_s * 1000}",
+        "local RL_RESOLUTIONS = {"
+        + ", ".join(f"{{{_lua_string(name)}, {width}, {ttl}}}" for name, width, ttl in resolutions)
+        + "}",
+        f"local RL_LOG_CAP = {retention.log_entries}",
+        f"local RL_LOG_TTL_S = {retention.log_ttl_s}",
+        f"local RL_EXPIRY_SLACK_MS = {EXPIRY_SLACK_MS}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def configured(script: LuaScript, dimensions: Dimensions, retention: Retention) -> LuaScript:
+    """The script with these settings baked in (see settings_prelude)."""
+    source = settings_prelude(dimensions, retention) + script.source
+    return LuaScript(script.name, source, hashlib.sha1(source.encode()).hexdigest())
 
 
 class Scripts:

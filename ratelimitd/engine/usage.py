@@ -27,7 +27,7 @@ from ratelimitd.engine.decisions import Caller, Outcome
 from ratelimitd.engine.errors import FailedPrecondition, InvalidArgument, NotFound
 from ratelimitd.engine.limits import MAX_LIMIT, Dimensions, validate_model
 from ratelimitd.engine.retention import Retention
-from ratelimitd.engine.scripts import ScriptRunner, Scripts
+from ratelimitd.engine.scripts import ScriptRunner, Scripts, configured
 from ratelimitd.storage.redis import storage_errors
 
 # Percent of a spend limit at which an alert counts as crossed.
@@ -174,9 +174,8 @@ class Usage:
     ) -> None:
         self._redis = redis
         self._connection = connection
-        self._script = scripts.report
+        self._script = configured(scripts.report, dimensions, retention)
         self._control = control
-        self._config_args = [*retention.args(), *dimensions.args()]
         self._clock = clock
 
     # -- reporting (once per request) ------------------------------------
@@ -208,9 +207,9 @@ class Usage:
         kind, subject = ("k", org.api_key(caller.key_id)) if caller.key_id else ("p", org.project(caller.project_id))
         args: list[str | int] = [
             kind, caller.key_hash, caller.project_id, request_id, model, input_tokens, output_tokens, cached_tokens,
-            status_code, latency_ms, *self._config_args, await self._clock(),
+            status_code, latency_ms, await self._clock(),
         ]  # fmt: skip
-        reply = await self._connection.evalsha(self._script, [org.org_limits, subject, org.request(request_id)], args)
+        reply = await self._connection.evalsha(self._script, [org.state, subject, org.request(request_id)], args)
         status = int(reply[0])
         if status == 4:
             raise FailedPrecondition(
@@ -252,7 +251,10 @@ class Usage:
                 raise InvalidArgument(f"{what} price {value} must be between 0 and {MAX_PRICE:.0f} USD per million")
         k = await self._control.require_organization(org_id)
         with storage_errors():
-            await self._redis.hset(k.prefix + "price", price.model, ",".join(repr(float(v)) for v in price[1:]))
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(k.prefix + "price", price.model, ",".join(repr(float(v)) for v in price[1:]))
+                keys.invalidate_decision_config(pipe, k)  # decisions reserve spend at the price
+                await pipe.execute()
         return price
 
     async def prices(self, org_id: str) -> list[Price]:
@@ -273,11 +275,14 @@ class Usage:
             k = await self._control.require_organization(org_id)
         field_ = f"p:{project_id}" if project_id else "o"
         with storage_errors():
-            if limit_usd is None:
-                await self._redis.hdel(k.prefix + "spendlim", field_)
-            else:
-                # stored in micro-USD, the unit report.lua adds spend in
-                await self._redis.hset(k.prefix + "spendlim", field_, repr(limit_usd * 1e6))
+            async with self._redis.pipeline(transaction=True) as pipe:
+                if limit_usd is None:
+                    pipe.hdel(k.prefix + "spendlim", field_)
+                else:
+                    # stored in micro-USD, the unit report.lua adds spend in
+                    pipe.hset(k.prefix + "spendlim", field_, repr(limit_usd * 1e6))
+                keys.invalidate_decision_config(pipe, k)
+                await pipe.execute()
 
     async def _current_month(self) -> str:
         """This month by the clock the scripts count spend with (storage's TIME), not ours."""

@@ -1,11 +1,33 @@
 --[[
 lib.lua: functions shared by the scripts that touch buckets and usage.
-scripts.py puts this text in front of decide.lua and report.lua, so each is
+scripts.py puts this text in front of decide.lua and report.lua (after the
+settings it bakes in as RL_* constants, see scripts.configured), so each is
 still one self-contained script (one EVALSHA), and the bucket arithmetic and
 limit resolution exist once.
 
 Units: time in microseconds (from TIME, or the test clock in tests), window
-lengths in microseconds, levels in the metric's units.
+lengths in microseconds, levels in the metric's units, spend in micro-USD
+(a price in USD per million tokens is micro-USD per token).
+
+The decision state of one organization is one hash, rl:{org_x}:s (keys.py),
+so a decision reads its configuration and every bucket in one HMGET and writes
+them back in one HSET:
+
+  "v"                     configuration version: the control plane increments it
+                          in the same atomic step as any change a decision reads
+  "d"                     the dimension layout (RL_LAYOUT) the states below use;
+                          another layout (the windows changed) makes them void
+  "x"                     the hash's expiry as last set (ms, on the scripts' clock): a
+                          writer whose buckets need longer sets a later one (PEXPIRE
+                          relative to now, as the test clock is not the server's), at
+                          most about once per RL_EXPIRY_SLACK_MS, not on every call
+  "c:<project>:<model>"   the resolved configuration of (project, model), valid
+                          while its version equals "v" (rl_config_encode)
+  "o:<model>"             the organization's buckets of the model (rl_state_*)
+  "p:<project>:<model>"   the project's buckets of the model
+
+Fields of idle projects and old versions stay until the hash expires (once every
+bucket would have drained): bounded by projects x models of the organization.
 ]]
 
 -- The server's clock, or (tests only) the time the caller passes.
@@ -17,73 +39,144 @@ local function rl_now(given)
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 
--- A bucket's level from its stored "<level>:<t_us>", drained to now: it loses
--- limit/window units per microsecond.
-local function rl_drain(state, limit, window_us, now)
-  if not state then return 0 end
-  local l, t = string.match(state, "^([^:]+):(.+)$")
-  return math.max(0, tonumber(l) - (now - tonumber(t)) * limit / window_us)
-end
-
--- A bucket group is the buckets of one scope and model: one hash, a field per
--- dimension, so a decision reads and writes each group in one call each.
--- members: {{dim = i, limit = L}, ...}; sets member.level.
-local function rl_group_load(key, members, dims, windows_us, now)
-  local fields = {}
-  for n, m in ipairs(members) do fields[n] = dims[m.dim] end
-  local states = redis.call("HMGET", key, unpack(fields))
-  for n, m in ipairs(members) do m.level = rl_drain(states[n], m.limit, windows_us[m.dim], now) end
-end
-
--- Writes every member's level (members must be all the group's buckets, so
--- the expiry covers each), expiring the hash once the fullest would have drained.
-local function rl_group_store(key, members, dims, windows_us, now)
-  local args, ttl = {}, 0
-  for _, m in ipairs(members) do
-    args[#args + 1] = dims[m.dim]
-    args[#args + 1] = string.format("%.17g:%d", m.level, now)
-    if m.limit > 0 then
-      local drain = math.ceil(m.level * windows_us[m.dim] / m.limit / 1000)
-      if drain > ttl then ttl = drain end
+-- A group's buckets are stored as "<t_us>,<level 1>,...,<level d>" (one level per
+-- dimension, "" where the scope has no limit). Returns the levels drained to now
+-- for the dimensions in limits (limits[i] = L or nil).
+local function rl_state_load(state, limits, now)
+  local levels = {}
+  if not state then
+    for i = 1, RL_NDIMS do if limits[i] then levels[i] = 0 end end
+    return levels
+  end
+  local t, i = nil, 0
+  for v in string.gmatch(state .. ",", "([^,]*),") do
+    if not t then
+      t = tonumber(v)
+    else
+      i = i + 1
+      local limit = limits[i]
+      if limit then
+        local l = tonumber(v) or 0
+        if l > 0 then
+          l = l - (now - t) * limit / RL_WINDOWS_US[i]
+          if l < 0 then l = 0 end
+        end
+        levels[i] = l
+      end
     end
   end
-  if ttl == 0 then
-    redis.call("DEL", key)
-    return
-  end
-  redis.call("HSET", key, unpack(args))
-  redis.call("PEXPIRE", key, ttl + 1000)
+  for n = 1, RL_NDIMS do if limits[n] and not levels[n] then levels[n] = 0 end end
+  return levels
 end
 
--- The limits of one model: per dimension, the organization's limit (the
--- model's own entries if it has any, else the "*" entries) and the project's
--- custom limit (the model's entry, else the project's "*" entry). Returns
--- org, project (tables indexed by dimension, nil = none) and whether the
--- organization has any limit for the model at all.
-local function rl_limits(org_key, proj_key, model, dims)
-  local n = #dims
-  local fields = {}
-  for i = 1, n do
-    fields[i] = model .. "|" .. dims[i]
-    fields[n + i] = "*|" .. dims[i]
+-- The state string of levels at now, and how long (ms) until the fullest drains.
+local function rl_state_pack(levels, limits, now)
+  local out, drain = {string.format("%d", now)}, 0
+  for i = 1, RL_NDIMS do
+    local l = levels[i]
+    if l and l > 0 then
+      out[i + 1] = string.format("%.17g", l)
+      local d = l * RL_WINDOWS_US[i] / limits[i] / 1000
+      if d > drain then drain = d end
+    else
+      out[i + 1] = ""
+    end
   end
-  local org = redis.call("HMGET", org_key, unpack(fields))
+  return table.concat(out, ","), math.ceil(drain)
+end
+
+-- Adds the expiry to a state write (fields: a flat {field, value, ...} list for
+-- HSET) when the hash would expire before `need_ms` (ms, the scripts' clock):
+-- once the hash is written, "x" says until when it is kept. Returns the new
+-- expiry, or nil when the current one will do.
+local function rl_state_expiry(fields, expiry, need_ms)
+  if expiry and expiry >= need_ms then return end
+  local at = need_ms + RL_EXPIRY_SLACK_MS
+  fields[#fields + 1] = "x"
+  fields[#fields + 1] = at
+  return at
+end
+
+-- The configuration a decision needs for (project, model), resolved from the
+-- source records (docs/control-plane.md): per dimension the organization's limit
+-- (the model's own entries if it has any, else the "*" entries) and the
+-- project's (the model's entry, else the project's "*" entry); the verdict
+-- (0 may be used, 5 the organization has no limit for the model, 7 blocked by
+-- the model permissions); the monthly spend limits (organization, project;
+-- "" for none) and the price a token estimate is reserved at (the higher of the
+-- model's input and output price, else the "*" price's; "" for none).
+local function rl_config_resolve(prefix, project, model)
+  local n, fields = RL_NDIMS, {}
+  for i = 1, n do
+    fields[i] = model .. "|" .. RL_DIMS[i]
+    fields[n + i] = "*|" .. RL_DIMS[i]
+  end
+  local org = redis.call("HMGET", prefix .. "lim:o", unpack(fields))
   local offset = n
   for i = 1, n do
     if org[i] then offset = 0 break end
   end
-  local org_limits, any = {}, false
+  local org_limits, proj_limits, any = {}, {}, false
   for i = 1, n do
     local v = org[offset + i]
     if v then org_limits[i] = tonumber(v) any = true end
   end
-  local proj = redis.call("HMGET", proj_key, unpack(fields))
-  local proj_limits = {}
+  local verdict = 0
+  if not any then verdict = 5 end
+  local proj = redis.call("HMGET", prefix .. "lim:p:" .. project, unpack(fields))
   for i = 1, n do
     local v = proj[i] or proj[n + i]
     if v then proj_limits[i] = tonumber(v) end
   end
-  return org_limits, proj_limits, any
+  if verdict == 0 then
+    -- the organization's allow- or block-list, then the project's, which can only narrow it
+    local mp = redis.call("HMGET", prefix .. "mp", "o", "o|" .. model, "p:" .. project, "p:" .. project .. "|" .. model)
+    for s = 1, 3, 2 do
+      if (mp[s] == "allow" and not mp[s + 1]) or (mp[s] == "block" and mp[s + 1]) then verdict = 7 break end
+    end
+  end
+  local spend = redis.call("HMGET", prefix .. "spendlim", "o", "p:" .. project)
+  local price = ""
+  if spend[1] or spend[2] then
+    local p = redis.call("HMGET", prefix .. "price", model, "*")
+    local raw = p[1] or p[2]
+    if raw then
+      local p_in, p_out = string.match(raw, "^([^,]+),([^,]+),")
+      price = string.format("%.17g", math.max(tonumber(p_in), tonumber(p_out)))
+    end
+  end
+  return {verdict = verdict, org = org_limits, proj = proj_limits,
+          spend_o = tonumber(spend[1] or ""), spend_p = tonumber(spend[2] or ""), price = tonumber(price)}
+end
+
+-- "<version>;<verdict>;<org limits, comma-separated>;<project limits>;<spend o>;<spend p>;<price>"
+local function rl_config_encode(version, c)
+  local o, p = {}, {}
+  for i = 1, RL_NDIMS do
+    o[i] = c.org[i] and string.format("%.0f", c.org[i]) or ""
+    p[i] = c.proj[i] and string.format("%.0f", c.proj[i]) or ""
+  end
+  local function num(x) return x and string.format("%.17g", x) or "" end
+  return table.concat({version, c.verdict, table.concat(o, ","), table.concat(p, ","),
+                       num(c.spend_o), num(c.spend_p), num(c.price)}, ";")
+end
+
+local function rl_csv_limits(s)
+  local t, i = {}, 0
+  for v in string.gmatch(s .. ",", "([^,]*),") do
+    i = i + 1
+    t[i] = tonumber(v)
+  end
+  return t
+end
+
+-- The cached configuration when it is of `version`, else nil.
+local function rl_config_decode(raw, version)
+  if not raw then return nil end
+  local v, verdict, o, p, so, sp, price = string.match(raw, "^([^;]*);([^;]*);([^;]*);([^;]*);([^;]*);([^;]*);([^;]*)$")
+  if v ~= version then return nil end
+  return {verdict = tonumber(verdict), org = rl_csv_limits(o), proj = rl_csv_limits(p),
+          spend_o = tonumber(so), spend_p = tonumber(sp), price = tonumber(price)}
 end
 
 -- "YYYYMM" of a time, UTC (days-to-civil, proleptic Gregorian).
@@ -97,6 +190,53 @@ local function rl_month(now)
   local month = mp < 10 and mp + 3 or mp - 9
   local year = yoe + era * 400 + (month <= 2 and 1 or 0)
   return string.format("%04d%02d", year, month)
+end
+
+-- Adds to (subtracts from, when negative) the month's spend of the organization
+-- and the project; the hash is kept 400 days.
+local function rl_add_spend(prefix, month, project, amount)
+  if amount == 0 then return end
+  local key = prefix .. "spend:" .. month
+  local a = string.format("%.17g", amount)
+  redis.call("HINCRBYFLOAT", key, "o", a)
+  redis.call("HINCRBYFLOAT", key, "p:" .. project, a)
+  redis.call("EXPIRE", key, 400 * 86400)
+end
+
+-- The request record (decide.lua writes it, report.lua reads and completes it),
+-- fields separated by ";":
+--   p   the project            k   the key id ("-" for a trusted caller)
+--   rm  the model reported ("" until reported)
+--   f   what was asked: "<model>|<requests>|<tokens>" per item, comma-separated
+--   a   "1" when admitted: f's tokens are reserved
+--   e   spend reserved per item (micro-USD, comma-separated, "" for none)
+--   em  the month the spend was reserved in ("YYYYMM")
+--   r   the answer, comma-separated ("" for none)
+local function rl_record_encode(r)
+  return table.concat({r.p or "", r.k or "", r.rm or "", r.f or "", r.a and "1" or "", r.e or "", r.em or "",
+                       r.reply and table.concat(r.reply, ",") or ""}, ";")
+end
+
+local function rl_record_decode(raw)
+  local p, k, rm, f, a, e, em, reply = string.match(raw, "^([^;]*);([^;]*);([^;]*);([^;]*);([^;]*);([^;]*);([^;]*);(.*)$")
+  local r = {p = p, k = k, rm = rm ~= "" and rm or nil, f = f, a = a == "1", e = e, em = em}
+  if reply ~= "" then
+    r.reply = {}
+    for v in string.gmatch(reply .. ",", "([^,]*),") do
+      r.reply[#r.reply + 1] = tonumber(v) or v
+    end
+  end
+  return r
+end
+
+-- The reservation of a record: items {model, tokens, spend} in order.
+local function rl_record_items(r)
+  local items, spends = {}, {}
+  for s in string.gmatch((r.e or "") .. ",", "([^,]*),") do spends[#spends + 1] = tonumber(s) or 0 end
+  for m, _, t in string.gmatch(r.f or "", "([^|,]+)|([^|,]*)|([^|,]*)") do
+    items[#items + 1] = {model = m, tokens = tonumber(t) or 0, spend = spends[#items + 1] or 0}
+  end
+  return items
 end
 
 -- The largest total an integer usage counter may reach. HINCRBY fails past
