@@ -18,6 +18,12 @@ Layout below one organization prefix::
     pk:<project_id>        set    key ids of a project
     r:<request_id>         string request record (reservation and replay), expires; written
                                   only when something will read it (lib.lua, rl_record_*)
+    u:m:<start_s>          hash   usage counters of one minute, field "<id>|<counter>" (lib.lua);
+    u:h:<start_s>, u:d:<start_s>  the same per hour and day, added by rollup.lua; each expires
+                                  its retention after its end
+    u:r                    string the first minute not rolled up yet (rollup.lua)
+    ui                     hash   usage ids: "<project>|<model>|<key>" -> id, "#<id>" -> the same
+                                  triple, "n" the last id; one id per (project, model, key) ever used
     s                      hash   decision state: every bucket of the organization and its
                                   projects ("o:<model>", "p:<project>:<model>"), the resolved
                                   configuration of each (project, model) ("c:<project>:<model>"),
@@ -120,6 +126,17 @@ class OrgKeys:
     @property
     def state(self) -> str:
         return self.prefix + "s"
+
+    @property
+    def usage_ids(self) -> str:
+        return self.prefix + "ui"
+
+    @property
+    def usage_rollup_marker(self) -> str:
+        return self.prefix + "u:r"
+
+    def usage(self, resolution: str, start_s: int) -> str:
+        return f"{self.prefix}u:{resolution}:{start_s}"
 
 
 # Fields of the decision state hash (OrgKeys.state); lib.lua builds the same.

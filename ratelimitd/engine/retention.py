@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 class Retention(NamedTuple):
     request_ttl_s: int = 900
-    minute_s: int = 2 * 86400
+    minute_s: int = 6 * 3600
     hour_s: int = 35 * 86400
     day_s: int = 400 * 86400
     log_entries: int = 1000

@@ -20,7 +20,7 @@ from ratelimitd.engine.retention import Retention
 
 # Scripts that evaluate buckets get lib.lua in front: one EVALSHA each, one
 # copy of the shared arithmetic.
-_WITH_LIB = ("decide", "report")
+_WITH_LIB = ("decide", "report", "rollup")
 
 
 def read_script(name: str) -> str:
@@ -103,5 +103,6 @@ class Scripts:
         # the hot path's scripts run on the pipelined connection
         self.decide = load("decide")
         self.report = load("report")
+        self.rollup = load("rollup")
         # control-plane scripts run through redis-py
         self.set_project_limits: AsyncScript = redis.register_script(read_script("set_project_limits"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import re
 import time
 from collections import defaultdict
 from collections.abc import Iterable
@@ -176,6 +177,7 @@ class Usage:
         self._connection = connection
         self._script = configured(scripts.report, dimensions, retention)
         self._control = control
+        self._minute_retention_s = retention.minute_s
         self._clock = clock
 
     # -- reporting (once per request) ------------------------------------
@@ -332,15 +334,16 @@ class Usage:
             )
         k = await self._control.require_organization(org_id)
         with storage_errors():
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for s in starts:
-                    pipe.hgetall(f"{k.prefix}u:{res}:{s}")
-                raws = cast(list[dict[str, str]], await pipe.execute())
+            buckets = await self._read_buckets(k, res, width, starts)
+            names = await self._usage_names(k, buckets)
         rows: dict[tuple[int, str, str, str], UsageTotals] = defaultdict(UsageTotals)
         total = UsageTotals()
-        for s, raw in zip(starts, raws, strict=True):
+        for s, raw in buckets:
             for name, value in raw.items():
-                project, model, key_id, counter = name.split("|", 3)
+                counter_of = _counter(name, names)
+                if counter_of is None:
+                    continue
+                (project, model, key_id), counter = counter_of
                 if project_id and project != project_id:
                     continue
                 row_key = (
@@ -352,6 +355,60 @@ class Usage:
                 rows[row_key].add(counter, value)
                 total.add(counter, value)
         return [UsageRow(*row_key, totals) for row_key, totals in sorted(rows.items())], total
+
+    async def _read_buckets(
+        self, k: keys.OrgKeys, res: str, width: int, starts: range
+    ) -> list[tuple[int, dict[str, str]]]:
+        """The counters of each bucket start, with the minutes not rolled up yet added to hours and days.
+
+        One transaction reads the rollup marker, the buckets and the minutes from the marker on, so
+        a rollup (rollup.lua) is seen whole or not at all; if the marker moved since it was first
+        read, the minutes read may be the wrong ones, and the read is made again."""
+        if res == "m":
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for s in starts:
+                    pipe.hgetall(k.usage("m", s))
+                return list(zip(starts, cast(list[dict[str, str]], await pipe.execute()), strict=True))
+        while True:
+            marker = cast(str | None, await self._redis.get(k.usage_rollup_marker))
+            minutes = await self._unrolled_minutes(marker, starts[0], starts[-1] + width)
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.get(k.usage_rollup_marker)
+                for s in starts:
+                    pipe.hgetall(k.usage(res, s))
+                for m in minutes:
+                    pipe.hgetall(k.usage("m", m))
+                replies = await pipe.execute()
+            if replies[0] != marker:
+                continue
+            raws = cast(list[dict[str, str]], replies[1:])
+            buckets = list(zip(starts, raws[: len(starts)], strict=True))
+            buckets += [(m - m % width, raw) for m, raw in zip(minutes, raws[len(starts) :], strict=True) if raw]
+            return buckets
+
+    async def _unrolled_minutes(self, marker: str | None, start_s: int, end_s: int) -> range:
+        """Minute starts in [start_s, end_s) the rollup has not reached: from the marker (or the
+        oldest minute kept, when there is none yet) to the current minute."""
+        given = await self._clock()
+        now_s = int(given) // 1_000_000 if given else int((await self._redis.time())[0])
+        current = now_s - now_s % 60
+        first = int(marker) if marker else current - (self._minute_retention_s + 59) // 60 * 60 - 60
+        first = max(first, start_s - start_s % 60)
+        return range(first, min(current, end_s - 1) + 1, 60)
+
+    async def _usage_names(
+        self, k: keys.OrgKeys, buckets: list[tuple[int, dict[str, str]]]
+    ) -> dict[str, tuple[str, str, str]]:
+        """The (project, model, key) of every usage id in the buckets."""
+        ids = sorted({name.split("|", 1)[0] for _, raw in buckets for name in raw if _COMPACT_FIELD.match(name)})
+        if not ids:
+            return {}
+        triples = cast(list[str | None], await self._redis.hmget(k.usage_ids, [f"#{i}" for i in ids]))
+        return {
+            i: cast(tuple[str, str, str], tuple(t.split("|", 2)))
+            for i, t in zip(ids, triples, strict=True)
+            if t is not None
+        }
 
     async def logs(
         self,
@@ -386,6 +443,25 @@ class Usage:
             if len(out) == limit:
                 break
         return out
+
+
+# Usage fields as lib.lua writes them: "<id>|<counter>" (counter abbreviated).
+_COMPACT_FIELD = re.compile(r"^(\d+)\|([a-z])(\d*)$")
+_COUNTERS = {"r": "req", "p": "rep", "i": "in", "o": "out", "c": "cached", "s": "spend"}
+
+
+def _counter(name: str, names: dict[str, tuple[str, str, str]]) -> tuple[tuple[str, str, str], str] | None:
+    """(project, model, key) and the counter's name of a usage field; None for an unknown id.
+    Fields "<project>|<model>|<key>|<counter>" are what versions before the rollup wrote."""
+    compact = _COMPACT_FIELD.match(name)
+    if compact is None:
+        project, model, key_id, counter = name.split("|", 3)
+        return (project, model, key_id), counter
+    who = names.get(compact[1])
+    if who is None:
+        return None
+    counter = f"ref:{compact[3]}" if compact[2] == "x" else _COUNTERS.get(compact[2], "")
+    return who, counter
 
 
 def _usd(micro: str | None) -> float | None:

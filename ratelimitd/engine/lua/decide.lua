@@ -104,15 +104,20 @@ local now = rl_now(ARGV[#ARGV])
 local key_id = "-"
 local reported_model = nil
 local reserved_spend, spend_month = nil, nil
+local usage_ids, new_usage_ids = {}, {} -- per model: the usage counters' id (lib.lua)
 
 -- Only for an authenticated caller: counts the decision, logs a refusal, and
 -- remembers the answer (never over another caller's record: outcome 9).
 local function finish(reply)
   local outcome = reply[1]
+  local per_model = {}
   for _, item in ipairs(items) do
-    local counters = {}
-    if outcome == 0 then counters.req = item.requests else counters["ref:" .. outcome] = 1 end
-    rl_count_usage(prefix, now, RL_RESOLUTIONS, project .. "|" .. item.model .. "|" .. key_id .. "|", counters)
+    local add = outcome == 0 and item.requests or 1
+    per_model[item.model] = (per_model[item.model] or 0) + add
+  end
+  local counter = outcome == 0 and "req" or "ref:" .. outcome
+  for _, model in ipairs(models) do
+    rl_count_usage(prefix, now, usage_ids[model], {[counter] = per_model[model]})
   end
   if outcome ~= 0 then
     rl_log(prefix, project, {id = request_id, t = math.floor(now / 1000), m = items[1].model, k = key_id,
@@ -149,18 +154,20 @@ for _, model in ipairs(models) do
   fields[#fields + 1] = "c:" .. project .. ":" .. model
   fields[#fields + 1] = "o:" .. model
   fields[#fields + 1] = "p:" .. project .. ":" .. model
+  fields[#fields + 1] = "u:" .. project .. ":" .. model .. ":" .. key_id
 end
 local st = redis.call("HMGET", state_key, unpack(fields))
 local version, layout_ok, expiry = st[1] or "0", st[2] == RL_LAYOUT, tonumber(st[3])
 local configs, states, resolved, cached_any = {}, {}, {}, false
 for n, model in ipairs(models) do
-  local c = layout_ok and rl_config_decode(st[3 * n + 1], version) or nil
+  local c = layout_ok and rl_config_decode(st[4 * n], version) or nil
   if c then cached_any = true end
   configs[model] = c
   if layout_ok then
-    states["o:" .. model] = st[3 * n + 2]
-    states["p:" .. project .. ":" .. model] = st[3 * n + 3]
+    states["o:" .. model] = st[4 * n + 1]
+    states["p:" .. project .. ":" .. model] = st[4 * n + 2]
   end
+  usage_ids[model] = st[4 * n + 3]
 end
 
 -- A cached configuration exists only for a project that existed when it was
@@ -170,6 +177,13 @@ if not cached_any then
   if redis.call("EXISTS", record) == 0 then
     if kind == "k" then return unauthenticated end
     return {6, project, 0, 0, 0, 0, 0}
+  end
+end
+-- The usage counters' id of (project, model, key), kept in the state hash too.
+for _, model in ipairs(models) do
+  if not usage_ids[model] then
+    usage_ids[model] = rl_usage_id(prefix, project, model, key_id)
+    new_usage_ids[model] = true
   end
 end
 if kind == "k" then
@@ -298,6 +312,10 @@ if outcome == 0 then
   for model in pairs(resolved) do
     writes[#writes + 1] = "c:" .. project .. ":" .. model
     writes[#writes + 1] = rl_config_encode(version, configs[model])
+  end
+  for model in pairs(new_usage_ids) do
+    writes[#writes + 1] = "u:" .. project .. ":" .. model .. ":" .. key_id
+    writes[#writes + 1] = usage_ids[model]
   end
   if not layout_ok then
     writes[#writes + 1] = "d"

@@ -244,6 +244,29 @@ end
 -- in a Lua number, so the check below is too.
 local RL_MAX_COUNTER = 2 ^ 62
 
+-- Usage counters (docs/usage.md) are fields "<id>|<counter>" of one hash per
+-- minute, rl:{org_x}:u:m:<start_s>; rollup.lua adds finished minutes into the
+-- hour and day hashes (u:h:<start_s>, u:d:<start_s>). <id> is a small integer
+-- standing for one (project, model, key), interned in the hash "ui":
+-- "<project>|<model>|<key>" -> id, "#<id>" -> "<project>|<model>|<key>", "n" the last id.
+local RL_COUNTER_FIELD = {req = "r", rep = "p", ["in"] = "i", out = "o", cached = "c", spend = "s"}
+
+local function rl_counter_field(id, name)
+  local short = RL_COUNTER_FIELD[name]
+  if not short then short = "x" .. string.sub(name, 5) end -- "ref:<outcome>"
+  return id .. "|" .. short
+end
+
+-- The usage id of (project, model, key), allocated at its first use.
+local function rl_usage_id(prefix, project, model, key_id)
+  local key, who = prefix .. "ui", project .. "|" .. model .. "|" .. key_id
+  local id = redis.call("HGET", key, who)
+  if id then return id end
+  id = tostring(redis.call("HINCRBY", key, "n", 1))
+  redis.call("HSET", key, who, id, "#" .. id, who)
+  return id
+end
+
 -- The usage hash of one resolution at a time.
 local function rl_usage_key(prefix, now, r)
   local now_s = math.floor(now / 1000000)
@@ -252,15 +275,16 @@ local function rl_usage_key(prefix, now, r)
 end
 
 -- The name of an integer counter that adding `counters` would take past
--- RL_MAX_COUNTER, or nil when all fit. A script calls it before its first
--- write, so an overflow refuses the whole call instead of half applying it.
-local function rl_usage_overflow(prefix, now, resolutions, who, counters)
+-- RL_MAX_COUNTER in this minute, hour or day, or nil when all fit. A script
+-- calls it before its first write, so an overflow refuses the whole call
+-- instead of half applying it.
+local function rl_usage_overflow(prefix, now, id, counters)
   local names, fields = {}, {}
   for name in pairs(counters) do
     names[#names + 1] = name
-    fields[#fields + 1] = who .. name
+    fields[#fields + 1] = rl_counter_field(id, name)
   end
-  for _, r in ipairs(resolutions) do
+  for _, r in ipairs(RL_RESOLUTIONS) do
     local totals = redis.call("HMGET", rl_usage_key(prefix, now, r), unpack(fields))
     for n, name in ipairs(names) do
       if (tonumber(totals[n]) or 0) + counters[name] > RL_MAX_COUNTER then return name end
@@ -269,30 +293,24 @@ local function rl_usage_overflow(prefix, now, resolutions, who, counters)
   return nil
 end
 
--- Adds counters to the usage of one (project, model, key) at each resolution.
--- resolutions: {{"m", 60, ttl_s}, {"h", 3600, ttl_s}, {"d", 86400, ttl_s}}
+-- Adds counters to the usage of one (project, model, key) id in this minute.
 -- counters: {name = whole amount, ...}; fractional: {name = amount, ...} (spend),
 -- kept apart because a whole amount of spend added with HINCRBY to a fractional
 -- total fails (and a large one is written "1e+18", which HINCRBY refuses too).
-local function rl_count_usage(prefix, now, resolutions, who, counters, fractional)
-  local amounts = {}
-  for name, amount in pairs(counters) do amounts[name] = {amount, "HINCRBY", string.format("%.0f", amount)} end
-  for name, amount in pairs(fractional or {}) do
-    amounts[name] = {amount, "HINCRBYFLOAT", string.format("%.17g", amount)}
+local function rl_count_usage(prefix, now, id, counters, fractional)
+  local minute = RL_RESOLUTIONS[1]
+  local key, start = rl_usage_key(prefix, now, minute)
+  local created = false
+  local function add(name, amount, command, text)
+    if amount == 0 then return end
+    local total = tonumber(redis.call(command, key, rl_counter_field(id, name), text))
+    -- a field just created (the key too, perhaps): only then set the expiry
+    if total == amount then created = true end
   end
-  for _, r in ipairs(resolutions) do
-    local key, start = rl_usage_key(prefix, now, r)
-    local created = false
-    for name, a in pairs(amounts) do
-      local amount = a[1]
-      if amount ~= 0 then
-        local total = tonumber(redis.call(a[2], key, who .. name, a[3]))
-        -- a field just created (the key too, perhaps): only then set the expiry
-        if total == amount then created = true end
-      end
-    end
-    if created then redis.call("EXPIREAT", key, start + r[2] + r[3]) end
-  end
+  for name, amount in pairs(counters) do add(name, amount, "HINCRBY", string.format("%.0f", amount)) end
+  for name, amount in pairs(fractional or {}) do add(name, amount, "HINCRBYFLOAT", string.format("%.17g", amount)) end
+  -- relative to the scripts' clock, which in tests is not the server's
+  if created then redis.call("EXPIRE", key, start + minute[2] + minute[3] - math.floor(now / 1000000)) end
 end
 
 -- Appends to a project's request log, newest first, capped and expiring.

@@ -7,7 +7,8 @@ goes to the same token buckets of the project and the organization: an
 over-estimate is refunded (a level never drops below 0), an under-estimate is
 charged even past the limit (later requests then wait until it drains).
 Without one (expired, or never checked) the counted tokens are charged in full.
-Either way the usage is recorded: counters at three resolutions, the monthly
+Either way the usage is recorded: counters of this minute (rollup.lua adds them
+to hours and days), the monthly
 spend from the model's price, and one entry in the project's request log.
 Spend the decision reserved (decide.lua) is replaced by the real cost: the
 estimate is taken back from the month it was reserved in, the cost added to
@@ -105,9 +106,9 @@ if settings[1] ~= "1" then counted = counted - cached end
 if counted < 0 then counted = 0 end
 local delta = counted - reserved
 
-local who = project .. "|" .. model .. "|" .. key_id .. "|"
+local usage_id = redis.call("HGET", prefix .. "ui", project .. "|" .. model .. "|" .. key_id)
 local counters = {rep = 1, ["in"] = input, out = output, cached = cached}
-local overflow = rl_usage_overflow(prefix, now, RL_RESOLUTIONS, who, counters)
+local overflow = usage_id and rl_usage_overflow(prefix, now, usage_id, counters)
 if overflow then return {8, project, overflow, 0, 0, "0"} end
 
 -- Checked: from here on every call writes.
@@ -164,7 +165,7 @@ if spend > 0 or reserved_spend ~= 0 then
   rl_add_spend(prefix, month, project, spend - reserved_spend)
 end
 
-rl_count_usage(prefix, now, RL_RESOLUTIONS, who, counters, {spend = spend})
+rl_count_usage(prefix, now, usage_id or rl_usage_id(prefix, project, model, key_id), counters, {spend = spend})
 rl_log(prefix, project, {id = request_id, t = math.floor(now / 1000), m = model, k = key_id, ok = true,
                          ["in"] = input, out = output, cached = cached, s = status_code, lat = latency,
                          res = status}, RL_LOG_CAP, RL_LOG_TTL_S)
