@@ -132,7 +132,8 @@ class Decider:
             kind, subject = "k", org.api_key(caller.key_id)
         else:
             kind, subject = "p", org.project(caller.project_id)
-        args: list[str | int] = [kind, caller.key_hash, caller.project_id, request_id, remember, len(items)]
+        who = caller.key_id if caller.key_id else caller.project_id
+        args: list[str | int] = [kind, caller.key_hash, who, request_id, remember, len(items)]
         for item in items:
             args += (item.model, item.requests, item.tokens)
         args.append(await self._clock())

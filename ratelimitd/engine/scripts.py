@@ -55,6 +55,8 @@ def load(name: str) -> LuaScript:
 # extends it: the extension (one PEXPIREAT) then happens about once per this
 # interval under steady traffic rather than on every decision.
 EXPIRY_SLACK_MS = 60_000
+# Lua 5.1's LUA_MAXCAPTURES: bounds the dimensions RL_CONFIG_PATTERN can capture.
+_LUA_MAX_CAPTURES = 32
 
 
 def _lua_string(value: str) -> str:
@@ -67,6 +69,17 @@ def layout(dimensions: Dimensions) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
+def _fields_pattern(separator: str, count: int) -> str:
+    return "^" + separator.join([f"([^{separator}]*)"] * count) + "$"
+
+
+def _config_pattern(ndims: int) -> str:
+    """The cached configuration (lib.lua, rl_config_encode): version; verdict; org limits;
+    project limits; spend limits; price, every limit a capture of its own."""
+    limits = ",".join(["([^,;]*)"] * ndims)
+    return "^([^;]*);([^;]*);" + limits + ";" + limits + ";([^;]*);([^;]*);([^;]*)$"
+
+
 def settings_prelude(dimensions: Dimensions, retention: Retention) -> str:
     """The RL_* constants decide.lua and report.lua read, as Lua source.
 
@@ -74,6 +87,8 @@ def settings_prelude(dimensions: Dimensions, retention: Retention) -> str:
     script parses nothing per call, and processes with equal settings share one
     script (one SHA)."""
     dims = dimensions.all
+    if 5 + 2 * len(dims) > _LUA_MAX_CAPTURES:
+        raise ValueError(f"{len(dims)} dimensions; at most {(_LUA_MAX_CAPTURES - 5) // 2} are supported")
     resolutions = (("m", 60, retention.minute_s), ("h", 3600, retention.hour_s), ("d", 86400, retention.day_s))
     lines = [
         f"local RL_NDIMS = {len(dims)}",
@@ -88,6 +103,11 @@ def settings_prelude(dimensions: Dimensions, retention: Retention) -> str:
         f"local RL_LOG_CAP = {retention.log_entries}",
         f"local RL_LOG_TTL_S = {retention.log_ttl_s}",
         f"local RL_EXPIRY_SLACK_MS = {EXPIRY_SLACK_MS}",
+        # One string.match with a capture per value reads a state or a cached configuration:
+        # several times cheaper in Valkey's Lua than a gmatch loop (lib.lua).
+        f"local RL_STATE_PATTERN = {_lua_string(_fields_pattern(',', 1 + len(dims)))}",
+        f"local RL_CONFIG_PATTERN = {_lua_string(_config_pattern(len(dims)))}",
+        f"local RL_STATE_FORMAT = {_lua_string(','.join(['%d'] + ['%.17g'] * len(dims)))}",
     ]
     return "\n".join(lines) + "\n"
 

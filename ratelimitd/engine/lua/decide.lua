@@ -33,7 +33,8 @@ write. A refused decision writes no state, so it leaves that hash as it was.
 
 The request record (lib.lua, rl_record_*, one delimited string) is written for
 an admitted request (ReportUsage reconciles its reservation, and finds its
-model there) and for any answer to a caller-chosen id (replay).
+model there) and for any answer to a caller-chosen id (replay). It holds the
+answer only when ARGV[5] is "1": only then can a later call replay it.
 
 Monthly spend limits: a decision is refused (8) once the month's spend of the
 organization or the project has reached its limit. An admitted decision under
@@ -54,7 +55,7 @@ KEYS[3]  the request record                     rl:{org_x}:r:<request_id>
 
 ARGV[1]  caller kind: "k" (API key) or "p" (project id)
 ARGV[2]  sha256 hex of the presented API key ("" for kind "p")
-ARGV[3]  project id (kind "p"; "" for kind "k")
+ARGV[3]  project id (kind "p"); the API key's id (kind "k", as in KEYS[2])
 ARGV[4]  request id
 ARGV[5]  "1": the caller chose the request id; remember any answer for replay
          "2": the caller chose it, but every call is decided anew (the id
@@ -83,7 +84,8 @@ Reply: an array
 
 local state_key = KEYS[1]
 local prefix = string.sub(state_key, 1, -2) -- strip "s"
-local kind, key_hash, project = ARGV[1], ARGV[2], ARGV[3]
+local kind, key_hash = ARGV[1], ARGV[2]
+local project = kind == "p" and ARGV[3] or ""
 local request_id, remember, chosen_id = ARGV[4], ARGV[5] == "1", ARGV[5] ~= "0"
 local nitems = tonumber(ARGV[6])
 local items, asked, models, model_seen = {}, {}, {}, {}
@@ -117,7 +119,7 @@ local function finish(reply)
   end
   local counter = outcome == 0 and "req" or "ref:" .. outcome
   for _, model in ipairs(models) do
-    rl_count_usage(prefix, now, usage_ids[model], {[counter] = per_model[model]})
+    rl_count_one(prefix, now, usage_ids[model], counter, per_model[model])
   end
   if outcome ~= 0 then
     rl_log(prefix, project, {id = request_id, t = math.floor(now / 1000), m = items[1].model, k = key_id,
@@ -125,7 +127,10 @@ local function finish(reply)
   end
   if outcome == 9 then return reply end
   if remember or outcome == 0 then
-    local record = {p = project, k = key_id, rm = reported_model, f = fingerprint, a = outcome == 0, reply = reply}
+    -- the answer only where a replay may read it: turning ~40 numbers into text is
+    -- a good part of a decision's cost
+    local record = {p = project, k = key_id, rm = reported_model, f = fingerprint, a = outcome == 0}
+    if remember then record.reply = reply end
     if reserved_spend then record.e, record.em = table.concat(reserved_spend, ","), spend_month end
     redis.call("SET", KEYS[3], rl_record_encode(record), "PX", RL_RECORD_TTL_MS)
   end
@@ -144,8 +149,7 @@ if kind == "k" then
   if not key_rec[1] or key_rec[1] ~= key_hash or key_rec[3] == "1" then
     return unauthenticated
   end
-  project = key_rec[2]
-  key_id = string.match(KEYS[2], ":k:(.+)$")
+  project, key_id = key_rec[2], ARGV[3]
 end
 
 -- Configuration and buckets of every model asked for, in one read.
@@ -201,8 +205,9 @@ if chosen_id then
   local earlier = redis.call("GET", KEYS[3])
   if earlier then
     local rec = rl_record_decode(earlier)
-    local same_caller = rec.p == project and (rec.reply == nil or rec.k == key_id)
-    if not same_caller or (remember and rec.reply and rec.f ~= fingerprint) then
+    -- (a record without f is a usage report that came first)
+    local same_caller = rec.p == project and (rec.f == "" or rec.k == key_id)
+    if not same_caller or (remember and rec.f ~= "" and rec.f ~= fingerprint) then
       return early(9)
     end
     if remember and rec.reply then
@@ -237,41 +242,54 @@ end
 
 -- Every applicable bucket, once, with its state drained to now. Buckets live
 -- in groups, one state field per scope and model; items naming the same model
--- share them.
-local buckets, groups, group_of, item_buckets = {}, {}, {}, {}
+-- share them. Parallel arrays, not a table per bucket: this is the hot path.
+local nb, b_scope, b_dim, b_limit, b_cost, b_level, b_group = 0, {}, {}, {}, {}, {}, {}
+local ng, g_field, g_limits, g_levels, g_bucket = 0, {}, {}, {}, {}
+local group_of, item_buckets = {}, {}
 
-local function add(field, scope, dim, limits, cost, mine)
+local function group(field, limits)
   local g = group_of[field]
   if not g then
-    g = {field = field, limits = limits, by_dim = {}}
-    g.levels = rl_state_load(states[field], limits, now)
-    group_of[field] = g
-    groups[#groups + 1] = g
+    ng = ng + 1
+    g = ng
+    group_of[field], g_field[g], g_limits[g], g_bucket[g] = g, field, limits, {}
+    g_levels[g] = rl_state_load(states[field], limits, now)
   end
-  local b = g.by_dim[dim]
-  if not b then
-    b = {scope = scope, dim = dim, limit = limits[dim], cost = 0, group = g}
-    b.level = g.levels[dim]
-    g.by_dim[dim] = b
-    buckets[#buckets + 1] = b
-    b.index = #buckets
-  end
-  b.cost = b.cost + cost
-  mine[#mine + 1] = b.index
+  return g
 end
 
-for j, item in ipairs(items) do
+local function bucket(g, scope, dim, cost)
+  local n = g_bucket[g][dim]
+  if not n then
+    nb = nb + 1
+    n = nb
+    g_bucket[g][dim] = n
+    b_scope[n], b_dim[n], b_limit[n], b_cost[n], b_level[n], b_group[n] = scope, dim, g_limits[g][dim], 0,
+      g_levels[g][dim], g
+  end
+  b_cost[n] = b_cost[n] + cost
+  return n
+end
+
+for j = 1, nitems do
+  local item = items[j]
   local model = item.model
   local c = configs[model]
   if c.verdict ~= 0 then
     return early(c.verdict, j)
   end
-  local mine = {}
-  local org_field, proj_field = "o:" .. model, "p:" .. project .. ":" .. model
+  local mine, og, pg = {}, nil, nil
+  local org, proj = c.org, c.proj
   for i = 1, RL_NDIMS do
     local cost = RL_METRIC_TOKENS[i] and item.tokens or item.requests
-    if c.org[i] then add(org_field, 1, i, c.org, cost, mine) end
-    if c.proj[i] then add(proj_field, 2, i, c.proj, cost, mine) end
+    if org[i] then
+      og = og or group("o:" .. model, org)
+      mine[#mine + 1] = bucket(og, 1, i, cost)
+    end
+    if proj[i] then
+      pg = pg or group("p:" .. project .. ":" .. model, proj)
+      mine[#mine + 1] = bucket(pg, 2, i, cost)
+    end
   end
   item_buckets[j] = mine
 end
@@ -279,13 +297,14 @@ end
 -- Decide: "never passable" beats "not now"; among "not now" the bucket that
 -- frees up last binds, and its wait is the retry-after.
 local outcome, binding, wait = 0, 0, 0
-for n, b in ipairs(buckets) do
-  if b.cost > b.limit then
+for n = 1, nb do
+  local limit, cost = b_limit[n], b_cost[n]
+  if cost > limit then
     if outcome ~= 3 then outcome, binding, wait = 3, n, 0 end
-  elseif outcome ~= 3 and b.level + b.cost > b.limit + 1e-9 then
-    local need = (b.level + b.cost - b.limit) * RL_WINDOWS_US[b.dim] / b.limit
+  elseif outcome ~= 3 and b_level[n] + cost > limit + 1e-9 then
+    local need = (b_level[n] + cost - limit) * RL_WINDOWS_US[b_dim[n]] / limit
     if binding == 0 or need > wait then
-      outcome, binding, wait = b.scope == 2 and 1 or 2, n, need
+      outcome, binding, wait = b_scope[n] == 2 and 1 or 2, n, need
     end
   end
 end
@@ -293,37 +312,37 @@ end
 if outcome == 0 then
   -- One write: the charged groups, the configurations just resolved, and the
   -- hash's layout and expiry when they need it.
-  local writes, longest = {}, 0
-  for _, b in ipairs(buckets) do
-    if b.cost > 0 then
-      b.level = b.level + b.cost
-      b.group.levels[b.dim] = b.level
-      b.group.charged = true
+  local charged = {}
+  for n = 1, nb do
+    local cost = b_cost[n]
+    if cost > 0 then
+      local level = b_level[n] + cost
+      b_level[n] = level
+      g_levels[b_group[n]][b_dim[n]] = level
+      charged[b_group[n]] = true
     end
   end
-  for _, g in ipairs(groups) do
-    if g.charged then
-      local packed, drain = rl_state_pack(g.levels, g.limits, now)
-      writes[#writes + 1] = g.field
-      writes[#writes + 1] = packed
+  local writes, w, longest = {}, 0, 0
+  for g = 1, ng do
+    if charged[g] then
+      local packed, drain = rl_state_pack(g_levels[g], g_limits[g], now)
+      writes[w + 1], writes[w + 2], w = g_field[g], packed, w + 2
       if drain > longest then longest = drain end
     end
   end
   for model in pairs(resolved) do
-    writes[#writes + 1] = "c:" .. project .. ":" .. model
-    writes[#writes + 1] = rl_config_encode(version, configs[model])
+    writes[w + 1], writes[w + 2], w = "c:" .. project .. ":" .. model, rl_config_encode(version, configs[model]), w + 2
   end
   for model in pairs(new_usage_ids) do
-    writes[#writes + 1] = "u:" .. project .. ":" .. model .. ":" .. key_id
-    writes[#writes + 1] = usage_ids[model]
+    writes[w + 1], writes[w + 2], w = "u:" .. project .. ":" .. model .. ":" .. key_id, usage_ids[model], w + 2
   end
   if not layout_ok then
-    writes[#writes + 1] = "d"
-    writes[#writes + 1] = RL_LAYOUT
+    writes[w + 1], writes[w + 2], w = "d", RL_LAYOUT, w + 2
   end
-  local expire_at = rl_state_expiry(writes, layout_ok and expiry or nil, math.floor(now / 1000) + longest)
+  local now_ms = math.floor(now / 1000)
+  local expire_at = rl_state_expiry(writes, layout_ok and expiry or nil, now_ms + longest)
   if #writes > 0 then redis.call("HSET", state_key, unpack(writes)) end
-  if expire_at then redis.call("PEXPIRE", state_key, expire_at - math.floor(now / 1000)) end
+  if expire_at then redis.call("PEXPIRE", state_key, expire_at - now_ms) end
 
   -- Spend reserved at the estimate, in the month the limit is checked against.
   if spend_limited then
@@ -342,21 +361,22 @@ if outcome == 0 then
   end
 end
 
-local reply = {outcome, project, math.ceil(wait / 1000), binding, 0, 0, #buckets}
-for _, b in ipairs(buckets) do
-  local remaining = math.floor(b.limit - b.level + 1e-9)
+local reply = {outcome, project, math.ceil(wait / 1000), binding, 0, 0, nb}
+local r = 7
+for n = 1, nb do
+  local limit, level = b_limit[n], b_level[n]
+  local remaining = math.floor(limit - level + 1e-9)
   if remaining < 0 then remaining = 0 end
   local reset = 0
-  if b.limit > 0 then reset = math.ceil(b.level * RL_WINDOWS_US[b.dim] / b.limit / 1000) end
-  reply[#reply + 1] = b.scope
-  reply[#reply + 1] = b.dim
-  reply[#reply + 1] = b.limit
-  reply[#reply + 1] = remaining
-  reply[#reply + 1] = reset
+  if limit > 0 then reset = math.ceil(level * RL_WINDOWS_US[b_dim[n]] / limit / 1000) end
+  reply[r + 1], reply[r + 2], reply[r + 3], reply[r + 4], reply[r + 5] = b_scope[n], b_dim[n], limit, remaining, reset
+  r = r + 5
 end
 for j = 1, nitems do
   local mine = item_buckets[j]
-  reply[#reply + 1] = #mine
-  for _, index in ipairs(mine) do reply[#reply + 1] = index end
+  r = r + 1
+  reply[r] = #mine
+  for k = 1, #mine do reply[r + k] = mine[k] end
+  r = r + #mine
 end
 return finish(reply)

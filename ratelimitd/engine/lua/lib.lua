@@ -40,49 +40,45 @@ local function rl_now(given)
 end
 
 -- A group's buckets are stored as "<t_us>,<level 1>,...,<level d>" (one level per
--- dimension, "" where the scope has no limit). Returns the levels drained to now
+-- dimension, 0 where the scope has no limit). Returns the levels drained to now
 -- for the dimensions in limits (limits[i] = L or nil).
 local function rl_state_load(state, limits, now)
   local levels = {}
-  if not state then
+  local v = state and {string.match(state, RL_STATE_PATTERN)}
+  if not v or not v[1] then
     for i = 1, RL_NDIMS do if limits[i] then levels[i] = 0 end end
     return levels
   end
-  local t, i = nil, 0
-  for v in string.gmatch(state .. ",", "([^,]*),") do
-    if not t then
-      t = tonumber(v)
-    else
-      i = i + 1
-      local limit = limits[i]
-      if limit then
-        local l = tonumber(v) or 0
-        if l > 0 then
-          l = l - (now - t) * limit / RL_WINDOWS_US[i]
-          if l < 0 then l = 0 end
-        end
-        levels[i] = l
+  local elapsed = now - tonumber(v[1])
+  for i = 1, RL_NDIMS do
+    local limit = limits[i]
+    if limit then
+      local l = tonumber(v[i + 1]) or 0
+      if l > 0 then
+        l = l - elapsed * limit / RL_WINDOWS_US[i]
+        if l < 0 then l = 0 end
       end
+      levels[i] = l
     end
   end
-  for n = 1, RL_NDIMS do if limits[n] and not levels[n] then levels[n] = 0 end end
   return levels
 end
 
 -- The state string of levels at now, and how long (ms) until the fullest drains.
 local function rl_state_pack(levels, limits, now)
-  local out, drain = {string.format("%d", now)}, 0
+  local values, drain = {}, 0
   for i = 1, RL_NDIMS do
     local l = levels[i]
     if l and l > 0 then
-      out[i + 1] = string.format("%.17g", l)
+      values[i] = l
       local d = l * RL_WINDOWS_US[i] / limits[i] / 1000
       if d > drain then drain = d end
     else
-      out[i + 1] = ""
+      values[i] = 0
     end
   end
-  return table.concat(out, ","), math.ceil(drain)
+  -- one format call for the whole state: cheaper than one per level and a concat
+  return string.format(RL_STATE_FORMAT, now, unpack(values, 1, RL_NDIMS)), math.ceil(drain)
 end
 
 -- Adds the expiry to a state write (fields: a flat {field, value, ...} list for
@@ -161,22 +157,19 @@ local function rl_config_encode(version, c)
                        num(c.spend_o), num(c.spend_p), num(c.price)}, ";")
 end
 
-local function rl_csv_limits(s)
-  local t, i = {}, 0
-  for v in string.gmatch(s .. ",", "([^,]*),") do
-    i = i + 1
-    t[i] = tonumber(v)
-  end
-  return t
-end
-
 -- The cached configuration when it is of `version`, else nil.
 local function rl_config_decode(raw, version)
-  if not raw then return nil end
-  local v, verdict, o, p, so, sp, price = string.match(raw, "^([^;]*);([^;]*);([^;]*);([^;]*);([^;]*);([^;]*);([^;]*)$")
-  if v ~= version then return nil end
-  return {verdict = tonumber(verdict), org = rl_csv_limits(o), proj = rl_csv_limits(p),
-          spend_o = tonumber(so), spend_p = tonumber(sp), price = tonumber(price)}
+  if not raw or string.sub(raw, 1, #version + 1) ~= version .. ";" then return nil end
+  local f = {string.match(raw, RL_CONFIG_PATTERN)}
+  if not f[1] then return nil end
+  local n = RL_NDIMS
+  local org, proj = {}, {}
+  for i = 1, n do
+    org[i] = tonumber(f[2 + i])
+    proj[i] = tonumber(f[2 + n + i])
+  end
+  return {verdict = tonumber(f[2]), org = org, proj = proj,
+          spend_o = tonumber(f[2 * n + 3]), spend_p = tonumber(f[2 * n + 4]), price = tonumber(f[2 * n + 5])}
 end
 
 -- "YYYYMM" of a time, UTC (days-to-civil, proleptic Gregorian).
@@ -291,6 +284,20 @@ local function rl_usage_overflow(prefix, now, id, counters)
     end
   end
   return nil
+end
+
+-- Adds one whole counter to the usage of one (project, model, key) id in this
+-- minute: rl_count_usage for a single counter, the hot path's case.
+local function rl_count_one(prefix, now, id, name, amount)
+  if amount == 0 then return end
+  local now_s = math.floor(now / 1000000)
+  local start = now_s - now_s % 60
+  local key = prefix .. "u:m:" .. start
+  if redis.call("HINCRBY", key, rl_counter_field(id, name), amount) == amount then
+    -- a field just created (the key too, perhaps): only then set the expiry, relative
+    -- to the scripts' clock, which in tests is not the server's
+    redis.call("EXPIRE", key, start + 60 + RL_RESOLUTIONS[1][3] - now_s)
+  end
 end
 
 -- Adds counters to the usage of one (project, model, key) id in this minute.
