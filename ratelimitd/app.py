@@ -95,7 +95,7 @@ class App:
         clock = manual_clock(self.redis) if s.manual_clock else server_time
         self.decider = Decider(self.pipeline, scripts, dims, s.retention, clock=clock)
         self.usage = Usage(self.redis, self.pipeline, scripts, dims, self.control, s.retention, clock=clock)
-        self.rollup = UsageRollup(self.redis, self.pipeline, scripts, dims, s.retention, clock=clock)
+        self.rollup = UsageRollup(self.redis, scripts, dims, s.retention, clock=clock)
         self._rollup_task = asyncio.get_running_loop().create_task(self.rollup.run(s.usage_rollup_interval_s))
         self.metrics = Metrics()
         self.health = StorageHealth(

@@ -197,10 +197,10 @@ async def test_a_report_that_would_overflow_a_usage_counter_is_refused_whole(
     assert d.allowed
     now_s = int(clock.now_s)
     day = f"rl:{{{org}}}:u:d:{now_s - now_s % 86400}"
-    # the day's "out" counter of this (project, model, key): field "<usage id>|o" (lib.lua)
+    # the day's counters of this (project, model, key): field "<usage id>", value
+    # "<requests>,<reports>,<input>,<output>,<cached>,<spend>" (lib.lua)
     usage_id = await redis_client.hget(f"rl:{{{org}}}:ui", f"{pid}|{M}|key_{key[4:16]}")
-    out = f"{usage_id}|o"
-    await redis_client.hset(day, out, 2**62 - 10)
+    await redis_client.hset(day, str(usage_id), f"0,0,0,{2**62 - 10},0,0")
     before = await snapshot(redis_client)
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await report(client, key, "r", 0, 10**6)
@@ -211,4 +211,4 @@ async def test_a_report_that_would_overflow_a_usage_counter_is_refused_whole(
     assert (done.result, done.token_delta) == (R.RESULT_RECONCILED, -995)
     await clock.advance(60 - now_s % 60)  # the minute is over: rolled up into the day
     await app.rollup.roll(org)
-    assert int(await redis_client.hget(day, out) or 0) == 2**62 - 5
+    assert (await redis_client.hget(day, str(usage_id)) or "").split(",")[3] == str(2**62 - 5)

@@ -20,21 +20,22 @@ from ratelimitd.engine import keys
 from ratelimitd.engine.clock import Clock, server_time
 from ratelimitd.engine.limits import Dimensions
 from ratelimitd.engine.retention import Retention
-from ratelimitd.engine.scripts import ScriptRunner, Scripts, configured
+from ratelimitd.engine.scripts import Scripts, configured
 from ratelimitd.storage.redis import storage_errors
 
 log = logging.getLogger(__name__)
 
-# Minutes one script call rolls at most: a call stays short even for an
-# organization whose rollup is hours behind; the loop calls again.
-MINUTES_PER_CALL = 240
+# A script blocks Valkey while it runs, so each call is bounded (rollup.lua): a
+# minute of at most WHOLE_MINUTE_FIELDS fields is rolled in one call, a larger one
+# IDS_PER_CALL usage ids (project, model, key) at a time.
+WHOLE_MINUTE_FIELDS = 1000
+IDS_PER_CALL = 200
 
 
 class UsageRollup:
     def __init__(
         self,
         redis: Redis,
-        connection: ScriptRunner,
         scripts: Scripts,
         dimensions: Dimensions,
         retention: Retention,
@@ -42,19 +43,28 @@ class UsageRollup:
         clock: Clock = server_time,
     ) -> None:
         self._redis = redis
-        self._connection = connection
-        self._script = configured(scripts.rollup, dimensions, retention)
+        # redis-py's connection pool, not the hot path's pipelined connection: decisions
+        # queue behind no rollup in the client
+        self._script = redis.register_script(configured(scripts.rollup, dimensions, retention).source)
         self._clock = clock
 
     async def roll(self, org_id: str) -> int:
-        """Rolls every finished minute of one organization; returns how many minutes it went through."""
+        """Rolls every finished minute of one organization; returns how many script calls it took
+        (1: there was nothing, or one small minute, to roll)."""
+        calls = 1
+        while not await self.step(org_id):
+            calls += 1
+        return calls
+
+    async def step(
+        self, org_id: str, whole_minute_fields: int = WHOLE_MINUTE_FIELDS, ids_per_call: int = IDS_PER_CALL
+    ) -> bool:
+        """One bounded call of rollup.lua; True once every finished minute is rolled up."""
         marker = keys.OrgKeys(org_id).usage_rollup_marker
-        total = 0
-        while True:
-            rolled, _ = await self._connection.evalsha(self._script, [marker], [MINUTES_PER_CALL, await self._clock()])
-            total += int(rolled)
-            if int(rolled) < MINUTES_PER_CALL:
-                return total
+        args: list[str | int] = [whole_minute_fields, ids_per_call, await self._clock()]
+        with storage_errors():
+            done, _ = await self._script(keys=[marker], args=args, client=self._redis)
+        return bool(int(done))
 
     async def roll_all(self) -> int:
         total = 0

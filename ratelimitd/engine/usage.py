@@ -339,11 +339,11 @@ class Usage:
         rows: dict[tuple[int, str, str, str], UsageTotals] = defaultdict(UsageTotals)
         total = UsageTotals()
         for s, raw in buckets:
-            for name, value in raw.items():
-                counter_of = _counter(name, names)
-                if counter_of is None:
+            for name, packed in raw.items():
+                fields = _counters(name, packed, names)
+                if fields is None:
                     continue
-                (project, model, key_id), counter = counter_of
+                (project, model, key_id), counters = fields
                 if project_id and project != project_id:
                     continue
                 row_key = (
@@ -352,8 +352,9 @@ class Usage:
                     model if "model" in groups else "",
                     key_id if "key" in groups else "",
                 )
-                rows[row_key].add(counter, value)
-                total.add(counter, value)
+                for counter, value in counters:
+                    rows[row_key].add(counter, value)
+                    total.add(counter, value)
         return [UsageRow(*row_key, totals) for row_key, totals in sorted(rows.items())], total
 
     async def _read_buckets(
@@ -383,7 +384,13 @@ class Usage:
                 continue
             raws = cast(list[dict[str, str]], replies[1:])
             buckets = list(zip(starts, raws[: len(starts)], strict=True))
-            buckets += [(m - m % width, raw) for m, raw in zip(minutes, raws[len(starts) :], strict=True) if raw]
+            partial_minute, rolled_ids = _marker(marker)
+            for m, raw in zip(minutes, raws[len(starts) :], strict=True):
+                if m == partial_minute and rolled_ids:
+                    # the rollup is inside this minute: its ids up to rolled_ids are in the hours
+                    raw = {f: v for f, v in raw.items() if _unrolled(f, rolled_ids)}
+                if raw:
+                    buckets.append((m - m % width, raw))
             return buckets
 
     async def _unrolled_minutes(self, marker: str | None, start_s: int, end_s: int) -> range:
@@ -392,7 +399,7 @@ class Usage:
         given = await self._clock()
         now_s = int(given) // 1_000_000 if given else int((await self._redis.time())[0])
         current = now_s - now_s % 60
-        first = int(marker) if marker else current - (self._minute_retention_s + 59) // 60 * 60 - 60
+        first = _marker(marker)[0] or current - (self._minute_retention_s + 59) // 60 * 60 - 60
         first = max(first, start_s - start_s % 60)
         return range(first, min(current, end_s - 1) + 1, 60)
 
@@ -445,23 +452,51 @@ class Usage:
         return out
 
 
-# Usage fields as lib.lua writes them: "<id>|<counter>" (counter abbreviated).
-_COMPACT_FIELD = re.compile(r"^(\d+)\|([a-z])(\d*)$")
-_COUNTERS = {"r": "req", "p": "rep", "i": "in", "o": "out", "c": "cached", "s": "spend"}
+# Usage fields as lib.lua writes them: "<id>|r", "<id>|x<outcome>", "<id>|u" in minutes,
+# "<id>" in hours and days (the values are described there).
+_COMPACT_FIELD = re.compile(r"^(\d+)(?:\|([rxu])(\d*))?$")
+_REPORTED = ("rep", "in", "out", "cached", "spend")
 
 
-def _counter(name: str, names: dict[str, tuple[str, str, str]]) -> tuple[tuple[str, str, str], str] | None:
-    """(project, model, key) and the counter's name of a usage field; None for an unknown id.
-    Fields "<project>|<model>|<key>|<counter>" are what versions before the rollup wrote."""
+def _counters(
+    name: str, value: str, names: dict[str, tuple[str, str, str]]
+) -> tuple[tuple[str, str, str], list[tuple[str, str]]] | None:
+    """(project, model, key) and the counters (name, value) one usage field holds; None for an
+    unknown id. Fields "<project>|<model>|<key>|<counter>" are what versions before the rollup wrote."""
     compact = _COMPACT_FIELD.match(name)
     if compact is None:
         project, model, key_id, counter = name.split("|", 3)
-        return (project, model, key_id), counter
+        return (project, model, key_id), [(counter, value)]
     who = names.get(compact[1])
     if who is None:
         return None
-    counter = f"ref:{compact[3]}" if compact[2] == "x" else _COUNTERS.get(compact[2], "")
-    return who, counter
+    kind, outcome = compact[2], compact[3]
+    if kind == "r":
+        return who, [("req", value)]
+    if kind == "x":
+        return who, [(f"ref:{outcome}", value)]
+    parts = value.split(",")
+    if kind == "u":
+        return who, list(zip(_REPORTED, parts, strict=False))
+    counters = list(zip(("req", *_REPORTED), parts[:6], strict=False))
+    for refusal in parts[6:]:
+        counter, _, count = refusal.partition("=")
+        counters.append((f"ref:{counter[1:]}", count))
+    return who, counters
+
+
+def _marker(marker: str | None) -> tuple[int, int]:
+    """The rollup marker (rollup.lua): the first minute not wholly rolled up, and the last usage
+    id of it that is; (0, 0) for none."""
+    if not marker:
+        return 0, 0
+    minute, _, rolled_ids = marker.partition(":")
+    return int(minute), int(rolled_ids or 0)
+
+
+def _unrolled(field: str, rolled_ids: int) -> bool:
+    compact = _COMPACT_FIELD.match(field)
+    return compact is None or int(compact[1]) > rolled_ids
 
 
 def _usd(micro: str | None) -> float | None:

@@ -232,22 +232,50 @@ local function rl_record_items(r)
   return items
 end
 
--- The largest total an integer usage counter may reach. HINCRBY fails past
--- 2^63 - 1, and only after whatever the script wrote before it; 2^62 is exact
--- in a Lua number, so the check below is too.
+-- The largest total an integer usage counter may reach: the int64 range the
+-- counters had as HINCRBY fields, with room to spare. Totals are added exactly
+-- (rl_int_add) however large; the check compares doubles, which is exact enough
+-- this far from 2^63.
 local RL_MAX_COUNTER = 2 ^ 62
 
--- Usage counters (docs/usage.md) are fields "<id>|<counter>" of one hash per
--- minute, rl:{org_x}:u:m:<start_s>; rollup.lua adds finished minutes into the
--- hour and day hashes (u:h:<start_s>, u:d:<start_s>). <id> is a small integer
--- standing for one (project, model, key), interned in the hash "ui":
--- "<project>|<model>|<key>" -> id, "#<id>" -> "<project>|<model>|<key>", "n" the last id.
-local RL_COUNTER_FIELD = {req = "r", rep = "p", ["in"] = "i", out = "o", cached = "c", spend = "s"}
+--[[ Usage counters (docs/usage.md). One hash per minute, rl:{org_x}:u:m:<start_s>;
+rollup.lua adds finished minutes into one hash per hour and per day (u:h:, u:d:).
+<id> is a small integer standing for one (project, model, key), interned in the
+hash "ui": "<project>|<model>|<key>" -> id, "#<id>" -> "<project>|<model>|<key>",
+"n" the last id. A (project, model, key) costs one or two fields per bucket, so
+a bucket shared by thousands (a hashtable, no longer a listpack) stays small:
 
-local function rl_counter_field(id, name)
-  local short = RL_COUNTER_FIELD[name]
-  if not short then short = "x" .. string.sub(name, 5) end -- "ref:<outcome>"
-  return id .. "|" .. short
+  minute  "<id>|r"   requests admitted (HINCRBY: the decision's one write)
+          "<id>|x<N>" refusals with outcome N
+          "<id>|u"   what ReportUsage counted: "<reports>,<input>,<output>,<cached>,<spend>"
+  hour, day "<id>"   "<requests>,<reports>,<input>,<output>,<cached>,<spend>" then
+                     ",x<N>=<refusals>" for each refusal outcome
+Spend is micro-USD (a double); every other value a whole number. ]]
+local RL_REPORT_COUNTERS = {"rep", "in", "out", "cached", "spend"}
+
+-- a + b for non-negative whole numbers (numbers or decimal strings), exactly,
+-- as a decimal string: doubles while both are well inside 2^53, digits past it.
+local function rl_int_add(a, b)
+  a, b = tostring(a or ""), tostring(b or "")
+  if a == "" then a = "0" end
+  if b == "" then b = "0" end
+  if #a < 16 and #b < 16 then return string.format("%.0f", tonumber(a) + tonumber(b)) end
+  local out, carry, i, j = {}, 0, #a, #b
+  while i > 0 or j > 0 or carry > 0 do
+    local d = carry + (i > 0 and string.byte(a, i) - 48 or 0) + (j > 0 and string.byte(b, j) - 48 or 0)
+    out[#out + 1] = d % 10
+    carry = math.floor(d / 10)
+    i, j = i - 1, j - 1
+  end
+  local digits = {}
+  for n = #out, 1, -1 do digits[#digits + 1] = out[n] end
+  return table.concat(digits)
+end
+
+local function rl_split(s)
+  local t = {}
+  for v in string.gmatch(s .. ",", "([^,]*),") do t[#t + 1] = v end
+  return t
 end
 
 -- The usage id of (project, model, key), allocated at its first use.
@@ -267,57 +295,52 @@ local function rl_usage_key(prefix, now, r)
   return prefix .. "u:" .. r[1] .. ":" .. start, start
 end
 
--- The name of an integer counter that adding `counters` would take past
--- RL_MAX_COUNTER in this minute, hour or day, or nil when all fit. A script
--- calls it before its first write, so an overflow refuses the whole call
--- instead of half applying it.
-local function rl_usage_overflow(prefix, now, id, counters)
-  local names, fields = {}, {}
-  for name in pairs(counters) do
-    names[#names + 1] = name
-    fields[#fields + 1] = rl_counter_field(id, name)
-  end
-  for _, r in ipairs(RL_RESOLUTIONS) do
-    local totals = redis.call("HMGET", rl_usage_key(prefix, now, r), unpack(fields))
-    for n, name in ipairs(names) do
-      if (tonumber(totals[n]) or 0) + counters[name] > RL_MAX_COUNTER then return name end
-    end
-  end
-  return nil
-end
-
--- Adds one whole counter to the usage of one (project, model, key) id in this
--- minute: rl_count_usage for a single counter, the hot path's case.
+-- Adds a whole amount to a decision's counter ("req" or "ref:<outcome>") of one
+-- (project, model, key) id in this minute.
 local function rl_count_one(prefix, now, id, name, amount)
   if amount == 0 then return end
   local now_s = math.floor(now / 1000000)
   local start = now_s - now_s % 60
   local key = prefix .. "u:m:" .. start
-  if redis.call("HINCRBY", key, rl_counter_field(id, name), amount) == amount then
+  local field = id .. (name == "req" and "|r" or "|x" .. string.sub(name, 5))
+  if redis.call("HINCRBY", key, field, amount) == amount then
     -- a field just created (the key too, perhaps): only then set the expiry, relative
     -- to the scripts' clock, which in tests is not the server's
     redis.call("EXPIRE", key, start + 60 + RL_RESOLUTIONS[1][3] - now_s)
   end
 end
 
--- Adds counters to the usage of one (project, model, key) id in this minute.
--- counters: {name = whole amount, ...}; fractional: {name = amount, ...} (spend),
--- kept apart because a whole amount of spend added with HINCRBY to a fractional
--- total fails (and a large one is written "1e+18", which HINCRBY refuses too).
-local function rl_count_usage(prefix, now, id, counters, fractional)
-  local minute = RL_RESOLUTIONS[1]
-  local key, start = rl_usage_key(prefix, now, minute)
-  local created = false
-  local function add(name, amount, command, text)
-    if amount == 0 then return end
-    local total = tonumber(redis.call(command, key, rl_counter_field(id, name), text))
-    -- a field just created (the key too, perhaps): only then set the expiry
-    if total == amount then created = true end
+-- What a report adds to the usage of one id, checked and then written. Returns
+-- a writer (call it to apply) and nil, or nil and the name of a whole counter
+-- that would pass RL_MAX_COUNTER in this minute, hour or day (checked before
+-- any write, so an overflow refuses the whole report).
+-- adds: {rep = n, ["in"] = n, out = n, cached = n, spend = micro-USD}
+local function rl_usage_report(prefix, now, id, adds)
+  local minute_key, start = rl_usage_key(prefix, now, RL_RESOLUTIONS[1])
+  local minute = redis.call("HGET", minute_key, id .. "|u")
+  local totals = {minute and rl_split(minute) or {}}
+  for r = 2, 3 do
+    local raw = redis.call("HGET", rl_usage_key(prefix, now, RL_RESOLUTIONS[r]), id)
+    local t = raw and rl_split(raw) or {}
+    totals[r] = {t[2], t[3], t[4], t[5]} -- hour and day values begin with requests
   end
-  for name, amount in pairs(counters) do add(name, amount, "HINCRBY", string.format("%.0f", amount)) end
-  for name, amount in pairs(fractional or {}) do add(name, amount, "HINCRBYFLOAT", string.format("%.17g", amount)) end
-  -- relative to the scripts' clock, which in tests is not the server's
-  if created then redis.call("EXPIRE", key, start + minute[2] + minute[3] - math.floor(now / 1000000)) end
+  for n = 1, 4 do
+    local name = RL_REPORT_COUNTERS[n]
+    for r = 1, 3 do
+      if (tonumber(totals[r][n]) or 0) + adds[name] > RL_MAX_COUNTER then return nil, name end
+    end
+  end
+  return function()
+    local old = totals[1]
+    local values = {}
+    for n = 1, 4 do values[n] = rl_int_add(old[n], adds[RL_REPORT_COUNTERS[n]]) end
+    values[5] = string.format("%.17g", (tonumber(old[5]) or 0) + adds.spend)
+    redis.call("HSET", minute_key, id .. "|u", table.concat(values, ","))
+    if not minute then
+      local now_s = math.floor(now / 1000000)
+      redis.call("EXPIRE", minute_key, start + 60 + RL_RESOLUTIONS[1][3] - now_s)
+    end
+  end, nil
 end
 
 -- Appends to a project's request log, newest first, capped and expiring.

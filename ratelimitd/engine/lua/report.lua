@@ -106,9 +106,20 @@ if settings[1] ~= "1" then counted = counted - cached end
 if counted < 0 then counted = 0 end
 local delta = counted - reserved
 
+-- Spend, in micro-USD: tokens x USD per million tokens.
+local spend = 0
+local price = redis.call("HGET", prefix .. "price", model) or redis.call("HGET", prefix .. "price", "*")
+if price then
+  local p_in, p_out, p_cached = string.match(price, "^([^,]+),([^,]+),([^,]+)$")
+  spend = (input - cached) * tonumber(p_in) + output * tonumber(p_out) + cached * tonumber(p_cached)
+end
+
+-- Counters can only be near their maximum if they exist: a (project, model, key)
+-- without a usage id yet gets one with the writes below.
+local adds = {rep = 1, ["in"] = input, out = output, cached = cached, spend = spend}
 local usage_id = redis.call("HGET", prefix .. "ui", project .. "|" .. model .. "|" .. key_id)
-local counters = {rep = 1, ["in"] = input, out = output, cached = cached}
-local overflow = usage_id and rl_usage_overflow(prefix, now, usage_id, counters)
+local count_usage, overflow = nil, nil
+if usage_id then count_usage, overflow = rl_usage_report(prefix, now, usage_id, adds) end
 if overflow then return {8, project, overflow, 0, 0, "0"} end
 
 -- Checked: from here on every call writes.
@@ -148,14 +159,8 @@ if delta ~= 0 then
   end
 end
 
--- Spend, in micro-USD: tokens x USD per million tokens. An estimate the
--- decision reserved is taken back from the month it was reserved in.
-local spend = 0
-local price = redis.call("HGET", prefix .. "price", model) or redis.call("HGET", prefix .. "price", "*")
-if price then
-  local p_in, p_out, p_cached = string.match(price, "^([^,]+),([^,]+),([^,]+)$")
-  spend = (input - cached) * tonumber(p_in) + output * tonumber(p_out) + cached * tonumber(p_cached)
-end
+-- The month's spend; an estimate the decision reserved is taken back from the
+-- month it was reserved in.
 local month = rl_month(now)
 if reserved_spend ~= 0 and record.em ~= month then
   rl_add_spend(prefix, record.em, project, -reserved_spend)
@@ -165,7 +170,10 @@ if spend > 0 or reserved_spend ~= 0 then
   rl_add_spend(prefix, month, project, spend - reserved_spend)
 end
 
-rl_count_usage(prefix, now, usage_id or rl_usage_id(prefix, project, model, key_id), counters, {spend = spend})
+if not count_usage then
+  count_usage = rl_usage_report(prefix, now, rl_usage_id(prefix, project, model, key_id), adds)
+end
+count_usage()
 rl_log(prefix, project, {id = request_id, t = math.floor(now / 1000), m = model, k = key_id, ok = true,
                          ["in"] = input, out = output, cached = cached, s = status_code, lat = latency,
                          res = status}, RL_LOG_CAP, RL_LOG_TTL_S)
