@@ -204,7 +204,7 @@ def main() -> int:
         groups = scan_usage(client)
         encodings = {k: client.object("encoding", members[0][0]).decode() for k, members in groups.items() if members}
         listpack = client.config_get("hash-max-listpack-entries").get("hash-max-listpack-entries", "?")
-        print(f"hash-max-listpack-entries: {listpack} (usage buckets hold about 6 fields per active key)")
+        print(f"hash-max-listpack-entries: {listpack} (a usage bucket holds 1-2 fields per active key)")
         report(args, retention, (empty, before, after, configured, loaded), config_groups, groups, encodings, decisions)
     finally:
         procs.stop(server)
