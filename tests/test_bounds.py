@@ -211,4 +211,4 @@ async def test_a_report_that_would_overflow_a_usage_counter_is_refused_whole(
     assert (done.result, done.token_delta) == (R.RESULT_RECONCILED, -995)
     await clock.advance(60 - now_s % 60)  # the minute is over: rolled up into the day
     await app.rollup.roll(org)
-    assert (await redis_client.hget(day, str(usage_id)) or "").split(",")[3] == str(2**62 - 5)
+    assert str(await redis_client.hget(day, str(usage_id))).split(",")[3] == str(2**62 - 5)

@@ -30,7 +30,7 @@ async def bucket_keys(r: redis.asyncio.Redis) -> list[str]:
     """The bucket groups stored, as state-hash fields (lib.lua): "o:<model>", "p:<project>:<model>"."""
     fields: list[str] = []
     async for k in r.scan_iter("rl:{*}:s"):
-        fields += [f for f in await r.hkeys(k) if f.startswith(("o:", "p:"))]
+        fields += [str(f) for f in await r.hkeys(k) if str(f).startswith(("o:", "p:"))]
     return sorted(fields)
 
 

@@ -151,7 +151,7 @@ async def wait_reported(redis_client: redis.asyncio.Redis, org: str, request_id:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         record = await redis_client.get(keys.OrgKeys(org).request(request_id))
-        if record and record.split(";")[2]:  # the model reported (lib.lua, rl_record_encode)
+        if record and str(record).split(";")[2]:  # the model reported (lib.lua, rl_record_encode)
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"no usage report for {request_id}")
