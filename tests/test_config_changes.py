@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import grpc
 import pytest
+import redis.asyncio
 
+from ratelimitd.engine import keys
 from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from ratelimitd.v1 import usage_pb2 as upb
@@ -106,11 +108,15 @@ async def test_spend_limits_and_prices(client: Client) -> None:
     assert [p.spend_usd for p in spend.projects if p.project_id == pid] == [pytest.approx(0.003)]
 
 
-async def test_project_deletion(client: Client) -> None:
+async def test_project_deletion(client: Client, redis_client: redis.asyncio.Redis) -> None:
     org, pid, key = await cached(client)
     ref = pb.CheckRequest(project=pb.ProjectRef(organization_id=org, project_id=pid), model=M)
     assert (await client.decisions.CheckAndConsume(ref, metadata=AUTH)).allowed
+    state = keys.OrgKeys(org).state
+    assert any(pid in str(f) for f in await redis_client.hkeys(state))
     await client.projects.DeleteProject(apb.DeleteProjectRequest(organization_id=org, project_id=pid), metadata=AUTH)
+    # its buckets and cached configuration leave the organization's state hash with it
+    assert not any(pid in str(f) for f in await redis_client.hkeys(state))
     assert (await check(client, key)).reason == pb.REASON_INVALID_API_KEY
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await client.decisions.CheckAndConsume(ref, metadata=AUTH)

@@ -374,7 +374,18 @@ class ControlPlane:
             )
             return old
 
-        return await transaction(self._redis, [k.project(project_id), k.project_names], change)
+        old = await transaction(self._redis, [k.project(project_id), k.project_names], change)
+        await self._forget_decision_state(k, project_id)
+        return old
+
+    async def _forget_decision_state(self, k: keys.OrgKeys, project_id: str) -> None:
+        """Drops a deleted project's buckets and cached configuration from the decision state hash,
+        which would otherwise keep them as long as the organization has traffic. No decision writes
+        them again: the project's next decision finds it gone (the change bumped the version)."""
+        with storage_errors():
+            stale = [f async for f, _ in self._redis.hscan_iter(k.state, match=f"*:{project_id}:*", count=1000)]
+            for start in range(0, len(stale), 1000):
+                await self._redis.hdel(k.state, *stale[start : start + 1000])
 
     async def require_project(self, org_id: str, project_id: str, *, or_deleted: bool = False) -> keys.OrgKeys:
         """``or_deleted``: a deleted project will do too (its history stays readable)."""

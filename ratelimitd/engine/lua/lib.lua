@@ -27,7 +27,8 @@ them back in one HSET:
   "p:<project>:<model>"   the project's buckets of the model
 
 Fields of idle projects and old versions stay until the hash expires (once every
-bucket would have drained): bounded by projects x models of the organization.
+bucket would have drained): bounded by projects x models (x keys for "u:") of
+the organization; deleting a project removes its fields (control.py).
 ]]
 
 -- The server's clock, or (tests only) the time the caller passes.
