@@ -25,6 +25,8 @@ them back in one HSET:
                           while its version equals "v" (rl_config_encode)
   "o:<model>"             the organization's buckets of the model (rl_state_*)
   "p:<project>:<model>"   the project's buckets of the model
+  "u:<project>:<model>:<key>"  the usage id of (project, model, key) ("ui", below),
+                          so a decision finds it in the same read
 
 Fields of idle projects and old versions stay until the hash expires (once every
 bucket would have drained): bounded by projects x models (x keys for "u:") of
