@@ -10,6 +10,10 @@ admitted (each decision still evaluates and charges all six buckets). Then, one
 call at a time, ``--calls`` decisions with a token estimate of 500, and a usage
 report for each admitted one.
 
+With ``--spend-limit`` the project also has a price and a monthly spend limit
+(never reached), so each decision also reads the month's spend and reserves
+its estimated cost (issue 9, item 7).
+
 ``server`` mode (the default) runs ``python -m ratelimitd serve --redis-url``
 and calls it over gRPC (CheckAndConsume, then ReportUsage): exactly what a
 client's decision costs Valkey. ``--direct`` runs the engine in this process
@@ -53,7 +57,8 @@ from bench import MODEL
 
 from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import ratelimit_pb2 as pb
-from ratelimitd.v1 import ratelimit_pb2_grpc
+from ratelimitd.v1 import ratelimit_pb2_grpc, usage_pb2_grpc
+from ratelimitd.v1 import usage_pb2 as upb
 
 BIG = 10**11
 TOKENS = 500
@@ -101,8 +106,10 @@ def nested_commands_counted(client: Any) -> bool:
 # -- through the real server -------------------------------------------------------
 
 
-async def setup_key(address: str) -> str:
-    """Organization: RPM/RPD/TPM/TPD; project: RPM/TPM; one key. Returns its secret."""
+async def setup_key(address: str, spend_limit: bool = False) -> str:
+    """Organization: RPM/RPD/TPM/TPD; project: RPM/TPM; one key. Returns its secret.
+    ``spend_limit``: a price for the model and a (never reached) monthly spend limit on the
+    project too, so each decision also checks the month's spend and reserves its estimate."""
     from ratelimitd.client_cli import Api
 
     api = Api(address, procs.OPERATOR_TOKEN)
@@ -124,6 +131,13 @@ async def setup_key(address: str) -> str:
         ),
         metadata=md,
     )
+    if spend_limit:
+        usage = usage_pb2_grpc.UsageServiceStub(api.channel)
+        price = upb.Price(organization_id=org.id, model=MODEL, input_per_million=0.05, output_per_million=0.08)
+        await usage.SetPrice(upb.SetPriceRequest(price=price), metadata=md)
+        await usage.SetSpendLimit(
+            upb.SetSpendLimitRequest(organization_id=org.id, project_id=p.id, limit_usd=1e9), metadata=md
+        )
     k = await api.projects.CreateApiKey(
         apb.CreateApiKeyRequest(organization_id=org.id, project_id=p.id, name="k"), metadata=md
     )
@@ -131,12 +145,12 @@ async def setup_key(address: str) -> str:
     return str(k.secret)
 
 
-def measure_server(valkey: procs.Valkey, calls: int) -> dict[str, Any]:
+def measure_server(valkey: procs.Valkey, calls: int, spend_limit: bool = False) -> dict[str, Any]:
     port = procs.free_port()
     server = procs.start_ratelimitd(valkey.url, port)
     try:
         address = f"{procs.HOST}:{port}"
-        key = asyncio.run(setup_key(address))
+        key = asyncio.run(setup_key(address, spend_limit))
         r = valkey.client()
         with grpc.insecure_channel(address) as channel:
             stub = ratelimit_pb2_grpc.RateLimitServiceStub(channel)
@@ -165,7 +179,8 @@ def measure_server(valkey: procs.Valkey, calls: int) -> dict[str, Any]:
                     )
                 )  # fmt: skip
             report = summarize(commandstats(r), calls) | {"valkey_cpu_us": cpu_us(valkey, cpu, calls)}
-        return {"mode": "server (gRPC, one call at a time)", "decide": decide, "report": report}
+        mode = "server (gRPC, one call at a time)" + (", with a spend limit" if spend_limit else "")
+        return {"mode": mode, "decide": decide, "report": report}
     finally:
         procs.stop(server)
 
@@ -229,6 +244,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=3000, help="decisions (and as many reports), one at a time")
     ap.add_argument("--direct", action="store_true", help="the engine in this process instead of the server")
+    ap.add_argument(
+        "--spend-limit", action="store_true", help="the project also has a price and a spend limit (server mode)"
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if not 0 < args.calls <= 1_000_000:
@@ -239,7 +257,7 @@ def main() -> int:
         if args.direct:
             result = asyncio.run(measure_direct(valkey, args.calls))
         else:
-            result = measure_server(valkey, args.calls)
+            result = measure_server(valkey, args.calls, args.spend_limit)
         result["nested_commands_counted"] = counted
     finally:
         valkey.stop()

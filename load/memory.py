@@ -16,7 +16,8 @@ It reports ``INFO memory`` used_memory after set-up and after the load, and
 (ratelimitd/engine/keys.py names them), then works out:
 
 - configuration per project (records, limits, key, indexes);
-- live state per active project (buckets, request log, spend);
+- live state per active project (its share of the organization's decision state
+  hash, its request log);
 - usage counters per active (project, model, key): the bytes each minute, hour
   and day bucket holds for one of them, times the number of such buckets kept
   over the retention (ratelimitd/engine/retention.py; the server's defaults);
@@ -178,7 +179,10 @@ def main() -> int:
         start_s = int(time.time() // 3600 * 3600)  # on a whole hour, near real time (as tests/conftest.py Clock)
         client.set(keys.MANUAL_CLOCK, start_s * 1_000_000)
         port = procs.free_port()
-        server = procs.start_ratelimitd(valkey.url, port, manual_clock=True)
+        # the rollup of finished minutes into hours and days runs every second here
+        server = procs.start_ratelimitd(
+            valkey.url, port, manual_clock=True, extra_env={"RATELIMITD_USAGE_ROLLUP_INTERVAL_S": "1"}
+        )
         address = f"{procs.HOST}:{port}"
         empty = used_memory(client)
         secrets, before, after = asyncio.run(setup(address, args.projects, lambda: used_memory(client)))
@@ -195,11 +199,12 @@ def main() -> int:
                 await aclient.aclose()
 
         decisions = asyncio.run(run())
+        time.sleep(3)  # the last finished minutes rolled up
         loaded = used_memory(client)
         groups = scan_usage(client)
         encodings = {k: client.object("encoding", members[0][0]).decode() for k, members in groups.items() if members}
         listpack = client.config_get("hash-max-listpack-entries").get("hash-max-listpack-entries", "?")
-        print(f"hash-max-listpack-entries: {listpack} (usage buckets hold about 6 fields per active key)")
+        print(f"hash-max-listpack-entries: {listpack} (a usage bucket holds 1-2 fields per active key)")
         report(args, retention, (empty, before, after, configured, loaded), config_groups, groups, encodings, decisions)
     finally:
         procs.stop(server)
@@ -233,14 +238,16 @@ def report(
 
     per_project_kinds = ("p:", "lim:p:", "pk:", "k:")
     config_per_project = total(config_groups, per_project_kinds) / n
-    live_per_project = total(groups, ("b:p:", "log:")) / n
+    # the decision state hash ("s": every bucket, and each project's cached configuration) is one
+    # per organization, shared by its projects
+    live_per_project = (total(groups, ("log:",)) + sum(u for _, u in groups.get("s", []))) / n
     log_bytes = total(groups, ("log:",)) / n
     log_entries = min(retention.log_entries, decisions // n)  # one entry per report
     print()
     print("per project")
     print(f"  configuration (p, lim:p, pk, k keys):          {human(config_per_project)}")
     print(f"    used_memory delta while creating them / {n}:  {human((after - before) / n)} (with audit events)")
-    print(f"  live state (project buckets, request log):     {human(live_per_project)}")
+    print(f"  live state (buckets and config in s, log):     {human(live_per_project)}")
     print(f"    of which the request log ({log_entries} entries): {human(log_bytes)}")
     if log_entries:
         entry = log_bytes / log_entries
@@ -269,6 +276,9 @@ def report(
             f"  {res}: {len(members)} buckets, median {human(statistics.median(sizes))} each "
             f"({encodings.get(f'u:{res}:*', '?')}), {human(per_key)} per key x {kept} kept = {human(per_key * kept)}"
         )
+    ids = sum(u for _, u in groups.get("ui", [])) / n
+    over_retention += ids
+    print(f"  its usage id (ui hash, kept while the project exists): {human(ids)}")
     print(f"  over the whole retention: {human(over_retention)} per active (project, model, key)")
     records = groups.get("r:*", [])
     if records:

@@ -36,6 +36,7 @@ from ratelimitd.engine.errors import StorageUnavailable
 from ratelimitd.engine.limits import Dimensions
 from ratelimitd.engine.members import Members
 from ratelimitd.engine.permissions import ModelPermissions
+from ratelimitd.engine.rollup import UsageRollup
 from ratelimitd.engine.scripts import Scripts
 from ratelimitd.engine.usage import Usage
 from ratelimitd.settings import Settings
@@ -114,6 +115,8 @@ class App:
         clock = manual_clock(self.redis) if s.manual_clock else server_time
         self.decider = Decider(self.pipeline, scripts, dims, s.retention, clock=clock)
         self.usage = Usage(self.redis, self.pipeline, scripts, dims, self.control, s.retention, clock=clock)
+        self.rollup = UsageRollup(self.redis, scripts, dims, s.retention, clock=clock)
+        self._rollup_task = asyncio.get_running_loop().create_task(self.rollup.run(s.usage_rollup_interval_s))
         self.metrics = Metrics()
         self.health = StorageHealth(
             self.pipeline, SERVICE_NAMES, s.health_interval_s, on_change=lambda up: self.metrics.storage_up.set(int(up))
@@ -213,6 +216,10 @@ class App:
         if self.server is not None:
             await self.health.stop()
             await self.server.stop(grace_s)
+        if hasattr(self, "rollup"):
+            self._rollup_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._rollup_task
         if hasattr(self, "redis"):
             await self.redis.aclose()
             await self.pipeline.close()

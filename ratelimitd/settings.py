@@ -98,9 +98,10 @@ class Settings:
     request_ttl_s: int = _field(
         900, "how long a request id is remembered: replays, and the reservation ReportUsage reconciles"
     )
-    usage_minute_retention_s: int = _field(2 * 86400, "keep 1-minute usage buckets this long")
+    usage_minute_retention_s: int = _field(6 * 3600, "keep 1-minute usage buckets this long")
     usage_hour_retention_s: int = _field(35 * 86400, "keep 1-hour usage buckets this long")
     usage_day_retention_s: int = _field(400 * 86400, "keep 1-day usage buckets this long")
+    usage_rollup_interval_s: float = _field(20.0, "how often finished usage minutes are added to hours and days")
     log_entries: int = _field(1000, "request log entries kept per project (newest first)")
     log_retention_s: int = _field(7 * 86400, "a project's request log is dropped this long after its last entry")
     health_interval_s: float = _field(1.0, "how often storage health is probed")

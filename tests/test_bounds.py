@@ -185,7 +185,7 @@ async def test_reports_at_the_bounds_are_applied_whole_with_any_price(client: Cl
 
 
 async def test_a_report_that_would_overflow_a_usage_counter_is_refused_whole(
-    client: Client, clock: Clock, redis_client: redis.asyncio.Redis
+    client: Client, clock: Clock, redis_client: redis.asyncio.Redis, app: App
 ) -> None:
     """HINCRBY fails past 2**63 - 1, after the buckets and the spend were charged. A day's counter
     of one key can get there (about 10**7 reports of 10**12 tokens): the report is checked first."""
@@ -197,7 +197,10 @@ async def test_a_report_that_would_overflow_a_usage_counter_is_refused_whole(
     assert d.allowed
     now_s = int(clock.now_s)
     day = f"rl:{{{org}}}:u:d:{now_s - now_s % 86400}"
-    await redis_client.hset(day, f"{pid}|{M}|key_{key[4:16]}|out", 2**62 - 10)
+    # the day's counters of this (project, model, key): field "<usage id>", value
+    # "<requests>,<reports>,<input>,<output>,<cached>,<spend>" (lib.lua)
+    usage_id = await redis_client.hget(f"rl:{{{org}}}:ui", f"{pid}|{M}|key_{key[4:16]}")
+    await redis_client.hset(day, str(usage_id), f"0,0,0,{2**62 - 10},0,0")
     before = await snapshot(redis_client)
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await report(client, key, "r", 0, 10**6)
@@ -206,4 +209,6 @@ async def test_a_report_that_would_overflow_a_usage_counter_is_refused_whole(
     assert await snapshot(redis_client) == before
     done = await report(client, key, "r", 0, 5)  # still fits: recorded whole, exactly once
     assert (done.result, done.token_delta) == (R.RESULT_RECONCILED, -995)
-    assert int(await redis_client.hget(day, f"{pid}|{M}|key_{key[4:16]}|out") or 0) == 2**62 - 5
+    await clock.advance(60 - now_s % 60)  # the minute is over: rolled up into the day
+    await app.rollup.roll(org)
+    assert str(await redis_client.hget(day, str(usage_id))).split(",")[3] == str(2**62 - 5)

@@ -15,8 +15,7 @@ def test_every_key_of_an_organization_shares_one_slot() -> None:
     names = [
         k.record, k.org_limits, k.project_limits(project), k.project(project), k.project_names,
         k.api_key("key_x"), k.project_api_keys(project), k.request("req-1"),
-        k.org_buckets("llama-3.1-8b-instant"),
-        k.project_buckets(project, "meta-llama/llama-4-scout-17b-16e-instruct"),
+        k.state,
         k.deleted_project(project), k.members, k.member_names, k.member_credentials, k.model_permissions, k.audit,
     ]  # fmt: skip
     assert {key_slot(n.encode()) for n in names} == {key_slot(k.org_limits.encode())}
@@ -29,14 +28,17 @@ def test_operator_credentials_and_their_audit_trail_share_one_slot() -> None:
 
 
 def test_decide_lua_builds_keys_the_way_the_keys_module_does() -> None:
+    from ratelimitd.engine import keys
     from ratelimitd.engine.scripts import read_script
 
     lua = read_script("decide")
-    # The script derives keys from this prefix; if either side changes, both must.
-    for fragment in ('"lim:p:"', '"b:o:"', '"b:p:"', '"p:"', '"mp"', "-6)"):
+    # The script derives keys and state fields from this prefix; if either side changes, both must.
+    for fragment in ('"lim:o"', '"lim:p:"', '"o:"', '"p:"', '"c:"', '"mp"', '"spendlim"', '"price"', "-2)"):
         assert fragment in lua
-    assert OrgKeys("org_x").org_limits.endswith("lim:o") and len("lim:o") + 1 == 6
-    assert OrgKeys("org_x").model_permissions == OrgKeys("org_x").prefix + "mp"
+    k = OrgKeys("org_x")
+    assert k.state == k.prefix + "s" and k.org_limits == k.prefix + "lim:o"
+    assert k.model_permissions == k.prefix + "mp"
+    assert keys.org_buckets_field("m") == "o:m" and keys.project_buckets_field("proj_x", "m") == "p:proj_x:m"
 
 
 def test_api_key_carries_its_ids() -> None:

@@ -227,6 +227,7 @@ class ControlPlane:
                 pipe.hset(k.org_limits, mapping={s.field: s.value for s in specs})
             if clears:
                 pipe.hdel(k.org_limits, *clears)
+            keys.invalidate_decision_config(pipe, k)
             self.audit.append(pipe, k.audit, actor, "SetOrganizationLimits", org_id, before=before, after=after)
 
         await transaction(self._redis, [k.org_limits], change)
@@ -366,6 +367,7 @@ class ControlPlane:
             # raw: redis-py's cluster pipeline refuses rename() even within one slot
             pipe.execute_command("RENAME", k.project(project_id), k.deleted_project(project_id))
             pipe.hset(k.deleted_project(project_id), "x", now_ms())
+            keys.invalidate_decision_config(pipe, k)
             if owns_name:
                 pipe.hdel(k.project_names, old.name)
             self.audit.append(
@@ -373,7 +375,18 @@ class ControlPlane:
             )
             return old
 
-        return await transaction(self._redis, [k.project(project_id), k.project_names], change)
+        old = await transaction(self._redis, [k.project(project_id), k.project_names], change)
+        await self._forget_decision_state(k, project_id)
+        return old
+
+    async def _forget_decision_state(self, k: keys.OrgKeys, project_id: str) -> None:
+        """Drops a deleted project's buckets and cached configuration from the decision state hash,
+        which would otherwise keep them as long as the organization has traffic. No decision writes
+        them again: the project's next decision finds it gone (the change bumped the version)."""
+        with storage_errors():
+            stale = [f async for f, _ in self._redis.hscan_iter(k.state, match=f"*:{project_id}:*", count=1000)]
+            for start in range(0, len(stale), 1000):
+                await self._redis.hdel(k.state, *stale[start : start + 1000])
 
     async def require_project(self, org_id: str, project_id: str, *, or_deleted: bool = False) -> keys.OrgKeys:
         """``or_deleted``: a deleted project will do too (its history stays readable)."""
@@ -406,7 +419,7 @@ class ControlPlane:
         args += clears
         with storage_errors():
             reply = await self._scripts.set_project_limits(
-                keys=[k.org_limits, k.project_limits(project_id), k.project(project_id), k.audit],
+                keys=[k.org_limits, k.project_limits(project_id), k.project(project_id), k.audit, k.state],
                 args=args,
                 client=self._redis,
             )

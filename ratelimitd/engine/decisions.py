@@ -12,7 +12,7 @@ from ratelimitd.engine.clock import Clock, server_time
 from ratelimitd.engine.errors import InvalidArgument
 from ratelimitd.engine.limits import Dimension, Dimensions
 from ratelimitd.engine.retention import Retention
-from ratelimitd.engine.scripts import ScriptRunner, Scripts
+from ratelimitd.engine.scripts import ScriptRunner, Scripts, configured
 
 # Items one decision may weigh: each adds its buckets to one script's stack and reply.
 MAX_ITEMS_PER_DECISION = 64
@@ -102,11 +102,9 @@ class Decider:
     ) -> None:
         self._connection = connection
         self._clock = clock
-        self._script = scripts.decide
+        # settings are baked into the script's text, so a call passes only what it asks
+        self._script = configured(scripts.decide, dimensions, retention)
         self._dims = dimensions.all
-        # What does not change per call is laid out once.
-        self._config_args = [*retention.args(), *dimensions.args()]
-        self._dim_is_tokens = [d.metric == "tokens" for d in self._dims]
 
     async def check(self, caller: Caller, model: str, requests: int, tokens: int, request_id: str = "") -> Decision:
         return await self.check_items(caller, (Item(model, requests, tokens),), request_id)
@@ -134,14 +132,12 @@ class Decider:
             kind, subject = "k", org.api_key(caller.key_id)
         else:
             kind, subject = "p", org.project(caller.project_id)
-        args: list[str | int] = [
-            kind, caller.key_hash, caller.project_id, request_id, remember, *self._config_args, len(items),
-        ]  # fmt: skip
+        who = caller.key_id if caller.key_id else caller.project_id
+        args: list[str | int] = [kind, caller.key_hash, who, request_id, remember, len(items)]
         for item in items:
-            args.append(item.model)
-            args += [item.tokens if is_tokens else item.requests for is_tokens in self._dim_is_tokens]
+            args += (item.model, item.requests, item.tokens)
         args.append(await self._clock())
-        reply = await self._connection.evalsha(self._script, [org.org_limits, subject, org.request(request_id)], args)
+        reply = await self._connection.evalsha(self._script, [org.state, subject, org.request(request_id)], args)
         return self._parse(reply, caller.organization_id, request_id, len(items))
 
     def _parse(self, reply: list[int | str], org_id: str, request_id: str, nitems: int) -> Decision:

@@ -16,10 +16,19 @@ Layout below one organization prefix::
     k:<key_id>             hash   API key (h sha256, p project, n name, x prefix,
                                   c created ms, u last used ms, r "1" once revoked)
     pk:<project_id>        set    key ids of a project
-    r:<request_id>         string request record (reservation and replay), expires
-    b:o:<model>            hash   organization buckets of a model: field "<metric>|<window>"
-                                  holds "<level>:<t_us>"; expires once all are drained
-    b:p:<project>:<model>  hash   project buckets of a model, the same
+    r:<request_id>         string request record (reservation and replay), expires; written
+                                  only when something will read it (lib.lua, rl_record_*)
+    u:m:<start_s>          hash   usage counters of one minute, field "<id>|<counter>" (lib.lua);
+    u:h:<start_s>, u:d:<start_s>  the same per hour and day, added by rollup.lua; each expires
+                                  its retention after its end
+    u:r                    string the first minute not rolled up yet (rollup.lua)
+    ui                     hash   usage ids: "<project>|<model>|<key>" -> id, "#<id>" -> the same
+                                  triple, "n" the last id; one id per (project, model, key) ever used
+    s                      hash   decision state: every bucket of the organization and its
+                                  projects ("o:<model>", "p:<project>:<model>"), the resolved
+                                  configuration of each (project, model) ("c:<project>:<model>"),
+                                  and the configuration version "v" (lib.lua); expires once
+                                  every bucket would have drained
 
 Added by the control plane (docs/control-plane.md)::
 
@@ -39,6 +48,8 @@ Added by the control plane (docs/control-plane.md)::
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 ROOT = "rl:"
 ORGANIZATIONS = "rl:orgs"  # hash org id -> name
@@ -115,11 +126,39 @@ class OrgKeys:
     def request(self, request_id: str) -> str:
         return self.prefix + "r:" + request_id
 
-    def org_buckets(self, model: str) -> str:
-        return f"{self.prefix}b:o:{model}"
+    @property
+    def state(self) -> str:
+        return self.prefix + "s"
 
-    def project_buckets(self, project_id: str, model: str) -> str:
-        return f"{self.prefix}b:p:{project_id}:{model}"
+    @property
+    def usage_ids(self) -> str:
+        return self.prefix + "ui"
+
+    @property
+    def usage_rollup_marker(self) -> str:
+        return self.prefix + "u:r"
+
+    def usage(self, resolution: str, start_s: int) -> str:
+        return f"{self.prefix}u:{resolution}:{start_s}"
+
+
+# Fields of the decision state hash (OrgKeys.state); lib.lua builds the same.
+CONFIG_VERSION = "v"
+
+
+def invalidate_decision_config(pipe: Any, k: OrgKeys) -> None:
+    """Queues the change of the organization's configuration version: every
+    decision after it resolves its limits, permissions, spend limits and prices
+    afresh. Queue it in the same transaction (one slot) as the change itself."""
+    pipe.hincrby(k.state, CONFIG_VERSION, 1)
+
+
+def org_buckets_field(model: str) -> str:
+    return "o:" + model
+
+
+def project_buckets_field(project_id: str, model: str) -> str:
+    return f"p:{project_id}:{model}"
 
 
 def limit_field(model: str, dimension: str) -> str:

@@ -49,13 +49,6 @@ class Dimensions:
         )
         self._by_key = {(d.metric, d.window): d for d in self.all}
 
-    def args(self) -> list[str | int]:
-        """The dimensions as the Lua scripts take them: count, then name and window ms each."""
-        out: list[str | int] = [len(self.all)]
-        for d in self.all:
-            out += (d.name, d.window_ms)
-        return out
-
     def get(self, metric: str, window: str) -> Dimension:
         if metric not in METRICS:
             raise InvalidArgument(f"metric {metric!r} is not one of {', '.join(METRICS)}")

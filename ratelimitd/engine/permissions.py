@@ -25,7 +25,7 @@ from typing import Any, cast
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from ratelimitd.engine import ids
+from ratelimitd.engine import ids, keys
 from ratelimitd.engine.audit import Audit
 from ratelimitd.engine.authz import INTERNAL, Principal
 from ratelimitd.engine.control import ControlPlane
@@ -131,6 +131,7 @@ class ModelPermissions:
                 pipe.hset(k.model_permissions, scope, str(policy.access))
                 if policy.models:
                     pipe.hset(k.model_permissions, mapping={f"{scope}|{m}": "1" for m in policy.models})
+            keys.invalidate_decision_config(pipe, k)
             operation = "SetProjectModelPermissions" if project_id else "SetOrganizationModelPermissions"
             self._audit.append(
                 pipe, k.audit, actor, operation, project_id or org_id, project_id=project_id,

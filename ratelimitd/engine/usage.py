@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import re
 import time
 from collections import defaultdict
 from collections.abc import Iterable
@@ -27,7 +28,7 @@ from ratelimitd.engine.decisions import Caller, Outcome
 from ratelimitd.engine.errors import FailedPrecondition, InvalidArgument, NotFound
 from ratelimitd.engine.limits import MAX_LIMIT, Dimensions, validate_model
 from ratelimitd.engine.retention import Retention
-from ratelimitd.engine.scripts import ScriptRunner, Scripts
+from ratelimitd.engine.scripts import ScriptRunner, Scripts, configured
 from ratelimitd.storage.redis import storage_errors
 
 # Percent of a spend limit at which an alert counts as crossed.
@@ -174,9 +175,9 @@ class Usage:
     ) -> None:
         self._redis = redis
         self._connection = connection
-        self._script = scripts.report
+        self._script = configured(scripts.report, dimensions, retention)
         self._control = control
-        self._config_args = [*retention.args(), *dimensions.args()]
+        self._minute_retention_s = retention.minute_s
         self._clock = clock
 
     # -- reporting (once per request) ------------------------------------
@@ -208,9 +209,9 @@ class Usage:
         kind, subject = ("k", org.api_key(caller.key_id)) if caller.key_id else ("p", org.project(caller.project_id))
         args: list[str | int] = [
             kind, caller.key_hash, caller.project_id, request_id, model, input_tokens, output_tokens, cached_tokens,
-            status_code, latency_ms, *self._config_args, await self._clock(),
+            status_code, latency_ms, await self._clock(),
         ]  # fmt: skip
-        reply = await self._connection.evalsha(self._script, [org.org_limits, subject, org.request(request_id)], args)
+        reply = await self._connection.evalsha(self._script, [org.state, subject, org.request(request_id)], args)
         status = int(reply[0])
         if status == 4:
             raise FailedPrecondition(
@@ -252,7 +253,10 @@ class Usage:
                 raise InvalidArgument(f"{what} price {value} must be between 0 and {MAX_PRICE:.0f} USD per million")
         k = await self._control.require_organization(org_id)
         with storage_errors():
-            await self._redis.hset(k.prefix + "price", price.model, ",".join(repr(float(v)) for v in price[1:]))
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(k.prefix + "price", price.model, ",".join(repr(float(v)) for v in price[1:]))
+                keys.invalidate_decision_config(pipe, k)  # decisions reserve spend at the price
+                await pipe.execute()
         return price
 
     async def prices(self, org_id: str) -> list[Price]:
@@ -273,11 +277,14 @@ class Usage:
             k = await self._control.require_organization(org_id)
         field_ = f"p:{project_id}" if project_id else "o"
         with storage_errors():
-            if limit_usd is None:
-                await self._redis.hdel(k.prefix + "spendlim", field_)
-            else:
-                # stored in micro-USD, the unit report.lua adds spend in
-                await self._redis.hset(k.prefix + "spendlim", field_, repr(limit_usd * 1e6))
+            async with self._redis.pipeline(transaction=True) as pipe:
+                if limit_usd is None:
+                    pipe.hdel(k.prefix + "spendlim", field_)
+                else:
+                    # stored in micro-USD, the unit report.lua adds spend in
+                    pipe.hset(k.prefix + "spendlim", field_, repr(limit_usd * 1e6))
+                keys.invalidate_decision_config(pipe, k)
+                await pipe.execute()
 
     async def _current_month(self) -> str:
         """This month by the clock the scripts count spend with (storage's TIME), not ours."""
@@ -327,15 +334,16 @@ class Usage:
             )
         k = await self._control.require_organization(org_id)
         with storage_errors():
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for s in starts:
-                    pipe.hgetall(f"{k.prefix}u:{res}:{s}")
-                raws = cast(list[dict[str, str]], await pipe.execute())
+            buckets = await self._read_buckets(k, res, width, starts)
+            names = await self._usage_names(k, buckets)
         rows: dict[tuple[int, str, str, str], UsageTotals] = defaultdict(UsageTotals)
         total = UsageTotals()
-        for s, raw in zip(starts, raws, strict=True):
-            for name, value in raw.items():
-                project, model, key_id, counter = name.split("|", 3)
+        for s, raw in buckets:
+            for name, packed in raw.items():
+                fields = _counters(name, packed, names)
+                if fields is None:
+                    continue
+                (project, model, key_id), counters = fields
                 if project_id and project != project_id:
                     continue
                 row_key = (
@@ -344,9 +352,70 @@ class Usage:
                     model if "model" in groups else "",
                     key_id if "key" in groups else "",
                 )
-                rows[row_key].add(counter, value)
-                total.add(counter, value)
+                for counter, value in counters:
+                    rows[row_key].add(counter, value)
+                    total.add(counter, value)
         return [UsageRow(*row_key, totals) for row_key, totals in sorted(rows.items())], total
+
+    async def _read_buckets(
+        self, k: keys.OrgKeys, res: str, width: int, starts: range
+    ) -> list[tuple[int, dict[str, str]]]:
+        """The counters of each bucket start, with the minutes not rolled up yet added to hours and days.
+
+        One transaction reads the rollup marker, the buckets and the minutes from the marker on, so
+        a rollup (rollup.lua) is seen whole or not at all; if the marker moved since it was first
+        read, the minutes read may be the wrong ones, and the read is made again."""
+        if res == "m":
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for s in starts:
+                    pipe.hgetall(k.usage("m", s))
+                return list(zip(starts, cast(list[dict[str, str]], await pipe.execute()), strict=True))
+        while True:
+            marker = cast(str | None, await self._redis.get(k.usage_rollup_marker))
+            minutes = await self._unrolled_minutes(marker, starts[0], starts[-1] + width)
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.get(k.usage_rollup_marker)
+                for s in starts:
+                    pipe.hgetall(k.usage(res, s))
+                for m in minutes:
+                    pipe.hgetall(k.usage("m", m))
+                replies = await pipe.execute()
+            if replies[0] != marker:
+                continue
+            raws = cast(list[dict[str, str]], replies[1:])
+            buckets = list(zip(starts, raws[: len(starts)], strict=True))
+            partial_minute, rolled_ids = _marker(marker)
+            for m, raw in zip(minutes, raws[len(starts) :], strict=True):
+                if m == partial_minute and rolled_ids:
+                    # the rollup is inside this minute: its ids up to rolled_ids are in the hours
+                    raw = {f: v for f, v in raw.items() if _unrolled(f, rolled_ids)}
+                if raw:
+                    buckets.append((m - m % width, raw))
+            return buckets
+
+    async def _unrolled_minutes(self, marker: str | None, start_s: int, end_s: int) -> range:
+        """Minute starts in [start_s, end_s) the rollup has not reached: from the marker (or the
+        oldest minute kept, when there is none yet) to the current minute."""
+        given = await self._clock()
+        now_s = int(given) // 1_000_000 if given else int((await self._redis.time())[0])
+        current = now_s - now_s % 60
+        first = _marker(marker)[0] or current - (self._minute_retention_s + 59) // 60 * 60 - 60
+        first = max(first, start_s - start_s % 60)
+        return range(first, min(current, end_s - 1) + 1, 60)
+
+    async def _usage_names(
+        self, k: keys.OrgKeys, buckets: list[tuple[int, dict[str, str]]]
+    ) -> dict[str, tuple[str, str, str]]:
+        """The (project, model, key) of every usage id in the buckets."""
+        ids = sorted({name.split("|", 1)[0] for _, raw in buckets for name in raw if _COMPACT_FIELD.match(name)})
+        if not ids:
+            return {}
+        triples = cast(list[str | None], await self._redis.hmget(k.usage_ids, [f"#{i}" for i in ids]))
+        return {
+            i: cast(tuple[str, str, str], tuple(t.split("|", 2)))
+            for i, t in zip(ids, triples, strict=True)
+            if t is not None
+        }
 
     async def logs(
         self,
@@ -381,6 +450,53 @@ class Usage:
             if len(out) == limit:
                 break
         return out
+
+
+# Usage fields as lib.lua writes them: "<id>|r", "<id>|x<outcome>", "<id>|u" in minutes,
+# "<id>" in hours and days (the values are described there).
+_COMPACT_FIELD = re.compile(r"^(\d+)(?:\|([rxu])(\d*))?$")
+_REPORTED = ("rep", "in", "out", "cached", "spend")
+
+
+def _counters(
+    name: str, value: str, names: dict[str, tuple[str, str, str]]
+) -> tuple[tuple[str, str, str], list[tuple[str, str]]] | None:
+    """(project, model, key) and the counters (name, value) one usage field holds; None for an
+    unknown id. Fields "<project>|<model>|<key>|<counter>" are what versions before the rollup wrote."""
+    compact = _COMPACT_FIELD.match(name)
+    if compact is None:
+        project, model, key_id, counter = name.split("|", 3)
+        return (project, model, key_id), [(counter, value)]
+    who = names.get(compact[1])
+    if who is None:
+        return None
+    kind, outcome = compact[2], compact[3]
+    if kind == "r":
+        return who, [("req", value)]
+    if kind == "x":
+        return who, [(f"ref:{outcome}", value)]
+    parts = value.split(",")
+    if kind == "u":
+        return who, list(zip(_REPORTED, parts, strict=False))
+    counters = list(zip(("req", *_REPORTED), parts[:6], strict=False))
+    for refusal in parts[6:]:
+        counter, _, count = refusal.partition("=")
+        counters.append((f"ref:{counter[1:]}", count))
+    return who, counters
+
+
+def _marker(marker: str | None) -> tuple[int, int]:
+    """The rollup marker (rollup.lua): the first minute not wholly rolled up, and the last usage
+    id of it that is; (0, 0) for none."""
+    if not marker:
+        return 0, 0
+    minute, _, rolled_ids = marker.partition(":")
+    return int(minute), int(rolled_ids or 0)
+
+
+def _unrolled(field: str, rolled_ids: int) -> bool:
+    compact = _COMPACT_FIELD.match(field)
+    return compact is None or int(compact[1]) > rolled_ids
 
 
 def _usd(micro: str | None) -> float | None:

@@ -18,37 +18,50 @@ something else, is refused with outcome 9 and nothing is charged.
 
 Everything the script touches lives under one organization prefix
 "rl:{org_<id>}:", so every key shares one hash tag (one Cluster slot). Keys the
-script can only name after reading the API key record (the project's limits and
-buckets) are built from that prefix, which it takes from KEYS[1].
+script can only name after reading the API key record (the project's records,
+the spend hash) are built from that prefix, which it takes from KEYS[1].
 
 Buckets are continuously draining levels (a token bucket stored as the amount
 used): a bucket of limit L over a window of W drains L/W units per unit of
 time, and a request of cost c passes when level + c <= L. The buckets of one
-scope and model are one hash, rl:{org_x}:b:o:<model> or
-rl:{org_x}:b:p:<project>:<model>, a field "<metric>|<window>" per dimension
-holding "<level>:<timestamp_us>"; it expires once all would have drained to 0.
+scope and model are one field of the organization's state hash (lib.lua), next
+to the resolved configuration of each (project, model): one HMGET reads
+configuration and buckets, one HSET writes them. A configuration whose version
+is not the hash's "v" is resolved again from the source records (lim:o,
+lim:p:<project>, mp, spendlim, price) and cached with the admitted decision's
+write. A refused decision writes no state, so it leaves that hash as it was.
 
-KEYS[1]  the organization's limits hash        rl:{org_x}:lim:o
+The request record (lib.lua, rl_record_*, one delimited string) is written for
+an admitted request (ReportUsage reconciles its reservation, and finds its
+model there) and for any answer to a caller-chosen id (replay). It holds the
+answer only when ARGV[5] is "1": only then can a later call replay it.
+
+Monthly spend limits: a decision is refused (8) once the month's spend of the
+organization or the project has reached its limit. An admitted decision under
+a spend limit reserves its estimate in the month's spend, in the same step:
+the token estimate of each item at the higher of the model's input and output
+price. ReportUsage replaces the estimate with the real cost; an estimate never
+reported stays charged, as reserved tokens do.
+
+Settings are baked into the script text as RL_* constants (scripts.configured):
+RL_DIMS / RL_WINDOWS_US / RL_NDIMS / RL_METRIC_TOKENS (the dimensions, and which
+count tokens), RL_LAYOUT, RL_RECORD_TTL_MS, RL_RESOLUTIONS (usage buckets),
+RL_LOG_CAP and RL_LOG_TTL_S (request log), RL_EXPIRY_SLACK_MS.
+
+KEYS[1]  the organization's state hash          rl:{org_x}:s
 KEYS[2]  the caller record: API key hash        rl:{org_x}:k:<key_id>
          or, for a trusted caller, the project  rl:{org_x}:p:<project_id>
 KEYS[3]  the request record                     rl:{org_x}:r:<request_id>
 
 ARGV[1]  caller kind: "k" (API key) or "p" (project id)
 ARGV[2]  sha256 hex of the presented API key ("" for kind "p")
-ARGV[3]  project id (kind "p"; "" for kind "k")
+ARGV[3]  project id (kind "p"); the API key's id (kind "k", as in KEYS[2])
 ARGV[4]  request id
 ARGV[5]  "1": the caller chose the request id; remember any answer for replay
          "2": the caller chose it, but every call is decided anew (the id
               still belongs to its first caller, and keeps the reservation)
          "0": the server made the id up, so no record can exist yet
-ARGV[6]  request record lifetime, milliseconds
-ARGV[7..9]   usage retention after each minute, hour, day bucket, seconds
-ARGV[10] request log: entries kept per project
-ARGV[11] request log: seconds kept after the last entry
-ARGV[12] d, the number of dimensions, then d pairs:
-           dimension "metric|window" (e.g. "tokens|minute"), window length in ms
-then     m, the number of items, then m groups of 1 + d values:
-           model, then the item's cost in each dimension, in dimension order
+ARGV[6]  m, the number of items, then m triples: model, requests, tokens
 last     "" to use the server's TIME; tests only: the time, microseconds
 
 Reply: an array
@@ -69,65 +82,57 @@ Reply: an array
   then for each item: k, then the indices of its k buckets
 ]]
 
-local prefix = string.sub(KEYS[1], 1, -6) -- strip "lim:o"
-local kind, key_hash, project = ARGV[1], ARGV[2], ARGV[3]
+local state_key = KEYS[1]
+local prefix = string.sub(state_key, 1, -2) -- strip "s"
+local kind, key_hash = ARGV[1], ARGV[2]
+local project = kind == "p" and ARGV[3] or ""
 local request_id, remember, chosen_id = ARGV[4], ARGV[5] == "1", ARGV[5] ~= "0"
-local record_ttl = tonumber(ARGV[6])
-local resolutions = {{"m", 60, tonumber(ARGV[7])}, {"h", 3600, tonumber(ARGV[8])}, {"d", 86400, tonumber(ARGV[9])}}
-local log_cap, log_ttl = tonumber(ARGV[10]), tonumber(ARGV[11])
-local ndims = tonumber(ARGV[12])
-local dims, windows_us, requests_dim, tokens_dim = {}, {}, nil, nil
-for i = 1, ndims do
-  dims[i] = ARGV[11 + 2 * i]
-  windows_us[i] = tonumber(ARGV[12 + 2 * i]) * 1000
-  if not requests_dim and string.sub(dims[i], 1, 9) == "requests|" then requests_dim = i end
-  if not tokens_dim and string.sub(dims[i], 1, 7) == "tokens|" then tokens_dim = i end
-end
-local pos = 13 + 2 * ndims
-local nitems = tonumber(ARGV[pos])
-local items = {}
+local nitems = tonumber(ARGV[6])
+local items, asked, models, model_seen = {}, {}, {}, {}
 for j = 1, nitems do
-  local base = pos + 1 + (j - 1) * (ndims + 1)
-  local costs = {}
-  for i = 1, ndims do costs[i] = tonumber(ARGV[base + i]) end
-  items[j] = {
-    model = ARGV[base], costs = costs,
-    requests = requests_dim and costs[requests_dim] or 0, tokens = tokens_dim and costs[tokens_dim] or 0,
-  }
-end
-
--- What is asked, as a replay must match it: every item's model, requests and tokens.
-local asked = {}
-for j, item in ipairs(items) do
-  asked[j] = string.format("%s|%.0f|%.0f", item.model, item.requests, item.tokens)
+  local base = 4 + 3 * j
+  local model, requests, tokens = ARGV[base], tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
+  items[j] = {model = model, requests = requests, tokens = tokens}
+  -- What is asked, as a replay must match it: every item's model, requests and tokens.
+  asked[j] = model .. "|" .. ARGV[base + 1] .. "|" .. ARGV[base + 2]
+  if not model_seen[model] then
+    model_seen[model] = true
+    models[#models + 1] = model
+  end
 end
 local fingerprint = table.concat(asked, ",")
 
 local now = rl_now(ARGV[#ARGV])
 local key_id = "-"
-local reported = false
+local reported_model = nil
+local reserved_spend, spend_month = nil, nil
+local usage_ids, new_usage_ids = {}, {} -- per model: the usage counters' id (lib.lua)
 
 -- Only for an authenticated caller: counts the decision, logs a refusal, and
 -- remembers the answer (never over another caller's record: outcome 9).
 local function finish(reply)
   local outcome = reply[1]
+  local per_model = {}
   for _, item in ipairs(items) do
-    local counters = {}
-    if outcome == 0 then counters.req = item.requests else counters["ref:" .. outcome] = 1 end
-    rl_count_usage(prefix, now, resolutions, project .. "|" .. item.model .. "|" .. key_id .. "|", counters)
+    local add = outcome == 0 and item.requests or 1
+    per_model[item.model] = (per_model[item.model] or 0) + add
+  end
+  local counter = outcome == 0 and "req" or "ref:" .. outcome
+  for _, model in ipairs(models) do
+    rl_count_one(prefix, now, usage_ids[model], counter, per_model[model])
   end
   if outcome ~= 0 then
     rl_log(prefix, project, {id = request_id, t = math.floor(now / 1000), m = items[1].model, k = key_id,
-                             ok = false, r = outcome, tok = items[1].tokens}, log_cap, log_ttl)
+                             ok = false, r = outcome, tok = items[1].tokens}, RL_LOG_CAP, RL_LOG_TTL_S)
   end
-  if outcome ~= 9 and (remember or outcome == 0) then
-    local record = {reply = reply, rep = reported and 1 or nil, p = project, k = key_id, f = fingerprint}
-    if outcome == 0 then
-      -- The reservation ReportUsage reconciles against.
-      record.m, record.t = {}, {}
-      for j, item in ipairs(items) do record.m[j], record.t[j] = item.model, item.tokens end
-    end
-    redis.call("SET", KEYS[3], cjson.encode(record), "PX", record_ttl)
+  if outcome == 9 then return reply end
+  if remember or outcome == 0 then
+    -- the answer only where a replay may read it: turning ~40 numbers into text is
+    -- a good part of a decision's cost
+    local record = {p = project, k = key_id, rm = reported_model, f = fingerprint, a = outcome == 0}
+    if remember then record.reply = reply end
+    if reserved_spend then record.e, record.em = table.concat(reserved_spend, ","), spend_month end
+    redis.call("SET", KEYS[3], rl_record_encode(record), "PX", RL_RECORD_TTL_MS)
   end
   return reply
 end
@@ -138,23 +143,59 @@ end
 
 -- Who is asking. Unauthenticated: refused, and nothing written anywhere.
 local unauthenticated = {4, "", 0, 0, 0, 0, 0}
+local key_rec
 if kind == "k" then
-  local rec = redis.call("HMGET", KEYS[2], "h", "p", "r", "u")
-  if not rec[1] or rec[1] ~= key_hash or rec[3] == "1" then
+  key_rec = redis.call("HMGET", KEYS[2], "h", "p", "r", "u")
+  if not key_rec[1] or key_rec[1] ~= key_hash or key_rec[3] == "1" then
     return unauthenticated
   end
-  project = rec[2]
-  key_id = string.match(KEYS[2], ":k:(.+)$")
-  if redis.call("EXISTS", prefix .. "p:" .. project) == 0 then
-    return unauthenticated
+  project, key_id = key_rec[2], ARGV[3]
+end
+
+-- Configuration and buckets of every model asked for, in one read.
+local fields = {"v", "d", "x"}
+for _, model in ipairs(models) do
+  fields[#fields + 1] = "c:" .. project .. ":" .. model
+  fields[#fields + 1] = "o:" .. model
+  fields[#fields + 1] = "p:" .. project .. ":" .. model
+  fields[#fields + 1] = "u:" .. project .. ":" .. model .. ":" .. key_id
+end
+local st = redis.call("HMGET", state_key, unpack(fields))
+local version, layout_ok, expiry = st[1] or "0", st[2] == RL_LAYOUT, tonumber(st[3])
+local configs, states, resolved, cached_any = {}, {}, {}, false
+for n, model in ipairs(models) do
+  local c = layout_ok and rl_config_decode(st[4 * n], version) or nil
+  if c then cached_any = true end
+  configs[model] = c
+  if layout_ok then
+    states["o:" .. model] = st[4 * n + 1]
+    states["p:" .. project .. ":" .. model] = st[4 * n + 2]
   end
+  usage_ids[model] = st[4 * n + 3]
+end
+
+-- A cached configuration exists only for a project that existed when it was
+-- cached, and deleting a project changes the version.
+if not cached_any then
+  local record = kind == "k" and prefix .. "p:" .. project or KEYS[2]
+  if redis.call("EXISTS", record) == 0 then
+    if kind == "k" then return unauthenticated end
+    return {6, project, 0, 0, 0, 0, 0}
+  end
+end
+-- The usage counters' id of (project, model, key), kept in the state hash too.
+for _, model in ipairs(models) do
+  if not usage_ids[model] then
+    usage_ids[model] = rl_usage_id(prefix, project, model, key_id)
+    new_usage_ids[model] = true
+  end
+end
+if kind == "k" then
   -- last use, at most once a second per key, to keep the hot path cheap
   local now_ms = math.floor(now / 1000)
-  if not rec[4] or now_ms - tonumber(rec[4]) >= 1000 then
+  if not key_rec[4] or now_ms - tonumber(key_rec[4]) >= 1000 then
     redis.call("HSET", KEYS[2], "u", now_ms)
   end
-elseif redis.call("EXISTS", KEYS[2]) == 0 then
-  return {6, project, 0, 0, 0, 0, 0}
 end
 
 -- An earlier use of the request id: replayed to its own caller asking the same
@@ -163,123 +204,179 @@ end
 if chosen_id then
   local earlier = redis.call("GET", KEYS[3])
   if earlier then
-    local rec = cjson.decode(earlier)
-    local same_caller = rec.p == project and (rec.reply == nil or rec.k == key_id)
-    if not same_caller or (remember and rec.reply and rec.f ~= fingerprint) then
+    local rec = rl_record_decode(earlier)
+    -- (a record without f is a usage report that came first)
+    local same_caller = rec.p == project and (rec.f == "" or rec.k == key_id)
+    if not same_caller or (remember and rec.f ~= "" and rec.f ~= fingerprint) then
       return early(9)
     end
     if remember and rec.reply then
       rec.reply[5] = 1
       return rec.reply
     end
-    reported = remember and rec.rep == 1 -- its usage report came first: decide, but never reconcile again
+    -- its usage report came first: decide, but never reconcile again
+    if remember then reported_model = rec.rm end
+  end
+end
+
+for _, model in ipairs(models) do
+  if not configs[model] then
+    configs[model] = rl_config_resolve(prefix, project, model)
+    resolved[model] = true
   end
 end
 
 -- Monthly spend limits: reached means refused until next month or a higher limit.
-local spend_limits = redis.call("HMGET", prefix .. "spendlim", "o", "p:" .. project)
-if spend_limits[1] or spend_limits[2] then
-  local spent = redis.call("HMGET", prefix .. "spend:" .. rl_month(now), "o", "p:" .. project)
+local spend_cfg = configs[models[1]]
+local spend_limited = spend_cfg.spend_o or spend_cfg.spend_p
+if spend_limited then
+  spend_month = rl_month(now)
+  local spent = redis.call("HMGET", prefix .. "spend:" .. spend_month, "o", "p:" .. project)
+  local limits = {spend_cfg.spend_o, spend_cfg.spend_p}
   for scope = 1, 2 do
-    if spend_limits[scope] and tonumber(spent[scope] or "0") >= tonumber(spend_limits[scope]) then
+    if limits[scope] and tonumber(spent[scope] or "0") >= limits[scope] then
       return early(8, scope)
     end
   end
 end
 
 -- Every applicable bucket, once, with its state drained to now. Buckets live
--- in groups, one hash per scope and model (lib.lua); items naming the same
--- model share them.
-local buckets, groups, group_of, item_buckets = {}, {}, {}, {}
-local proj_limits_key = prefix .. "lim:p:" .. project
+-- in groups, one state field per scope and model; items naming the same model
+-- share them. Parallel arrays, not a table per bucket: this is the hot path.
+local nb, b_scope, b_dim, b_limit, b_cost, b_level, b_group = 0, {}, {}, {}, {}, {}, {}
+local ng, g_field, g_limits, g_levels, g_bucket = 0, {}, {}, {}, {}
+local group_of, item_buckets = {}, {}
 
-local function add(key, scope, dim, limit, cost, mine)
-  local g = group_of[key]
+local function group(field, limits)
+  local g = group_of[field]
   if not g then
-    g = {key = key, members = {}, by_dim = {}}
-    group_of[key] = g
-    groups[#groups + 1] = g
+    ng = ng + 1
+    g = ng
+    group_of[field], g_field[g], g_limits[g], g_bucket[g] = g, field, limits, {}
+    g_levels[g] = rl_state_load(states[field], limits, now)
   end
-  local b = g.by_dim[dim]
-  if not b then
-    b = {scope = scope, dim = dim, limit = limit, cost = 0}
-    g.by_dim[dim] = b
-    g.members[#g.members + 1] = b
-    buckets[#buckets + 1] = b
-    b.index = #buckets
-  end
-  b.cost = b.cost + cost
-  mine[#mine + 1] = b.index
+  return g
 end
 
-for j, item in ipairs(items) do
-  local model = item.model
-  local org_limits, proj_limits, available = rl_limits(KEYS[1], proj_limits_key, model, dims)
-  if not available then
-    return early(5, j)
+local function bucket(g, scope, dim, cost)
+  local n = g_bucket[g][dim]
+  if not n then
+    nb = nb + 1
+    n = nb
+    g_bucket[g][dim] = n
+    b_scope[n], b_dim[n], b_limit[n], b_cost[n], b_level[n], b_group[n] = scope, dim, g_limits[g][dim], 0,
+      g_levels[g][dim], g
   end
-  -- Model permissions (keys.py "mp"): the organization's allow- or block-list,
-  -- then the project's, which can only narrow it. Refused before any charge.
-  local mp = redis.call("HMGET", prefix .. "mp", "o", "o|" .. model, "p:" .. project, "p:" .. project .. "|" .. model)
-  for s = 1, 3, 2 do
-    if (mp[s] == "allow" and not mp[s + 1]) or (mp[s] == "block" and mp[s + 1]) then
-      return early(7, j)
+  b_cost[n] = b_cost[n] + cost
+  return n
+end
+
+for j = 1, nitems do
+  local item = items[j]
+  local model = item.model
+  local c = configs[model]
+  if c.verdict ~= 0 then
+    return early(c.verdict, j)
+  end
+  local mine, og, pg = {}, nil, nil
+  local org, proj = c.org, c.proj
+  for i = 1, RL_NDIMS do
+    local cost = RL_METRIC_TOKENS[i] and item.tokens or item.requests
+    if org[i] then
+      og = og or group("o:" .. model, org)
+      mine[#mine + 1] = bucket(og, 1, i, cost)
+    end
+    if proj[i] then
+      pg = pg or group("p:" .. project .. ":" .. model, proj)
+      mine[#mine + 1] = bucket(pg, 2, i, cost)
     end
   end
-  local mine = {}
-  local org_key, proj_key = prefix .. "b:o:" .. model, prefix .. "b:p:" .. project .. ":" .. model
-  for i = 1, ndims do
-    if org_limits[i] then add(org_key, 1, i, org_limits[i], item.costs[i], mine) end
-    if proj_limits[i] then add(proj_key, 2, i, proj_limits[i], item.costs[i], mine) end
-  end
   item_buckets[j] = mine
-end
-for _, g in ipairs(groups) do
-  rl_group_load(g.key, g.members, dims, windows_us, now)
 end
 
 -- Decide: "never passable" beats "not now"; among "not now" the bucket that
 -- frees up last binds, and its wait is the retry-after.
 local outcome, binding, wait = 0, 0, 0
-for n, b in ipairs(buckets) do
-  if b.cost > b.limit then
+for n = 1, nb do
+  local limit, cost = b_limit[n], b_cost[n]
+  if cost > limit then
     if outcome ~= 3 then outcome, binding, wait = 3, n, 0 end
-  elseif outcome ~= 3 and b.level + b.cost > b.limit + 1e-9 then
-    local need = (b.level + b.cost - b.limit) * windows_us[b.dim] / b.limit
+  elseif outcome ~= 3 and b_level[n] + cost > limit + 1e-9 then
+    local need = (b_level[n] + cost - limit) * RL_WINDOWS_US[b_dim[n]] / limit
     if binding == 0 or need > wait then
-      outcome, binding, wait = b.scope == 2 and 1 or 2, n, need
+      outcome, binding, wait = b_scope[n] == 2 and 1 or 2, n, need
     end
   end
 end
 
 if outcome == 0 then
-  for _, g in ipairs(groups) do
-    local charged = false
-    for _, b in ipairs(g.members) do
-      if b.cost > 0 then
-        b.level = b.level + b.cost
-        charged = true
-      end
+  -- One write: the charged groups, the configurations just resolved, and the
+  -- hash's layout and expiry when they need it.
+  local charged = {}
+  for n = 1, nb do
+    local cost = b_cost[n]
+    if cost > 0 then
+      local level = b_level[n] + cost
+      b_level[n] = level
+      g_levels[b_group[n]][b_dim[n]] = level
+      charged[b_group[n]] = true
     end
-    if charged then rl_group_store(g.key, g.members, dims, windows_us, now) end
+  end
+  local writes, w, longest = {}, 0, 0
+  for g = 1, ng do
+    if charged[g] then
+      local packed, drain = rl_state_pack(g_levels[g], g_limits[g], now)
+      writes[w + 1], writes[w + 2], w = g_field[g], packed, w + 2
+      if drain > longest then longest = drain end
+    end
+  end
+  for model in pairs(resolved) do
+    writes[w + 1], writes[w + 2], w = "c:" .. project .. ":" .. model, rl_config_encode(version, configs[model]), w + 2
+  end
+  for model in pairs(new_usage_ids) do
+    writes[w + 1], writes[w + 2], w = "u:" .. project .. ":" .. model .. ":" .. key_id, usage_ids[model], w + 2
+  end
+  if not layout_ok then
+    writes[w + 1], writes[w + 2], w = "d", RL_LAYOUT, w + 2
+  end
+  local now_ms = math.floor(now / 1000)
+  local expire_at = rl_state_expiry(writes, layout_ok and expiry or nil, now_ms + longest)
+  if #writes > 0 then redis.call("HSET", state_key, unpack(writes)) end
+  if expire_at then redis.call("PEXPIRE", state_key, expire_at - now_ms) end
+
+  -- Spend reserved at the estimate, in the month the limit is checked against.
+  if spend_limited then
+    local total = 0
+    reserved_spend = {}
+    for j, item in ipairs(items) do
+      local price = configs[item.model].price or 0
+      reserved_spend[j] = string.format("%.17g", item.tokens * price)
+      total = total + item.tokens * price
+    end
+    if total > 0 then
+      rl_add_spend(prefix, spend_month, project, total)
+    else
+      reserved_spend = nil
+    end
   end
 end
 
-local reply = {outcome, project, math.ceil(wait / 1000), binding, 0, 0, #buckets}
-for _, b in ipairs(buckets) do
-  local remaining = math.floor(b.limit - b.level + 1e-9)
+local reply = {outcome, project, math.ceil(wait / 1000), binding, 0, 0, nb}
+local r = 7
+for n = 1, nb do
+  local limit, level = b_limit[n], b_level[n]
+  local remaining = math.floor(limit - level + 1e-9)
   if remaining < 0 then remaining = 0 end
   local reset = 0
-  if b.limit > 0 then reset = math.ceil(b.level * windows_us[b.dim] / b.limit / 1000) end
-  reply[#reply + 1] = b.scope
-  reply[#reply + 1] = b.dim
-  reply[#reply + 1] = b.limit
-  reply[#reply + 1] = remaining
-  reply[#reply + 1] = reset
+  if limit > 0 then reset = math.ceil(level * RL_WINDOWS_US[b_dim[n]] / limit / 1000) end
+  reply[r + 1], reply[r + 2], reply[r + 3], reply[r + 4], reply[r + 5] = b_scope[n], b_dim[n], limit, remaining, reset
+  r = r + 5
 end
 for j = 1, nitems do
   local mine = item_buckets[j]
-  reply[#reply + 1] = #mine
-  for _, index in ipairs(mine) do reply[#reply + 1] = index end
+  r = r + 1
+  reply[r] = #mine
+  for k = 1, #mine do reply[r + k] = mine[k] end
+  r = r + #mine
 end
 return finish(reply)

@@ -1,11 +1,36 @@
 --[[
 lib.lua: functions shared by the scripts that touch buckets and usage.
-scripts.py puts this text in front of decide.lua and report.lua, so each is
+scripts.py puts this text in front of decide.lua and report.lua (after the
+settings it bakes in as RL_* constants, see scripts.configured), so each is
 still one self-contained script (one EVALSHA), and the bucket arithmetic and
 limit resolution exist once.
 
 Units: time in microseconds (from TIME, or the test clock in tests), window
-lengths in microseconds, levels in the metric's units.
+lengths in microseconds, levels in the metric's units, spend in micro-USD
+(a price in USD per million tokens is micro-USD per token).
+
+The decision state of one organization is one hash, rl:{org_x}:s (keys.py),
+so a decision reads its configuration and every bucket in one HMGET and writes
+them back in one HSET:
+
+  "v"                     configuration version: the control plane increments it
+                          in the same atomic step as any change a decision reads
+  "d"                     the dimension layout (RL_LAYOUT) the states below use;
+                          another layout (the windows changed) makes them void
+  "x"                     the hash's expiry as last set (ms, on the scripts' clock): a
+                          writer whose buckets need longer sets a later one (PEXPIRE
+                          relative to now, as the test clock is not the server's), at
+                          most about once per RL_EXPIRY_SLACK_MS, not on every call
+  "c:<project>:<model>"   the resolved configuration of (project, model), valid
+                          while its version equals "v" (rl_config_encode)
+  "o:<model>"             the organization's buckets of the model (rl_state_*)
+  "p:<project>:<model>"   the project's buckets of the model
+  "u:<project>:<model>:<key>"  the usage id of (project, model, key) ("ui", below),
+                          so a decision finds it in the same read
+
+Fields of idle projects and old versions stay until the hash expires (once every
+bucket would have drained): bounded by projects x models (x keys for "u:") of
+the organization; deleting a project removes its fields (control.py).
 ]]
 
 -- The server's clock, or (tests only) the time the caller passes.
@@ -17,73 +42,137 @@ local function rl_now(given)
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 
--- A bucket's level from its stored "<level>:<t_us>", drained to now: it loses
--- limit/window units per microsecond.
-local function rl_drain(state, limit, window_us, now)
-  if not state then return 0 end
-  local l, t = string.match(state, "^([^:]+):(.+)$")
-  return math.max(0, tonumber(l) - (now - tonumber(t)) * limit / window_us)
-end
-
--- A bucket group is the buckets of one scope and model: one hash, a field per
--- dimension, so a decision reads and writes each group in one call each.
--- members: {{dim = i, limit = L}, ...}; sets member.level.
-local function rl_group_load(key, members, dims, windows_us, now)
-  local fields = {}
-  for n, m in ipairs(members) do fields[n] = dims[m.dim] end
-  local states = redis.call("HMGET", key, unpack(fields))
-  for n, m in ipairs(members) do m.level = rl_drain(states[n], m.limit, windows_us[m.dim], now) end
-end
-
--- Writes every member's level (members must be all the group's buckets, so
--- the expiry covers each), expiring the hash once the fullest would have drained.
-local function rl_group_store(key, members, dims, windows_us, now)
-  local args, ttl = {}, 0
-  for _, m in ipairs(members) do
-    args[#args + 1] = dims[m.dim]
-    args[#args + 1] = string.format("%.17g:%d", m.level, now)
-    if m.limit > 0 then
-      local drain = math.ceil(m.level * windows_us[m.dim] / m.limit / 1000)
-      if drain > ttl then ttl = drain end
+-- A group's buckets are stored as "<t_us>,<level 1>,...,<level d>" (one level per
+-- dimension, 0 where the scope has no limit). Returns the levels drained to now
+-- for the dimensions in limits (limits[i] = L or nil).
+local function rl_state_load(state, limits, now)
+  local levels = {}
+  local v = state and {string.match(state, RL_STATE_PATTERN)}
+  if not v or not v[1] then
+    for i = 1, RL_NDIMS do if limits[i] then levels[i] = 0 end end
+    return levels
+  end
+  local elapsed = now - tonumber(v[1])
+  for i = 1, RL_NDIMS do
+    local limit = limits[i]
+    if limit then
+      local l = tonumber(v[i + 1]) or 0
+      if l > 0 then
+        l = l - elapsed * limit / RL_WINDOWS_US[i]
+        if l < 0 then l = 0 end
+      end
+      levels[i] = l
     end
   end
-  if ttl == 0 then
-    redis.call("DEL", key)
-    return
-  end
-  redis.call("HSET", key, unpack(args))
-  redis.call("PEXPIRE", key, ttl + 1000)
+  return levels
 end
 
--- The limits of one model: per dimension, the organization's limit (the
--- model's own entries if it has any, else the "*" entries) and the project's
--- custom limit (the model's entry, else the project's "*" entry). Returns
--- org, project (tables indexed by dimension, nil = none) and whether the
--- organization has any limit for the model at all.
-local function rl_limits(org_key, proj_key, model, dims)
-  local n = #dims
-  local fields = {}
-  for i = 1, n do
-    fields[i] = model .. "|" .. dims[i]
-    fields[n + i] = "*|" .. dims[i]
+-- The state string of levels at now, and how long (ms) until the fullest drains.
+local function rl_state_pack(levels, limits, now)
+  local values, drain = {}, 0
+  for i = 1, RL_NDIMS do
+    local l = levels[i]
+    if l and l > 0 then
+      values[i] = l
+      local d = l * RL_WINDOWS_US[i] / limits[i] / 1000
+      if d > drain then drain = d end
+    else
+      values[i] = 0
+    end
   end
-  local org = redis.call("HMGET", org_key, unpack(fields))
+  -- one format call for the whole state: cheaper than one per level and a concat
+  return string.format(RL_STATE_FORMAT, now, unpack(values, 1, RL_NDIMS)), math.ceil(drain)
+end
+
+-- Adds the expiry to a state write (fields: a flat {field, value, ...} list for
+-- HSET) when the hash would expire before `need_ms` (ms, the scripts' clock):
+-- once the hash is written, "x" says until when it is kept. Returns the new
+-- expiry, or nil when the current one will do.
+local function rl_state_expiry(fields, expiry, need_ms)
+  if expiry and expiry >= need_ms then return end
+  local at = need_ms + RL_EXPIRY_SLACK_MS
+  fields[#fields + 1] = "x"
+  fields[#fields + 1] = at
+  return at
+end
+
+-- The configuration a decision needs for (project, model), resolved from the
+-- source records (docs/control-plane.md): per dimension the organization's limit
+-- (the model's own entries if it has any, else the "*" entries) and the
+-- project's (the model's entry, else the project's "*" entry); the verdict
+-- (0 may be used, 5 the organization has no limit for the model, 7 blocked by
+-- the model permissions); the monthly spend limits (organization, project;
+-- "" for none) and the price a token estimate is reserved at (the higher of the
+-- model's input and output price, else the "*" price's; "" for none).
+local function rl_config_resolve(prefix, project, model)
+  local n, fields = RL_NDIMS, {}
+  for i = 1, n do
+    fields[i] = model .. "|" .. RL_DIMS[i]
+    fields[n + i] = "*|" .. RL_DIMS[i]
+  end
+  local org = redis.call("HMGET", prefix .. "lim:o", unpack(fields))
   local offset = n
   for i = 1, n do
     if org[i] then offset = 0 break end
   end
-  local org_limits, any = {}, false
+  local org_limits, proj_limits, any = {}, {}, false
   for i = 1, n do
     local v = org[offset + i]
     if v then org_limits[i] = tonumber(v) any = true end
   end
-  local proj = redis.call("HMGET", proj_key, unpack(fields))
-  local proj_limits = {}
+  local verdict = 0
+  if not any then verdict = 5 end
+  local proj = redis.call("HMGET", prefix .. "lim:p:" .. project, unpack(fields))
   for i = 1, n do
     local v = proj[i] or proj[n + i]
     if v then proj_limits[i] = tonumber(v) end
   end
-  return org_limits, proj_limits, any
+  if verdict == 0 then
+    -- the organization's allow- or block-list, then the project's, which can only narrow it
+    local mp = redis.call("HMGET", prefix .. "mp", "o", "o|" .. model, "p:" .. project, "p:" .. project .. "|" .. model)
+    for s = 1, 3, 2 do
+      if (mp[s] == "allow" and not mp[s + 1]) or (mp[s] == "block" and mp[s + 1]) then verdict = 7 break end
+    end
+  end
+  local spend = redis.call("HMGET", prefix .. "spendlim", "o", "p:" .. project)
+  local price = ""
+  if spend[1] or spend[2] then
+    local p = redis.call("HMGET", prefix .. "price", model, "*")
+    local raw = p[1] or p[2]
+    if raw then
+      local p_in, p_out = string.match(raw, "^([^,]+),([^,]+),")
+      price = string.format("%.17g", math.max(tonumber(p_in), tonumber(p_out)))
+    end
+  end
+  return {verdict = verdict, org = org_limits, proj = proj_limits,
+          spend_o = tonumber(spend[1] or ""), spend_p = tonumber(spend[2] or ""), price = tonumber(price)}
+end
+
+-- "<version>;<verdict>;<org limits, comma-separated>;<project limits>;<spend o>;<spend p>;<price>"
+local function rl_config_encode(version, c)
+  local o, p = {}, {}
+  for i = 1, RL_NDIMS do
+    o[i] = c.org[i] and string.format("%.0f", c.org[i]) or ""
+    p[i] = c.proj[i] and string.format("%.0f", c.proj[i]) or ""
+  end
+  local function num(x) return x and string.format("%.17g", x) or "" end
+  return table.concat({version, c.verdict, table.concat(o, ","), table.concat(p, ","),
+                       num(c.spend_o), num(c.spend_p), num(c.price)}, ";")
+end
+
+-- The cached configuration when it is of `version`, else nil.
+local function rl_config_decode(raw, version)
+  if not raw or string.sub(raw, 1, #version + 1) ~= version .. ";" then return nil end
+  local f = {string.match(raw, RL_CONFIG_PATTERN)}
+  if not f[1] then return nil end
+  local n = RL_NDIMS
+  local org, proj = {}, {}
+  for i = 1, n do
+    org[i] = tonumber(f[2 + i])
+    proj[i] = tonumber(f[2 + n + i])
+  end
+  return {verdict = tonumber(f[2]), org = org, proj = proj,
+          spend_o = tonumber(f[2 * n + 3]), spend_p = tonumber(f[2 * n + 4]), price = tonumber(f[2 * n + 5])}
 end
 
 -- "YYYYMM" of a time, UTC (days-to-civil, proleptic Gregorian).
@@ -99,10 +188,108 @@ local function rl_month(now)
   return string.format("%04d%02d", year, month)
 end
 
--- The largest total an integer usage counter may reach. HINCRBY fails past
--- 2^63 - 1, and only after whatever the script wrote before it; 2^62 is exact
--- in a Lua number, so the check below is too.
+-- Adds to (subtracts from, when negative) the month's spend of the organization
+-- and the project; the hash is kept 400 days.
+local function rl_add_spend(prefix, month, project, amount)
+  if amount == 0 then return end
+  local key = prefix .. "spend:" .. month
+  local a = string.format("%.17g", amount)
+  redis.call("HINCRBYFLOAT", key, "o", a)
+  redis.call("HINCRBYFLOAT", key, "p:" .. project, a)
+  redis.call("EXPIRE", key, 400 * 86400)
+end
+
+-- The request record (decide.lua writes it, report.lua reads and completes it),
+-- fields separated by ";":
+--   p   the project            k   the key id ("-" for a trusted caller)
+--   rm  the model reported ("" until reported)
+--   f   what was asked: "<model>|<requests>|<tokens>" per item, comma-separated
+--   a   "1" when admitted: f's tokens are reserved
+--   e   spend reserved per item (micro-USD, comma-separated, "" for none)
+--   em  the month the spend was reserved in ("YYYYMM")
+--   r   the answer, comma-separated ("" for none)
+local function rl_record_encode(r)
+  return table.concat({r.p or "", r.k or "", r.rm or "", r.f or "", r.a and "1" or "", r.e or "", r.em or "",
+                       r.reply and table.concat(r.reply, ",") or ""}, ";")
+end
+
+local function rl_record_decode(raw)
+  local p, k, rm, f, a, e, em, reply = string.match(raw, "^([^;]*);([^;]*);([^;]*);([^;]*);([^;]*);([^;]*);([^;]*);(.*)$")
+  local r = {p = p, k = k, rm = rm ~= "" and rm or nil, f = f, a = a == "1", e = e, em = em}
+  if reply ~= "" then
+    r.reply = {}
+    for v in string.gmatch(reply .. ",", "([^,]*),") do
+      r.reply[#r.reply + 1] = tonumber(v) or v
+    end
+  end
+  return r
+end
+
+-- The reservation of a record: items {model, tokens, spend} in order.
+local function rl_record_items(r)
+  local items, spends = {}, {}
+  for s in string.gmatch((r.e or "") .. ",", "([^,]*),") do spends[#spends + 1] = tonumber(s) or 0 end
+  for m, _, t in string.gmatch(r.f or "", "([^|,]+)|([^|,]*)|([^|,]*)") do
+    items[#items + 1] = {model = m, tokens = tonumber(t) or 0, spend = spends[#items + 1] or 0}
+  end
+  return items
+end
+
+-- The largest total an integer usage counter may reach: the int64 range the
+-- counters had as HINCRBY fields, with room to spare. Totals are added exactly
+-- (rl_int_add) however large; the check compares doubles, which is exact enough
+-- this far from 2^63.
 local RL_MAX_COUNTER = 2 ^ 62
+
+--[[ Usage counters (docs/usage.md). One hash per minute, rl:{org_x}:u:m:<start_s>;
+rollup.lua adds finished minutes into one hash per hour and per day (u:h:, u:d:).
+<id> is a small integer standing for one (project, model, key), interned in the
+hash "ui": "<project>|<model>|<key>" -> id, "#<id>" -> "<project>|<model>|<key>",
+"n" the last id. A (project, model, key) costs one or two fields per bucket, so
+a bucket shared by thousands (a hashtable, no longer a listpack) stays small:
+
+  minute  "<id>|r"   requests admitted (HINCRBY: the decision's one write)
+          "<id>|x<N>" refusals with outcome N
+          "<id>|u"   what ReportUsage counted: "<reports>,<input>,<output>,<cached>,<spend>"
+  hour, day "<id>"   "<requests>,<reports>,<input>,<output>,<cached>,<spend>" then
+                     ",x<N>=<refusals>" for each refusal outcome
+Spend is micro-USD (a double); every other value a whole number. ]]
+local RL_REPORT_COUNTERS = {"rep", "in", "out", "cached", "spend"}
+
+-- a + b for non-negative whole numbers (numbers or decimal strings), exactly,
+-- as a decimal string: doubles while both are well inside 2^53, digits past it.
+local function rl_int_add(a, b)
+  a, b = tostring(a or ""), tostring(b or "")
+  if a == "" then a = "0" end
+  if b == "" then b = "0" end
+  if #a < 16 and #b < 16 then return string.format("%.0f", tonumber(a) + tonumber(b)) end
+  local out, carry, i, j = {}, 0, #a, #b
+  while i > 0 or j > 0 or carry > 0 do
+    local d = carry + (i > 0 and string.byte(a, i) - 48 or 0) + (j > 0 and string.byte(b, j) - 48 or 0)
+    out[#out + 1] = d % 10
+    carry = math.floor(d / 10)
+    i, j = i - 1, j - 1
+  end
+  local digits = {}
+  for n = #out, 1, -1 do digits[#digits + 1] = out[n] end
+  return table.concat(digits)
+end
+
+local function rl_split(s)
+  local t = {}
+  for v in string.gmatch(s .. ",", "([^,]*),") do t[#t + 1] = v end
+  return t
+end
+
+-- The usage id of (project, model, key), allocated at its first use.
+local function rl_usage_id(prefix, project, model, key_id)
+  local key, who = prefix .. "ui", project .. "|" .. model .. "|" .. key_id
+  local id = redis.call("HGET", key, who)
+  if id then return id end
+  id = tostring(redis.call("HINCRBY", key, "n", 1))
+  redis.call("HSET", key, who, id, "#" .. id, who)
+  return id
+end
 
 -- The usage hash of one resolution at a time.
 local function rl_usage_key(prefix, now, r)
@@ -111,48 +298,52 @@ local function rl_usage_key(prefix, now, r)
   return prefix .. "u:" .. r[1] .. ":" .. start, start
 end
 
--- The name of an integer counter that adding `counters` would take past
--- RL_MAX_COUNTER, or nil when all fit. A script calls it before its first
--- write, so an overflow refuses the whole call instead of half applying it.
-local function rl_usage_overflow(prefix, now, resolutions, who, counters)
-  local names, fields = {}, {}
-  for name in pairs(counters) do
-    names[#names + 1] = name
-    fields[#fields + 1] = who .. name
+-- Adds a whole amount to a decision's counter ("req" or "ref:<outcome>") of one
+-- (project, model, key) id in this minute.
+local function rl_count_one(prefix, now, id, name, amount)
+  if amount == 0 then return end
+  local now_s = math.floor(now / 1000000)
+  local start = now_s - now_s % 60
+  local key = prefix .. "u:m:" .. start
+  local field = id .. (name == "req" and "|r" or "|x" .. string.sub(name, 5))
+  if redis.call("HINCRBY", key, field, amount) == amount then
+    -- a field just created (the key too, perhaps): only then set the expiry, relative
+    -- to the scripts' clock, which in tests is not the server's
+    redis.call("EXPIRE", key, start + 60 + RL_RESOLUTIONS[1][3] - now_s)
   end
-  for _, r in ipairs(resolutions) do
-    local totals = redis.call("HMGET", rl_usage_key(prefix, now, r), unpack(fields))
-    for n, name in ipairs(names) do
-      if (tonumber(totals[n]) or 0) + counters[name] > RL_MAX_COUNTER then return name end
-    end
-  end
-  return nil
 end
 
--- Adds counters to the usage of one (project, model, key) at each resolution.
--- resolutions: {{"m", 60, ttl_s}, {"h", 3600, ttl_s}, {"d", 86400, ttl_s}}
--- counters: {name = whole amount, ...}; fractional: {name = amount, ...} (spend),
--- kept apart because a whole amount of spend added with HINCRBY to a fractional
--- total fails (and a large one is written "1e+18", which HINCRBY refuses too).
-local function rl_count_usage(prefix, now, resolutions, who, counters, fractional)
-  local amounts = {}
-  for name, amount in pairs(counters) do amounts[name] = {amount, "HINCRBY", string.format("%.0f", amount)} end
-  for name, amount in pairs(fractional or {}) do
-    amounts[name] = {amount, "HINCRBYFLOAT", string.format("%.17g", amount)}
+-- What a report adds to the usage of one id, checked and then written. Returns
+-- a writer (call it to apply) and nil, or nil and the name of a whole counter
+-- that would pass RL_MAX_COUNTER in this minute, hour or day (checked before
+-- any write, so an overflow refuses the whole report).
+-- adds: {rep = n, ["in"] = n, out = n, cached = n, spend = micro-USD}
+local function rl_usage_report(prefix, now, id, adds)
+  local minute_key, start = rl_usage_key(prefix, now, RL_RESOLUTIONS[1])
+  local minute = redis.call("HGET", minute_key, id .. "|u")
+  local totals = {minute and rl_split(minute) or {}}
+  for r = 2, 3 do
+    local raw = redis.call("HGET", rl_usage_key(prefix, now, RL_RESOLUTIONS[r]), id)
+    local t = raw and rl_split(raw) or {}
+    totals[r] = {t[2], t[3], t[4], t[5]} -- hour and day values begin with requests
   end
-  for _, r in ipairs(resolutions) do
-    local key, start = rl_usage_key(prefix, now, r)
-    local created = false
-    for name, a in pairs(amounts) do
-      local amount = a[1]
-      if amount ~= 0 then
-        local total = tonumber(redis.call(a[2], key, who .. name, a[3]))
-        -- a field just created (the key too, perhaps): only then set the expiry
-        if total == amount then created = true end
-      end
+  for n = 1, 4 do
+    local name = RL_REPORT_COUNTERS[n]
+    for r = 1, 3 do
+      if (tonumber(totals[r][n]) or 0) + adds[name] > RL_MAX_COUNTER then return nil, name end
     end
-    if created then redis.call("EXPIREAT", key, start + r[2] + r[3]) end
   end
+  return function()
+    local old = totals[1]
+    local values = {}
+    for n = 1, 4 do values[n] = rl_int_add(old[n], adds[RL_REPORT_COUNTERS[n]]) end
+    values[5] = string.format("%.17g", (tonumber(old[5]) or 0) + adds.spend)
+    redis.call("HSET", minute_key, id .. "|u", table.concat(values, ","))
+    if not minute then
+      local now_s = math.floor(now / 1000000)
+      redis.call("EXPIRE", minute_key, start + 60 + RL_RESOLUTIONS[1][3] - now_s)
+    end
+  end, nil
 end
 
 -- Appends to a project's request log, newest first, capped and expiring.

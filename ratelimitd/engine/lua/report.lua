@@ -7,8 +7,12 @@ goes to the same token buckets of the project and the organization: an
 over-estimate is refunded (a level never drops below 0), an under-estimate is
 charged even past the limit (later requests then wait until it drains).
 Without one (expired, or never checked) the counted tokens are charged in full.
-Either way the usage is recorded: counters at three resolutions, the monthly
+Either way the usage is recorded: counters of this minute (rollup.lua adds them
+to hours and days), the monthly
 spend from the model's price, and one entry in the project's request log.
+Spend the decision reserved (decide.lua) is replaced by the real cost: the
+estimate is taken back from the month it was reserved in, the cost added to
+this month.
 Exactly once per request id: the record remembers it was reported.
 
 A revoked key, or a key whose project was deleted, may still report the one
@@ -20,7 +24,7 @@ nothing, as from an unknown key.
 Tokens that count toward token limits: input + output, less the cached input
 tokens unless the organization counts them (setting "cached" = "1" in cfg).
 
-KEYS[1]  the organization's limits hash        rl:{org_x}:lim:o
+KEYS[1]  the organization's state hash           rl:{org_x}:s (lib.lua)
 KEYS[2]  the caller record (API key or project), as in decide.lua
 KEYS[3]  the request record                     rl:{org_x}:r:<request_id>
 
@@ -30,10 +34,9 @@ ARGV[5]  model ("" = the reservation's first model)
 ARGV[6]  input tokens (including cached)   ARGV[7]  output tokens
 ARGV[8]  cached input tokens               ARGV[9]  status code of the request
 ARGV[10] latency, milliseconds
-ARGV[11] request record lifetime, ms   ARGV[12..14] usage retention (minute, hour, day buckets), s
-ARGV[15] log entries kept per project  ARGV[16] log lifetime, s
-ARGV[17] d, then d pairs: dimension "metric|window", window length in ms
 last     "" to use the server's TIME; tests only: the time, microseconds
+
+Settings are baked in as RL_* constants, as for decide.lua.
 
 Every check comes before the first write: a report is applied whole or not at all.
 
@@ -45,20 +48,12 @@ Reply: {status, project, model, tokens counted, token delta applied, spend (micr
           8 a usage counter would pass its maximum (the name of the counter in place of the model)
 ]]
 
-local prefix = string.sub(KEYS[1], 1, -6)
+local state_key = KEYS[1]
+local prefix = string.sub(state_key, 1, -2) -- strip "s"
 local kind, key_hash, project = ARGV[1], ARGV[2], ARGV[3]
 local request_id, model = ARGV[4], ARGV[5]
 local input, output, cached = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local status_code, latency = tonumber(ARGV[9]), tonumber(ARGV[10])
-local record_ttl = tonumber(ARGV[11])
-local resolutions = {{"m", 60, tonumber(ARGV[12])}, {"h", 3600, tonumber(ARGV[13])}, {"d", 86400, tonumber(ARGV[14])}}
-local log_cap, log_ttl = tonumber(ARGV[15]), tonumber(ARGV[16])
-local ndims = tonumber(ARGV[17])
-local dims, windows_us = {}, {}
-for i = 1, ndims do
-  dims[i] = ARGV[16 + 2 * i]
-  windows_us[i] = tonumber(ARGV[17 + 2 * i]) * 1000
-end
 
 local key_id = "-"
 local retired = false -- revoked, or its project deleted: only its own reservations may be reported
@@ -74,30 +69,31 @@ end
 
 local now = rl_now(ARGV[#ARGV])
 local raw = redis.call("GET", KEYS[3])
-local record = raw and cjson.decode(raw) or nil
-if retired and not (record and record.m and record.p == project and record.k == key_id) then
+local record = raw and rl_record_decode(raw) or nil
+if retired and not (record and record.a and record.p == project and record.k == key_id) then
   return {4, "", "", 0, 0, "0"}
 end
-if record and record.rep then
-  return {1, project, record.rm or "", 0, 0, "0"}
+if record and record.rm then
+  return {1, project, record.rm, 0, 0, "0"}
 end
-if record and record.p and record.p ~= project then
+if record and record.p ~= project then
   return {7, project, "", 0, 0, "0"}
 end
 
-local reserved, status = 0, 2
-if record and record.m then
+local reserved, reserved_spend, status = 0, 0, 2
+if record and record.a then
   status = 0
+  local reservation = rl_record_items(record)
   local index = 1
   if model ~= "" then
     index = nil
-    for j, m in ipairs(record.m) do
-      if m == model then index = j break end
+    for j, item in ipairs(reservation) do
+      if item.model == model then index = j break end
     end
   end
-  if index then
-    model = record.m[index]
-    reserved = record.t[index] or 0
+  if index and reservation[index] then
+    model = reservation[index].model
+    reserved, reserved_spend = reservation[index].tokens, reservation[index].spend
   else
     status = 2 -- reserved for other models only
   end
@@ -110,60 +106,83 @@ if settings[1] ~= "1" then counted = counted - cached end
 if counted < 0 then counted = 0 end
 local delta = counted - reserved
 
-local who = project .. "|" .. model .. "|" .. key_id .. "|"
-local counters = {rep = 1, ["in"] = input, out = output, cached = cached}
-local overflow = rl_usage_overflow(prefix, now, resolutions, who, counters)
-if overflow then return {8, project, overflow, 0, 0, "0"} end
-
--- Checked: from here on every call writes.
-if delta ~= 0 then
-  -- the same groups decide.lua charged: every limited dimension is loaded so the
-  -- group's expiry still covers each bucket, and the tokens ones take the delta
-  local org_limits, proj_limits = rl_limits(KEYS[1], prefix .. "lim:p:" .. project, model, dims)
-  local scoped = {{org_limits, prefix .. "b:o:" .. model}, {proj_limits, prefix .. "b:p:" .. project .. ":" .. model}}
-  for _, s in ipairs(scoped) do
-    local limits, key = s[1], s[2]
-    local members, touched = {}, false
-    for i = 1, ndims do
-      if limits[i] then members[#members + 1] = {dim = i, limit = limits[i]} end
-    end
-    if #members > 0 then
-      rl_group_load(key, members, dims, windows_us, now)
-      for _, m in ipairs(members) do
-        if string.sub(dims[m.dim], 1, 7) == "tokens|" then
-          m.level = math.max(0, m.level + delta)
-          touched = true
-        end
-      end
-      if touched then rl_group_store(key, members, dims, windows_us, now) end
-    end
-  end
-end
-
 -- Spend, in micro-USD: tokens x USD per million tokens.
 local spend = 0
 local price = redis.call("HGET", prefix .. "price", model) or redis.call("HGET", prefix .. "price", "*")
 if price then
   local p_in, p_out, p_cached = string.match(price, "^([^,]+),([^,]+),([^,]+)$")
   spend = (input - cached) * tonumber(p_in) + output * tonumber(p_out) + cached * tonumber(p_cached)
-  if spend > 0 then
-    local month_key = prefix .. "spend:" .. rl_month(now)
-    redis.call("HINCRBYFLOAT", month_key, "o", string.format("%.17g", spend))
-    redis.call("HINCRBYFLOAT", month_key, "p:" .. project, string.format("%.17g", spend))
-    redis.call("EXPIRE", month_key, 400 * 86400)
+end
+
+-- Counters can only be near their maximum if they exist: a (project, model, key)
+-- without a usage id yet gets one with the writes below.
+local adds = {rep = 1, ["in"] = input, out = output, cached = cached, spend = spend}
+local usage_id = redis.call("HGET", prefix .. "ui", project .. "|" .. model .. "|" .. key_id)
+local count_usage, overflow = nil, nil
+if usage_id then count_usage, overflow = rl_usage_report(prefix, now, usage_id, adds) end
+if overflow then return {8, project, overflow, 0, 0, "0"} end
+
+-- Checked: from here on every call writes.
+if delta ~= 0 then
+  -- the same buckets decide.lua charged: the token ones take the delta
+  local org_field, proj_field = "o:" .. model, "p:" .. project .. ":" .. model
+  local st = redis.call("HMGET", state_key, "v", "d", "x", "c:" .. project .. ":" .. model, org_field, proj_field)
+  local layout_ok = st[2] == RL_LAYOUT
+  local config = layout_ok and rl_config_decode(st[4], st[1] or "0") or nil
+  if not config then config = rl_config_resolve(prefix, project, model) end
+  local writes, longest = {}, 0
+  for n, s in ipairs({{config.org, org_field}, {config.proj, proj_field}}) do
+    local limits, field = s[1], s[2]
+    local touched = false
+    local levels = rl_state_load(layout_ok and st[4 + n] or nil, limits, now)
+    for i = 1, RL_NDIMS do
+      if limits[i] and RL_METRIC_TOKENS[i] then
+        levels[i] = math.max(0, levels[i] + delta)
+        touched = true
+      end
+    end
+    if touched then
+      local packed, drain = rl_state_pack(levels, limits, now)
+      writes[#writes + 1] = field
+      writes[#writes + 1] = packed
+      if drain > longest then longest = drain end
+    end
+  end
+  if #writes > 0 then
+    if not layout_ok then
+      writes[#writes + 1] = "d"
+      writes[#writes + 1] = RL_LAYOUT
+    end
+    local expire_at = rl_state_expiry(writes, layout_ok and tonumber(st[3]) or nil, math.floor(now / 1000) + longest)
+    redis.call("HSET", state_key, unpack(writes))
+    if expire_at then redis.call("PEXPIRE", state_key, expire_at - math.floor(now / 1000)) end
   end
 end
 
-rl_count_usage(prefix, now, resolutions, who, counters, {spend = spend})
+-- The month's spend; an estimate the decision reserved is taken back from the
+-- month it was reserved in.
+local month = rl_month(now)
+if reserved_spend ~= 0 and record.em ~= month then
+  rl_add_spend(prefix, record.em, project, -reserved_spend)
+  reserved_spend = 0
+end
+if spend > 0 or reserved_spend ~= 0 then
+  rl_add_spend(prefix, month, project, spend - reserved_spend)
+end
+
+if not count_usage then
+  count_usage = rl_usage_report(prefix, now, rl_usage_id(prefix, project, model, key_id), adds)
+end
+count_usage()
 rl_log(prefix, project, {id = request_id, t = math.floor(now / 1000), m = model, k = key_id, ok = true,
                          ["in"] = input, out = output, cached = cached, s = status_code, lat = latency,
-                         res = status}, log_cap, log_ttl)
+                         res = status}, RL_LOG_CAP, RL_LOG_TTL_S)
 
 -- Remember the report: a repeat changes nothing.
 if record then
-  record.rep, record.rm = 1, model
-  redis.call("SET", KEYS[3], cjson.encode(record), "KEEPTTL")
+  record.rm = model
+  redis.call("SET", KEYS[3], rl_record_encode(record), "KEEPTTL")
 else
-  redis.call("SET", KEYS[3], cjson.encode({rep = 1, rm = model, p = project}), "PX", record_ttl)
+  redis.call("SET", KEYS[3], rl_record_encode({p = project, rm = model}), "PX", RL_RECORD_TTL_MS)
 end
 return {status, project, model, counted, delta, string.format("%.6f", spend)}

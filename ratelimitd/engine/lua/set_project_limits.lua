@@ -14,6 +14,8 @@ KEYS[1]  the organization's limits hash   rl:{org_x}:lim:o
 KEYS[2]  the project's limits hash        rl:{org_x}:lim:p:<project_id>
 KEYS[3]  the project record               rl:{org_x}:p:<project_id>
 KEYS[4]  the organization's audit stream   rl:{org_x}:audit
+KEYS[5]  the organization's decision state rl:{org_x}:s: its configuration
+         version "v" changes with the limits, so decisions resolve them afresh
 
 ARGV[1]  the audit stream's cap (XADD MAXLEN ~)
 ARGV[2]  the actor, as audit.actor_json encodes it
@@ -104,6 +106,7 @@ if #writes > 0 then redis.call("HSET", KEYS[2], unpack(writes)) end
 if #clears > 0 then redis.call("HDEL", KEYS[2], unpack(clears)) end
 local after = stored()
 if not same(before, after) then
+  redis.call("HINCRBY", KEYS[5], "v", 1)
   redis.call("XADD", KEYS[4], "MAXLEN", "~", ARGV[1], "*", "op", "SetProjectLimits", "actor", ARGV[2],
     "project", ARGV[3], "target", ARGV[3], "before", cjson.encode(before), "after", cjson.encode(after))
 end
