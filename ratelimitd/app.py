@@ -48,6 +48,9 @@ from ratelimitd.v1 import admin_pb2, admin_pb2_grpc, ratelimit_pb2, ratelimit_pb
 
 log = logging.getLogger(__name__)
 
+# How long past its grace period a stopping gRPC server is waited for.
+_STOP_MARGIN_S = 5.0
+
 SERVICE_NAMES = [
     ratelimit_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["OrganizationService"].full_name,
@@ -215,7 +218,11 @@ class App:
             self.metrics.stop()
         if self.server is not None:
             await self.health.stop()
-            await self.server.stop(grace_s)
+            try:
+                # grpc.aio's stop has been seen to stall in rare runs; a stop must end.
+                await asyncio.wait_for(self.server.stop(grace_s), grace_s + _STOP_MARGIN_S)
+            except TimeoutError:
+                log.warning("the gRPC server did not stop within %g s; going on", grace_s + _STOP_MARGIN_S)
         if hasattr(self, "rollup"):
             self._rollup_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
