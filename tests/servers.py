@@ -97,7 +97,9 @@ class ValkeyProcess:
 class RatelimitdProcess:
     """``ratelimitd serve`` as a separate process, as users run it."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, log: Path) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None, log: Path, own_session: bool = False) -> None:
+        """``own_session``: a process group of its own, for tests that signal a group, as a terminal does."""
+        self.own_session = own_session
         self.port = free_port()
         self.log_path = log
         self.args = ["--listen", f"127.0.0.1:{self.port}", *args]
@@ -117,6 +119,7 @@ class RatelimitdProcess:
             stderr=subprocess.STDOUT,
             env=self.env,
             cwd=ROOT,
+            start_new_session=self.own_session,
         )
         proc = self.proc
 

@@ -358,3 +358,22 @@ def test_settings_for_the_lifecycle_reject_nonsense() -> None:
     for name, value in [("DRAIN_S", "-1"), ("SHUTDOWN_GRACE_S", "0"), ("WORKER_CRASH_LIMIT", "0")]:
         with pytest.raises(ValueError, match=name.lower()):
             Settings.load(env={f"RATELIMITD_{name}": value})
+
+
+async def test_ctrl_c_reaches_the_server_not_its_embedded_valkey(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C (or `timeout`, or a group kill) signals the whole process group; the
+    embedded Valkey must keep serving while ratelimitd drains, and stop only when it is done."""
+    data = tmp_path / "data"
+    server = RatelimitdProcess(
+        "--data-dir", str(data), env={**ENV, "RATELIMITD_DRAIN_S": "2"}, log=tmp_path / "s.log", own_session=True
+    )
+    server.start()
+    assert server.proc is not None
+    try:
+        valkey_pid = int((data / "valkey.pid").read_text())
+        assert os.getpgid(valkey_pid) != os.getpgid(server.proc.pid)
+        os.killpg(server.proc.pid, signal.SIGINT)
+        assert server.proc.wait(60) == 0
+        assert "storage server (pid" not in server.output(), server.output()  # it never died and came back
+    finally:
+        server.stop()

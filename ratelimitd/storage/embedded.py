@@ -188,8 +188,15 @@ class EmbeddedValkey:
             "--daemonize", "no",
         ]  # fmt: skip
         # Popen (not asyncio's) for preexec_fn; it returns at once, the wait below is async.
+        # A session of its own: a terminal's Ctrl-C (or `timeout`, or a group kill) signals our
+        # whole process group, and the store must outlive the drain that signal starts; we stop
+        # it ourselves, and it dies with us (die_with_parent) if we die.
         self.process = subprocess.Popen(  # noqa: ASYNC220
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, preexec_fn=die_with_parent
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,
+            start_new_session=True,
         )
         await self._wait_ready(timeout_s)
 
