@@ -119,7 +119,7 @@ class App:
         self.decider = Decider(self.pipeline, scripts, dims, s.retention, clock=clock)
         self.usage = Usage(self.redis, self.pipeline, scripts, dims, self.control, s.retention, clock=clock)
         self.rollup = UsageRollup(self.redis, scripts, dims, s.retention, clock=clock)
-        self._rollup_task = asyncio.get_running_loop().create_task(self.rollup.run(s.usage_rollup_interval_s))
+        self._rollup_task = asyncio.get_running_loop().create_task(self._maintain(s.usage_rollup_interval_s))
         self.metrics = Metrics()
         self.health = StorageHealth(
             self.pipeline, SERVICE_NAMES, s.health_interval_s, on_change=lambda up: self.metrics.storage_up.set(int(up))
@@ -210,6 +210,15 @@ class App:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(hurry.wait(), drain_s)
         await self.stop(grace_s)
+
+    async def _maintain(self, rollup_interval_s: float) -> None:
+        """Background upkeep: once, what failed creates left behind; then the usage rollup."""
+        try:
+            if removed := await self.control.sweep_unindexed_organizations():
+                log.info("removed %d organization record(s) left by failed creates", len(removed))
+        except Exception as e:  # noqa: BLE001 - the next start sweeps again; serving goes on
+            log.warning("sweep of unindexed organizations skipped: %s: %s", type(e).__name__, e)
+        await self.rollup.run(rollup_interval_s)
 
     async def stop(self, grace_s: float = 2.0) -> None:
         if self._late_bootstrap is not None:

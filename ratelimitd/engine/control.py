@@ -44,6 +44,9 @@ from ratelimitd.storage.redis import begin_writes, key_exists, storage_errors, t
 # Names are part of URLs, metric labels and YAML keys, hence the narrow set.
 PROJECT_NAME_RULES = "1 to 64 characters: lowercase letters, digits and '-', starting with a letter or digit"
 _PROJECT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+# A create is between its two writes for one storage call; a record this old and still
+# missing from the index was left there by a create that failed (sweep_unindexed_organizations).
+UNINDEXED_GRACE_MS = 15 * 60 * 1000
 MAX_NAME_LENGTH = 128
 MAX_DESCRIPTION_LENGTH = 1024
 
@@ -51,6 +54,16 @@ MAX_DESCRIPTION_LENGTH = 1024
 def _strs(raw: Any) -> dict[str, str]:
     """The client decodes responses to str; redis-py's types cannot say so."""
     return cast(dict[str, str], raw)
+
+
+def _text(raw: str | bytes) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def _org_of_record(key: str) -> str | None:
+    """The organization id of an ``rl:{org_…}:org`` key, None for anything else SCAN matched."""
+    org_id = key.removeprefix("rl:{").removesuffix("}:org")
+    return org_id if ids.is_id("org", org_id) and key == keys.OrgKeys(org_id).record else None
 
 
 def now_ms() -> int:
@@ -168,11 +181,41 @@ class ControlPlane:
                 for org_id in org_ids:
                     pipe.hget(keys.OrgKeys(org_id).record, "c")
                 created = await pipe.execute()
+        # An index entry whose record is gone (a sweep raced a late index write) lists nothing.
         items = sorted(
-            (f"{names[o]}\x00{o}", OrganizationInfo(o, names[o], int(c or 0)))
+            (f"{names[o]}\x00{o}", OrganizationInfo(o, names[o], int(c)))
             for o, c in zip(org_ids, created, strict=True)
+            if c is not None
         )
         return pages.paginate(items, size, page_token)
+
+    async def sweep_unindexed_organizations(self, grace_ms: int = UNINDEXED_GRACE_MS) -> list[str]:
+        """Deletes what a failed create left: an organization record (and its audit event)
+        older than ``grace_ms`` that never made it into the index. Nobody was given its id,
+        so nothing refers to it. Returns the ids removed. A full SCAN: run at start, not often."""
+        removed: list[str] = []
+        with storage_errors():
+            indexed = set(_strs(await self._redis.hgetall(keys.ORGANIZATIONS)))
+            async for raw_key in self._redis.scan_iter(match=keys.org_prefix("org_*") + "org", count=1000):
+                org_id = _org_of_record(_text(raw_key))
+                if org_id is None or org_id in indexed or not await self._unindexed_long_enough(org_id, grace_ms):
+                    continue
+                await self._delete_organization_keys(org_id)
+                removed.append(org_id)
+        return removed
+
+    async def _unindexed_long_enough(self, org_id: str, grace_ms: int) -> bool:
+        created = await self._redis.hget(keys.OrgKeys(org_id).record, "c")
+        if created is None or now_ms() - int(created) < grace_ms:
+            return False
+        # read again: the create may have finished since the index was read
+        return not await self._redis.hexists(keys.ORGANIZATIONS, org_id)
+
+    async def _delete_organization_keys(self, org_id: str) -> None:
+        # one key at a time: on a cluster every key is in the organization's slot anyway,
+        # and a half-done sweep is finished by the next one
+        async for raw_key in self._redis.scan_iter(match=keys.org_prefix(org_id) + "*", count=1000):
+            await self._redis.delete(_text(raw_key))
 
     async def require_organization(self, org_id: str) -> keys.OrgKeys:
         ids.require_id("org", "organization_id", org_id)
