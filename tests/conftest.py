@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import grpc
 import pytest
@@ -13,10 +15,11 @@ import redis.asyncio
 
 from ratelimitd.app import App
 from ratelimitd.cli import main
-from ratelimitd.engine import keys
+from ratelimitd.engine import ids, keys
 from ratelimitd.settings import Settings
 from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import admin_pb2_grpc, ratelimit_pb2_grpc
+from tests.cluster import LocalCluster
 from tests.servers import ValkeyProcess
 
 OPERATOR_TOKEN = "rlt_test-operator-token"
@@ -31,6 +34,85 @@ def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyProcess]:
     server.stop()
 
 
+BACKENDS = ("valkey", "cluster")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cluster: the run of a behaviour test against the local Valkey Cluster")
+    config.addinivalue_line(
+        "markers", "single_node(reason): a test that needs one Valkey's internals; it runs on one node only"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """One backend table: every test that uses ``storage`` (through ``redis_client``,
+    ``app``, ``client``, ``cli``...) runs once on one Valkey and once on a Valkey Cluster,
+    unless it is marked ``single_node``. ``-m "not cluster"`` runs the single node only."""
+    if "storage" not in metafunc.fixturenames:
+        return
+    backends: list[object] = ["valkey"]
+    if metafunc.definition.get_closest_marker("single_node") is None:
+        backends.append(pytest.param("cluster", marks=pytest.mark.cluster))
+    metafunc.parametrize("storage", backends, indirect=True, scope="session")
+
+
+@dataclass
+class Storage:
+    """The backend a behaviour test runs on: its URL for ratelimitd, and clients on it."""
+
+    kind: str
+    url: str
+    seed_port: int
+    cluster: LocalCluster | None = None
+
+    def client(self) -> redis.asyncio.Redis:
+        if self.cluster is None:
+            return redis.asyncio.Redis.from_url(self.url, decode_responses=True)
+        cluster = redis.asyncio.RedisCluster(host="127.0.0.1", port=self.seed_port, decode_responses=True)
+        return cast(redis.asyncio.Redis, cluster)
+
+
+@pytest.fixture(scope="session")
+def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    # no replicas: the behaviour suite needs three primaries; failover tests start their own
+    cluster = LocalCluster(tmp_path_factory.mktemp("backend-cluster"), replicas=False)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def storage(request: pytest.FixtureRequest) -> Storage:
+    if request.param == "cluster":
+        cluster: LocalCluster = request.getfixturevalue("local_cluster")
+        return Storage("cluster", cluster.url, cluster.primary_ports[0], cluster)
+    valkey: ValkeyProcess = request.getfixturevalue("valkey")
+    return Storage("valkey", valkey.url, valkey.port)
+
+
+@pytest.fixture(autouse=True)
+def orgs_on_every_primary(request: pytest.FixtureRequest) -> Iterator[None]:
+    """On the cluster, the n-th organization a test creates in-process lands on primary
+    n % 3: computed ids, so every primary serves organizations in every test that creates
+    three, and no run depends on where a random id happened to fall."""
+    if "storage" not in request.fixturenames or request.getfixturevalue("storage").cluster is None:
+        yield
+        return
+    cluster: LocalCluster = request.getfixturevalue("storage").cluster
+    draw = ids.new_id
+    created = itertools.count()
+
+    def placed(kind: str) -> str:
+        if kind != "org":
+            return draw(kind)
+        n = next(created)
+        # not start 0: its ids read like the made-up ones tests use for "does not exist"
+        return cluster.org_ids_one_per_primary(start=1 + n // 3)[n % 3]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ids, "new_id", placed)
+        yield
+
+
 @pytest.fixture
 async def own_valkey(tmp_path: Path) -> AsyncIterator[ValkeyProcess]:
     """A Valkey of the test's own, for tests that stop it, restart it or change its state."""
@@ -42,8 +124,8 @@ async def own_valkey(tmp_path: Path) -> AsyncIterator[ValkeyProcess]:
 
 
 @pytest.fixture
-async def redis_client(valkey: ValkeyProcess) -> AsyncIterator[redis.asyncio.Redis]:
-    client = redis.asyncio.Redis.from_url(valkey.url, decode_responses=True)
+async def redis_client(storage: Storage) -> AsyncIterator[redis.asyncio.Redis]:
+    client = storage.client()
     await client.flushall()
     yield client
     await client.aclose()
@@ -150,8 +232,8 @@ async def clock(redis_client: redis.asyncio.Redis) -> Clock:
 
 
 @pytest.fixture
-async def app(valkey: ValkeyProcess, redis_client: redis.asyncio.Redis, clock: Clock) -> AsyncIterator[App]:
-    a = App(settings_for(valkey.url))
+async def app(storage: Storage, redis_client: redis.asyncio.Redis, clock: Clock) -> AsyncIterator[App]:
+    a = App(settings_for(storage.url))
     await a.start()
     yield a
     await a.stop(0)

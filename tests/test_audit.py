@@ -12,9 +12,8 @@ import redis.asyncio
 from ratelimitd.app import App
 from ratelimitd.engine import keys
 from ratelimitd.v1 import admin_pb2 as apb
-from tests.conftest import AUTH, Client, channel_client, settings_for
+from tests.conftest import AUTH, Client, Storage, channel_client, settings_for
 from tests.control import M, add_member, bearer
-from tests.servers import ValkeyProcess
 
 
 async def events(client: Client, org: str, **fields: object) -> list[apb.AuditEvent]:
@@ -83,8 +82,8 @@ async def test_filters_by_project_and_time_and_pages(client: Client) -> None:
 
 
 @pytest.fixture
-async def small_audit_app(valkey: ValkeyProcess, redis_client: redis.asyncio.Redis) -> AsyncIterator[App]:
-    a = App(settings_for(valkey.url, audit_max_events=10))
+async def small_audit_app(storage: Storage, redis_client: redis.asyncio.Redis) -> AsyncIterator[App]:
+    a = App(settings_for(storage.url, audit_max_events=10))
     await a.start()
     yield a
     await a.stop(0)

@@ -28,9 +28,11 @@ def new_project(name: str = "ok", description: str = "") -> Call:
     )
 
 
-def update_project(**fields: Any) -> Call:
+def update_project(project_id: str = "", **fields: Any) -> Call:
+    # No state in the closure: each backend's run of a case calls it afresh (a pop() here made
+    # the second run update the world's real project).
     return lambda c, w: c.projects.UpdateProject(
-        apb.UpdateProjectRequest(organization_id=w.org, project_id=fields.pop("project_id", w.proj), **fields),
+        apb.UpdateProjectRequest(organization_id=w.org, project_id=project_id or w.proj, **fields),
         metadata=AUTH,
     )
 

@@ -7,6 +7,7 @@ estimate; six buckets evaluated and charged by every decision."""
 
 from __future__ import annotations
 
+import pytest
 import redis.asyncio
 
 from ratelimitd.v1 import ratelimit_pb2 as pb
@@ -29,6 +30,7 @@ async def commands_run(r: redis.asyncio.Redis) -> dict[str, int]:
     }
 
 
+@pytest.mark.single_node("INFO commandstats counts one node's commands")
 async def test_a_decision_runs_five_commands_inside_valkey(client: Client, redis_client: redis.asyncio.Redis) -> None:
     dims = [("requests", "minute"), ("requests", "day"), ("tokens", "minute"), ("tokens", "day")]
     org = await client.org("o", [(M, m, w, BIG) for m, w in dims])

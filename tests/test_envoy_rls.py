@@ -22,7 +22,7 @@ from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from ratelimitd.v1 import usage_pb2 as upb
 from ratelimitd.v1 import usage_pb2_grpc
-from tests.conftest import AUTH, Client, channel_client, settings_for
+from tests.conftest import AUTH, Client, Storage, channel_client, settings_for
 from tests.servers import ValkeyProcess
 
 M = "llama-3.1-8b-instant"
@@ -362,10 +362,10 @@ async def test_usage_split_by_kind_is_one_report(client: Client, project: Projec
 
 
 @pytest.fixture
-async def custom(valkey: ValkeyProcess, redis_client: redis.asyncio.Redis) -> AsyncIterator[Client]:
+async def custom(storage: Storage, redis_client: redis.asyncio.Redis) -> AsyncIterator[Client]:
     a = App(
         settings_for(
-            valkey.url,
+            storage.url,
             envoy_domains=("llm", "edge"),
             envoy_unknown_domain="allow",
             envoy_descriptor_keys={"api_key": "authorization", "model": "x-model"},

@@ -17,8 +17,7 @@ from ratelimitd.engine import keys
 from ratelimitd.engine.control import UNINDEXED_GRACE_MS
 from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import ratelimit_pb2 as pb
-from tests.conftest import AUTH, Client, settings_for
-from tests.servers import ValkeyProcess
+from tests.conftest import AUTH, Client, Storage, settings_for
 
 M = "llama-3.1-8b-instant"
 
@@ -39,7 +38,7 @@ async def crash_before_the_index(r: redis.asyncio.Redis, org_id: str, *, age_ms:
 
 
 async def test_a_create_that_died_before_the_index_is_invisible_and_removed_at_the_next_start(
-    valkey: ValkeyProcess, client: Client, redis_client: redis.asyncio.Redis
+    storage: Storage, client: Client, redis_client: redis.asyncio.Redis
 ) -> None:
     kept = await client.org("kept", [(M, "requests", "minute", 5)])
     _, key = await client.project(kept, "a")
@@ -50,7 +49,7 @@ async def test_a_create_that_died_before_the_index_is_invisible_and_removed_at_t
     assert await keys_of(redis_client, lost)  # the record and its audit event
     assert await listed(client) == ["kept"]
 
-    restarted = App(settings_for(valkey.url))
+    restarted = App(settings_for(storage.url))
     await restarted.start()
     try:
         deadline = time.monotonic() + 20  # a hang guard: the sweep runs in the background

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ratelimitd.app import App
 from ratelimitd.v1 import ratelimit_pb2 as pb
-from tests.conftest import OPERATOR_TOKEN, Client, channel_client, settings_for
+from tests.conftest import OPERATOR_TOKEN, Client, Storage, channel_client, settings_for
 from tests.servers import RatelimitdProcess, ValkeyProcess, free_port
 from tests.test_server import scrape
 
@@ -22,10 +22,10 @@ ENV = {"RATELIMITD_OPERATOR_TOKEN": OPERATOR_TOKEN}
 
 
 async def test_200_concurrent_calls_over_two_processes_admit_exactly_100(
-    valkey: ValkeyProcess, redis_client: redis.asyncio.Redis, tmp_path: Path
+    storage: Storage, redis_client: redis.asyncio.Redis, tmp_path: Path
 ) -> None:
     servers = [
-        RatelimitdProcess("--redis-url", valkey.url, "--manual-clock", env=ENV, log=tmp_path / f"s{i}.log")
+        RatelimitdProcess("--redis-url", storage.url, "--manual-clock", env=ENV, log=tmp_path / f"s{i}.log")
         for i in range(2)
     ]
     await redis_client.set("rl:clock", 1_000_000_000_000)
@@ -47,11 +47,11 @@ async def test_200_concurrent_calls_over_two_processes_admit_exactly_100(
 
 
 async def test_workers_share_one_port_and_one_answer(
-    valkey: ValkeyProcess, redis_client: redis.asyncio.Redis, tmp_path: Path
+    storage: Storage, redis_client: redis.asyncio.Redis, tmp_path: Path
 ) -> None:
     metrics_port = free_port()
     server = RatelimitdProcess(
-        "--redis-url", valkey.url, "--manual-clock", "--workers", "2", "--metrics-listen", f"127.0.0.1:{metrics_port}",
+        "--redis-url", storage.url, "--manual-clock", "--workers", "2", "--metrics-listen", f"127.0.0.1:{metrics_port}",
         env=ENV, log=tmp_path / "s.log",
     )  # fmt: skip
     await redis_client.set("rl:clock", 1_000_000_000_000)

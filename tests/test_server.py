@@ -10,8 +10,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from ratelimitd.app import SERVICE_NAMES, App
 from ratelimitd.v1 import ratelimit_pb2 as pb
-from tests.conftest import Client, channel_client, settings_for
-from tests.servers import ValkeyProcess
+from tests.conftest import Client, Storage, channel_client, settings_for
 
 
 async def test_reflection_lists_every_service(client: Client) -> None:
@@ -44,8 +43,8 @@ async def scrape(port: int) -> dict[str, float]:
     return samples
 
 
-async def test_metrics_count_decisions_by_outcome(valkey: ValkeyProcess, redis_client: object, clock: object) -> None:
-    app = App(settings_for(valkey.url, metrics_listen="127.0.0.1:0"))
+async def test_metrics_count_decisions_by_outcome(storage: Storage, redis_client: object, clock: object) -> None:
+    app = App(settings_for(storage.url, metrics_listen="127.0.0.1:0"))
     await app.start()
     client = channel_client(f"127.0.0.1:{app.port}")
     try:

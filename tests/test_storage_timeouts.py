@@ -21,7 +21,7 @@ from ratelimitd.app import App
 from ratelimitd.cli import main
 from ratelimitd.storage.pipelined import PipelinedConnection
 from ratelimitd.v1 import ratelimit_pb2 as pb
-from tests.conftest import Client, channel_client, settings_for
+from tests.conftest import Client, Storage, channel_client, settings_for
 from tests.servers import ValkeyProcess
 from tests.test_envoy_rls import desc, request, rls
 from tests.test_processes import health_status
@@ -139,9 +139,9 @@ async def test_a_reply_that_arrived_while_the_loop_was_busy_is_read_before_the_w
 
 
 async def test_a_busy_event_loop_does_not_turn_decisions_or_health_unavailable(
-    valkey: ValkeyProcess, redis_client: redis.asyncio.Redis, caplog: pytest.LogCaptureFixture
+    storage: Storage, redis_client: redis.asyncio.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    app, client = await timed_app(valkey.url, storage_timeout_ms=50)
+    app, client = await timed_app(storage.url, storage_timeout_ms=50)
     busy = True
 
     async def hog() -> None:
@@ -200,6 +200,7 @@ async def test_the_cli_retries_a_timed_out_check_with_the_same_request_id(
         await app.stop(0)
 
 
+@pytest.mark.single_node("it stalls while the one server's pipelined connection has a call in flight")
 async def test_the_suite_settings_tolerate_a_busy_event_loop(app: App, client: Client) -> None:
     # The suite's shared settings (settings_for), the test clock included: a loop that
     # stalls longer than the production timeout, as on a loaded CI machine, must not

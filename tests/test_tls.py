@@ -21,7 +21,7 @@ from ratelimitd.settings import Settings
 from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from tests.certs import SERVER_NAMES, Pair, authority
-from tests.conftest import AUTH, OPERATOR_TOKEN, Cli, Client, Clock, settings_for, stubs
+from tests.conftest import AUTH, OPERATOR_TOKEN, Cli, Client, Clock, Storage, settings_for, stubs
 from tests.edge import EnvoyProcess, Reply, envoy_config, http_request, upstream
 from tests.servers import ROOT, RatelimitdProcess, ValkeyProcess, free_port
 
@@ -64,20 +64,16 @@ def tls_settings(server: Pair, client_ca: Path | None = None) -> dict[str, str |
 
 
 @pytest.fixture
-async def tls_app(
-    valkey: ValkeyProcess, redis_client: redis.asyncio.Redis, clock: Clock, pki: Pki
-) -> AsyncIterator[App]:
-    a = App(settings_for(valkey.url, **tls_settings(pki.server)))
+async def tls_app(storage: Storage, redis_client: redis.asyncio.Redis, clock: Clock, pki: Pki) -> AsyncIterator[App]:
+    a = App(settings_for(storage.url, **tls_settings(pki.server)))
     await a.start()
     yield a
     await a.stop(0)
 
 
 @pytest.fixture
-async def mtls_app(
-    valkey: ValkeyProcess, redis_client: redis.asyncio.Redis, clock: Clock, pki: Pki
-) -> AsyncIterator[App]:
-    a = App(settings_for(valkey.url, **tls_settings(pki.server, client_ca=pki.ca)))
+async def mtls_app(storage: Storage, redis_client: redis.asyncio.Redis, clock: Clock, pki: Pki) -> AsyncIterator[App]:
+    a = App(settings_for(storage.url, **tls_settings(pki.server, client_ca=pki.ca)))
     await a.start()
     yield a
     await a.stop(0)
@@ -283,9 +279,9 @@ async def test_the_cli_talks_mtls_with_the_environment(
 
 
 async def test_the_cli_verifies_the_certificate_for_tls_server_name(
-    valkey: ValkeyProcess, redis_client: redis.asyncio.Redis, tls_cli: Cli, pki: Pki
+    storage: Storage, redis_client: redis.asyncio.Redis, tls_cli: Cli, pki: Pki
 ) -> None:
-    app = App(settings_for(valkey.url, **tls_settings(pki.internal_only)))
+    app = App(settings_for(storage.url, **tls_settings(pki.internal_only)))
     await app.start()
     try:
         address = f"127.0.0.1:{app.port}"

@@ -127,16 +127,26 @@ async def transaction(client: Redis, watch: Sequence[str], body: Callable[[Pipel
     state. An error raised by ``body`` leaves storage untouched. Every watched
     key must share one hash tag (one Cluster slot).
     """
+    cluster = client if hasattr(client, "node_client") else None
     with storage_errors():
-        async with client.pipeline(transaction=True) as pipe:
-            for _ in range(_TRANSACTION_ATTEMPTS):
-                await pipe.watch(*watch)
-                result = await body(pipe)
-                try:
-                    await pipe.execute()
-                except redis.exceptions.WatchError:
-                    continue
-                return result
+        node = cluster.node_client(watch[0]) if cluster is not None else client
+        try:
+            async with node.pipeline(transaction=True) as pipe:
+                for _ in range(_TRANSACTION_ATTEMPTS):
+                    await pipe.watch(*watch)
+                    result = await body(pipe)
+                    try:
+                        await pipe.execute()
+                    except redis.exceptions.WatchError:
+                        continue
+                    return result
+        except redis.exceptions.ResponseError as e:
+            if cluster is None or not str(e).startswith(("MOVED", "ASK")):
+                raise
+            # The slot moved (a migration or a failover): nothing was applied. The cluster
+            # client reloads its map before its next call, which finds the new owner.
+            cluster.topology_changed()  # type: ignore[attr-defined]
+            raise StorageUnavailable("the organization's storage slot is moving; nothing was applied, try again") from e
     raise StorageUnavailable("too many concurrent changes to the same records; try again")
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol, cast
 from urllib.parse import quote, unquote
 
+import redis.exceptions
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
@@ -159,6 +160,35 @@ class _ClusterClient(RedisCluster):
     connection error without marking the topology stale: after a failover every later call
     would still go to the dead primary."""
 
+    # Options for the plain clients of single nodes (node_client), set by control_plane_client.
+    node_options: dict[str, Any]
+    _node_clients: dict[tuple[str, int], Redis]
+
+    def node_client(self, key: str) -> Redis:
+        """A plain client of the primary that owns ``key``'s slot, for a transaction (WATCH …
+        EXEC) on that slot. redis-py's cluster pipeline runs a watching transaction's commands
+        through asyncio.run in a thread of its own, on pooled connections of another event
+        loop; under load its replies came back out of step (a missing project read as present).
+        On one node a transaction is what it is on one server."""
+        node = self.get_node_from_key(key)
+        if node is None:  # no map yet, or a slot nobody serves: as an outage, like CLUSTERDOWN
+            raise redis.exceptions.ConnectionError(f"no cluster node serves the slot of {key!r}")
+        address = (str(node.host), int(node.port))
+        clients = self.__dict__.setdefault("_node_clients", {})
+        if address not in clients:
+            clients[address] = Redis(host=address[0], port=address[1], **self.node_options)
+        client: Redis = clients[address]
+        return client
+
+    async def aclose(self, *args: Any, **kwargs: Any) -> None:
+        for client in self.__dict__.get("_node_clients", {}).values():
+            await client.aclose()
+        await super().aclose(*args, **kwargs)
+
+    def topology_changed(self) -> None:
+        """A reply said a slot moved: reload the map before the next call (redis-py's own flag)."""
+        self._initialize = True
+
     def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
         if shard_hint:
             raise ValueError("a cluster pipeline takes no shard_hint")
@@ -192,6 +222,13 @@ def control_plane_client(topology: Topology, *, timeout_s: float, tls: StorageTl
             retry=AsyncRetry(NoBackoff(), 0),
             **common,
         )
+        cluster.node_options = {
+            **common,
+            "username": topology.username,
+            "password": topology.password,
+            "ssl": topology.tls,
+            "retry": Retry(NoBackoff(), 0),
+        }
         return cast(Redis, cluster)
     sentinel_options: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
     if topology.tls:
