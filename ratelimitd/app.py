@@ -42,7 +42,8 @@ from ratelimitd.engine.usage import Usage
 from ratelimitd.settings import Settings
 from ratelimitd.storage import redis as storage
 from ratelimitd.storage.embedded import EmbeddedValkey
-from ratelimitd.storage.topology import hot_path_connection, parse
+from ratelimitd.storage.hot_path import hot_path_connection
+from ratelimitd.storage.topology import parse
 from ratelimitd.tls import server_credentials
 from ratelimitd.v1 import admin_pb2, admin_pb2_grpc, ratelimit_pb2, ratelimit_pb2_grpc, usage_pb2, usage_pb2_grpc
 

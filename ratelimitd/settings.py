@@ -15,8 +15,7 @@ from typing import Any
 
 from ratelimitd.engine.audit import DEFAULT_MAX_EVENTS
 from ratelimitd.engine.retention import Retention
-from ratelimitd.storage.redis import redact
-from ratelimitd.storage.topology import StorageTls, parse
+from ratelimitd.storage.topology import StorageTls, parse, redact
 
 STORAGE_ERROR_POLICIES = ("unavailable", "allow", "deny")
 UNKNOWN_DOMAIN_POLICIES = ("error", "allow")

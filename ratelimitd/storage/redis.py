@@ -108,16 +108,6 @@ def storage_errors() -> Iterator[None]:
         raise StorageUnavailable("storage is unavailable: cannot connect or the connection broke") from e
 
 
-def redact(url: str) -> str:
-    """The URL without its password, for logs and messages."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    creds, _, host = rest.rpartition("@")
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user + ':' if user else ''}***@{host}"
-
-
 async def transaction(client: Redis, watch: Sequence[str], body: Callable[[Pipeline], Awaitable[T]]) -> T:
     """An optimistic check-then-write (WATCH, reads, MULTI, writes, EXEC).
 

@@ -10,11 +10,12 @@ One URL picks the topology, the way redis-py and `limits` users write it:
                                                     a Sentinel-managed primary, asked of the
                                                     sentinels (rediss+sentinel:// with TLS)
 
-Every topology gets two clients: redis-py's (the control plane, usage reads) and
-an auto-pipelining one for the hot path that implements engine/scripts.py's
-ScriptRunner plus ``call`` (the health probe): storage/pipelined.py for one
-server, storage/cluster.py (one pipelined connection per primary, slot-routed)
-and storage/sentinel.py (one pipelined connection to the current primary).
+Every topology gets two clients: redis-py's (the control plane, usage reads), made
+here, and an auto-pipelining one for the hot path that implements engine/scripts.py's
+ScriptRunner plus ``call`` (the health probe), made by storage/hot_path.py:
+storage/pipelined.py for one server, storage/cluster.py (one pipelined connection per
+primary, slot-routed) and storage/sentinel.py (one pipelined connection to the
+current primary).
 """
 
 from __future__ import annotations
@@ -95,11 +96,19 @@ def _quote(text: str) -> str:
     return quote(text, safe="")
 
 
+def redact(url: str) -> str:
+    """The URL without its password, for logs and messages."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user + ':' if user else ''}***@{host}"
+
+
 def parse(url: str) -> Topology:
     """The topology a storage URL names; ValueError (naming the problem, never the password)
     for one that is not valid."""
-    from ratelimitd.storage.redis import redact
-
     if url.startswith(SINGLE_SCHEMES):
         return Topology("single", url, url.startswith("rediss://"))
     if not url.startswith(CLUSTER_SCHEMES + SENTINEL_SCHEMES):
@@ -137,8 +146,6 @@ def _credentials(creds: str) -> tuple[str | None, str | None]:
 
 
 def _host_port(text: str, url: str) -> tuple[str, int]:
-    from ratelimitd.storage.redis import redact
-
     host, sep, port = text.strip().rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"redis URL {redact(url)!r}: {text.strip()!r} is not host:port")
@@ -245,16 +252,3 @@ def control_plane_client(topology: Topology, *, timeout_s: float, tls: StorageTl
         **common,
     )
     return cast(Redis, primary)
-
-
-def hot_path_connection(topology: Topology, *, timeout_s: float, tls: StorageTls) -> HotPath:
-    from ratelimitd.storage.cluster import ClusterConnection
-    from ratelimitd.storage.pipelined import PipelinedConnection
-    from ratelimitd.storage.sentinel import SentinelConnection
-
-    context = tls.context() if topology.tls else None
-    if topology.kind == "cluster":
-        return ClusterConnection(topology, timeout_s=timeout_s, ssl_context=context)
-    if topology.kind == "sentinel":
-        return SentinelConnection(topology, timeout_s=timeout_s, ssl_context=context)
-    return PipelinedConnection(topology.url, timeout_s=timeout_s, ssl_context=context)
