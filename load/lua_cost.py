@@ -55,12 +55,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import procs
 from bench import MODEL
 
-from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from ratelimitd.v1 import ratelimit_pb2_grpc, usage_pb2_grpc
 from ratelimitd.v1 import usage_pb2 as upb
 
-BIG = 10**11
 TOKENS = 500
 SCRIPT_COMMANDS = {"eval", "evalsha", "eval_ro", "evalsha_ro", "fcall", "fcall_ro"}
 BACKGROUND_COMMANDS = {"ping", "config|resetstat"}  # the server's health probe; this tool's own reset
@@ -114,35 +112,17 @@ async def setup_key(address: str, spend_limit: bool = False) -> str:
 
     api = Api(address, procs.OPERATOR_TOKEN)
     md = api.metadata
-    org = await api.orgs.CreateOrganization(apb.CreateOrganizationRequest(name="cost"), metadata=md)
-    dims = [("requests", "minute"), ("requests", "day"), ("tokens", "minute"), ("tokens", "day")]
-    await api.orgs.SetOrganizationLimits(
-        apb.SetOrganizationLimitsRequest(
-            organization_id=org.id, set=[apb.Limit(model=MODEL, metric=m, window=w, limit=BIG) for m, w in dims]
-        ),
-        metadata=md,
-    )
-    p = await api.projects.CreateProject(apb.CreateProjectRequest(organization_id=org.id, name="p"), metadata=md)
-    await api.projects.SetProjectLimits(
-        apb.SetProjectLimitsRequest(
-            organization_id=org.id,
-            project_id=p.id,
-            set=[apb.Limit(model=MODEL, metric=m, window="minute", limit=BIG) for m in ("requests", "tokens")],
-        ),
-        metadata=md,
-    )
+    org_id = await procs.cost_organization(api, "cost", MODEL)
+    project_id, secret = await procs.cost_project(api, org_id, "p", MODEL)
     if spend_limit:
         usage = usage_pb2_grpc.UsageServiceStub(api.channel)
-        price = upb.Price(organization_id=org.id, model=MODEL, input_per_million=0.05, output_per_million=0.08)
+        price = upb.Price(organization_id=org_id, model=MODEL, input_per_million=0.05, output_per_million=0.08)
         await usage.SetPrice(upb.SetPriceRequest(price=price), metadata=md)
         await usage.SetSpendLimit(
-            upb.SetSpendLimitRequest(organization_id=org.id, project_id=p.id, limit_usd=1e9), metadata=md
+            upb.SetSpendLimitRequest(organization_id=org_id, project_id=project_id, limit_usd=1e9), metadata=md
         )
-    k = await api.projects.CreateApiKey(
-        apb.CreateApiKeyRequest(organization_id=org.id, project_id=p.id, name="k"), metadata=md
-    )
     await api.channel.close()
-    return str(k.secret)
+    return secret
 
 
 def measure_server(valkey: procs.Valkey, calls: int, spend_limit: bool = False) -> dict[str, Any]:
@@ -200,10 +180,10 @@ async def measure_direct(valkey: procs.Valkey, calls: int) -> dict[str, Any]:
         c = app.control
         org = await c.create_organization("cost")
         dims = [("requests", "minute"), ("requests", "day"), ("tokens", "minute"), ("tokens", "day")]
-        await c.set_organization_limits(org.id, [(MODEL, m, w, BIG) for m, w in dims], [])
+        await c.set_organization_limits(org.id, [(MODEL, m, w, procs.BIG) for m, w in dims], [])
         project = await c.create_project(org.id, "p")
         await c.set_project_limits(
-            org.id, project.id, [(MODEL, "requests", "minute", BIG), (MODEL, "tokens", "minute", BIG)], []
+            org.id, project.id, [(MODEL, "requests", "minute", procs.BIG), (MODEL, "tokens", "minute", procs.BIG)], []
         )
         _, secret = await c.create_api_key(org.id, project.id, "k")
         parsed = ids.parse_api_key(secret)

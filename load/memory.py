@@ -53,12 +53,10 @@ from bench import MODEL
 from ratelimitd.client_cli import Api
 from ratelimitd.engine import keys
 from ratelimitd.settings import Settings
-from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from ratelimitd.v1 import ratelimit_pb2_grpc, usage_pb2_grpc
 from ratelimitd.v1 import usage_pb2 as upb
 
-BIG = 10**11
 TOKENS = 500
 # A key's kind: its part after "rl:{org}:" with ids and numbers replaced by "*".
 _ID = re.compile(r"^(org|proj|key|req|mem|cred)_[0-9A-Za-z_-]+$|^[0-9]+$|^[0-9A-Za-z_-]{16,}$")
@@ -76,39 +74,18 @@ async def setup(address: str, projects: int, measure: Any) -> tuple[list[str], i
     """The organization, then the projects; returns the keys and used_memory before and after the projects."""
     api = Api(address, procs.OPERATOR_TOKEN)
     md = api.metadata
-    org = await api.orgs.CreateOrganization(apb.CreateOrganizationRequest(name="memory"), metadata=md)
-    dims = [("requests", "minute"), ("requests", "day"), ("tokens", "minute"), ("tokens", "day")]
-    await api.orgs.SetOrganizationLimits(
-        apb.SetOrganizationLimitsRequest(
-            organization_id=org.id, set=[apb.Limit(model=MODEL, metric=m, window=w, limit=BIG) for m, w in dims]
-        ),
-        metadata=md,
-    )
+    org_id = await procs.cost_organization(api, "memory", MODEL)
     prices = usage_pb2_grpc.UsageServiceStub(api.channel)  # spend is counted too
     await prices.SetPrice(
         upb.SetPriceRequest(
-            price=upb.Price(organization_id=org.id, model=MODEL, input_per_million=0.05, output_per_million=0.08)
+            price=upb.Price(organization_id=org_id, model=MODEL, input_per_million=0.05, output_per_million=0.08)
         ),
         metadata=md,
     )
     secrets = []
     before = measure()
     for i in range(projects):
-        p = await api.projects.CreateProject(
-            apb.CreateProjectRequest(organization_id=org.id, name=f"p{i}"), metadata=md
-        )
-        await api.projects.SetProjectLimits(
-            apb.SetProjectLimitsRequest(
-                organization_id=org.id,
-                project_id=p.id,
-                set=[apb.Limit(model=MODEL, metric=m, window="minute", limit=BIG) for m in ("requests", "tokens")],
-            ),
-            metadata=md,
-        )
-        k = await api.projects.CreateApiKey(
-            apb.CreateApiKeyRequest(organization_id=org.id, project_id=p.id, name="k"), metadata=md
-        )
-        secrets.append(str(k.secret))
+        secrets.append((await procs.cost_project(api, org_id, f"p{i}", MODEL))[1])
     after = measure()
     await api.channel.close()
     return secrets, before, after
