@@ -36,6 +36,7 @@ import asyncio
 import collections
 import json
 import multiprocessing
+import shutil
 import signal
 import statistics
 import subprocess
@@ -360,6 +361,8 @@ def main() -> int:
     ]:  # fmt: skip
         if not 0 < value <= top:
             ap.error(f"--{name} must be in 1..{top}")
+    if args.profile and py_spy() is None:
+        ap.error("--profile needs py-spy: .venv/bin/pip install py-spy")
     connections = args.connections or 4 * args.workers
     if not 0 < connections <= 256:
         ap.error("--connections must be in 1..256")
@@ -434,10 +437,15 @@ def main() -> int:
     return 0
 
 
+def py_spy() -> str | None:
+    spy = Path(sys.executable).with_name("py-spy")
+    return str(spy) if spy.exists() else shutil.which("py-spy")
+
+
 def start_profiler(path: str, pids: list[int], native: bool = False) -> list[subprocess.Popen[bytes]]:
     """py-spy (pip install py-spy) on each server process; its own CPU is not the server's."""
-    spy = Path(sys.executable).with_name("py-spy")
-    binary = str(spy) if spy.exists() else "py-spy"
+    binary = py_spy()
+    assert binary is not None, "checked in main()"
     started = []
     for pid in pids:
         cmd = [binary, "record", "--pid", str(pid), "--format", "raw", "--rate", "200", "-o", f"{path}.{pid}"]
