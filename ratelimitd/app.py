@@ -27,12 +27,13 @@ from ratelimitd.api.health import StorageHealth
 from ratelimitd.api.metrics import Metrics
 from ratelimitd.api.usage import UsageServicer
 from ratelimitd.api.wire import Guard
+from ratelimitd.core.errors import StorageUnavailable
+from ratelimitd.core.storage_url import parse
 from ratelimitd.engine.audit import Audit
 from ratelimitd.engine.clock import manual_clock, server_time
 from ratelimitd.engine.control import ControlPlane
 from ratelimitd.engine.credentials import Credentials
 from ratelimitd.engine.decisions import Decider
-from ratelimitd.engine.errors import StorageUnavailable
 from ratelimitd.engine.limits import Dimensions
 from ratelimitd.engine.members import Members
 from ratelimitd.engine.permissions import ModelPermissions
@@ -43,7 +44,6 @@ from ratelimitd.settings import Settings
 from ratelimitd.storage import redis as storage
 from ratelimitd.storage.embedded import EmbeddedValkey
 from ratelimitd.storage.hot_path import hot_path_connection
-from ratelimitd.storage.topology import parse
 from ratelimitd.tls import server_credentials
 from ratelimitd.v1 import admin_pb2, admin_pb2_grpc, ratelimit_pb2, ratelimit_pb2_grpc, usage_pb2, usage_pb2_grpc
 

@@ -28,8 +28,8 @@ import yaml
 from google.protobuf.message import Message
 
 from ratelimitd.client_cli import ROLE_NAMES, ROLES, SHORTHANDS, Api, metric_window
+from ratelimitd.core.errors import InvalidArgument
 from ratelimitd.engine.control import validate_description, validate_project_name
-from ratelimitd.engine.errors import InvalidArgument
 from ratelimitd.engine.limits import (
     MAX_LIMITS_PER_CALL,
     MAX_LIMITS_PER_SCOPE,

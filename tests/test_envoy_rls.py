@@ -16,7 +16,7 @@ from google.protobuf import json_format
 
 from ratelimitd.api.envoy import token_estimate
 from ratelimitd.app import App
-from ratelimitd.engine import keys
+from ratelimitd.core import keys
 from ratelimitd.settings import ENVOY_DESCRIPTOR_ROLES, Settings
 from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import ratelimit_pb2 as pb

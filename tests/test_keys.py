@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from redis.crc import key_slot
 
+from ratelimitd.core.keys import OrgKeys
 from ratelimitd.engine import ids
-from ratelimitd.engine.keys import OrgKeys
 
 
 def test_every_key_of_an_organization_shares_one_slot() -> None:
@@ -22,13 +22,13 @@ def test_every_key_of_an_organization_shares_one_slot() -> None:
 
 
 def test_operator_credentials_and_their_audit_trail_share_one_slot() -> None:
-    from ratelimitd.engine import keys
+    from ratelimitd.core import keys
 
     assert key_slot(keys.CREDENTIALS.encode()) == key_slot(keys.PLATFORM_AUDIT.encode())
 
 
 def test_decide_lua_builds_keys_the_way_the_keys_module_does() -> None:
-    from ratelimitd.engine import keys
+    from ratelimitd.core import keys
     from ratelimitd.engine.scripts import read_script
 
     lua = read_script("decide")

@@ -15,11 +15,11 @@ import grpc
 
 from ratelimitd.api.auth import authorization
 from ratelimitd.api.errors import rpc
+from ratelimitd.core.errors import InvalidArgument
 from ratelimitd.engine.audit import AuditEvent
 from ratelimitd.engine.authz import Principal, Role, authorize
 from ratelimitd.engine.control import ApiKeyInfo, ControlPlane, EffectiveLimit, OrganizationInfo, ProjectInfo
 from ratelimitd.engine.credentials import CredentialInfo, Credentials
-from ratelimitd.engine.errors import InvalidArgument
 from ratelimitd.engine.limits import LimitSpec
 from ratelimitd.engine.members import MemberInfo, Members
 from ratelimitd.engine.permissions import Access, ModelPermissions, ModelPolicy

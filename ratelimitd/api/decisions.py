@@ -13,17 +13,17 @@ import grpc
 from ratelimitd.api.auth import authorization
 from ratelimitd.api.errors import STATUS, rpc
 from ratelimitd.api.metrics import Metrics
-from ratelimitd.engine import ids
-from ratelimitd.engine.authz import authorize
-from ratelimitd.engine.credentials import Credentials
-from ratelimitd.engine.decisions import BucketState, Caller, Decider, Decision, Outcome, Scope
-from ratelimitd.engine.errors import (
+from ratelimitd.core.errors import (
     InvalidArgument,
     NotFound,
     RatelimitdError,
     StorageOutcomeUnknown,
     StorageUnavailable,
 )
+from ratelimitd.engine import ids
+from ratelimitd.engine.authz import authorize
+from ratelimitd.engine.credentials import Credentials
+from ratelimitd.engine.decisions import BucketState, Caller, Decider, Decision, Outcome, Scope
 from ratelimitd.engine.explain import refusal_message
 from ratelimitd.engine.headers import rate_limit_headers
 from ratelimitd.engine.limits import MAX_LIMIT, validate_model

@@ -33,6 +33,7 @@ from google.protobuf.message import DecodeError
 from ratelimitd.api.decisions import MAX_REQUESTS, validate_request_id
 from ratelimitd.api.errors import rpc
 from ratelimitd.api.metrics import Metrics
+from ratelimitd.core.errors import FailedPrecondition, InvalidArgument, StorageOutcomeUnknown
 from ratelimitd.engine import ids, refusals
 from ratelimitd.engine.decisions import (
     MAX_ITEMS_PER_DECISION,
@@ -45,7 +46,6 @@ from ratelimitd.engine.decisions import (
     Scope,
     new_request_id,
 )
-from ratelimitd.engine.errors import FailedPrecondition, InvalidArgument, StorageOutcomeUnknown
 from ratelimitd.engine.headers import rate_limit_headers
 from ratelimitd.engine.limits import MAX_LIMIT, Dimension, validate_model
 from ratelimitd.engine.refusals import Refusal

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from ratelimitd.engine.errors import ErrorKind, RatelimitdError
+from ratelimitd.core.errors import ErrorKind, RatelimitdError
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ import grpc
 from ratelimitd.api.auth import authorization
 from ratelimitd.api.decisions import reason_name
 from ratelimitd.api.errors import rpc
+from ratelimitd.core.errors import InvalidArgument
 from ratelimitd.engine.authz import authorize
 from ratelimitd.engine.credentials import Credentials
-from ratelimitd.engine.errors import InvalidArgument
 from ratelimitd.engine.usage import LogEntry, Price, SpendLine, Usage, UsageTotals
 from ratelimitd.v1 import usage_pb2 as pb
 from ratelimitd.v1 import usage_pb2_grpc

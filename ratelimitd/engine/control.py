@@ -21,10 +21,11 @@ from typing import Any, cast
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from ratelimitd.engine import ids, keys, pages
+from ratelimitd.core import keys
+from ratelimitd.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from ratelimitd.engine import ids, pages
 from ratelimitd.engine.audit import Audit, AuditEvent, actor_json
 from ratelimitd.engine.authz import INTERNAL, Principal
-from ratelimitd.engine.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from ratelimitd.engine.limits import (
     MAX_LIMITS_PER_SCOPE,
     WILDCARD,

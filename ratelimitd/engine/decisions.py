@@ -7,12 +7,13 @@ import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from ratelimitd.engine import keys
+from ratelimitd.core import keys
+from ratelimitd.core.errors import InvalidArgument
+from ratelimitd.core.retention import Retention
+from ratelimitd.core.scripts import ScriptRunner
 from ratelimitd.engine.clock import Clock, server_time
-from ratelimitd.engine.errors import InvalidArgument
 from ratelimitd.engine.limits import Dimension, Dimensions
-from ratelimitd.engine.retention import Retention
-from ratelimitd.engine.scripts import ScriptRunner, Scripts, configured
+from ratelimitd.engine.scripts import Scripts, configured
 
 # Items one decision may weigh: each adds its buckets to one script's stack and reply.
 MAX_ITEMS_PER_DECISION = 64

@@ -21,14 +21,15 @@ from typing import Any, NamedTuple, cast
 
 from redis.asyncio import Redis
 
-from ratelimitd.engine import keys
+from ratelimitd.core import keys
+from ratelimitd.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from ratelimitd.core.retention import Retention
+from ratelimitd.core.scripts import ScriptRunner
 from ratelimitd.engine.clock import Clock, server_time
 from ratelimitd.engine.control import ControlPlane
 from ratelimitd.engine.decisions import Caller, Outcome
-from ratelimitd.engine.errors import FailedPrecondition, InvalidArgument, NotFound
 from ratelimitd.engine.limits import MAX_LIMIT, Dimensions, validate_model
-from ratelimitd.engine.retention import Retention
-from ratelimitd.engine.scripts import ScriptRunner, Scripts, configured
+from ratelimitd.engine.scripts import Scripts, configured
 from ratelimitd.storage.redis import storage_errors
 
 # Percent of a spend limit at which an alert counts as crossed.
