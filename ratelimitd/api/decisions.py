@@ -10,8 +10,8 @@ from typing import Any
 
 import grpc
 
-from ratelimitd.api.auth import authorization
 from ratelimitd.api.errors import STATUS, rpc
+from ratelimitd.api.gate import Gate
 from ratelimitd.api.metrics import Metrics
 from ratelimitd.core.errors import (
     InvalidArgument,
@@ -21,8 +21,6 @@ from ratelimitd.core.errors import (
     StorageUnavailable,
 )
 from ratelimitd.engine import ids
-from ratelimitd.engine.authz import authorize
-from ratelimitd.engine.credentials import Credentials
 from ratelimitd.engine.decisions import BucketState, Caller, Decider, Decision, Outcome, Scope
 from ratelimitd.engine.explain import refusal_message
 from ratelimitd.engine.headers import rate_limit_headers
@@ -104,7 +102,7 @@ class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
         self,
         decider: Decider,
         usage: Usage,
-        credentials: Credentials,
+        gate: Gate,
         header_windows: Mapping[str, str],
         on_storage_error: str,
         storage_failed: Callable[[], None],
@@ -112,7 +110,7 @@ class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
     ) -> None:
         self._decider = decider
         self._usage = usage
-        self._credentials = credentials
+        self._gate = gate
         self._header_windows = dict(header_windows)
         self._on_storage_error = on_storage_error
         self.storage_failed = storage_failed
@@ -245,13 +243,8 @@ class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
             parsed = ids.parse_api_key_cached(request.api_key)
             return None if parsed is None else Caller(parsed.org_id, parsed.key_id, parsed.hash, "")
         if which == "project":
-            principal = await self._credentials.authenticate(authorization(context))
             ref = request.project
-            if not ids.is_id("org", ref.organization_id):
-                raise InvalidArgument(f"project.organization_id {ref.organization_id[:80]!r} is not an org_ id")
-            if not ids.is_id("proj", ref.project_id):
-                raise InvalidArgument(f"project.project_id {ref.project_id[:80]!r} is not a proj_ id")
-            authorize(principal, "CheckAndConsumeByProject", ref.organization_id)  # no storage call
+            await self._gate.admit_project_reference(context, ref.organization_id, ref.project_id)
             return Caller(ref.organization_id, "", "", ref.project_id)
         raise InvalidArgument("set either api_key or project")
 
