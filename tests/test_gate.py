@@ -47,7 +47,9 @@ async def test_every_bearer_method_refuses_a_caller_without_a_valid_credential(
 ) -> None:
     metadata = (("authorization", credential),) if credential else None
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
-        call = channel.unary_unary(method)  # raw bytes: an empty request parses as every message
+        call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            method
+        )  # raw bytes: an empty request parses as every message
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await call(b"", metadata=metadata, timeout=30)
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -62,7 +64,7 @@ async def unlisted_server() -> AsyncIterator[str]:
     async def answer(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         return b"served"
 
-    handler = grpc.unary_unary_rpc_method_handler(answer)
+    handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(answer)
     server.add_generic_rpc_handlers(
         [
             grpc.method_handlers_generic_handler("ratelimitd.v1.OrganizationService", {"Unlisted": handler}),
@@ -79,6 +81,7 @@ async def unlisted_server() -> AsyncIterator[str]:
 async def test_a_handler_without_a_rule_is_refused(unlisted_server: str, method: str) -> None:
     async with grpc.aio.insecure_channel(unlisted_server) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as e:
-            await channel.unary_unary(method)(b"", timeout=30)
+            call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(method)
+            await call(b"", timeout=30)
     assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert e.value.details() == f"{method} has no access rule on this server, so it is refused"

@@ -16,8 +16,9 @@ of three rules, chosen from its full name:
   the handler reads who called with :func:`caller`.
 
 A method of a service the gate does not know, of ours that the authorization
-table lacks, or whose request names no organization and has no scope below, is refused: the server fails closed. :meth:`Gate.check` raises at
-start-up for such a method, so the gap is found before any call.
+table lacks, or whose request names no organization and has no scope below, is
+refused: the server fails closed. :meth:`Gate.check` raises at start-up for such
+a method, so the gap is found before any call.
 """
 
 from __future__ import annotations
