@@ -27,8 +27,10 @@ from ratelimitd.core.retention import Retention
 from ratelimitd.core.scripts import ScriptRunner
 from ratelimitd.engine.clock import Clock, server_time
 from ratelimitd.engine.control import ControlPlane
-from ratelimitd.engine.decisions import Caller, Outcome
+from ratelimitd.engine.decisions import Caller
 from ratelimitd.engine.limits import MAX_LIMIT, Dimensions, validate_model
+from ratelimitd.engine.outcomes import Outcome
+from ratelimitd.engine.replies import decode_report
 from ratelimitd.engine.scripts import Scripts, configured
 from ratelimitd.storage.redis import storage_errors
 
@@ -212,8 +214,10 @@ class Usage:
             kind, caller.key_hash, caller.project_id, request_id, model, input_tokens, output_tokens, cached_tokens,
             status_code, latency_ms, await self._clock(),
         ]  # fmt: skip
-        reply = await self._connection.evalsha(self._script, [org.state, subject, org.request(request_id)], args)
-        status = int(reply[0])
+        reply = decode_report(
+            await self._connection.evalsha(self._script, [org.state, subject, org.request(request_id)], args)
+        )
+        status = reply.status
         if status == 4:
             raise FailedPrecondition(
                 "the API key is unknown or does not match, or it is revoked (or its project deleted) and "
@@ -227,11 +231,16 @@ class Usage:
             raise FailedPrecondition(f"request {request_id} belongs to another project")
         if status == 8:
             raise FailedPrecondition(
-                f"the usage counter {reply[2]} of this project, model and key would pass 2^62 in its current "
+                f"the usage counter {reply.model} of this project, model and key would pass 2^62 in its current "
                 "minute, hour or day; the report was not recorded"
             )
         return Report(
-            ReportResult(status), str(reply[1]), str(reply[2]), int(reply[3]), int(reply[4]), float(reply[5]) / 1e6
+            ReportResult(status),
+            reply.project_id,
+            reply.model,
+            reply.counted_tokens,
+            reply.token_delta,
+            reply.spend_usd,
         )
 
     # -- settings, prices, limits ------------------------------------------
