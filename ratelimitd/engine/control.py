@@ -63,8 +63,8 @@ def _text(raw: str | bytes) -> str:
 
 def _org_of_record(key: str) -> str | None:
     """The organization id of an ``rl:{org_…}:org`` key, None for anything else SCAN matched."""
-    org_id = key.removeprefix("rl:{").removesuffix("}:org")
-    return org_id if ids.is_id("org", org_id) and key == keys.OrgKeys(org_id).record else None
+    org_id = keys.organization_of_record(key)
+    return org_id if ids.is_id("org", org_id) else None
 
 
 def now_ms() -> int:
@@ -197,7 +197,7 @@ class ControlPlane:
         removed: list[str] = []
         with storage_errors():
             indexed = set(_strs(await self._redis.hgetall(keys.ORGANIZATIONS)))
-            async for raw_key in self._redis.scan_iter(match=keys.org_prefix("org_*") + "org", count=1000):
+            async for raw_key in self._redis.scan_iter(match=keys.ORGANIZATION_RECORDS, count=1000):
                 org_id = _org_of_record(_text(raw_key))
                 if org_id is None or org_id in indexed or not await self._unindexed_long_enough(org_id, grace_ms):
                     continue

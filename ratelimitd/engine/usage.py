@@ -248,13 +248,13 @@ class Usage:
     async def set_cached_tokens_count(self, org_id: str, count: bool) -> bool:
         k = await self._control.require_organization(org_id)
         with storage_errors():
-            await self._redis.hset(k.prefix + "cfg", "cached", "1" if count else "0")
+            await self._redis.hset(k.usage_settings, "cached", "1" if count else "0")
         return count
 
     async def cached_tokens_count(self, org_id: str) -> bool:
         k = await self._control.require_organization(org_id)
         with storage_errors():
-            return bool(await self._redis.hget(k.prefix + "cfg", "cached") == "1")
+            return bool(await self._redis.hget(k.usage_settings, "cached") == "1")
 
     async def set_price(self, org_id: str, price: Price) -> Price:
         validate_model(price.model, wildcard=True)
@@ -264,7 +264,7 @@ class Usage:
         k = await self._control.require_organization(org_id)
         with storage_errors():
             async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hset(k.prefix + "price", price.model, ",".join(repr(float(v)) for v in price[1:]))
+                pipe.hset(k.prices, price.model, ",".join(repr(float(v)) for v in price[1:]))
                 keys.invalidate_decision_config(pipe, k)  # decisions reserve spend at the price
                 await pipe.execute()
         return price
@@ -272,7 +272,7 @@ class Usage:
     async def prices(self, org_id: str) -> list[Price]:
         k = await self._control.require_organization(org_id)
         with storage_errors():
-            raw = cast(dict[str, str], await self._redis.hgetall(k.prefix + "price"))
+            raw = cast(dict[str, str], await self._redis.hgetall(k.prices))
         return sorted(
             (Price(model, *(float(v) for v in value.split(","))) for model, value in raw.items()),
             key=lambda p: (p.model == "*", p.model),
@@ -285,14 +285,14 @@ class Usage:
             k = await self._control.require_project(org_id, project_id)
         else:
             k = await self._control.require_organization(org_id)
-        field_ = f"p:{project_id}" if project_id else "o"
+        field_ = keys.spend_field(project_id)
         with storage_errors():
             async with self._redis.pipeline(transaction=True) as pipe:
                 if limit_usd is None:
-                    pipe.hdel(k.prefix + "spendlim", field_)
+                    pipe.hdel(k.spend_limits, field_)
                 else:
                     # stored in micro-USD, the unit report.lua adds spend in
-                    pipe.hset(k.prefix + "spendlim", field_, repr(limit_usd * 1e6))
+                    pipe.hset(k.spend_limits, field_, repr(limit_usd * 1e6))
                 keys.invalidate_decision_config(pipe, k)
                 await pipe.execute()
 
@@ -310,11 +310,15 @@ class Usage:
         month = month or await self._current_month()
         month_key = _month_key(month)
         with storage_errors():
-            spent = cast(dict[str, str], await self._redis.hgetall(f"{k.prefix}spend:{month_key}"))
-            limits = cast(dict[str, str], await self._redis.hgetall(k.prefix + "spendlim"))
-        org = SpendLine("", float(spent.get("o", 0)) / 1e6, _usd(limits.get("o")))
-        project_ids = sorted({f[2:] for f in (*spent, *limits) if f.startswith("p:")})
-        projects = [SpendLine(p, float(spent.get(f"p:{p}", 0)) / 1e6, _usd(limits.get(f"p:{p}"))) for p in project_ids]
+            spent = cast(dict[str, str], await self._redis.hgetall(k.spend(month_key)))
+            limits = cast(dict[str, str], await self._redis.hgetall(k.spend_limits))
+        org_field = keys.spend_field("")
+        org = SpendLine("", float(spent.get(org_field, 0)) / 1e6, _usd(limits.get(org_field)))
+        project_ids = sorted({p for f in (*spent, *limits) if (p := keys.project_of_spend_field(f))})
+        projects = [
+            SpendLine(p, float(spent.get(keys.spend_field(p), 0)) / 1e6, _usd(limits.get(keys.spend_field(p))))
+            for p in project_ids
+        ]
         return month, org, projects
 
     # -- queries -------------------------------------------------------------
@@ -443,7 +447,7 @@ class Usage:
             raise InvalidArgument(f"limit {limit} must be between 1 and {MAX_LOG_PAGE}")
         k = await self._control.require_project(org_id, project_id, or_deleted=True)
         with storage_errors():
-            raw = cast(list[str], await self._redis.lrange(f"{k.prefix}log:{project_id}", 0, -1))
+            raw = cast(list[str], await self._redis.lrange(k.request_log(project_id), 0, -1))
         end_ms = end_ms or int(time.time() * 1000) + 1
         out = []
         for line in raw:  # newest first already

@@ -194,7 +194,7 @@ class ClusterConnection:
         if address not in self._probe_keys:
             owned = self._slots or []
             for n in itertools.count():
-                key = f"{keys.HEALTH_PROBE}:{{{n}}}"
+                key = keys.health_probe_on(n)
                 if owned[slot_of(key)] == address:
                     self._probe_keys[address] = key
                     break
