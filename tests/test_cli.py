@@ -20,8 +20,8 @@ import redis.asyncio
 
 from ratelimitd.app import App
 from ratelimitd.core import keys
-from ratelimitd.engine.control import PROJECT_NAME_RULES
 from ratelimitd.engine.limits import MAX_LIMITS_PER_CALL
+from ratelimitd.engine.projects import PROJECT_NAME_RULES
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from tests.conftest import OPERATOR_TOKEN, Cli, Client
 

@@ -14,7 +14,7 @@ import redis.asyncio
 
 from ratelimitd.app import App
 from ratelimitd.core import keys
-from ratelimitd.engine.control import UNINDEXED_GRACE_MS
+from ratelimitd.engine.organizations import UNINDEXED_GRACE_MS
 from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from tests.conftest import AUTH, Client, Storage, settings_for

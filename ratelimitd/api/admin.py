@@ -18,11 +18,13 @@ from ratelimitd.api.gate import caller
 from ratelimitd.core.errors import InvalidArgument
 from ratelimitd.engine.audit import AuditEvent
 from ratelimitd.engine.authz import Principal, Role
-from ratelimitd.engine.control import ApiKeyInfo, ControlPlane, EffectiveLimit, OrganizationInfo, ProjectInfo
+from ratelimitd.engine.control import ApiKeyInfo, ControlPlane, EffectiveLimit
 from ratelimitd.engine.credentials import CredentialInfo, Credentials
 from ratelimitd.engine.limits import LimitSpec
 from ratelimitd.engine.members import MemberInfo, Members
+from ratelimitd.engine.organizations import OrganizationInfo
 from ratelimitd.engine.permissions import Access, ModelPermissions, ModelPolicy
+from ratelimitd.engine.projects import ProjectInfo
 from ratelimitd.v1 import admin_pb2 as pb
 from ratelimitd.v1 import admin_pb2_grpc
 

@@ -34,7 +34,7 @@ from ratelimitd.core.retention import DEFAULT_MAX_EVENTS
 from ratelimitd.engine import ids
 from ratelimitd.engine.audit import Audit
 from ratelimitd.engine.authz import INTERNAL, MEMBER, OPERATOR, Principal, Role
-from ratelimitd.engine.control import validate_name
+from ratelimitd.engine.organizations import validate_name
 from ratelimitd.storage.redis import begin_writes, storage_errors, transaction
 
 _CACHE_LIMIT = 10_000
