@@ -10,7 +10,8 @@ import grpc
 from ratelimitd.api.decisions import reason_name
 from ratelimitd.api.errors import rpc
 from ratelimitd.core.errors import InvalidArgument
-from ratelimitd.engine.usage import LogEntry, Price, SpendLine, Usage, UsageTotals
+from ratelimitd.engine.usage import Price, SpendLine, Usage
+from ratelimitd.engine.usage_queries import LogEntry, UsageTotals
 from ratelimitd.v1 import usage_pb2 as pb
 from ratelimitd.v1 import usage_pb2_grpc
 
