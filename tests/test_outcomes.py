@@ -18,7 +18,7 @@ import pytest
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2 as common_pb
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
-from ratelimitd.engine.outcomes import METRIC, OUTCOMES, STORAGE_UNAVAILABLE, Outcome
+from ratelimitd.engine.outcomes import BY_REASON, METRIC, OUTCOMES, Outcome
 from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from ratelimitd.v1 import usage_pb2 as upb
@@ -170,8 +170,11 @@ async def test_every_outcome_means_the_same_on_every_surface(client: Client, out
 
 # -- the copies of the table ------------------------------------------------------------
 
-EVERY_REASON = {rule.reason: rule for rule in (*OUTCOMES.values(), STORAGE_UNAVAILABLE)}
-REFUSAL_REASONS = {name: rule for name, rule in EVERY_REASON.items() if name != "REASON_UNSPECIFIED"}
+REFUSAL_REASONS = BY_REASON
+
+
+def test_every_refusal_reason_of_the_proto_has_a_row() -> None:
+    assert set(BY_REASON) == set(pb.Reason.keys()) - {"REASON_UNSPECIFIED"}
 
 
 def test_docs_refusal_table_agrees_with_the_outcome_table() -> None:

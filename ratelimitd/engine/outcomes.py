@@ -144,6 +144,10 @@ STORAGE_UNAVAILABLE = OutcomeRule(
     "REASON_STORAGE_UNAVAILABLE", 503, "server_error", "service_unavailable", False,
     "The rate limit service cannot reach its storage; try again shortly.",
 )  # fmt: skip
+# Every refusal by the reason a CheckResponse names (for clients of the gRPC API: the CLI, docs).
+BY_REASON: Mapping[str, OutcomeRule] = {
+    rule.reason: rule for rule in (*OUTCOMES.values(), STORAGE_UNAVAILABLE) if rule.reason != "REASON_UNSPECIFIED"
+}
 # Not an outcome either: a value an end user sent that an HTTP edge cannot read
 # (a token estimate, a request id); the message names it.
 INVALID_REQUEST = OutcomeRule("", 400, _REQUEST_ERROR, "invalid_request", False, "{detail}")
