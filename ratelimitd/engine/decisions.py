@@ -1,4 +1,5 @@
-"""The decision: one call of decide.lua, and its reply as typed values."""
+"""The decision: one call of decide.lua per request (its reply read by engine/replies.py into
+engine/outcomes.py's typed values)."""
 
 from __future__ import annotations
 
