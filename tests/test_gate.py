@@ -3,10 +3,13 @@ cannot forget it."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2 as common_pb
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
@@ -14,6 +17,8 @@ from ratelimitd.api.gate import IN_REQUEST_METHODS, Gate, Rule, rule_of
 from ratelimitd.api.wire import Guard, served_methods
 from ratelimitd.app import SERVICE_NAMES, App
 from ratelimitd.engine.authz import POLICY
+from ratelimitd.v1 import ratelimit_pb2 as pb
+from tests.conftest import Client
 
 SERVED = [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
 METHODS = served_methods(SERVED)
@@ -85,3 +90,29 @@ async def test_a_handler_without_a_rule_is_refused(unlisted_server: str, method:
             await call(b"", timeout=30)
     assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert e.value.details() == f"{method} has no access rule on this server, so it is refused"
+
+
+async def test_the_decision_path_refuses_a_caller_it_cannot_name(client: Client) -> None:
+    """IN_REQUEST methods: a project reference needs a credential; an Envoy call without a key is refused."""
+    ref = pb.ProjectRef(organization_id="org_aaaaaaaaaaaa", project_id="proj_aaaaaaaaaaaa")
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await client.decisions.CheckAndConsume(pb.CheckRequest(project=ref, model="m"))
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await client.decisions.ReportUsage(pb.ReportUsageRequest(project=ref, request_id="r", model="m"))
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    (answer,) = [
+        a async for a in client.decisions.CheckAndConsumeStream(iter([pb.CheckRequest(project=ref, model="m")]))
+    ]
+    assert answer.error_code == grpc.StatusCode.UNAUTHENTICATED.value[0]
+    envoy = rls_pb2_grpc.RateLimitServiceStub(client.channel)
+    reply = await envoy.ShouldRateLimit(
+        rls_pb2.RateLimitRequest(
+            domain="ratelimitd",
+            descriptors=[
+                common_pb.RateLimitDescriptor(entries=[common_pb.RateLimitDescriptor.Entry(key="model", value="m")])
+            ],
+        )
+    )
+    assert reply.overall_code == rls_pb2.RateLimitResponse.OVER_LIMIT
+    assert json.loads(reply.raw_body)["error"]["code"] == "invalid_api_key"
