@@ -13,14 +13,14 @@ followed by its ReportUsage, and the clock moves on a minute. So every
 
 It reports ``INFO memory`` used_memory after set-up and after the load, and
 ``MEMORY USAGE`` (exact: SAMPLES 0) of every key, grouped by what the key is
-(ratelimitd/engine/keys.py names them), then works out:
+(ratelimitd/core/keys.py names them), then works out:
 
 - configuration per project (records, limits, key, indexes);
 - live state per active project (its share of the organization's decision state
   hash, its request log);
 - usage counters per active (project, model, key): the bytes each minute, hour
   and day bucket holds for one of them, times the number of such buckets kept
-  over the retention (ratelimitd/engine/retention.py; the server's defaults);
+  over the retention (ratelimitd/core/retention.py; the server's defaults);
 - a request record (replay and reservation), kept ``request_ttl_s``.
 
 The usage buckets are one hash per organization and time bucket, with fields per
@@ -51,7 +51,7 @@ import procs
 from bench import MODEL
 
 from ratelimitd.client_cli import Api
-from ratelimitd.engine import keys
+from ratelimitd.core import keys
 from ratelimitd.settings import Settings
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from ratelimitd.v1 import ratelimit_pb2_grpc, usage_pb2_grpc

@@ -23,16 +23,18 @@ from ratelimitd.api.admin import (
     ProjectServicer,
 )
 from ratelimitd.api.decisions import RateLimitServicer
+from ratelimitd.api.gate import Gate
 from ratelimitd.api.health import StorageHealth
 from ratelimitd.api.metrics import Metrics
 from ratelimitd.api.usage import UsageServicer
-from ratelimitd.api.wire import Guard
+from ratelimitd.api.wire import Guard, served_methods
+from ratelimitd.core.errors import StorageUnavailable
+from ratelimitd.core.storage_url import parse
 from ratelimitd.engine.audit import Audit
 from ratelimitd.engine.clock import manual_clock, server_time
 from ratelimitd.engine.control import ControlPlane
 from ratelimitd.engine.credentials import Credentials
 from ratelimitd.engine.decisions import Decider
-from ratelimitd.engine.errors import StorageUnavailable
 from ratelimitd.engine.limits import Dimensions
 from ratelimitd.engine.members import Members
 from ratelimitd.engine.permissions import ModelPermissions
@@ -43,7 +45,6 @@ from ratelimitd.settings import Settings
 from ratelimitd.storage import redis as storage
 from ratelimitd.storage.embedded import EmbeddedValkey
 from ratelimitd.storage.hot_path import hot_path_connection
-from ratelimitd.storage.topology import parse
 from ratelimitd.tls import server_credentials
 from ratelimitd.v1 import admin_pb2, admin_pb2_grpc, ratelimit_pb2, ratelimit_pb2_grpc, usage_pb2, usage_pb2_grpc
 
@@ -92,8 +93,9 @@ class App:
         # the same port must fail rather than split the traffic silently. The
         # port is taken before storage starts, so a server that cannot listen
         # never touches the data directory.
+        self.gate = Gate()
         server = grpc.aio.server(
-            interceptors=[Guard(lenient=[CHECK_AND_CONSUME, CHECK_AND_CONSUME_STREAM])],
+            interceptors=[Guard(lenient=[CHECK_AND_CONSUME, CHECK_AND_CONSUME_STREAM], gate=self.gate)],
             options=[("grpc.so_reuseport", 1 if self.worker else 0)],
         )
         self.port = _bind(server, s)
@@ -110,6 +112,7 @@ class App:
         audit = Audit(self.redis, s.audit_max_events)
         self.control = ControlPlane(self.redis, scripts, dims, audit)
         self.credentials = Credentials(self.redis, audit)
+        self.gate.open(self.credentials, self.storage_failed)
         management = Management(
             self.control,
             self.credentials,
@@ -135,7 +138,7 @@ class App:
             RateLimitServicer(
                 self.decider,
                 self.usage,
-                self.credentials,
+                self.gate,
                 s.header_windows,
                 s.on_storage_error,
                 self.storage_failed,
@@ -143,9 +146,7 @@ class App:
             ),
             server,
         )
-        usage_pb2_grpc.add_UsageServiceServicer_to_server(
-            UsageServicer(self.usage, self.credentials, self.storage_failed), server
-        )
+        usage_pb2_grpc.add_UsageServiceServicer_to_server(UsageServicer(self.usage, self.storage_failed), server)
         failed = self.storage_failed
         admin_pb2_grpc.add_OrganizationServiceServicer_to_server(OrganizationServicer(management, failed), server)
         admin_pb2_grpc.add_ProjectServiceServicer_to_server(ProjectServicer(management, failed), server)
@@ -167,10 +168,9 @@ class App:
             server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
-        reflection.enable_server_reflection(
-            [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            server,
-        )
+        served = [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(served, server)
+        Gate.check(served_methods(served))
         await server.start()
         self.server = server
         # What start-up built lives as long as the process: out of the collector's sight, so

@@ -28,8 +28,7 @@ import yaml
 from google.protobuf.message import Message
 
 from ratelimitd.client_cli import ROLE_NAMES, ROLES, SHORTHANDS, Api, metric_window
-from ratelimitd.engine.control import validate_description, validate_project_name
-from ratelimitd.engine.errors import InvalidArgument
+from ratelimitd.core.errors import InvalidArgument
 from ratelimitd.engine.limits import (
     MAX_LIMITS_PER_CALL,
     MAX_LIMITS_PER_SCOPE,
@@ -39,6 +38,7 @@ from ratelimitd.engine.limits import (
 )
 from ratelimitd.engine.members import validate_member_name
 from ratelimitd.engine.permissions import Access, validate_policy
+from ratelimitd.engine.projects import validate_description, validate_project_name
 from ratelimitd.v1 import admin_pb2 as apb
 
 LimitKey = tuple[str, str, str]  # model, metric, window

@@ -25,8 +25,8 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
+from ratelimitd.core.keys import MANUAL_CLOCK
 from ratelimitd.engine import ids
-from ratelimitd.engine.keys import MANUAL_CLOCK
 from ratelimitd.tls import ClientTls
 from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import admin_pb2_grpc, ratelimit_pb2_grpc

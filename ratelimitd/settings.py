@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ratelimitd.engine.audit import DEFAULT_MAX_EVENTS
-from ratelimitd.engine.retention import Retention
-from ratelimitd.storage.topology import StorageTls, parse, redact
+from ratelimitd.core.retention import DEFAULT_MAX_EVENTS, Retention
+from ratelimitd.core.storage_url import StorageTls, parse, redact
 
 STORAGE_ERROR_POLICIES = ("unavailable", "allow", "deny")
 UNKNOWN_DOMAIN_POLICIES = ("error", "allow")

@@ -15,7 +15,8 @@ import redis.asyncio
 
 from ratelimitd.app import App
 from ratelimitd.cli import main
-from ratelimitd.engine import ids, keys
+from ratelimitd.core import keys
+from ratelimitd.engine import ids
 from ratelimitd.settings import Settings
 from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import admin_pb2_grpc, ratelimit_pb2_grpc

@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio
 
 from ratelimitd.app import App
-from ratelimitd.engine import keys
+from ratelimitd.core import keys
 from ratelimitd.v1 import admin_pb2 as apb
 from tests.conftest import AUTH, Client, Storage, channel_client, settings_for
 from tests.control import M, add_member, bearer

@@ -8,8 +8,8 @@ import pytest
 import redis.asyncio
 
 from ratelimitd.app import App
+from ratelimitd.core.errors import InvalidArgument
 from ratelimitd.engine.decisions import Caller, Item
-from ratelimitd.engine.errors import InvalidArgument
 from ratelimitd.engine.limits import MAX_LIMIT, MAX_LIMITS_PER_CALL, MAX_LIMITS_PER_SCOPE
 from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import ratelimit_pb2 as pb

@@ -19,9 +19,9 @@ import pytest
 import redis.asyncio
 
 from ratelimitd.app import App
-from ratelimitd.engine import keys
-from ratelimitd.engine.control import PROJECT_NAME_RULES
+from ratelimitd.core import keys
 from ratelimitd.engine.limits import MAX_LIMITS_PER_CALL
+from ratelimitd.engine.projects import PROJECT_NAME_RULES
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from tests.conftest import OPERATOR_TOKEN, Cli, Client
 

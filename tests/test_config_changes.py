@@ -11,7 +11,7 @@ import grpc
 import pytest
 import redis.asyncio
 
-from ratelimitd.engine import keys
+from ratelimitd.core import keys
 from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from ratelimitd.v1 import usage_pb2 as upb

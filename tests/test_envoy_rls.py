@@ -14,9 +14,9 @@ from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2 as common_pb
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import json_format
 
-from ratelimitd.api.envoy import token_estimate
 from ratelimitd.app import App
-from ratelimitd.engine import keys
+from ratelimitd.core import keys
+from ratelimitd.engine.edge import token_estimate
 from ratelimitd.settings import ENVOY_DESCRIPTOR_ROLES, Settings
 from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import ratelimit_pb2 as pb

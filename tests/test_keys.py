@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from redis.crc import key_slot
 
+from ratelimitd.core.keys import OrgKeys
 from ratelimitd.engine import ids
-from ratelimitd.engine.keys import OrgKeys
 
 
 def test_every_key_of_an_organization_shares_one_slot() -> None:
@@ -22,13 +22,12 @@ def test_every_key_of_an_organization_shares_one_slot() -> None:
 
 
 def test_operator_credentials_and_their_audit_trail_share_one_slot() -> None:
-    from ratelimitd.engine import keys
+    from ratelimitd.core import keys
 
     assert key_slot(keys.CREDENTIALS.encode()) == key_slot(keys.PLATFORM_AUDIT.encode())
 
 
 def test_decide_lua_builds_keys_the_way_the_keys_module_does() -> None:
-    from ratelimitd.engine import keys
     from ratelimitd.engine.scripts import read_script
 
     lua = read_script("decide")
@@ -36,9 +35,7 @@ def test_decide_lua_builds_keys_the_way_the_keys_module_does() -> None:
     for fragment in ('"lim:o"', '"lim:p:"', '"o:"', '"p:"', '"c:"', '"mp"', '"spendlim"', '"price"', "-2)"):
         assert fragment in lua
     k = OrgKeys("org_x")
-    assert k.state == k.prefix + "s" and k.org_limits == k.prefix + "lim:o"
-    assert k.model_permissions == k.prefix + "mp"
-    assert keys.org_buckets_field("m") == "o:m" and keys.project_buckets_field("proj_x", "m") == "p:proj_x:m"
+    assert (k.state, k.org_limits, k.model_permissions) == ("rl:{org_x}:s", "rl:{org_x}:lim:o", "rl:{org_x}:mp")
 
 
 def test_api_key_carries_its_ids() -> None:

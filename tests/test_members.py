@@ -134,9 +134,9 @@ async def test_another_process_honours_a_revocation_once_its_cache_entry_expires
     client: Client, app: App, redis_client: redis.asyncio.Redis
 ) -> None:
     """The 2 s bound across processes, shown with a second Credentials whose cache has expired."""
+    from ratelimitd.core.errors import Unauthenticated
     from ratelimitd.engine.audit import Audit
     from ratelimitd.engine.credentials import Credentials
-    from ratelimitd.engine.errors import Unauthenticated
 
     org = await client.org("o", [])
     member, token = await add_member(client, org, "rita", apb.ROLE_READER)

@@ -8,7 +8,7 @@ from typing import cast
 import grpc
 import redis.asyncio
 
-from ratelimitd.engine import keys
+from ratelimitd.core import keys
 from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from tests.conftest import AUTH, Client

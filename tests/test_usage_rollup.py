@@ -12,7 +12,7 @@ import random
 import redis.asyncio
 
 from ratelimitd.app import App
-from ratelimitd.engine import keys
+from ratelimitd.core import keys
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from ratelimitd.v1 import usage_pb2 as upb
 from ratelimitd.v1 import usage_pb2_grpc

@@ -1,8 +1,8 @@
 """The management services over the control plane.
 
-Each method does three things: ``allow`` (authenticate the bearer credential,
-then ask authz.authorize whether it may run this operation on this
-organization), one engine call, and the reply. Rules live in the engine.
+Each method does two things: one engine call, and the reply. api/gate.py has
+authenticated and authorized the caller before the method runs (``caller()`` says
+who it is, for the audit trail). Rules live in the engine.
 """
 
 from __future__ import annotations
@@ -13,16 +13,18 @@ from typing import Any
 
 import grpc
 
-from ratelimitd.api.auth import authorization
 from ratelimitd.api.errors import rpc
+from ratelimitd.api.gate import caller
+from ratelimitd.core.errors import InvalidArgument
 from ratelimitd.engine.audit import AuditEvent
-from ratelimitd.engine.authz import Principal, Role, authorize
-from ratelimitd.engine.control import ApiKeyInfo, ControlPlane, EffectiveLimit, OrganizationInfo, ProjectInfo
+from ratelimitd.engine.authz import Principal, Role
+from ratelimitd.engine.control import ApiKeyInfo, ControlPlane, EffectiveLimit
 from ratelimitd.engine.credentials import CredentialInfo, Credentials
-from ratelimitd.engine.errors import InvalidArgument
 from ratelimitd.engine.limits import LimitSpec
 from ratelimitd.engine.members import MemberInfo, Members
+from ratelimitd.engine.organizations import OrganizationInfo
 from ratelimitd.engine.permissions import Access, ModelPermissions, ModelPolicy
+from ratelimitd.engine.projects import ProjectInfo
 from ratelimitd.v1 import admin_pb2 as pb
 from ratelimitd.v1 import admin_pb2_grpc
 
@@ -138,36 +140,23 @@ class _Servicer:
         self.control = management.control
         self.storage_failed = storage_failed
 
-    async def allow(self, context: Context, operation: str, organization_id: str | None) -> Principal:
-        """Authenticates the caller and authorizes ``operation``; the one gate of every management call."""
-        principal = await self.m.credentials.authenticate(authorization(context))
-        authorize(principal, operation, organization_id)
-        return principal
-
-
-def _org_scope(organization_id: str) -> str | None:
-    """Calls that work on the platform when they name no organization."""
-    return organization_id or None
-
 
 class OrganizationServicer(_Servicer, admin_pb2_grpc.OrganizationServiceServicer):
     @rpc
     async def CreateOrganization(self, request: pb.CreateOrganizationRequest, context: Context) -> pb.Organization:
-        actor = await self.allow(context, "CreateOrganization", None)
+        actor = caller()
         return _organization(await self.control.create_organization(request.name, actor=actor))
 
     @rpc
     async def GetOrganization(self, request: pb.GetOrganizationRequest, context: Context) -> pb.Organization:
-        await self.allow(context, "GetOrganization", request.organization_id)
         return _organization(await self.control.get_organization(request.organization_id))
 
     @rpc
     async def ListOrganizations(
         self, request: pb.ListOrganizationsRequest, context: Context
     ) -> pb.ListOrganizationsResponse:
-        principal = await self.m.credentials.authenticate(authorization(context))
+        principal = caller()
         own = None if principal.is_operator else principal.organization_id
-        authorize(principal, "ListOrganizations", own)
         orgs, token = await self.control.list_organizations(request.page_size, request.page_token, only=own)
         return pb.ListOrganizationsResponse(organizations=[_organization(o) for o in orgs], next_page_token=token)
 
@@ -175,7 +164,7 @@ class OrganizationServicer(_Servicer, admin_pb2_grpc.OrganizationServiceServicer
     async def SetOrganizationLimits(
         self, request: pb.SetOrganizationLimitsRequest, context: Context
     ) -> pb.OrganizationLimits:
-        actor = await self.allow(context, "SetOrganizationLimits", request.organization_id)
+        actor = caller()
         specs = await self.control.set_organization_limits(
             request.organization_id,
             [(x.model, x.metric, x.window, x.limit) for x in request.set],
@@ -188,7 +177,6 @@ class OrganizationServicer(_Servicer, admin_pb2_grpc.OrganizationServiceServicer
     async def GetOrganizationLimits(
         self, request: pb.GetOrganizationLimitsRequest, context: Context
     ) -> pb.OrganizationLimits:
-        await self.allow(context, "GetOrganizationLimits", request.organization_id)
         specs = await self.control.organization_limits(request.organization_id)
         return pb.OrganizationLimits(organization_id=request.organization_id, limits=_limits(specs))
 
@@ -196,19 +184,17 @@ class OrganizationServicer(_Servicer, admin_pb2_grpc.OrganizationServiceServicer
 class ProjectServicer(_Servicer, admin_pb2_grpc.ProjectServiceServicer):
     @rpc
     async def CreateProject(self, request: pb.CreateProjectRequest, context: Context) -> pb.Project:
-        actor = await self.allow(context, "CreateProject", request.organization_id)
+        actor = caller()
         return _project(
             await self.control.create_project(request.organization_id, request.name, request.description, actor=actor)
         )
 
     @rpc
     async def GetProject(self, request: pb.GetProjectRequest, context: Context) -> pb.Project:
-        await self.allow(context, "GetProject", request.organization_id)
         return _project(await self.control.get_project(request.organization_id, request.project_id, request.name))
 
     @rpc
     async def ListProjects(self, request: pb.ListProjectsRequest, context: Context) -> pb.ListProjectsResponse:
-        await self.allow(context, "ListProjects", request.organization_id)
         projects, token = await self.control.list_projects(
             request.organization_id, request.page_size, request.page_token
         )
@@ -216,7 +202,7 @@ class ProjectServicer(_Servicer, admin_pb2_grpc.ProjectServiceServicer):
 
     @rpc
     async def UpdateProject(self, request: pb.UpdateProjectRequest, context: Context) -> pb.Project:
-        actor = await self.allow(context, "UpdateProject", request.organization_id)
+        actor = caller()
         return _project(
             await self.control.update_project(
                 request.organization_id,
@@ -229,7 +215,7 @@ class ProjectServicer(_Servicer, admin_pb2_grpc.ProjectServiceServicer):
 
     @rpc
     async def DeleteProject(self, request: pb.DeleteProjectRequest, context: Context) -> pb.Project:
-        actor = await self.allow(context, "DeleteProject", request.organization_id)
+        actor = caller()
         return _project(await self.control.delete_project(request.organization_id, request.project_id, actor=actor))
 
     async def _project_limits(self, org_id: str, project_id: str, models: Sequence[str] = ()) -> pb.ProjectLimits:
@@ -244,7 +230,7 @@ class ProjectServicer(_Servicer, admin_pb2_grpc.ProjectServiceServicer):
 
     @rpc
     async def SetProjectLimits(self, request: pb.SetProjectLimitsRequest, context: Context) -> pb.ProjectLimits:
-        actor = await self.allow(context, "SetProjectLimits", request.organization_id)
+        actor = caller()
         await self.control.set_project_limits(
             request.organization_id,
             request.project_id,
@@ -256,12 +242,11 @@ class ProjectServicer(_Servicer, admin_pb2_grpc.ProjectServiceServicer):
 
     @rpc
     async def GetProjectLimits(self, request: pb.GetProjectLimitsRequest, context: Context) -> pb.ProjectLimits:
-        await self.allow(context, "GetProjectLimits", request.organization_id)
         return await self._project_limits(request.organization_id, request.project_id, list(request.models))
 
     @rpc
     async def CreateApiKey(self, request: pb.CreateApiKeyRequest, context: Context) -> pb.CreateApiKeyResponse:
-        actor = await self.allow(context, "CreateApiKey", request.organization_id)
+        actor = caller()
         info, secret = await self.control.create_api_key(
             request.organization_id, request.project_id, request.name, actor=actor
         )
@@ -269,13 +254,12 @@ class ProjectServicer(_Servicer, admin_pb2_grpc.ProjectServiceServicer):
 
     @rpc
     async def ListApiKeys(self, request: pb.ListApiKeysRequest, context: Context) -> pb.ListApiKeysResponse:
-        await self.allow(context, "ListApiKeys", request.organization_id)
         infos = await self.control.list_api_keys(request.organization_id, request.project_id)
         return pb.ListApiKeysResponse(keys=[_key(i) for i in infos])
 
     @rpc
     async def RevokeApiKey(self, request: pb.RevokeApiKeyRequest, context: Context) -> pb.ApiKey:
-        actor = await self.allow(context, "RevokeApiKey", request.organization_id)
+        actor = caller()
         return _key(await self.control.revoke_api_key(request.organization_id, request.key_id, actor=actor))
 
 
@@ -291,15 +275,13 @@ class ModelPermissionServicer(_Servicer, admin_pb2_grpc.ModelPermissionServiceSe
     async def GetModelPermissions(
         self, request: pb.GetModelPermissionsRequest, context: Context
     ) -> pb.ModelPermissions:
-        await self.allow(context, "GetModelPermissions", request.organization_id)
         return await self._reply(request.organization_id, request.project_id)
 
     @rpc
     async def SetModelPermissions(
         self, request: pb.SetModelPermissionsRequest, context: Context
     ) -> pb.ModelPermissions:
-        operation = "SetProjectModelPermissions" if request.project_id else "SetOrganizationModelPermissions"
-        actor = await self.allow(context, operation, request.organization_id)
+        actor = caller()
         await self.m.permissions.set(
             request.organization_id,
             request.project_id,
@@ -313,7 +295,7 @@ class ModelPermissionServicer(_Servicer, admin_pb2_grpc.ModelPermissionServiceSe
 class MemberServicer(_Servicer, admin_pb2_grpc.MemberServiceServicer):
     @rpc
     async def AddMember(self, request: pb.AddMemberRequest, context: Context) -> pb.AddMemberResponse:
-        actor = await self.allow(context, "AddMember", request.organization_id)
+        actor = caller()
         member, cred, token = await self.m.members.add(
             request.organization_id, request.name, _role(request.role), actor=actor
         )
@@ -321,20 +303,19 @@ class MemberServicer(_Servicer, admin_pb2_grpc.MemberServiceServicer):
 
     @rpc
     async def ListMembers(self, request: pb.ListMembersRequest, context: Context) -> pb.ListMembersResponse:
-        await self.allow(context, "ListMembers", request.organization_id)
         return pb.ListMembersResponse(
             members=[_member(m) for m in await self.m.members.list_members(request.organization_id)]
         )
 
     @rpc
     async def UpdateMember(self, request: pb.UpdateMemberRequest, context: Context) -> pb.Member:
-        actor = await self.allow(context, "UpdateMember", request.organization_id)
+        actor = caller()
         role = _role(request.role)
         return _member(await self.m.members.update_role(request.organization_id, request.member_id, role, actor=actor))
 
     @rpc
     async def RemoveMember(self, request: pb.RemoveMemberRequest, context: Context) -> pb.Member:
-        actor = await self.allow(context, "RemoveMember", request.organization_id)
+        actor = caller()
         return _member(await self.m.members.remove(request.organization_id, request.member_id, actor=actor))
 
 
@@ -344,7 +325,7 @@ class CredentialServicer(_Servicer, admin_pb2_grpc.CredentialServiceServicer):
         self, request: pb.CreateCredentialRequest, context: Context
     ) -> pb.CreateCredentialResponse:
         org_id = request.organization_id
-        actor = await self.allow(context, "CreateCredential", _org_scope(org_id))
+        actor = caller()
         if org_id:
             cred, token = await self.m.members.create_credential(org_id, request.member_id, request.name, actor=actor)
         else:
@@ -356,14 +337,13 @@ class CredentialServicer(_Servicer, admin_pb2_grpc.CredentialServiceServicer):
     @rpc
     async def ListCredentials(self, request: pb.ListCredentialsRequest, context: Context) -> pb.ListCredentialsResponse:
         org_id = request.organization_id
-        await self.allow(context, "ListCredentials", _org_scope(org_id))
         creds = await (self.m.members.list_credentials(org_id) if org_id else self.m.credentials.list_operators())
         return pb.ListCredentialsResponse(credentials=[_credential(c) for c in creds])
 
     @rpc
     async def RevokeCredential(self, request: pb.RevokeCredentialRequest, context: Context) -> pb.Credential:
         org_id = request.organization_id
-        actor = await self.allow(context, "RevokeCredential", _org_scope(org_id))
+        actor = caller()
         if org_id:
             cred = await self.m.members.revoke_credential(org_id, request.credential_id, actor=actor)
         else:
@@ -372,16 +352,13 @@ class CredentialServicer(_Servicer, admin_pb2_grpc.CredentialServiceServicer):
 
     @rpc
     async def WhoAmI(self, request: pb.WhoAmIRequest, context: Context) -> pb.Principal:
-        principal = await self.m.credentials.authenticate(authorization(context))
-        authorize(principal, "WhoAmI", None if principal.is_operator else principal.organization_id)
-        return _principal(principal)
+        return _principal(caller())
 
 
 class AuditServicer(_Servicer, admin_pb2_grpc.AuditServiceServicer):
     @rpc
     async def ListAuditEvents(self, request: pb.ListAuditEventsRequest, context: Context) -> pb.ListAuditEventsResponse:
         org_id = request.organization_id
-        await self.allow(context, "ListAuditEvents", _org_scope(org_id))
         events, token = await self.m.control.read_audit(
             org_id, request.project_id, request.since_ms, request.until_ms, request.page_size, request.page_token
         )

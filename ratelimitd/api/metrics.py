@@ -18,7 +18,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
 
-from ratelimitd.engine.decisions import Outcome
+from ratelimitd.engine.outcomes import Outcome
 from ratelimitd.engine.usage import ReportResult
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"

@@ -7,13 +7,11 @@ from typing import Any
 
 import grpc
 
-from ratelimitd.api.auth import authorization
 from ratelimitd.api.decisions import reason_name
 from ratelimitd.api.errors import rpc
-from ratelimitd.engine.authz import authorize
-from ratelimitd.engine.credentials import Credentials
-from ratelimitd.engine.errors import InvalidArgument
-from ratelimitd.engine.usage import LogEntry, Price, SpendLine, Usage, UsageTotals
+from ratelimitd.core.errors import InvalidArgument
+from ratelimitd.engine.usage import Price, SpendLine, Usage
+from ratelimitd.engine.usage_queries import LogEntry, UsageTotals
 from ratelimitd.v1 import usage_pb2 as pb
 from ratelimitd.v1 import usage_pb2_grpc
 
@@ -66,18 +64,14 @@ def _price(org_id: str, p: Price) -> pb.Price:
 
 
 class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
-    def __init__(self, usage: Usage, credentials: Credentials, storage_failed: Callable[[], None]) -> None:
-        self.usage = usage
-        self.credentials = credentials
-        self.storage_failed = storage_failed
+    """api/gate.py has authorized every call before its method runs."""
 
-    async def _allow(self, context: Context, operation: str, organization_id: str) -> None:
-        principal = await self.credentials.authenticate(authorization(context))
-        authorize(principal, operation, organization_id)
+    def __init__(self, usage: Usage, storage_failed: Callable[[], None]) -> None:
+        self.usage = usage
+        self.storage_failed = storage_failed
 
     @rpc
     async def GetUsage(self, request: pb.GetUsageRequest, context: Context) -> pb.GetUsageResponse:
-        await self._allow(context, "GetUsage", request.organization_id)
         if request.granularity not in _GRANULARITY:
             raise InvalidArgument("granularity must be MINUTE, HOUR or DAY")
         if any(g not in _GROUP for g in request.group_by):
@@ -103,19 +97,16 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
 
     @rpc
     async def GetSpend(self, request: pb.GetSpendRequest, context: Context) -> pb.GetSpendResponse:
-        await self._allow(context, "GetSpend", request.organization_id)
         return await self._spend(request.organization_id, request.month)
 
     @rpc
     async def SetSpendLimit(self, request: pb.SetSpendLimitRequest, context: Context) -> pb.GetSpendResponse:
-        await self._allow(context, "SetSpendLimit", request.organization_id)
         limit = request.limit_usd if request.HasField("limit_usd") else None
         await self.usage.set_spend_limit(request.organization_id, request.project_id, limit)
         return await self._spend(request.organization_id)
 
     @rpc
     async def ListRequestLogs(self, request: pb.ListRequestLogsRequest, context: Context) -> pb.ListRequestLogsResponse:
-        await self._allow(context, "ListRequestLogs", request.organization_id)
         entries = await self.usage.logs(
             request.organization_id,
             request.project_id,
@@ -130,20 +121,17 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
 
     @rpc
     async def SetPrice(self, request: pb.SetPriceRequest, context: Context) -> pb.Price:
-        await self._allow(context, "SetPrice", request.price.organization_id)
         p = request.price
         price = Price(p.model, p.input_per_million, p.output_per_million, p.cached_input_per_million)
         return _price(p.organization_id, await self.usage.set_price(p.organization_id, price))
 
     @rpc
     async def ListPrices(self, request: pb.ListPricesRequest, context: Context) -> pb.ListPricesResponse:
-        await self._allow(context, "ListPrices", request.organization_id)
         prices = await self.usage.prices(request.organization_id)
         return pb.ListPricesResponse(prices=[_price(request.organization_id, p) for p in prices])
 
     @rpc
     async def SetUsageSettings(self, request: pb.UsageSettings, context: Context) -> pb.UsageSettings:
-        await self._allow(context, "SetUsageSettings", request.organization_id)
         count = await self.usage.set_cached_tokens_count(
             request.organization_id, request.cached_tokens_count_toward_limits
         )
@@ -151,6 +139,5 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
 
     @rpc
     async def GetUsageSettings(self, request: pb.GetUsageSettingsRequest, context: Context) -> pb.UsageSettings:
-        await self._allow(context, "GetUsageSettings", request.organization_id)
         count = await self.usage.cached_tokens_count(request.organization_id)
         return pb.UsageSettings(organization_id=request.organization_id, cached_tokens_count_toward_limits=count)

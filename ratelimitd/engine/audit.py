@@ -25,16 +25,15 @@ from typing import Any, cast
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
+from ratelimitd.core.errors import InvalidArgument
 from ratelimitd.engine import pages
 from ratelimitd.engine.authz import Principal
-from ratelimitd.engine.errors import InvalidArgument
 from ratelimitd.storage.redis import storage_errors
 
 _STREAM_ID_RE = re.compile(r"^\d{1,20}-\d{1,20}$")
 # Events are read newest first in batches; a project filter may skip many.
 _BATCH = 500
 MAX_TIME_MS = 2**53
-DEFAULT_MAX_EVENTS = 10_000
 
 
 def actor_json(actor: Principal) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ratelimitd.engine import keys
+from ratelimitd.core import keys
 from ratelimitd.storage.redis import storage_errors
 
 # What a script gets as its time argument: "" means "read TIME".

@@ -12,7 +12,7 @@ import binascii
 from collections.abc import Sequence
 from typing import TypeVar
 
-from ratelimitd.engine.errors import InvalidArgument
+from ratelimitd.core.errors import InvalidArgument
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000

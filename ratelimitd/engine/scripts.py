@@ -8,15 +8,14 @@ script and retry, so callers never see the server's script cache: redis-py's
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
 from importlib import resources
-from typing import Any, NamedTuple, Protocol
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
+from ratelimitd.core.retention import Retention
+from ratelimitd.core.scripts import LuaScript
 from ratelimitd.engine.limits import Dimensions
-from ratelimitd.engine.retention import Retention
 
 # Scripts that evaluate buckets get lib.lua in front: one EVALSHA each, one
 # copy of the shared arithmetic.
@@ -29,21 +28,6 @@ def read_script(name: str) -> str:
     if name in _WITH_LIB:
         text = lua.joinpath("lib.lua").read_text() + "\n" + text
     return text
-
-
-class ScriptRunner(Protocol):
-    """Runs a script by sha, loading it on NOSCRIPT; raises StorageUnavailable when storage
-    cannot be reached. storage/pipelined.py is the production one."""
-
-    async def evalsha(self, script: LuaScript, keys: Sequence[str], args: Sequence[str | int]) -> Any: ...
-
-
-class LuaScript(NamedTuple):
-    """A script for the pipelined connection: EVALSHA by sha, loaded from source on NOSCRIPT."""
-
-    name: str
-    source: str
-    sha: str
 
 
 def load(name: str) -> LuaScript:
