@@ -54,9 +54,7 @@ async def test_price_check_report_then_usage_spend_and_logs(cli: Cli, client: Cl
         (["spend", "org_aaaaaaaaaaaa", "--month", "2026-13"], "INVALID_ARGUMENT: month '2026-13' is not YYYY-MM", 1),
     ],
 )
-async def test_usage_verbs_fail_in_one_line(
-    cli: Cli, client: Client, argv: list[str], message: str, code: int
-) -> None:
+async def test_usage_verbs_fail_in_one_line(cli: Cli, client: Client, argv: list[str], message: str, code: int) -> None:
     """Exit status 2 for a command line that cannot be understood, 1 for what the server refuses."""
     await client.org("acme", [(M, "requests", "minute", 2)])
     assert message in await cli.fails(*argv, code=code)
