@@ -101,9 +101,11 @@ async def test_json_prints_numbers_as_numbers_and_every_field(cli: Cli) -> None:
     await cli.ok("org", "limits", org, "--model", M, "--set", "rpm=10")
     await cli.ok("project", "create", org, "myapp-prod")
     await cli.ok("key", "create", org, "myapp-prod", "ci")
-    (key,) = (await cli.json("key", "list", org, "myapp-prod"))["keys"]  # type: ignore[misc]
+    keys: list[dict[str, object]] = (await cli.json("key", "list", org, "myapp-prod"))["keys"]  # type: ignore[assignment]
+    (key,) = keys
     assert key["last_used_at_ms"] == 0 and key["revoked"] is False and isinstance(key["created_at_ms"], int)
-    (effective,) = (await cli.json("project", "limits", org, "myapp-prod"))["effective"]  # type: ignore[misc]
+    rows: list[dict[str, object]] = (await cli.json("project", "limits", org, "myapp-prod"))["effective"]  # type: ignore[assignment]
+    (effective,) = rows
     assert effective["effective"] == 10 and effective["organization"] == 10
     assert await cli.json("audit", org, "--until", "2000-01-01") == {"events": [], "next_page_token": ""}
 
