@@ -8,6 +8,13 @@ flags, errors into exit codes), output.py (tables and JSON), pages.py, times.py.
 Imports point down: main → verb modules → client/command/output/pages/times → errors.
 """
 
+import os
+
+# gRPC's core logs each failed TLS handshake at INFO, on either side: a CLI error would grow a
+# second line, and every stray plaintext connection would write one to the server's log. gRPC
+# reads this once, when it is first imported, so it is set before the verb modules import it.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 from ratelimitd.cli.main import main
 
 __all__ = ["main"]

@@ -115,3 +115,18 @@ def verb_parser(
 
 def _sentence(help: str) -> str:
     return help[:1].upper() + help[1:] + "."
+
+
+def noun_parser(sub: SubParsers, name: str, help: str, description: str) -> SubParsers:
+    """A command that groups verbs (``org create``, ``org list``...); returns where its verbs go."""
+    return sub.add_parser(name, help=help, description=description).add_subparsers(dest="verb", required=True)
+
+
+def org_arg(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("org", help="organization id (org_...)")
+    return p
+
+
+def project_arg(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("project", help="project id (proj_...) or name")
+    return p

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 
 from ratelimitd.cli.client import Api, resolve_member
-from ratelimitd.cli.command import SubParsers, verb_parser
+from ratelimitd.cli.command import SubParsers, noun_parser, verb_parser
 from ratelimitd.cli.errors import NotUnderstood
 from ratelimitd.cli.members import ROLE_NAMES, shown_once
 from ratelimitd.cli.output import emit, render
@@ -62,8 +62,7 @@ async def whoami(api: Api, args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: SubParsers) -> None:
-    cred = sub.add_parser("credential", help="management credentials", description="Management credentials.")
-    verbs = cred.add_subparsers(dest="verb", required=True)
+    verbs = noun_parser(sub, "credential", "management credentials", "Management credentials.")
     p = verb_parser(
         verbs, "create", credential_create, "a member's (--org, --member) or an operator credential; printed once"
     )

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 
 from ratelimitd.cli.client import Api, resolve_project
-from ratelimitd.cli.command import SubParsers, verb_parser
+from ratelimitd.cli.command import SubParsers, noun_parser, org_arg, project_arg, verb_parser
 from ratelimitd.cli.output import emit, render
 from ratelimitd.cli.times import format_ms
 from ratelimitd.v1 import admin_pb2 as apb
@@ -48,15 +48,9 @@ async def key_revoke(api: Api, args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: SubParsers) -> None:
-    key = sub.add_parser("key", help="API keys", description="A project's API keys.")
-    verbs = key.add_subparsers(dest="verb", required=True)
-    p = verb_parser(verbs, "create", key_create, "create an API key; the secret is printed once")
-    p.add_argument("org", help="organization id")
-    p.add_argument("project", help="project id or name")
+    verbs = noun_parser(sub, "key", "API keys", "A project's API keys.")
+    p = project_arg(org_arg(verb_parser(verbs, "create", key_create, "create an API key; the secret is printed once")))
     p.add_argument("name", help="a name for the key (e.g. where it is used)")
-    p = verb_parser(verbs, "list", key_list, "list a project's API keys (metadata only)")
-    p.add_argument("org", help="organization id")
-    p.add_argument("project", help="project id or name")
-    p = verb_parser(verbs, "revoke", key_revoke, "revoke an API key, effective for the next decision")
-    p.add_argument("org", help="organization id")
+    project_arg(org_arg(verb_parser(verbs, "list", key_list, "list a project's API keys (metadata only)")))
+    p = org_arg(verb_parser(verbs, "revoke", key_revoke, "revoke an API key, effective for the next decision"))
     p.add_argument("key", help="the key's id (key_...), as key list shows it")

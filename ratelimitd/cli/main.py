@@ -65,9 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # gRPC's core logs each failed TLS handshake at INFO, on either side: a CLI error would grow a
-    # second line, and every stray plaintext connection would write one to the server's log.
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     try:
         try:
             return _main(argv)

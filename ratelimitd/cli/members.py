@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 
 from ratelimitd.cli.client import Api, resolve_member
-from ratelimitd.cli.command import SubParsers, verb_parser
+from ratelimitd.cli.command import SubParsers, noun_parser, org_arg, verb_parser
 from ratelimitd.cli.output import emit, render
 from ratelimitd.cli.times import format_ms
 from ratelimitd.v1 import admin_pb2 as apb
@@ -57,18 +57,16 @@ async def member_remove(api: Api, args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: SubParsers) -> None:
-    member = sub.add_parser("member", help="organization members", description="Members of an organization.")
-    verbs = member.add_subparsers(dest="verb", required=True)
-    p = verb_parser(verbs, "add", member_add, "add a member; its first token is printed once")
-    p.add_argument("org", help="organization id")
+    verbs = noun_parser(sub, "member", "organization members", "Members of an organization.")
+    p = org_arg(verb_parser(verbs, "add", member_add, "add a member; its first token is printed once"))
     p.add_argument("name", help="unique in the organization, e.g. an e-mail address")
     p.add_argument("--role", choices=ROLES, required=True, help="what the member may do")
-    p = verb_parser(verbs, "list", member_list, "list members")
-    p.add_argument("org", help="organization id")
-    p = verb_parser(verbs, "role", member_role, "change a member's role")
-    p.add_argument("org", help="organization id")
-    p.add_argument("member", help="member id or name")
+    org_arg(verb_parser(verbs, "list", member_list, "list members"))
+    p = member_arg(org_arg(verb_parser(verbs, "role", member_role, "change a member's role")))
     p.add_argument("role", choices=ROLES, help="the new role")
-    p = verb_parser(verbs, "remove", member_remove, "remove a member and revoke its credentials")
-    p.add_argument("org", help="organization id")
-    p.add_argument("member", help="member id or name")
+    member_arg(org_arg(verb_parser(verbs, "remove", member_remove, "remove a member and revoke its credentials")))
+
+
+def member_arg(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("member", help="member id (mem_...) or name")
+    return p

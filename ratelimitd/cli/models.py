@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ratelimitd.cli.client import Api, resolve_project
-from ratelimitd.cli.command import SubParsers, verb_parser
+from ratelimitd.cli.command import SubParsers, noun_parser, org_arg, verb_parser
 from ratelimitd.cli.errors import NotUnderstood
 from ratelimitd.cli.output import emit, render
 from ratelimitd.cli.projects import project_label
@@ -73,13 +73,12 @@ async def models_set(api: Api, args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: SubParsers) -> None:
-    models = sub.add_parser("models", help="model permissions", description="Model permissions.")
-    verbs = models.add_subparsers(dest="verb", required=True)
-    p = verb_parser(verbs, "show", models_show, "show the organization's (and a project's) model permissions")
-    p.add_argument("org", help="organization id")
+    verbs = noun_parser(sub, "models", "model permissions", "Model permissions.")
+    p = org_arg(verb_parser(verbs, "show", models_show, "show the organization's (and a project's) model permissions"))
     p.add_argument("project", nargs="?", help="project id or name (optional)")
-    p = verb_parser(verbs, "set", models_set, "replace the organization's (or with --project a project's) model list")
-    p.add_argument("org", help="organization id")
+    p = org_arg(
+        verb_parser(verbs, "set", models_set, "replace the organization's (or with --project a project's) model list")
+    )
     p.add_argument("--project", help="a project's list (id or name) instead of the organization's")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--allow", nargs="*", metavar="MODEL", help="only these models")

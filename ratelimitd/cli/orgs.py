@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 
 from ratelimitd.cli.client import Api
-from ratelimitd.cli.command import SubParsers, verb_parser
+from ratelimitd.cli.command import SubParsers, noun_parser, org_arg, verb_parser
 from ratelimitd.cli.limits import add_org_parser
 from ratelimitd.cli.output import emit, render
 from ratelimitd.cli.pages import collect
@@ -41,11 +41,9 @@ async def org_get(api: Api, args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: SubParsers) -> None:
-    org = sub.add_parser("org", help="organizations", description="Organizations.")
-    verbs = org.add_subparsers(dest="verb", required=True)
+    verbs = noun_parser(sub, "org", "organizations", "Organizations.")
     p = verb_parser(verbs, "create", org_create, "create an organization (operator)")
     p.add_argument("name", help="the organization's name (1-128 characters)")
     verb_parser(verbs, "list", org_list, "list organizations (a member sees its own)")
-    p = verb_parser(verbs, "get", org_get, "show one organization")
-    p.add_argument("org", help="organization id")
+    org_arg(verb_parser(verbs, "get", org_get, "show one organization"))
     add_org_parser(verbs)

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Mapping, Sequence
 
 from ratelimitd.cli.client import Api, resolve_project
-from ratelimitd.cli.command import SubParsers, verb_parser
+from ratelimitd.cli.command import SubParsers, noun_parser, org_arg, project_arg, verb_parser
 from ratelimitd.cli.errors import NotUnderstood
 from ratelimitd.cli.limits import add_project_parser
 from ratelimitd.cli.output import emit, render
@@ -105,20 +105,17 @@ async def project_delete(api: Api, args: argparse.Namespace) -> int:
 
 
 def _org_and_project(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("org", help="organization id")
-    p.add_argument("project", help="project id or name")
-    return p
+    return project_arg(org_arg(p))
 
 
 def add_parsers(sub: SubParsers) -> None:
-    proj = sub.add_parser("project", help="projects", description="Projects of an organization.")
-    verbs = proj.add_subparsers(dest="verb", required=True)
-    p = verb_parser(verbs, "create", project_create, "create a project")
-    p.add_argument("org", help="organization id")
+    verbs = noun_parser(sub, "project", "projects", "Projects of an organization.")
+    p = org_arg(verb_parser(verbs, "create", project_create, "create a project"))
     p.add_argument("name", help="the project's name, unique in the organization (e.g. myapp-prod)")
     p.add_argument("--description", default="", help="free text shown in listings")
-    p = verb_parser(verbs, "list", project_list, "list projects by name (every page unless --page-size/--page-token)")
-    p.add_argument("org", help="organization id")
+    p = org_arg(
+        verb_parser(verbs, "list", project_list, "list projects by name (every page unless --page-size/--page-token)")
+    )
     p.add_argument("--page-size", type=int, default=0, help="one page of this many projects")
     p.add_argument("--page-token", default="", help="the page a previous listing named as the next one")
     _org_and_project(verb_parser(verbs, "get", project_get, "show one project"))

@@ -23,23 +23,20 @@ from ratelimitd.settings import Settings, parse_pairs, parse_windows, setting_de
 log = logging.getLogger("ratelimitd")
 
 
+# Flags whose value is the setting's as it is; the others need converting.
+_AS_GIVEN = (
+    "listen", "redis_url", "on_storage_error", "workers", "metrics_listen", "tls_cert", "tls_key", "tls_client_ca",
+    "redis_tls_ca", "redis_tls_cert", "redis_tls_key",
+)  # fmt: skip
+
+
 def serve(args: argparse.Namespace) -> int:
     settings = Settings.load(
-        listen=args.listen,
-        redis_url=args.redis_url,
         data_dir=Path(args.data_dir) if args.data_dir else None,
-        on_storage_error=args.on_storage_error,
         windows=parse_windows(args.windows) if args.windows else None,
         header_windows=parse_pairs(args.header_windows, "header_windows") if args.header_windows else None,
         manual_clock=True if args.manual_clock else None,
-        workers=args.workers,
-        metrics_listen=args.metrics_listen,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        tls_client_ca=args.tls_client_ca,
-        redis_tls_ca=args.redis_tls_ca,
-        redis_tls_cert=args.redis_tls_cert,
-        redis_tls_key=args.redis_tls_key,
+        **{name: getattr(args, name) for name in _AS_GIVEN},
     )
     if args.worker:
         return run_async(_serve_worker(settings))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ratelimitd.cli.client import Api, resolve_project
-from ratelimitd.cli.command import SubParsers, verb_parser
+from ratelimitd.cli.command import SubParsers, org_arg, verb_parser
 from ratelimitd.cli.errors import NotUnderstood
 from ratelimitd.cli.output import emit, render
 from ratelimitd.cli.projects import project_names
@@ -70,21 +70,21 @@ async def prices(api: Api, args: argparse.Namespace) -> int:
 
 def add_parsers(sub: SubParsers) -> None:
     p = verb_parser(sub, "spend", spend, "monthly spend against the limits, with alert thresholds crossed")
-    p.add_argument("org", help="organization id")
+    org_arg(p)
     p.add_argument("--month", help="YYYY-MM (UTC); default this month")
 
     p = verb_parser(sub, "spend-limit", spend_limit, "set or clear a monthly spend limit (organization or project)")
-    p.add_argument("org", help="organization id")
+    org_arg(p)
     p.add_argument("usd", nargs="?", type=float, help="USD per calendar month (UTC)")
     p.add_argument("--project", help="a project (id or name) instead of the organization")
     p.add_argument("--clear", action="store_true", help="remove the limit instead of setting one")
 
     p = verb_parser(sub, "price", price, "set a model's price (USD per million tokens); model '*' is the default")
-    p.add_argument("org", help="organization id")
+    org_arg(p)
     p.add_argument("model", help="the model, or '*' for every model without a price of its own")
     p.add_argument("--input", type=float, required=True, help="USD per million input tokens")
     p.add_argument("--output", type=float, required=True, help="USD per million output tokens")
     p.add_argument("--cached", type=float, default=0.0, help="USD per million cached input tokens (default 0)")
 
     p = verb_parser(sub, "prices", prices, "list model prices")
-    p.add_argument("org", help="organization id")
+    org_arg(p)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ratelimitd.cli.client import Api, resolve_project
-from ratelimitd.cli.command import SubParsers, verb_parser
+from ratelimitd.cli.command import SubParsers, org_arg, project_arg, verb_parser
 from ratelimitd.cli.errors import NotUnderstood
 from ratelimitd.cli.output import emit, render
 from ratelimitd.cli.projects import project_label, project_names
@@ -84,15 +84,15 @@ async def logs(api: Api, args: argparse.Namespace) -> int:
 
 def add_parsers(sub: SubParsers) -> None:
     p = verb_parser(sub, "usage", usage, "usage over a recent period, by time bucket and grouping")
-    p.add_argument("org", help="organization id")
+    org_arg(p)
     p.add_argument("--project", help="only this project (id or name)")
     p.add_argument("--since", default="24h", help="how far back: 90s, 90m, 24h, 7d (default 24h)")
     p.add_argument("--granularity", choices=list(_GRANULARITY), default="hour", help="time bucket (default hour)")
     p.add_argument("--by", help="comma-separated groupings: project, model, key (default: none, the total)")
 
     p = verb_parser(sub, "logs", logs, "a project's request log, newest first")
-    p.add_argument("org", help="organization id")
-    p.add_argument("project", help="project id or name")
+    org_arg(p)
+    project_arg(p)
     p.add_argument("--model", help="only this model's requests")
     p.add_argument("--key", help="only this API key's requests (key id)")
     outcome = p.add_mutually_exclusive_group()
