@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from ratelimitd.cli.decide import REFUSED_DECISION
+from ratelimitd.cli.errors import NOT_UNDERSTOOD, REFUSED
 from ratelimitd.cli.main import build_parser, main
 from tests.conftest import Cli, Client, Clock
 from tests.servers import ROOT
@@ -169,3 +171,11 @@ def test_the_module_runs_as_the_entry_point_does() -> None:
     )  # fmt: skip
     assert (done.returncode, done.stdout) == (2, "")
     assert done.stderr.startswith("ratelimitd: ") and done.stderr.count("\n") == 1
+
+
+def test_docs_cli_names_every_command_and_exit_status() -> None:
+    doc = (ROOT / "docs" / "cli.md").read_text()
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert [name for name in commands.choices if f"`{name}`" not in doc] == []
+    for code in (REFUSED, NOT_UNDERSTOOD, REFUSED_DECISION):
+        assert f"\n| {code} | " in doc
