@@ -38,7 +38,8 @@ def bearer(token: str | None) -> tuple[tuple[str, str], ...]:
 
 
 class Credential(grpc.aio.UnaryUnaryClientInterceptor):
-    """Adds the credential's metadata to every unary call made on the channel."""
+    """Adds the credential's metadata to every unary call made on the channel (the CLI makes no
+    streaming call; one that does would need the stream interceptors too)."""
 
     def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
         self.metadata = metadata
