@@ -32,7 +32,8 @@ import grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ratelimitd.client_cli import Api, parse_limit_args  # noqa: E402
+from ratelimitd.cli.client import Api  # noqa: E402
+from ratelimitd.cli.limits import parse_limit_args  # noqa: E402
 from ratelimitd.v1 import admin_pb2 as apb  # noqa: E402
 from ratelimitd.v1 import ratelimit_pb2 as pb  # noqa: E402
 from ratelimitd.v1 import ratelimit_pb2_grpc  # noqa: E402
@@ -43,27 +44,22 @@ HUGE = 10**11
 
 async def setup(address: str, token: str, projects: int) -> list[str]:
     api = Api(address, token)
-    md = api.metadata
-    org = await api.orgs.CreateOrganization(apb.CreateOrganizationRequest(name="bench"), metadata=md)
+    org = await api.orgs.CreateOrganization(apb.CreateOrganizationRequest(name="bench"))
     await api.orgs.SetOrganizationLimits(
         apb.SetOrganizationLimitsRequest(
             organization_id=org.id, set=parse_limit_args(MODEL, [f"{n}={HUGE}" for n in ("rpm", "rpd", "tpm", "tpd")])
         ),
-        metadata=md,
     )
     keys = []
     for i in range(projects):
-        p = await api.projects.CreateProject(
-            apb.CreateProjectRequest(organization_id=org.id, name=f"bench-{i}"), metadata=md
-        )
+        p = await api.projects.CreateProject(apb.CreateProjectRequest(organization_id=org.id, name=f"bench-{i}"))
         await api.projects.SetProjectLimits(
             apb.SetProjectLimitsRequest(
                 organization_id=org.id, project_id=p.id, set=parse_limit_args(MODEL, [f"rpm={HUGE}", f"tpm={HUGE}"])
             ),
-            metadata=md,
         )
         k = await api.projects.CreateApiKey(
-            apb.CreateApiKeyRequest(organization_id=org.id, project_id=p.id, name="bench"), metadata=md
+            apb.CreateApiKeyRequest(organization_id=org.id, project_id=p.id, name="bench")
         )
         keys.append(k.secret)
     await api.channel.close()

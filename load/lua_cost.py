@@ -108,18 +108,17 @@ async def setup_key(address: str, spend_limit: bool = False) -> str:
     """Organization: RPM/RPD/TPM/TPD; project: RPM/TPM; one key. Returns its secret.
     ``spend_limit``: a price for the model and a (never reached) monthly spend limit on the
     project too, so each decision also checks the month's spend and reserves its estimate."""
-    from ratelimitd.client_cli import Api
+    from ratelimitd.cli.client import Api
 
     api = Api(address, procs.OPERATOR_TOKEN)
-    md = api.metadata
     org_id = await procs.cost_organization(api, "cost", MODEL)
     project_id, secret = await procs.cost_project(api, org_id, "p", MODEL)
     if spend_limit:
         usage = usage_pb2_grpc.UsageServiceStub(api.channel)
         price = upb.Price(organization_id=org_id, model=MODEL, input_per_million=0.05, output_per_million=0.08)
-        await usage.SetPrice(upb.SetPriceRequest(price=price), metadata=md)
+        await usage.SetPrice(upb.SetPriceRequest(price=price))
         await usage.SetSpendLimit(
-            upb.SetSpendLimitRequest(organization_id=org_id, project_id=project_id, limit_usd=1e9), metadata=md
+            upb.SetSpendLimitRequest(organization_id=org_id, project_id=project_id, limit_usd=1e9)
         )
     await api.channel.close()
     return secret

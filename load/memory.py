@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import procs
 from bench import MODEL
 
-from ratelimitd.client_cli import Api
+from ratelimitd.cli.client import Api
 from ratelimitd.core import keys
 from ratelimitd.settings import Settings
 from ratelimitd.v1 import ratelimit_pb2 as pb
@@ -73,14 +73,12 @@ def kind(key: str) -> str:
 async def setup(address: str, projects: int, measure: Any) -> tuple[list[str], int, int]:
     """The organization, then the projects; returns the keys and used_memory before and after the projects."""
     api = Api(address, procs.OPERATOR_TOKEN)
-    md = api.metadata
     org_id = await procs.cost_organization(api, "memory", MODEL)
     prices = usage_pb2_grpc.UsageServiceStub(api.channel)  # spend is counted too
     await prices.SetPrice(
         upb.SetPriceRequest(
             price=upb.Price(organization_id=org_id, model=MODEL, input_per_million=0.05, output_per_million=0.08)
         ),
-        metadata=md,
     )
     secrets = []
     before = measure()

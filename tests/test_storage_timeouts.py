@@ -193,7 +193,7 @@ async def test_the_cli_retries_a_timed_out_check_with_the_same_request_id(
         out, _ = capsys.readouterr()
         decision = json.loads(out)
         assert decision["allowed"] and decision["request_id"].startswith("cli_")
-        assert decision["buckets"][0]["remaining"] == "8"
+        assert decision["buckets"][0]["remaining"] == 8
         assert remaining(await client.decisions.CheckAndConsume(pb.CheckRequest(api_key=key, model=M))) == 7
     finally:
         await client.channel.close()

@@ -1,49 +1,42 @@
-"""The ``ratelimitd`` command: serve, demo, check, and a few management verbs."""
+"""``serve``: run the gRPC server (app.py), or with --workers several (workers.py).
+
+A place for what configures the server from the command line: flags here, the
+environment (settings.py) under them. A ``config`` verb that shows the settings
+in effect belongs beside this module.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ast
 import asyncio
 import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
 
 from ratelimitd import __version__
+from ratelimitd.cli.command import SubParsers, run_async
 from ratelimitd.settings import Settings, parse_pairs, parse_windows, setting_descriptions
 
 log = logging.getLogger("ratelimitd")
 
 
-def run_async(coro: Coroutine[Any, Any, int]) -> int:
-    try:
-        import uvloop
-
-        return uvloop.run(coro)
-    except ImportError:  # pragma: no cover - platforms without uvloop
-        return asyncio.run(coro)
+# Flags whose value is the setting's as it is; the others need converting.
+_AS_GIVEN = (
+    "listen", "redis_url", "on_storage_error", "workers", "metrics_listen", "tls_cert", "tls_key", "tls_client_ca",
+    "redis_tls_ca", "redis_tls_cert", "redis_tls_key",
+)  # fmt: skip
 
 
 def serve(args: argparse.Namespace) -> int:
     settings = Settings.load(
-        listen=args.listen,
-        redis_url=args.redis_url,
         data_dir=Path(args.data_dir) if args.data_dir else None,
-        on_storage_error=args.on_storage_error,
         windows=parse_windows(args.windows) if args.windows else None,
         header_windows=parse_pairs(args.header_windows, "header_windows") if args.header_windows else None,
         manual_clock=True if args.manual_clock else None,
-        workers=args.workers,
-        metrics_listen=args.metrics_listen,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        tls_client_ca=args.tls_client_ca,
-        redis_tls_ca=args.redis_tls_ca,
-        redis_tls_cert=args.redis_tls_cert,
-        redis_tls_key=args.redis_tls_key,
+        **{name: getattr(args, name) for name in _AS_GIVEN},
     )
     if args.worker:
         return run_async(_serve_worker(settings))
@@ -174,15 +167,34 @@ async def _serve_supervised(settings: Settings) -> int:
     return 1 if failure else 0
 
 
-def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    env_help = "\n".join(
-        f"  {name:<34} {desc} (default: {default or 'unset'})" for name, default, desc in setting_descriptions()
+def readable_default(default: str) -> str:
+    """A setting's default as a person would write it in the environment."""
+    if default in ("", "None"):
+        return "unset"
+    if default in ("True", "False"):
+        return {"True": "on", "False": "off"}[default]
+    if default.startswith("{"):
+        pairs: dict[str, object] = ast.literal_eval(default)
+        return ",".join(f"{k}={v}" for k, v in pairs.items())
+    return default
+
+
+def environment_help() -> str:
+    # Settings that exist for the test suite (their description says so) are not for users.
+    rows = [(name, readable_default(default), desc) for name, default, desc in setting_descriptions()]
+    return "\n".join(
+        f"  {name}\n      {desc} (default: {default})"
+        for name, default, desc in rows
+        if not desc.startswith("tests only")
     )
+
+
+def add_parsers(sub: SubParsers) -> None:
     p = sub.add_parser(
         "serve",
         help="run the gRPC server",
         description="Run the gRPC server. Without --redis-url it runs a private Valkey in the data directory.",
-        epilog="Environment (flags win):\n" + env_help,
+        epilog="Environment (flags win):\n" + environment_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--listen", help="host:port (default 127.0.0.1:50051)")
@@ -195,9 +207,13 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--redis-tls-cert", help="PEM client certificate for storage (rediss schemes, with --redis-tls-key)")
     p.add_argument("--redis-tls-key", help="PEM private key of --redis-tls-cert")
     p.add_argument("--data-dir", help="data directory of the embedded Valkey")
-    p.add_argument("--on-storage-error", choices=["unavailable", "allow", "deny"])
-    p.add_argument("--windows", help="limit windows, e.g. minute=60,day=86400")
-    p.add_argument("--header-windows", help="e.g. requests=day,tokens=minute")
+    p.add_argument(
+        "--on-storage-error",
+        choices=["unavailable", "allow", "deny"],
+        help="what decisions answer while storage is unreachable (default unavailable)",
+    )
+    p.add_argument("--windows", help="limit windows, e.g. minute=60,day=86400 (the default)")
+    p.add_argument("--header-windows", help="e.g. requests=day,tokens=minute (the default)")
     p.add_argument("--workers", type=int, help="server processes sharing the port (default 1)")
     p.add_argument("--metrics-listen", help="host:port for Prometheus metrics (/metrics); default off")
     p.add_argument("--tls-cert", help="PEM certificate of the gRPC port: TLS only (with --tls-key)")
@@ -206,46 +222,3 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--manual-clock", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=serve)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    # gRPC's core logs each failed TLS handshake at INFO, on either side: a CLI error would grow a
-    # second line, and every stray plaintext connection would write one to the server's log.
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    try:
-        try:
-            return _main(argv)
-        finally:
-            # Inside the try: a reader that has gone away is noticed here, not in the interpreter's last flush.
-            sys.stdout.flush()
-    except BrokenPipeError:
-        return _reader_gone()
-
-
-def _reader_gone() -> int:
-    """stdout's reader has gone (``ratelimitd … | head -1``): exit quietly, as a command killed by SIGPIPE."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())  # the interpreter flushes stdout once more on exit
-    return 128 + signal.SIGPIPE
-
-
-def _main(argv: Sequence[str] | None) -> int:
-    logging.basicConfig(
-        level=os.environ.get("RATELIMITD_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    parser = argparse.ArgumentParser(prog="ratelimitd", description="Exact hierarchical rate limits for LLM APIs.")
-    parser.add_argument("--version", action="version", version=f"ratelimitd {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _serve_parser(sub)
-    from ratelimitd import client_cli, usage_cli
-
-    client_cli.add_parsers(sub)
-    usage_cli.add_parsers(sub)
-    args = parser.parse_args(argv)
-    func: Callable[[argparse.Namespace], int] = args.func
-    try:
-        return func(args)
-    except ValueError as e:
-        print(f"ratelimitd: {e}", file=sys.stderr)
-        return 2
