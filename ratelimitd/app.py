@@ -45,6 +45,7 @@ from ratelimitd.storage.embedded import EmbeddedValkey
 from ratelimitd.storage.hot_path import hot_path_connection
 from ratelimitd.storage.topology import parse
 from ratelimitd.tls import server_credentials
+from ratelimitd.tracing import Tracing
 from ratelimitd.v1 import admin_pb2, admin_pb2_grpc, ratelimit_pb2, ratelimit_pb2_grpc, usage_pb2, usage_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class App:
         # Told the operator credential created once storage first answers, when it did not at start.
         self.on_late_bootstrap: Callable[[str], None] = lambda token: None
         self._late_bootstrap: asyncio.Task[None] | None = None
+        self.tracing: Tracing | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -92,8 +94,11 @@ class App:
         # the same port must fail rather than split the traffic silently. The
         # port is taken before storage starts, so a server that cannot listen
         # never touches the data directory.
+        if s.trace_otlp_endpoint:
+            self.tracing = Tracing(s.trace_otlp_endpoint, s.trace_sample_ratio)
+        traced = [self.tracing.interceptor()] if self.tracing else []
         server = grpc.aio.server(
-            interceptors=[Guard(lenient=[CHECK_AND_CONSUME, CHECK_AND_CONSUME_STREAM])],
+            interceptors=[*traced, Guard(lenient=[CHECK_AND_CONSUME, CHECK_AND_CONSUME_STREAM])],
             options=[("grpc.so_reuseport", 1 if self.worker else 0)],
         )
         self.port = _bind(server, s)
@@ -117,8 +122,10 @@ class App:
             ModelPermissions(self.redis, self.control, audit),
         )
         clock = manual_clock(self.redis) if s.manual_clock else server_time
-        self.decider = Decider(self.pipeline, scripts, dims, s.retention, clock=clock)
-        self.usage = Usage(self.redis, self.pipeline, scripts, dims, self.control, s.retention, clock=clock)
+        # Tracing off: the engine gets the connection itself, so the hot path makes no span.
+        scripts_runner = self.tracing.storage(self.pipeline) if self.tracing else self.pipeline
+        self.decider = Decider(scripts_runner, scripts, dims, s.retention, clock=clock)
+        self.usage = Usage(self.redis, scripts_runner, scripts, dims, self.control, s.retention, clock=clock)
         self.rollup = UsageRollup(self.redis, scripts, dims, s.retention, clock=clock)
         self._rollup_task = asyncio.get_running_loop().create_task(self._maintain(s.usage_rollup_interval_s))
         self.metrics = Metrics()
@@ -242,6 +249,8 @@ class App:
             await self.pipeline.close()
         if self.embedded is not None:
             self.embedded.stop()
+        if self.tracing is not None:
+            await self.tracing.stop()  # exports the spans still queued
 
     async def wait(self) -> None:
         assert self.server is not None
