@@ -45,6 +45,13 @@ Added by the control plane (docs/control-plane.md)::
                                     "o|<model>" / "p:<project_id>|<model>" -> "1" per listed model
     audit                  stream audit events of the organization, capped at about
                                   audit_max_events (XADD MAXLEN ~)
+
+Spend (engine/usage.py, decide.lua, report.lua) and its alerts (engine/spend_alerts.py)::
+
+    spendlim               hash   monthly spend limits, micro-USD: "o", "p:<project_id>"
+    spend:<YYYYMM>         hash   the month's spend, micro-USD, same fields
+    sa:<YYYYMM>            hash   spend alerts claimed in the month, "<field>|<percent>" -> "1"
+                                  (spend_alerts.lua); expires after the month
 """
 
 from __future__ import annotations
@@ -125,6 +132,17 @@ class OrgKeys:
 
     def request(self, request_id: str) -> str:
         return self.prefix + "r:" + request_id
+
+    @property
+    def spend_limits(self) -> str:
+        return self.prefix + "spendlim"
+
+    def spend(self, month_key: str) -> str:
+        """``month_key``: YYYYMM."""
+        return f"{self.prefix}spend:{month_key}"
+
+    def spend_alerts(self, month_key: str) -> str:
+        return f"{self.prefix}sa:{month_key}"
 
     @property
     def state(self) -> str:

@@ -16,13 +16,13 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, NamedTuple, cast
 
 from redis.asyncio import Redis
 
 from ratelimitd.engine import keys
-from ratelimitd.engine.clock import Clock, server_time
+from ratelimitd.engine.clock import Clock, current_month, server_time
 from ratelimitd.engine.control import ControlPlane
 from ratelimitd.engine.decisions import Caller, Outcome
 from ratelimitd.engine.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -286,18 +286,11 @@ class Usage:
                 keys.invalidate_decision_config(pipe, k)
                 await pipe.execute()
 
-    async def _current_month(self) -> str:
-        """This month by the clock the scripts count spend with (storage's TIME), not ours."""
-        given = await self._clock()
-        with storage_errors():
-            now_s = int(given) / 1e6 if given else (await self._redis.time())[0]
-        return datetime.fromtimestamp(now_s, UTC).strftime("%Y-%m")
-
     async def spend(self, org_id: str, month: str = "") -> tuple[str, SpendLine, list[SpendLine]]:
         if month:
             _month_key(month)  # a malformed month is refused before anything is looked up
         k = await self._control.require_organization(org_id)
-        month = month or await self._current_month()
+        month = month or await current_month(self._clock, self._redis)
         month_key = _month_key(month)
         with storage_errors():
             spent = cast(dict[str, str], await self._redis.hgetall(f"{k.prefix}spend:{month_key}"))
