@@ -109,9 +109,16 @@ class SpendAlertSender:
                 log.warning("spend alert scan paused: %s: %s", type(e).__name__, e)
 
     async def run_once(self) -> list[bool]:
-        """One scan: claims what is due and delivers it; returns whether each was delivered."""
-        crossings = await self._alerts.claim_all()
-        return list(await asyncio.gather(*(self.deliver(c) for c in crossings)))
+        """One scan: claims what is due and delivers it; returns whether each was delivered.
+        Scopes are delivered concurrently, one scope's thresholds in ascending order."""
+        scopes: dict[tuple[str, str], list[SpendCrossing]] = {}
+        for crossing in await self._alerts.claim_all():
+            scopes.setdefault((crossing.organization_id, crossing.project_id), []).append(crossing)
+        delivered = await asyncio.gather(*(self._deliver_in_order(c) for c in scopes.values()))
+        return [d for scope in delivered for d in scope]
+
+    async def _deliver_in_order(self, crossings: list[SpendCrossing]) -> list[bool]:
+        return [await self.deliver(c) for c in sorted(crossings, key=lambda c: c.threshold)]
 
     async def deliver(self, crossing: SpendCrossing) -> bool:
         async with self._slots:
