@@ -90,7 +90,7 @@ async def test_each_decision_has_a_server_span_and_a_storage_span_with_its_outco
         assert storage.attributes["ratelimitd.outcome"] == span.attributes["ratelimitd.outcome"]
 
     report = only(collector.named("ratelimitd.v1.RateLimitService/ReportUsage"))
-    assert report.attributes["ratelimitd.outcome"] == "result_reconciled"
+    assert report.attributes["ratelimitd.outcome"] == "reconciled"
     assert only(collector.children(report)).attributes["ratelimitd.outcome"] == "reconciled"
 
     # Neither the key nor its stored hash reaches any span.

@@ -45,7 +45,8 @@ def outcome_of(reply: Any) -> dict[str, str | bool]:
         attributes["ratelimitd.allowed"] = code != "OVER_LIMIT"
         attributes["ratelimitd.outcome"] = code.lower()
     elif "result" in fields and "counted_tokens" in fields:  # ReportUsageResponse
-        attributes["ratelimitd.outcome"] = fields["result"].enum_type.values_by_number[reply.result].name.lower()
+        result = fields["result"].enum_type.values_by_number[reply.result].name
+        attributes["ratelimitd.outcome"] = result.removeprefix("RESULT_").lower()
     for name in ("organization_id", "project_id"):
         if name in fields and getattr(reply, name):
             attributes[f"ratelimitd.{name}"] = getattr(reply, name)
