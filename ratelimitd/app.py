@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ratelimitd.alerts import SpendAlertSender, WebhookSettings
 from ratelimitd.api import envoy
 from ratelimitd.api.admin import (
     AuditServicer,
@@ -31,7 +32,7 @@ from ratelimitd.api.wire import Guard, served_methods
 from ratelimitd.core.errors import StorageUnavailable
 from ratelimitd.core.storage_url import parse
 from ratelimitd.engine.audit import Audit
-from ratelimitd.engine.clock import manual_clock, server_time
+from ratelimitd.engine.clock import Clock, manual_clock, server_time
 from ratelimitd.engine.control import ControlPlane
 from ratelimitd.engine.credentials import Credentials
 from ratelimitd.engine.decisions import Decider
@@ -40,12 +41,14 @@ from ratelimitd.engine.members import Members
 from ratelimitd.engine.permissions import ModelPermissions
 from ratelimitd.engine.rollup import UsageRollup
 from ratelimitd.engine.scripts import Scripts
+from ratelimitd.engine.spend_alerts import SpendAlerts
 from ratelimitd.engine.usage import Usage
 from ratelimitd.settings import Settings
 from ratelimitd.storage import redis as storage
 from ratelimitd.storage.embedded import EmbeddedValkey
 from ratelimitd.storage.hot_path import hot_path_connection
 from ratelimitd.tls import server_credentials
+from ratelimitd.tracing import Tracing
 from ratelimitd.v1 import admin_pb2, admin_pb2_grpc, ratelimit_pb2, ratelimit_pb2_grpc, usage_pb2, usage_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -86,6 +89,9 @@ class App:
         # Told the operator credential created once storage first answers, when it did not at start.
         self.on_late_bootstrap: Callable[[str], None] = lambda token: None
         self._late_bootstrap: asyncio.Task[None] | None = None
+        self.tracing: Tracing | None = None
+        self.spend_alerts: SpendAlertSender | None = None
+        self._spend_alerts_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -94,8 +100,11 @@ class App:
         # port is taken before storage starts, so a server that cannot listen
         # never touches the data directory.
         self.gate = Gate()
+        if s.trace_otlp_endpoint:
+            self.tracing = Tracing(s.trace_otlp_endpoint, s.trace_sample_ratio)
+        traced = [self.tracing.interceptor()] if self.tracing else []
         server = grpc.aio.server(
-            interceptors=[Guard(lenient=[CHECK_AND_CONSUME, CHECK_AND_CONSUME_STREAM], gate=self.gate)],
+            interceptors=[*traced, Guard(lenient=[CHECK_AND_CONSUME, CHECK_AND_CONSUME_STREAM], gate=self.gate)],
             options=[("grpc.so_reuseport", 1 if self.worker else 0)],
         )
         self.port = _bind(server, s)
@@ -120,10 +129,13 @@ class App:
             ModelPermissions(self.redis, self.control, audit),
         )
         clock = manual_clock(self.redis) if s.manual_clock else server_time
-        self.decider = Decider(self.pipeline, scripts, dims, s.retention, clock=clock)
-        self.usage = Usage(self.redis, self.pipeline, scripts, dims, self.control, s.retention, clock=clock)
+        # Tracing off: the engine gets the connection itself, so the hot path makes no span.
+        scripts_runner = self.tracing.storage(self.pipeline) if self.tracing else self.pipeline
+        self.decider = Decider(scripts_runner, scripts, dims, s.retention, clock=clock)
+        self.usage = Usage(self.redis, scripts_runner, scripts, dims, self.control, s.retention, clock=clock)
         self.rollup = UsageRollup(self.redis, scripts, dims, s.retention, clock=clock)
         self._rollup_task = asyncio.get_running_loop().create_task(self._maintain(s.usage_rollup_interval_s))
+        self._start_spend_alerts(audit, clock)
         self.metrics = Metrics()
         self.health = StorageHealth(
             self.pipeline, SERVICE_NAMES, s.health_interval_s, on_change=lambda up: self.metrics.storage_up.set(int(up))
@@ -179,6 +191,20 @@ class App:
         if s.metrics_listen and not self.worker:
             self.metrics_port = self.metrics.serve(s.metrics_listen)
 
+    def _start_spend_alerts(self, audit: Audit, clock: Clock) -> None:
+        """With a webhook set: the background scan and delivery of spend alerts (alerts.py)."""
+        s = self.settings
+        if not (s.spend_webhook_url or s.spend_webhook_org_urls) or not s.spend_webhook_secret:
+            return
+        webhook = WebhookSettings(
+            s.spend_webhook_url, s.spend_webhook_org_urls, s.spend_webhook_secret,
+            s.spend_webhook_attempts, s.spend_webhook_backoff_s, s.spend_webhook_timeout_s,
+        )  # fmt: skip
+        self.spend_alerts = SpendAlertSender(SpendAlerts(self.redis, audit, clock=clock), webhook)
+        self._spend_alerts_task = asyncio.get_running_loop().create_task(
+            self.spend_alerts.run(s.spend_alert_interval_s)
+        )
+
     async def _bootstrap_once_storage_answers(self) -> None:
         while True:
             await asyncio.sleep(self.settings.health_interval_s)
@@ -233,6 +259,10 @@ class App:
                 await asyncio.wait_for(self.server.stop(grace_s), grace_s + _STOP_MARGIN_S)
             except TimeoutError:
                 log.warning("the gRPC server did not stop within %g s; going on", grace_s + _STOP_MARGIN_S)
+        if self._spend_alerts_task is not None:
+            self._spend_alerts_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._spend_alerts_task
         if hasattr(self, "rollup"):
             self._rollup_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -242,6 +272,8 @@ class App:
             await self.pipeline.close()
         if self.embedded is not None:
             self.embedded.stop()
+        if self.tracing is not None:
+            await self.tracing.stop()  # exports the spans still queued
 
     async def wait(self) -> None:
         assert self.server is not None

@@ -145,6 +145,28 @@ class Settings:
         None, "PEM CA certificates; set: clients must present a certificate one of them issued (mTLS)"
     )
     operator_token: str | None = _secret_field("operator credential to accept (stored as a hash)")
+    # -- traces and spend alerts (docs/operations.md "Tracing", "Spend alerts") --
+    trace_otlp_endpoint: str = _field(
+        "",
+        "OTLP/gRPC collector traces are exported to, http://host:port (plaintext) or https://host:port (TLS); "
+        "empty: tracing off, no span is made (needs the otel extra: pip install 'ratelimitd[otel]')",
+    )
+    trace_sample_ratio: float = _field(
+        1.0, "share of new traces recorded, more than 0 and at most 1; a caller's traceparent decision is kept"
+    )
+    spend_webhook_url: str = _field(
+        "", "http(s) URL POSTed once per organization, project, month and spend threshold crossed; empty: off"
+    )
+    spend_webhook_org_urls: dict[str, str] = _field(
+        {}, "per organization: ORG_ID=URL,... sent there instead of spend_webhook_url"
+    )
+    spend_webhook_secret: str | None = _secret_field(
+        "key of the HMAC-SHA256 signature of each spend alert (X-Ratelimitd-Signature); required with a webhook"
+    )
+    spend_alert_interval_s: float = _field(30.0, "how often spend is compared with the spend limits' thresholds")
+    spend_webhook_attempts: int = _field(6, "tries of one spend alert before it is recorded as failed")
+    spend_webhook_backoff_s: float = _field(1.0, "wait before the second try, doubled before each next (at most 300 s)")
+    spend_webhook_timeout_s: float = _field(10.0, "one try's time limit for the receiver's answer")
 
     def __post_init__(self) -> None:
         if self.on_storage_error not in STORAGE_ERROR_POLICIES:
@@ -165,6 +187,7 @@ class Settings:
             raise ValueError(f"envoy_descriptor_keys: two roles share one key in {keys}")
         self._check_tls()
         self._check_storage()
+        self._check_traces_and_alerts()
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
@@ -184,6 +207,19 @@ class Settings:
             parse(self.redis_url)  # a ValueError that names what is wrong with it
         if bool(self.redis_tls_cert) != bool(self.redis_tls_key):
             raise ValueError("--redis-tls-cert and --redis-tls-key go together: both or neither")
+
+    def _check_traces_and_alerts(self) -> None:
+        if self.trace_otlp_endpoint and not self.trace_otlp_endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"trace_otlp_endpoint {self.trace_otlp_endpoint!r} is not an http:// or https:// URL")
+        if not 0 < self.trace_sample_ratio <= 1:
+            raise ValueError(f"trace_sample_ratio must be more than 0 and at most 1, not {self.trace_sample_ratio}")
+        urls = {"spend_webhook_url": self.spend_webhook_url} if self.spend_webhook_url else {}
+        urls.update({f"spend_webhook_org_urls {org}": url for org, url in self.spend_webhook_org_urls.items()})
+        for what, url in urls.items():
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"{what}: {url!r} is not an http:// or https:// URL")
+        if urls and not self.spend_webhook_secret:
+            raise ValueError("a spend webhook needs spend_webhook_secret: receivers check each alert's signature")
 
     @property
     def storage_tls(self) -> StorageTls:
@@ -246,7 +282,7 @@ class Settings:
 def _convert(name: str, raw: str) -> Any:
     if name == "windows":
         return parse_windows(raw)
-    if name in ("header_windows", "envoy_descriptor_keys"):
+    if name in ("header_windows", "envoy_descriptor_keys", "spend_webhook_org_urls"):
         return parse_pairs(raw, name)
     if name == "envoy_domains":
         return tuple(filter(None, (d.strip() for d in raw.split(","))))

@@ -9,6 +9,9 @@ from redis.crc import key_slot
 from ratelimitd.app import App
 from ratelimitd.core import keys
 from ratelimitd.core.keys import Lifetime
+from ratelimitd.engine.audit import Audit
+from ratelimitd.engine.clock import manual_clock
+from ratelimitd.engine.spend_alerts import SpendAlerts
 from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from ratelimitd.v1 import usage_pb2 as upb
@@ -61,6 +64,9 @@ async def full_flow(client: Client, app: App, clock: Clock) -> str:
     )
     await usage.ListRequestLogs(upb.ListRequestLogsRequest(organization_id=org, project_id=pid), metadata=AUTH)
     await usage.GetSpend(upb.GetSpendRequest(organization_id=org), metadata=AUTH)
+    # a spend limit the report above passed: its alerts are claimed (engine/spend_alerts.py)
+    await usage.SetSpendLimit(upb.SetSpendLimitRequest(organization_id=org, limit_usd=0.00001), metadata=AUTH)
+    assert await SpendAlerts(app.redis, Audit(app.redis, 100), clock=manual_clock(app.redis)).claim(org)
     await clock.advance(120)  # the minutes above are finished: they roll up into hours and days
     await app.rollup.roll(org)
     return org

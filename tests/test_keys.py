@@ -17,6 +17,7 @@ def test_every_key_of_an_organization_shares_one_slot() -> None:
         k.api_key("key_x"), k.project_api_keys(project), k.request("req-1"),
         k.state,
         k.deleted_project(project), k.members, k.member_names, k.member_credentials, k.model_permissions, k.audit,
+        k.spend_limits, k.spend("202612"), k.spend_alerts("202612"),
     ]  # fmt: skip
     assert {key_slot(n.encode()) for n in names} == {key_slot(k.org_limits.encode())}
 

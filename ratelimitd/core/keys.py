@@ -39,6 +39,8 @@ Usage, spend and the request log (engine/usage.py, decide.lua, report.lua)::
                                   "p:<project_id>" a project's (spend_field)
     spend:<YYYYMM>         hash   the month's spend, micro-USD, same fields; expires
     log:<project_id>       list   request log, newest first, capped, expires after the newest
+    sa:<YYYYMM>            hash   spend alerts claimed in the month, "<field>|<percent>" -> "1"
+                                  (spend_alerts.lua, engine/spend_alerts.py); expires after the month
 
 Added by the control plane (docs/control-plane.md)::
 
@@ -144,6 +146,9 @@ class OrgKeys:
     def request(self, request_id: str) -> str:
         return self.prefix + "r:" + request_id
 
+    def spend_alerts(self, month_key: str) -> str:
+        return f"{self.prefix}sa:{month_key}"
+
     @property
     def state(self) -> str:
         return self.prefix + "s"
@@ -237,7 +242,7 @@ _ORGANIZATION_KEYS = {
     "price": Lifetime.CONFIGURED, "spendlim": Lifetime.CONFIGURED,
     "audit": Lifetime.BOUNDED, "ui": Lifetime.BOUNDED, "u:r": Lifetime.BOUNDED,
     r"r:[\x21-\x7e]+": Lifetime.EXPIRES, "s": Lifetime.EXPIRES, r"u:[mhd]:\d+": Lifetime.EXPIRES,
-    r"spend:\d{6}": Lifetime.EXPIRES, f"log:proj_{_ID}": Lifetime.EXPIRES,
+    r"spend:\d{6}": Lifetime.EXPIRES, r"sa:\d{6}": Lifetime.EXPIRES, f"log:proj_{_ID}": Lifetime.EXPIRES,
 }  # fmt: skip
 _PLATFORM_KEYS = {
     re.escape(ORGANIZATIONS): Lifetime.CONFIGURED,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import NamedTuple, cast
 
 from redis.asyncio import Redis
@@ -19,7 +19,7 @@ from ratelimitd.core import keys
 from ratelimitd.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from ratelimitd.core.retention import Retention
 from ratelimitd.core.scripts import ScriptRunner
-from ratelimitd.engine.clock import Clock, server_time
+from ratelimitd.engine.clock import Clock, current_month, server_time
 from ratelimitd.engine.control import ControlPlane
 from ratelimitd.engine.decisions import Caller
 from ratelimitd.engine.limits import MAX_LIMIT, Dimensions, validate_model
@@ -224,18 +224,11 @@ class Usage(UsageQueries):
                 keys.invalidate_decision_config(pipe, k)
                 await pipe.execute()
 
-    async def _current_month(self) -> str:
-        """This month by the clock the scripts count spend with (storage's TIME), not ours."""
-        given = await self._clock()
-        with storage_errors():
-            now_s = int(given) / 1e6 if given else (await self._redis.time())[0]
-        return datetime.fromtimestamp(now_s, UTC).strftime("%Y-%m")
-
     async def spend(self, org_id: str, month: str = "") -> tuple[str, SpendLine, list[SpendLine]]:
         if month:
             _month_key(month)  # a malformed month is refused before anything is looked up
         k = await self._control.require_organization(org_id)
-        month = month or await self._current_month()
+        month = month or await current_month(self._clock, self._redis)
         month_key = _month_key(month)
         with storage_errors():
             spent = cast(dict[str, str], await self._redis.hgetall(k.spend(month_key)))
