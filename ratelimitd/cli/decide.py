@@ -7,14 +7,26 @@ import argparse
 from ratelimitd.cli.client import Api, new_request_id, retry_unavailable
 from ratelimitd.cli.command import SubParsers, verb_parser
 from ratelimitd.cli.output import emit, render
+from ratelimitd.engine.outcomes import BY_REASON, go_duration
 from ratelimitd.v1 import ratelimit_pb2 as pb
 
 REFUSED_DECISION = 3
 
 
+def verdict(reply: pb.CheckResponse) -> str:
+    """ALLOWED, or the refusal with what an HTTP edge answers for it (the outcome table's row)."""
+    if reply.allowed:
+        return "ALLOWED"
+    name = pb.Reason.Name(reply.reason)
+    rule = BY_REASON.get(name)
+    if rule is None:
+        return f"REFUSED ({name})"
+    cure = f"retry in {go_duration(reply.retry_after_ms)}" if rule.retry_after else "waiting will not help"
+    return f"REFUSED ({name}): an HTTP edge answers {rule.http_status} {rule.code}; {cure}"
+
+
 def decision_text(reply: pb.CheckResponse) -> str:
-    verdict = "ALLOWED" if reply.allowed else f"REFUSED ({pb.Reason.Name(reply.reason)})"
-    lines = [verdict]
+    lines = [verdict(reply)]
     if reply.message:
         lines.append(reply.message)
     rows = [
