@@ -198,6 +198,8 @@ async def test_envelope_errors_name_what_is_wrong(grpc_client: Client, http: Htt
     assert (status, reply["code"]) == (400, "invalid_argument") and "Connect-Protocol-Version" in reply["message"]
     status, reply, _ = await http.post(DECIDE, data=b"\xff{}")
     assert (status, reply["code"]) == (400, "invalid_argument") and "UTF-8" in reply["message"]
+    status, reply, _ = await http.post(DECIDE, data=b" " * (4 * 1024 * 1024 + 1))  # over gRPC's 4 MiB too
+    assert (status, reply["code"]) == (413, "resource_exhausted") and "larger than" in reply["message"]
 
 
 async def test_unknown_and_streaming_methods_are_404_and_other_verbs_405(http: Http) -> None:
@@ -208,6 +210,7 @@ async def test_unknown_and_streaming_methods_are_404_and_other_verbs_405(http: H
     assert status == 404 and "streaming" in reply["message"]
     async with http.session.get(http.base + DECIDE) as r:
         assert r.status == 405 and (await r.json())["code"] == "invalid_argument"
+        assert r.headers["Allow"] == "POST"
 
 
 async def test_binary_protobuf_and_the_health_check_are_served_too(grpc_client: Client, http: Http) -> None:

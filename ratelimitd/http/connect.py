@@ -192,7 +192,9 @@ class Gateway:
         if rpc is None:
             return self._not_here(path)
         if request.method != "POST":
-            return error(grpc.StatusCode.INVALID_ARGUMENT, f"{path} takes POST, not {request.method}", 405)
+            refused = error(grpc.StatusCode.INVALID_ARGUMENT, f"{path} takes POST, not {request.method}", 405)
+            refused.headers["Allow"] = "POST"
+            return refused
         try:
             content_type = encoding(request)
             deadline = timeout_s(request)
