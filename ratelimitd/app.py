@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -39,7 +40,6 @@ from ratelimitd.engine.permissions import ModelPermissions
 from ratelimitd.engine.rollup import UsageRollup
 from ratelimitd.engine.scripts import Scripts
 from ratelimitd.engine.usage import Usage
-from ratelimitd.http.server import HttpServer
 from ratelimitd.settings import Settings
 from ratelimitd.storage import redis as storage
 from ratelimitd.storage.embedded import EmbeddedValkey
@@ -47,6 +47,9 @@ from ratelimitd.storage.hot_path import hot_path_connection
 from ratelimitd.storage.topology import parse
 from ratelimitd.tls import server_credentials
 from ratelimitd.v1 import admin_pb2, admin_pb2_grpc, ratelimit_pb2, ratelimit_pb2_grpc, usage_pb2, usage_pb2_grpc
+
+if TYPE_CHECKING:
+    from ratelimitd.http.server import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +105,9 @@ class App:
         )
         self.port = _bind(server, s)
         if s.http_listen:
+            # only then: aiohttp takes a noticeable part of a start-up that does not serve HTTP
+            from ratelimitd.http.server import HttpServer
+
             self.http = HttpServer(s.http_listen, s.http_cors_origins, share_port=self.worker)
             self.http_port = self.http.bind()
             self.http.add_loopback(server)
