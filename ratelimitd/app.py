@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -51,6 +52,9 @@ from ratelimitd.tls import server_credentials
 from ratelimitd.tracing import Tracing
 from ratelimitd.v1 import admin_pb2, admin_pb2_grpc, ratelimit_pb2, ratelimit_pb2_grpc, usage_pb2, usage_pb2_grpc
 
+if TYPE_CHECKING:
+    from ratelimitd.http.server import HttpServer
+
 log = logging.getLogger(__name__)
 
 # How long past its grace period a stopping gRPC server is waited for.
@@ -70,6 +74,7 @@ SERVICE_NAMES = [
 # A key that is not UTF-8 is refused like any unknown key rather than as a malformed request (api/wire.py).
 CHECK_AND_CONSUME = f"/{SERVICE_NAMES[0]}/CheckAndConsume"
 CHECK_AND_CONSUME_STREAM = f"/{SERVICE_NAMES[0]}/CheckAndConsumeStream"
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
 class App:
@@ -86,6 +91,8 @@ class App:
         self.redis_url = ""
         self.bootstrap_token: str | None = None
         self.metrics_port = 0
+        self.http: HttpServer | None = None  # JSON over HTTP, when settings.http_listen asks for it
+        self.http_port = 0
         # Told the operator credential created once storage first answers, when it did not at start.
         self.on_late_bootstrap: Callable[[str], None] = lambda token: None
         self._late_bootstrap: asyncio.Task[None] | None = None
@@ -108,6 +115,13 @@ class App:
             options=[("grpc.so_reuseport", 1 if self.worker else 0)],
         )
         self.port = _bind(server, s)
+        if s.http_listen:
+            # only then: aiohttp takes a noticeable part of a start-up that does not serve HTTP
+            from ratelimitd.http.server import HttpServer
+
+            self.http = HttpServer(s.http_listen, s.http_cors_origins, share_port=self.worker)
+            self.http_port = self.http.bind()
+            self.http.add_loopback(server)
         if s.redis_url:
             self.redis_url = s.redis_url
         else:
@@ -185,6 +199,8 @@ class App:
         Gate.check(served_methods(served))
         await server.start()
         self.server = server
+        if self.http is not None:
+            await self.http.start([*SERVICE_NAMES, HEALTH_SERVICE_NAME], s.shutdown_grace_s)
         # What start-up built lives as long as the process: out of the collector's sight, so
         # collections on the hot path scan only the garbage of calls, and stay short.
         gc.freeze()
@@ -252,6 +268,8 @@ class App:
             self._late_bootstrap.cancel()
         if hasattr(self, "metrics"):
             self.metrics.stop()
+        if self.http is not None:
+            await self.http.stop()  # before the gRPC server: its calls go through it
         if self.server is not None:
             await self.health.stop()
             try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,8 @@ STORAGE_ERROR_POLICIES = ("unavailable", "allow", "deny")
 UNKNOWN_DOMAIN_POLICIES = ("error", "allow")
 # Numeric settings where 0 means "none" rather than a mistake.
 MAY_BE_ZERO = ("drain_s",)
+# A browser's Origin header: scheme://host[:port], nothing after it.
+_ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/\s]+$")
 # What each Envoy descriptor entry can carry, and the entry key that carries it by default.
 ENVOY_DESCRIPTOR_ROLES = {
     "api_key": "api_key",
@@ -105,6 +108,12 @@ class Settings:
     health_interval_s: float = _field(1.0, "how often storage health is probed")
     metrics_listen: str = _field("", "host:port to serve Prometheus metrics over HTTP (/metrics); empty: off")
     workers: int = _field(1, "server processes sharing the port (SO_REUSEPORT), one per core you give it")
+    http_listen: str = _field(
+        "", "host:port to serve every unary RPC as JSON over HTTP/1.1 (the Connect protocol, docs/api.md); empty: off"
+    )
+    http_cors_origins: tuple[str, ...] = _field(
+        (), "JSON over HTTP: browser origins allowed to call it (CORS), comma-separated, or * for any; empty: none"
+    )
     drain_s: float = _field(
         5.0,
         "on SIGTERM/SIGINT: report NOT_SERVING but keep answering this long, so load balancers move away; 0: no drain",
@@ -188,6 +197,9 @@ class Settings:
         self._check_tls()
         self._check_storage()
         self._check_traces_and_alerts()
+        for origin in self.http_cors_origins:
+            if origin != "*" and not _ORIGIN.match(origin):
+                raise ValueError(f"http_cors_origins: {origin!r} is not an origin such as https://console.example.com")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
@@ -284,7 +296,7 @@ def _convert(name: str, raw: str) -> Any:
         return parse_windows(raw)
     if name in ("header_windows", "envoy_descriptor_keys", "spend_webhook_org_urls"):
         return parse_pairs(raw, name)
-    if name == "envoy_domains":
+    if name in ("envoy_domains", "http_cors_origins"):
         return tuple(filter(None, (d.strip() for d in raw.split(","))))
     if name == "data_dir":
         return Path(raw)

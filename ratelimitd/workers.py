@@ -69,6 +69,11 @@ class Supervisor:
             # each worker reads the files itself; a bad one should stop start-up here, named once
             server_credentials(s.tls_cert, s.tls_key, s.tls_client_ca)
         _check_port_free(host, int(port), s.listen)
+        if s.http_listen:  # each worker serves HTTP too, on one shared port
+            http_host, _, http_port = s.http_listen.rpartition(":")
+            if http_port == "0":
+                raise ValueError("--workers needs a fixed HTTP port to share, not port 0")
+            _check_port_free(http_host, int(http_port), s.http_listen)
         url = s.redis_url
         if not url:
             self.embedded = EmbeddedValkey(s.data_dir)

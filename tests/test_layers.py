@@ -20,6 +20,7 @@ MAY_IMPORT = {
     "storage": {"core"},
     "engine": {"core", "storage"},
     "api": {"core", "engine", "v1"},
+    "http": {"core", "v1"},  # JSON over HTTP: forwards to the gRPC server, decides nothing
     "settings": {"core"},
     "v1": set(),  # generated from proto/
 }

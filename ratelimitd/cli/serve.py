@@ -26,7 +26,7 @@ log = logging.getLogger("ratelimitd")
 # Flags whose value is the setting's as it is; the others need converting.
 _AS_GIVEN = (
     "listen", "redis_url", "on_storage_error", "workers", "metrics_listen", "tls_cert", "tls_key", "tls_client_ca",
-    "redis_tls_ca", "redis_tls_cert", "redis_tls_key",
+    "redis_tls_ca", "redis_tls_cert", "redis_tls_key", "http_listen",
 )  # fmt: skip
 
 
@@ -37,12 +37,17 @@ def serve(args: argparse.Namespace) -> int:
         header_windows=parse_pairs(args.header_windows, "header_windows") if args.header_windows else None,
         manual_clock=True if args.manual_clock else None,
         **{name: getattr(args, name) for name in _AS_GIVEN},
+        http_cors_origins=_origins(args.http_cors_origins),
     )
     if args.worker:
         return run_async(_serve_worker(settings))
     if settings.workers > 1:
         return run_async(_serve_supervised(settings))
     return run_async(_serve(settings))
+
+
+def _origins(flag: str | None) -> tuple[str, ...] | None:
+    return tuple(filter(None, (o.strip() for o in flag.split(",")))) if flag else None
 
 
 def _stop_event() -> asyncio.Event:
@@ -54,7 +59,13 @@ def _stop_event() -> asyncio.Event:
 
 
 def _greet(
-    settings: Settings, address: str, embedded: bool, token: str | None, workers: int = 1, storage_up: bool = True
+    settings: Settings,
+    address: str,
+    embedded: bool,
+    token: str | None,
+    workers: int = 1,
+    storage_up: bool = True,
+    http: str = "",
 ) -> None:
     storage = f"embedded Valkey, data in {settings.data_dir}" if embedded else settings.describe()
     processes = f", {workers} worker processes" if workers > 1 else ""
@@ -64,6 +75,8 @@ def _greet(
         f"(gRPC: decisions, management, health, reflection{processes})"
     )
     print(f"storage: {storage}")
+    if http:
+        print(f"JSON over HTTP (Connect protocol) on http://{http}/ (description: /openapi.json)")
     if not storage_up:
         _storage_unreachable_warning(settings)
     elif token:
@@ -116,6 +129,7 @@ async def _serve(settings: Settings) -> int:
         app.embedded is not None,
         app.bootstrap_token,
         storage_up=bool(app.health.serving),
+        http=f"{settings.http_listen.rpartition(':')[0]}:{app.http_port}" if app.http else "",
     )
     await stop.wait()
     print("ratelimitd: shutting down (a second signal ends the drain early)", flush=True)
@@ -156,6 +170,7 @@ async def _serve_supervised(settings: Settings) -> int:
         supervisor.bootstrap_token,
         settings.workers,
         storage_up=supervisor.storage_up,
+        http=settings.http_listen,
     )
     failure = await supervisor.wait(stop)
     if failure:
@@ -216,6 +231,8 @@ def add_parsers(sub: SubParsers) -> None:
     p.add_argument("--header-windows", help="e.g. requests=day,tokens=minute (the default)")
     p.add_argument("--workers", type=int, help="server processes sharing the port (default 1)")
     p.add_argument("--metrics-listen", help="host:port for Prometheus metrics (/metrics); default off")
+    p.add_argument("--http-listen", help="host:port serving every RPC as JSON over HTTP (Connect); default off")
+    p.add_argument("--http-cors-origins", help="browser origins allowed over HTTP, comma-separated, or *; default none")
     p.add_argument("--tls-cert", help="PEM certificate of the gRPC port: TLS only (with --tls-key)")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--tls-client-ca", help="PEM CA: clients must present a certificate it issued (mTLS)")
