@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.message import Message
 
 from ratelimitd.client_cli import ROLE_NAMES, ROLES, SHORTHANDS, Api, metric_window
@@ -359,7 +360,8 @@ class Applier:
                 self._step(Change("+", "project", name, want.description or ""), self._create(name, want))
             elif want.description is not None and want.description != project.description:
                 update = apb.UpdateProjectRequest(
-                    organization_id=self.org, project_id=project.id, description=want.description
+                    project=apb.Project(organization_id=self.org, id=project.id, description=want.description),
+                    update_mask=FieldMask(paths=["description"]),
                 )
                 self._step(
                     Change("~", "project", name, f"description {project.description!r} -> {want.description!r}"),
@@ -456,7 +458,9 @@ class Applier:
 
     async def _members(self, wanted: Mapping[str, str]) -> None:
         md = self.api.metadata
-        listed = await self.api.members.ListMembers(apb.ListMembersRequest(organization_id=self.org), metadata=md)
+        listed = await self.api.members.ListMembers(
+            apb.ListMembersRequest(organization_id=self.org, page_size=1000), metadata=md
+        )
         existing = {m.name: m for m in listed.members}
         for name, role in wanted.items():
             if name not in existing:
@@ -465,7 +469,10 @@ class Applier:
         changed = [(n, r) for n, r in wanted.items() if n in existing and ROLES[r] != existing[n].role]
         for name, role in sorted(changed, key=lambda c: c[1] != "owner"):
             member = existing[name]
-            update = apb.UpdateMemberRequest(organization_id=self.org, member_id=member.id, role=ROLES[role])
+            update = apb.UpdateMemberRequest(
+                member=apb.Member(organization_id=self.org, id=member.id, role=ROLES[role]),
+                update_mask=FieldMask(paths=["role"]),
+            )
             self._step(
                 Change("~", "member", name, f"{ROLE_NAMES[member.role]} -> {role}"),
                 self._call(self.api.members.UpdateMember, update),

@@ -22,14 +22,16 @@ from pathlib import Path
 from typing import TypeVar
 
 import grpc
+from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from ratelimitd.engine import ids
 from ratelimitd.engine.keys import MANUAL_CLOCK
 from ratelimitd.tls import ClientTls
 from ratelimitd.v1 import admin_pb2 as apb
-from ratelimitd.v1 import admin_pb2_grpc, ratelimit_pb2_grpc
+from ratelimitd.v1 import admin_pb2_grpc, rate_limit_service_pb2_grpc
 from ratelimitd.v1 import ratelimit_pb2 as pb
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -62,8 +64,8 @@ class Api:
     def __init__(self, address: str, token: str | None, tls: ClientTls | None = None) -> None:
         self.metadata = bearer(token)
         self.channel = (tls or ClientTls()).channel(address)
-        self.decisions: ratelimit_pb2_grpc.RateLimitServiceAsyncStub = ratelimit_pb2_grpc.RateLimitServiceStub(
-            self.channel
+        self.decisions: rate_limit_service_pb2_grpc.RateLimitServiceAsyncStub = (
+            rate_limit_service_pb2_grpc.RateLimitServiceStub(self.channel)
         )
         self.orgs: admin_pb2_grpc.OrganizationServiceAsyncStub = admin_pb2_grpc.OrganizationServiceStub(self.channel)
         self.projects: admin_pb2_grpc.ProjectServiceAsyncStub = admin_pb2_grpc.ProjectServiceStub(self.channel)
@@ -91,7 +93,9 @@ async def resolve_member(api: Api, org: str, ref: str) -> str:
     """A member id, from an id or a name."""
     if ids.is_id("mem", ref):
         return ref
-    reply = await api.members.ListMembers(apb.ListMembersRequest(organization_id=org), metadata=api.metadata)
+    reply = await api.members.ListMembers(
+        apb.ListMembersRequest(organization_id=org, page_size=1000), metadata=api.metadata
+    )
     for m in reply.members:
         if m.name == ref:
             return m.id
@@ -142,6 +146,20 @@ def when(ms: int) -> str:
     if not ms:
         return "-"
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def when_stamp(msg: Message, field: str) -> str:
+    """A Timestamp field as ``when`` shows it; "-" when absent."""
+    return when(getattr(msg, field).ToMilliseconds()) if msg.HasField(field) else "-"
+
+
+def stamp(ms: int) -> Timestamp | None:
+    """Unix milliseconds as a request's Timestamp; None (absent) for 0."""
+    if not ms:
+        return None
+    t = Timestamp()
+    t.FromMilliseconds(ms)
+    return t
 
 
 def _opt(msg: Message, field: str) -> str:
@@ -285,7 +303,7 @@ async def key_create(api: Api, args: argparse.Namespace) -> int:
 
 def keys_table(keys: Sequence[apb.ApiKey]) -> str:
     return render(
-        [(k.id, k.name, k.prefix + "…", when(k.created_at_ms), when(k.last_used_at_ms),
+        [(k.id, k.name, k.prefix + "…", when_stamp(k, "create_time"), when_stamp(k, "last_use_time"),
           "revoked" if k.revoked else "active")
          for k in keys],
         ("ID", "NAME", "PREFIX", "CREATED", "LAST USED", "STATE"),
@@ -295,7 +313,7 @@ def keys_table(keys: Sequence[apb.ApiKey]) -> str:
 async def key_list(api: Api, args: argparse.Namespace) -> int:
     project = await resolve_project(api, args.org, args.project)
     reply = await api.projects.ListApiKeys(
-        apb.ListApiKeysRequest(organization_id=args.org, project_id=project), metadata=api.metadata
+        apb.ListApiKeysRequest(organization_id=args.org, project_id=project, page_size=1000), metadata=api.metadata
     )
     emit(args, reply, lambda: keys_table(reply.keys))
     return 0
@@ -313,12 +331,12 @@ async def key_revoke(api: Api, args: argparse.Namespace) -> int:
 
 
 def orgs_table(orgs: Sequence[apb.Organization]) -> str:
-    return render([(o.id, o.name, when(o.created_at_ms)) for o in orgs], ("ID", "NAME", "CREATED"))
+    return render([(o.id, o.name, when_stamp(o, "create_time")) for o in orgs], ("ID", "NAME", "CREATED"))
 
 
 def projects_table(projects: Sequence[apb.Project]) -> str:
     return render(
-        [(p.id, p.name, when(p.created_at_ms), p.description) for p in projects],
+        [(p.id, p.name, when_stamp(p, "create_time"), p.description) for p in projects],
         ("ID", "NAME", "CREATED", "DESCRIPTION"),
     )
 
@@ -382,12 +400,14 @@ async def project_update(api: Api, args: argparse.Namespace) -> int:
     if args.name is None and args.description is None:
         raise ValueError("project update: give --name and/or --description")
     request = apb.UpdateProjectRequest(
-        organization_id=args.org, project_id=await resolve_project(api, args.org, args.project)
+        project=apb.Project(organization_id=args.org, id=await resolve_project(api, args.org, args.project))
     )
     if args.name is not None:
-        request.name = args.name
+        request.project.name = args.name
+        request.update_mask.paths.append("name")
     if args.description is not None:
-        request.description = args.description
+        request.project.description = args.description
+        request.update_mask.paths.append("description")
     p = await api.projects.UpdateProject(request, metadata=api.metadata)
     emit(args, p, lambda: projects_table([p]))
     return 0
@@ -461,13 +481,14 @@ ROLE_NAMES = {v: k for k, v in ROLES.items()} | {apb.ROLE_UNSPECIFIED: "-"}
 
 def members_table(members: Sequence[apb.Member]) -> str:
     return render(
-        [(m.id, m.name, ROLE_NAMES[m.role], when(m.created_at_ms)) for m in members], ("ID", "NAME", "ROLE", "ADDED")
+        [(m.id, m.name, ROLE_NAMES[m.role], when_stamp(m, "create_time")) for m in members],
+        ("ID", "NAME", "ROLE", "ADDED"),
     )
 
 
 def credentials_table(creds: Sequence[apb.Credential]) -> str:
     return render(
-        [(c.id, c.kind, c.name, c.member_id or "-", when(c.created_at_ms)) for c in creds],
+        [(c.id, c.kind, c.name, c.member_id or "-", when_stamp(c, "create_time")) for c in creds],
         ("ID", "KIND", "NAME", "MEMBER", "CREATED"),
     )
 
@@ -485,7 +506,9 @@ async def member_add(api: Api, args: argparse.Namespace) -> int:
 
 
 async def member_list(api: Api, args: argparse.Namespace) -> int:
-    reply = await api.members.ListMembers(apb.ListMembersRequest(organization_id=args.org), metadata=api.metadata)
+    reply = await api.members.ListMembers(
+        apb.ListMembersRequest(organization_id=args.org, page_size=1000), metadata=api.metadata
+    )
     emit(args, reply, lambda: members_table(reply.members))
     return 0
 
@@ -493,7 +516,10 @@ async def member_list(api: Api, args: argparse.Namespace) -> int:
 async def member_role(api: Api, args: argparse.Namespace) -> int:
     member = await resolve_member(api, args.org, args.member)
     reply = await api.members.UpdateMember(
-        apb.UpdateMemberRequest(organization_id=args.org, member_id=member, role=ROLES[args.role]),
+        apb.UpdateMemberRequest(
+            member=apb.Member(organization_id=args.org, id=member, role=ROLES[args.role]),
+            update_mask=FieldMask(paths=["role"]),
+        ),
         metadata=api.metadata,
     )
     emit(args, reply, lambda: members_table([reply]))
@@ -525,7 +551,7 @@ async def credential_create(api: Api, args: argparse.Namespace) -> int:
 
 async def credential_list(api: Api, args: argparse.Namespace) -> int:
     reply = await api.creds.ListCredentials(
-        apb.ListCredentialsRequest(organization_id=args.org or ""), metadata=api.metadata
+        apb.ListCredentialsRequest(organization_id=args.org or "", page_size=1000), metadata=api.metadata
     )
     emit(args, reply, lambda: credentials_table(reply.credentials))
     return 0
@@ -597,7 +623,8 @@ def _actor(p: apb.Principal) -> str:
 
 def audit_table(events: Sequence[apb.AuditEvent]) -> str:
     return render(
-        [(when(e.time_ms), _actor(e.actor), e.operation, e.project_id or "-", e.target, _change(e.before, e.after))
+        [(when_stamp(e, "event_time"), _actor(e.actor), e.operation, e.project_id or "-", e.target,
+          _change(e.before, e.after))
          for e in events],
         ("TIME", "WHO", "OPERATION", "PROJECT", "TARGET", "CHANGE"),
     )  # fmt: skip
@@ -609,8 +636,8 @@ async def audit(api: Api, args: argparse.Namespace) -> int:
     request = apb.ListAuditEventsRequest(
         organization_id=args.org or "",
         project_id=project,
-        since_ms=parse_time(args.since) if args.since else 0,
-        until_ms=parse_time(args.until) if args.until else 0,
+        start_time=stamp(parse_time(args.since)) if args.since else None,
+        end_time=stamp(parse_time(args.until)) if args.until else None,
     )
     reply = apb.ListAuditEventsResponse()
     while len(reply.events) < args.limit:

@@ -15,6 +15,8 @@ import argparse
 import time
 from datetime import UTC, datetime
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from ratelimitd.client_cli import (
     Api,
     CliError,
@@ -49,6 +51,21 @@ def _when(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _stamp(ms: int) -> Timestamp:
+    t = Timestamp()
+    t.FromMilliseconds(ms)
+    return t
+
+
+def _micros(usd: float) -> int:
+    """The CLI takes USD; the API counts whole micro-dollars."""
+    return round(usd * 1_000_000)
+
+
+def _usd(micros: int) -> str:
+    return f"{micros / 1_000_000:.6f}"
+
+
 async def usage(api: Api, args: argparse.Namespace) -> int:
     groups = [g for g in args.by.split(",") if g] if args.by else []
     if unknown := [g for g in groups if g not in _GROUP]:
@@ -58,8 +75,8 @@ async def usage(api: Api, args: argparse.Namespace) -> int:
     reply = await stub(api).GetUsage(
         upb.GetUsageRequest(
             organization_id=args.org,
-            start_ms=end_ms - parse_since(args.since) * 1000,
-            end_ms=end_ms + 1,
+            start_time=_stamp(end_ms - parse_since(args.since) * 1000),
+            end_time=_stamp(end_ms + 1),
             granularity=_GRANULARITY[args.granularity],
             group_by=[_GROUP[g] for g in groups],
             project_id=project,
@@ -69,8 +86,9 @@ async def usage(api: Api, args: argparse.Namespace) -> int:
 
     def table() -> str:
         rows = [
-            (_when(r.bucket_start_ms), r.project_id or "*", r.model or "*", r.api_key_id or "*", r.requests,
-             sum(r.refusals.values()), r.input_tokens, r.output_tokens, r.cached_tokens, f"{r.spend_usd:.6f}")
+            (_when(r.bucket_start_time.ToMilliseconds()), r.project_id or "*", r.model or "*", r.api_key_id or "*",
+             r.requests,
+             sum(r.refusals.values()), r.input_tokens, r.output_tokens, r.cached_tokens, _usd(r.spend_usd_micros))
             for r in [*reply.rows, reply.total]
         ]  # fmt: skip
         if rows:
@@ -84,8 +102,8 @@ async def usage(api: Api, args: argparse.Namespace) -> int:
 
 def _spend_table(reply: upb.GetSpendResponse) -> str:
     rows = [
-        (line.project_id or "(organization)", f"{line.spend_usd:.6f}",
-         f"{line.limit_usd:.2f}" if line.HasField("limit_usd") else "-",
+        (line.project_id or "(organization)", _usd(line.spend_usd_micros),
+         _usd(line.limit_usd_micros) if line.HasField("limit_usd_micros") else "-",
          ",".join(f"{t}%" for t in line.thresholds_crossed) or "-", "blocked" if line.blocked else "")
         for line in [reply.organization, *reply.projects]
     ]  # fmt: skip
@@ -106,14 +124,18 @@ async def spend_limit(api: Api, args: argparse.Namespace) -> int:
     project = await resolve_project(api, args.org, args.project) if args.project else ""
     request = upb.SetSpendLimitRequest(organization_id=args.org, project_id=project)
     if args.usd is not None:
-        request.limit_usd = args.usd
+        request.limit_usd_micros = _micros(args.usd)
     reply = await stub(api).SetSpendLimit(request, metadata=api.metadata)
     emit(args, reply, lambda: _spend_table(reply))
     return 0
 
 
 def _prices_table(prices: list[upb.Price]) -> str:
-    rows = [(p.model, p.input_per_million, p.output_per_million, p.cached_input_per_million) for p in prices]
+    rows = [
+        (p.model, _usd(p.input_usd_micros_per_million), _usd(p.output_usd_micros_per_million),
+         _usd(p.cached_input_usd_micros_per_million))
+        for p in prices
+    ]  # fmt: skip
     return render(rows, ("MODEL", "INPUT $/M", "OUTPUT $/M", "CACHED INPUT $/M"))
 
 
@@ -121,8 +143,9 @@ async def price(api: Api, args: argparse.Namespace) -> int:
     reply = await stub(api).SetPrice(
         upb.SetPriceRequest(
             price=upb.Price(
-                organization_id=args.org, model=args.model, input_per_million=args.input,
-                output_per_million=args.output, cached_input_per_million=args.cached,
+                organization_id=args.org, model=args.model, input_usd_micros_per_million=_micros(args.input),
+                output_usd_micros_per_million=_micros(args.output),
+                cached_input_usd_micros_per_million=_micros(args.cached),
             )
         ),
         metadata=api.metadata,
@@ -132,13 +155,15 @@ async def price(api: Api, args: argparse.Namespace) -> int:
 
 
 async def prices(api: Api, args: argparse.Namespace) -> int:
-    reply = await stub(api).ListPrices(upb.ListPricesRequest(organization_id=args.org), metadata=api.metadata)
+    reply = await stub(api).ListPrices(
+        upb.ListPricesRequest(organization_id=args.org, page_size=1000), metadata=api.metadata
+    )
     emit(args, reply, lambda: _prices_table(list(reply.prices)))
     return 0
 
 
 async def logs(api: Api, args: argparse.Namespace) -> int:
-    outcome = upb.ListRequestLogsRequest.OUTCOME_ANY
+    outcome = upb.ListRequestLogsRequest.OUTCOME_UNSPECIFIED
     if args.refused:
         outcome = upb.ListRequestLogsRequest.OUTCOME_REFUSED
     elif args.allowed:
@@ -147,16 +172,17 @@ async def logs(api: Api, args: argparse.Namespace) -> int:
     reply = await stub(api).ListRequestLogs(
         upb.ListRequestLogsRequest(
             organization_id=args.org, project_id=project, model=args.model or "", api_key_id=args.key or "",
-            outcome=outcome, limit=args.limit,
+            outcome=outcome, page_size=args.limit,
         ),
         metadata=api.metadata,
     )  # fmt: skip
 
     def table() -> str:
         rows = [
-            (_when(e.time_ms), e.request_id, e.model, e.api_key_id, "allowed" if e.allowed else e.reason,
+            (_when(e.request_time.ToMilliseconds()), e.request_id, e.model, e.api_key_id,
+             "allowed" if e.allowed else e.reason,
              e.input_tokens if e.allowed else e.requested_tokens, e.output_tokens, e.cached_tokens,
-             e.status_code or "-", e.latency_ms or "-")
+             e.status_code or "-", e.latency.ToMilliseconds() or "-")
             for e in reply.entries
         ]  # fmt: skip
         header = ("TIME (UTC)", "REQUEST", "MODEL", "KEY", "DECISION", "INPUT", "OUTPUT", "CACHED", "STATUS", "MS")
@@ -179,7 +205,7 @@ async def report(api: Api, args: argparse.Namespace) -> int:
         reply,
         lambda: (
             f"{result}: {reply.counted_tokens} tokens count toward limits, {reply.token_delta:+d} to the buckets, "
-            f"${reply.spend_usd:.6f}"
+            f"${_usd(reply.spend_usd_micros)}"
         ),
     )
     return 0

@@ -1,4 +1,7 @@
-"""RateLimitService: validates input, asks the engine, builds the reply. Nothing else."""
+"""RateLimitService: validates input, asks the engine, builds the reply. Nothing else.
+
+ManageProject is answered by the ProjectService servicer (api/manage.py).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,9 @@ import grpc
 
 from ratelimitd.api.auth import authorization
 from ratelimitd.api.errors import STATUS, rpc
+from ratelimitd.api.manage import ProjectManager
 from ratelimitd.api.metrics import Metrics
+from ratelimitd.api.wellknown import micros
 from ratelimitd.engine import ids
 from ratelimitd.engine.authz import authorize
 from ratelimitd.engine.credentials import Credentials
@@ -28,8 +33,9 @@ from ratelimitd.engine.explain import refusal_message
 from ratelimitd.engine.headers import rate_limit_headers
 from ratelimitd.engine.limits import MAX_LIMIT, validate_model
 from ratelimitd.engine.usage import ReportResult, Usage
+from ratelimitd.v1 import rate_limit_service_pb2 as service_pb
+from ratelimitd.v1 import rate_limit_service_pb2_grpc
 from ratelimitd.v1 import ratelimit_pb2 as pb
-from ratelimitd.v1 import ratelimit_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +47,7 @@ MAX_REQUEST_ID_LENGTH = 128
 _REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]+$")
 
 _REASON = {
-    Outcome.ALLOWED: pb.REASON_UNSPECIFIED,
+    Outcome.ALLOWED: pb.REASON_ALLOWED,
     Outcome.PROJECT_LIMIT: pb.REASON_PROJECT_LIMIT,
     Outcome.ORGANIZATION_LIMIT: pb.REASON_ORGANIZATION_LIMIT,
     Outcome.TOO_LARGE: pb.REASON_REQUEST_TOO_LARGE,
@@ -99,7 +105,7 @@ def bucket_pb(b: BucketState) -> pb.BucketStatus:
     )
 
 
-class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
+class RateLimitServicer(rate_limit_service_pb2_grpc.RateLimitServiceServicer):
     def __init__(
         self,
         decider: Decider,
@@ -109,7 +115,9 @@ class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
         on_storage_error: str,
         storage_failed: Callable[[], None],
         metrics: Metrics,
+        projects: ProjectManager,
     ) -> None:
+        self._projects = projects
         self._decider = decider
         self._usage = usage
         self._credentials = credentials
@@ -232,8 +240,16 @@ class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
             model=report.model,
             counted_tokens=report.counted_tokens,
             token_delta=report.token_delta,
-            spend_usd=report.spend_usd,
+            spend_usd_micros=micros(report.spend_usd),
         )
+
+    @rpc
+    async def ManageProject(
+        self,
+        request: service_pb.ManageProjectRequest,
+        context: grpc.aio.ServicerContext[service_pb.ManageProjectRequest, service_pb.ManageProjectResponse],
+    ) -> service_pb.ManageProjectResponse:
+        return await self._projects.manage(request, context)
 
     async def _caller(
         self, request: pb.CheckRequest | pb.ReportUsageRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple, cast
 
 from redis.asyncio import Redis
 
-from ratelimitd.engine import keys
+from ratelimitd.engine import keys, pages
 from ratelimitd.engine.clock import Clock, server_time
 from ratelimitd.engine.control import ControlPlane
 from ratelimitd.engine.decisions import Caller, Outcome
@@ -35,7 +35,7 @@ from ratelimitd.storage.redis import storage_errors
 ALERT_THRESHOLDS = (50, 75, 90, 100)
 MAX_BUCKETS_PER_QUERY = 10_000
 MAX_PRICE = 1_000_000.0  # USD per million tokens
-MAX_LOG_PAGE = 1000
+MAX_SPEND_LIMIT_MICROS = 10**18  # 1e12 USD
 GRANULARITIES = {"minute": ("m", 60), "hour": ("h", 3600), "day": ("d", 86400)}
 GROUPS = ("project", "model", "key")
 
@@ -268,9 +268,12 @@ class Usage:
             key=lambda p: (p.model == "*", p.model),
         )
 
-    async def set_spend_limit(self, org_id: str, project_id: str, limit_usd: float | None) -> None:
-        if limit_usd is not None and (not math.isfinite(limit_usd) or limit_usd < 0 or limit_usd > 1e12):
-            raise InvalidArgument(f"spend limit {limit_usd} must be between 0 and 1e12 USD")
+    async def set_spend_limit(self, org_id: str, project_id: str, limit_usd_micros: int | None) -> None:
+        """``limit_usd_micros``: micro-dollars per month, or None to clear the limit."""
+        if limit_usd_micros is not None and not 0 <= limit_usd_micros <= MAX_SPEND_LIMIT_MICROS:
+            raise InvalidArgument(
+                f"limit_usd_micros is {limit_usd_micros}; it must be between 0 and {MAX_SPEND_LIMIT_MICROS} (1e12 USD)"
+            )
         if project_id:
             k = await self._control.require_project(org_id, project_id)
         else:
@@ -278,11 +281,11 @@ class Usage:
         field_ = f"p:{project_id}" if project_id else "o"
         with storage_errors():
             async with self._redis.pipeline(transaction=True) as pipe:
-                if limit_usd is None:
+                if limit_usd_micros is None:
                     pipe.hdel(k.prefix + "spendlim", field_)
                 else:
                     # stored in micro-USD, the unit report.lua adds spend in
-                    pipe.hset(k.prefix + "spendlim", field_, repr(limit_usd * 1e6))
+                    pipe.hset(k.prefix + "spendlim", field_, str(limit_usd_micros))
                 keys.invalidate_decision_config(pipe, k)
                 await pipe.execute()
 
@@ -427,10 +430,12 @@ class Usage:
         allowed: bool | None = None,
         start_ms: int = 0,
         end_ms: int = 0,
-        limit: int = 100,
-    ) -> list[LogEntry]:
-        if not 1 <= limit <= MAX_LOG_PAGE:
-            raise InvalidArgument(f"limit {limit} must be between 1 and {MAX_LOG_PAGE}")
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> tuple[list[LogEntry], str]:
+        """One page of the project's request log, newest first, and the next page's token ("" at the end)."""
+        size = pages.page_size(page_size)
+        pages.newest_first([], size, page_token)  # a malformed token is refused before anything is read
         k = await self._control.require_project(org_id, project_id, or_deleted=True)
         with storage_errors():
             raw = cast(list[str], await self._redis.lrange(f"{k.prefix}log:{project_id}", 0, -1))
@@ -446,10 +451,8 @@ class Usage:
                 continue
             if not start_ms <= e.time_ms < end_ms:
                 continue
-            out.append(e)
-            if len(out) == limit:
-                break
-        return out
+            out.append((e.time_ms, e))
+        return pages.newest_first(out, size, page_token)
 
 
 # Usage fields as lib.lua writes them: "<id>|r", "<id>|x<outcome>", "<id>|u" in minutes,
