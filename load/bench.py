@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 from ratelimitd.cli.client import Api  # noqa: E402
 from ratelimitd.cli.limits import parse_limit_args  # noqa: E402
 from ratelimitd.v1 import admin_pb2 as apb  # noqa: E402
+from ratelimitd.v1 import rate_limit_service_pb2_grpc  # noqa: E402
 from ratelimitd.v1 import ratelimit_pb2 as pb  # noqa: E402
-from ratelimitd.v1 import ratelimit_pb2_grpc  # noqa: E402
 
 MODEL = "llama-3.1-8b-instant"
 HUGE = 10**11
@@ -74,7 +74,7 @@ async def drive(
     channels = [
         grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(connections)
     ]
-    stubs = [ratelimit_pb2_grpc.RateLimitServiceStub(ch) for ch in channels]
+    stubs = [rate_limit_service_pb2_grpc.RateLimitServiceStub(ch) for ch in channels]
     reqs = [pb.CheckRequest(api_key=k, model=MODEL, tokens=500) for k in keys]
     if mix == "stream":
         return await drive_streams(stubs, reqs, requests, seconds, concurrency)
@@ -121,7 +121,7 @@ async def drive(
 
 
 async def drive_streams(
-    stubs: list[ratelimit_pb2_grpc.RateLimitServiceAsyncStub],
+    stubs: list[rate_limit_service_pb2_grpc.RateLimitServiceAsyncStub],
     reqs: list[pb.CheckRequest],
     requests: int,
     seconds: float,
@@ -132,7 +132,7 @@ async def drive_streams(
     counts = {"sent": 0, "allowed": 0, "errors": 0}
     deadline = time.perf_counter() + seconds
 
-    async def one_stream(stub: ratelimit_pb2_grpc.RateLimitServiceAsyncStub, window: int) -> None:
+    async def one_stream(stub: rate_limit_service_pb2_grpc.RateLimitServiceAsyncStub, window: int) -> None:
         call = stub.CheckAndConsumeStream()
         room = asyncio.Semaphore(window)
         sent_at: collections.deque[float] = collections.deque()

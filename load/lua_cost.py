@@ -55,8 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import procs
 from bench import MODEL
 
+from ratelimitd.v1 import rate_limit_service_pb2_grpc, usage_pb2_grpc
 from ratelimitd.v1 import ratelimit_pb2 as pb
-from ratelimitd.v1 import ratelimit_pb2_grpc, usage_pb2_grpc
 from ratelimitd.v1 import usage_pb2 as upb
 
 TOKENS = 500
@@ -115,10 +115,15 @@ async def setup_key(address: str, spend_limit: bool = False) -> str:
     project_id, secret = await procs.cost_project(api, org_id, "p", MODEL)
     if spend_limit:
         usage = usage_pb2_grpc.UsageServiceStub(api.channel)
-        price = upb.Price(organization_id=org_id, model=MODEL, input_per_million=0.05, output_per_million=0.08)
+        price = upb.Price(
+            organization_id=org_id,
+            model=MODEL,
+            input_usd_micros_per_million=50_000,
+            output_usd_micros_per_million=80_000,
+        )
         await usage.SetPrice(upb.SetPriceRequest(price=price))
         await usage.SetSpendLimit(
-            upb.SetSpendLimitRequest(organization_id=org_id, project_id=project_id, limit_usd=1e9)
+            upb.SetSpendLimitRequest(organization_id=org_id, project_id=project_id, limit_usd_micros=10**15),
         )
     await api.channel.close()
     return secret
@@ -132,7 +137,7 @@ def measure_server(valkey: procs.Valkey, calls: int, spend_limit: bool = False) 
         key = asyncio.run(setup_key(address, spend_limit))
         r = valkey.client()
         with grpc.insecure_channel(address) as channel:
-            stub = ratelimit_pb2_grpc.RateLimitServiceStub(channel)
+            stub = rate_limit_service_pb2_grpc.RateLimitServiceStub(channel)
             check = pb.CheckRequest(api_key=key, model=MODEL, tokens=TOKENS)
             for _ in range(20):  # scripts loaded, connections open
                 warm = stub.CheckAndConsume(check)

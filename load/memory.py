@@ -53,8 +53,8 @@ from bench import MODEL
 from ratelimitd.cli.client import Api
 from ratelimitd.core import keys
 from ratelimitd.settings import Settings
+from ratelimitd.v1 import rate_limit_service_pb2_grpc, usage_pb2_grpc
 from ratelimitd.v1 import ratelimit_pb2 as pb
-from ratelimitd.v1 import ratelimit_pb2_grpc, usage_pb2_grpc
 from ratelimitd.v1 import usage_pb2 as upb
 
 TOKENS = 500
@@ -77,7 +77,12 @@ async def setup(address: str, projects: int, measure: Any) -> tuple[list[str], i
     prices = usage_pb2_grpc.UsageServiceStub(api.channel)  # spend is counted too
     await prices.SetPrice(
         upb.SetPriceRequest(
-            price=upb.Price(organization_id=org_id, model=MODEL, input_per_million=0.05, output_per_million=0.08)
+            price=upb.Price(
+                organization_id=org_id,
+                model=MODEL,
+                input_usd_micros_per_million=50_000,
+                output_usd_micros_per_million=80_000,
+            )
         ),
     )
     secrets = []
@@ -93,7 +98,7 @@ async def drive(address: str, valkey: Any, secrets: list[str], minutes: int, per
     """Every key active every simulated minute; returns the number of decisions (all reported)."""
     decisions = 0
     async with grpc.aio.insecure_channel(address) as channel:
-        stub = ratelimit_pb2_grpc.RateLimitServiceStub(channel)
+        stub = rate_limit_service_pb2_grpc.RateLimitServiceStub(channel)
 
         async def one(secret: str, n: int) -> None:
             reply = await stub.CheckAndConsume(pb.CheckRequest(api_key=secret, model=MODEL, tokens=TOKENS))

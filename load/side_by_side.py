@@ -58,8 +58,8 @@ from bench import MODEL, percentile, setup
 from protoset import write_protoset
 
 from ratelimitd.storage.embedded import die_with_parent
+from ratelimitd.v1 import rate_limit_service_pb2_grpc
 from ratelimitd.v1 import ratelimit_pb2 as pb
-from ratelimitd.v1 import ratelimit_pb2_grpc
 
 ROOT = procs.ROOT
 DOMAIN = "ratelimitd"
@@ -89,7 +89,7 @@ async def _drive(
         return await _drive_streams(channels, key, calls, concurrency, seconds)
     if rpc == "check":
         check_req = pb.CheckRequest(api_key=key, model=MODEL, tokens=TOKENS)
-        check_stubs = [ratelimit_pb2_grpc.RateLimitServiceStub(ch) for ch in channels]
+        check_stubs = [rate_limit_service_pb2_grpc.RateLimitServiceStub(ch) for ch in channels]
     else:
         envoy_req = envoy_request(key)
         envoy_stubs = [rls_pb2_grpc.RateLimitServiceStub(ch) for ch in channels]
@@ -142,7 +142,7 @@ async def _drive_streams(
     deadline = time.perf_counter() + seconds
 
     async def one_stream(channel: grpc.aio.Channel, window: int) -> None:
-        call = ratelimit_pb2_grpc.RateLimitServiceStub(channel).CheckAndConsumeStream()
+        call = rate_limit_service_pb2_grpc.RateLimitServiceStub(channel).CheckAndConsumeStream()
         room = asyncio.Semaphore(window)
         sent_at: collections.deque[float] = collections.deque()
 

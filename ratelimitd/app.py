@@ -27,6 +27,7 @@ from ratelimitd.api.admin import (
 from ratelimitd.api.decisions import RateLimitServicer
 from ratelimitd.api.gate import Gate
 from ratelimitd.api.health import StorageHealth
+from ratelimitd.api.manage import ProjectManager
 from ratelimitd.api.metrics import Metrics
 from ratelimitd.api.usage import UsageServicer
 from ratelimitd.api.wire import Guard, served_methods
@@ -50,7 +51,14 @@ from ratelimitd.storage.embedded import EmbeddedValkey
 from ratelimitd.storage.hot_path import hot_path_connection
 from ratelimitd.tls import server_credentials
 from ratelimitd.tracing import Tracing
-from ratelimitd.v1 import admin_pb2, admin_pb2_grpc, ratelimit_pb2, ratelimit_pb2_grpc, usage_pb2, usage_pb2_grpc
+from ratelimitd.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    rate_limit_service_pb2,
+    rate_limit_service_pb2_grpc,
+    usage_pb2,
+    usage_pb2_grpc,
+)
 
 if TYPE_CHECKING:
     from ratelimitd.http.server import HttpServer
@@ -61,7 +69,7 @@ log = logging.getLogger(__name__)
 _STOP_MARGIN_S = 5.0
 
 SERVICE_NAMES = [
-    ratelimit_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name,
+    rate_limit_service_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["OrganizationService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["ProjectService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["ModelPermissionService"].full_name,
@@ -160,7 +168,8 @@ class App:
         elif not self.worker:
             self._late_bootstrap = asyncio.get_running_loop().create_task(self._bootstrap_once_storage_answers())
 
-        ratelimit_pb2_grpc.add_RateLimitServiceServicer_to_server(
+        failed = self.storage_failed
+        rate_limit_service_pb2_grpc.add_RateLimitServiceServicer_to_server(
             RateLimitServicer(
                 self.decider,
                 self.usage,
@@ -169,11 +178,11 @@ class App:
                 s.on_storage_error,
                 self.storage_failed,
                 self.metrics,
+                ProjectManager(ProjectServicer(management, failed)),
             ),
             server,
         )
         usage_pb2_grpc.add_UsageServiceServicer_to_server(UsageServicer(self.usage, self.storage_failed), server)
-        failed = self.storage_failed
         admin_pb2_grpc.add_OrganizationServiceServicer_to_server(OrganizationServicer(management, failed), server)
         admin_pb2_grpc.add_ProjectServiceServicer_to_server(ProjectServicer(management, failed), server)
         admin_pb2_grpc.add_ModelPermissionServiceServicer_to_server(ModelPermissionServicer(management, failed), server)

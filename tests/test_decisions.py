@@ -200,7 +200,7 @@ async def test_revoked_key_stops_at_the_very_next_decision(client: Client) -> No
     assert (await check(client, a)).allowed
     keys = await client.projects.ListApiKeys(apb.ListApiKeysRequest(organization_id=org, project_id=pid), metadata=AUTH)
     (key,) = keys.keys
-    assert a.startswith(key.prefix) and len(key.prefix) < len(a) and key.last_used_at_ms > 0
+    assert a.startswith(key.prefix) and len(key.prefix) < len(a) and key.HasField("last_use_time")
     await client.projects.RevokeApiKey(apb.RevokeApiKeyRequest(organization_id=org, key_id=key.id), metadata=AUTH)
     reply = await check(client, a)
     assert reply.reason == pb.REASON_INVALID_API_KEY and not reply.allowed

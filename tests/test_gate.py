@@ -13,7 +13,7 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
-from ratelimitd.api.gate import IN_REQUEST_METHODS, Gate, Rule, rule_of
+from ratelimitd.api.gate import IN_REQUEST_METHODS, Gate, Rule, operations, rule_of
 from ratelimitd.api.wire import Guard, served_methods
 from ratelimitd.app import SERVICE_NAMES, App
 from ratelimitd.engine.authz import POLICY
@@ -32,8 +32,10 @@ def test_every_served_method_has_a_rule() -> None:
 
 def test_only_the_decision_path_names_its_caller_in_the_request() -> None:
     assert {m for m in METHODS if rule_of(m) is Rule.IN_REQUEST} == IN_REQUEST_METHODS
-    # every management and usage method is behind the bearer check
-    assert len(BEARER_METHODS) == len(POLICY) - 1 - 1  # CheckAndConsumeByProject; one RPC, two operations
+    # every management and usage operation is behind the bearer check (CheckAndConsumeByProject
+    # is the decision path's; ManageProject's operations are ProjectService's own)
+    reached = {op for m in BEARER_METHODS for op in operations(m.rpartition("/")[2])}
+    assert reached == set(POLICY) - {"CheckAndConsumeByProject"}
 
 
 def test_a_method_without_a_rule_stops_start_up() -> None:

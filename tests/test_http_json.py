@@ -109,9 +109,9 @@ async def test_decisions_and_refusals_over_http_are_those_of_grpc(grpc_client: C
     assert answers["http"] == answers["grpc"]
     reasons = [r.reason for r in answers["http"]]
     assert reasons == [
-        pb.REASON_UNSPECIFIED,
+        pb.REASON_ALLOWED,
         pb.REASON_REQUEST_TOO_LARGE,
-        pb.REASON_UNSPECIFIED,
+        pb.REASON_ALLOWED,
         pb.REASON_ORGANIZATION_LIMIT,
     ]
 

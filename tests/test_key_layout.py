@@ -4,6 +4,7 @@ and lives no longer than the layout says."""
 from __future__ import annotations
 
 import redis.asyncio
+from google.protobuf.timestamp_pb2 import Timestamp
 from redis.crc import key_slot
 
 from ratelimitd.app import App
@@ -39,13 +40,18 @@ async def full_flow(client: Client, app: App, clock: Clock) -> str:
         apb.SetModelPermissionsRequest(organization_id=org, project_id=pid, policy=policy), metadata=AUTH
     )
     usage = usage_pb2_grpc.UsageServiceStub(client.channel)
-    price = upb.Price(organization_id=org, model=M, input_per_million=1, output_per_million=2)
+    price = upb.Price(
+        organization_id=org, model=M, input_usd_micros_per_million=1_000_000, output_usd_micros_per_million=2_000_000
+    )
     await usage.SetPrice(upb.SetPriceRequest(price=price), metadata=AUTH)
     await usage.SetSpendLimit(
-        upb.SetSpendLimitRequest(organization_id=org, project_id=pid, limit_usd=100), metadata=AUTH
+        upb.SetSpendLimitRequest(organization_id=org, project_id=pid, limit_usd_micros=100_000_000), metadata=AUTH
     )
     await usage.SetUsageSettings(
-        upb.UsageSettings(organization_id=org, cached_tokens_count_toward_limits=True), metadata=AUTH
+        upb.SetUsageSettingsRequest(
+            settings=upb.UsageSettings(organization_id=org, cached_tokens_count_toward_limits=True)
+        ),
+        metadata=AUTH,
     )
 
     admitted = await client.decisions.CheckAndConsume(pb.CheckRequest(api_key=key, model=M, tokens=100, request_id="a"))
@@ -55,17 +61,15 @@ async def full_flow(client: Client, app: App, clock: Clock) -> str:
     await client.decisions.ReportUsage(
         pb.ReportUsageRequest(api_key=key, request_id="a", model=M, input_tokens=50, output_tokens=20)
     )
-    since_ms, until_ms = int(clock.now_s - 3600) * 1000, int(clock.now_s + 3600) * 1000
+    since, until = Timestamp(seconds=int(clock.now_s - 3600)), Timestamp(seconds=int(clock.now_s + 3600))
     await usage.GetUsage(
-        upb.GetUsageRequest(
-            organization_id=org, granularity=upb.GRANULARITY_MINUTE, start_ms=since_ms, end_ms=until_ms
-        ),
+        upb.GetUsageRequest(organization_id=org, granularity=upb.GRANULARITY_MINUTE, start_time=since, end_time=until),
         metadata=AUTH,
     )
     await usage.ListRequestLogs(upb.ListRequestLogsRequest(organization_id=org, project_id=pid), metadata=AUTH)
     await usage.GetSpend(upb.GetSpendRequest(organization_id=org), metadata=AUTH)
     # a spend limit the report above passed: its alerts are claimed (engine/spend_alerts.py)
-    await usage.SetSpendLimit(upb.SetSpendLimitRequest(organization_id=org, limit_usd=0.00001), metadata=AUTH)
+    await usage.SetSpendLimit(upb.SetSpendLimitRequest(organization_id=org, limit_usd_micros=10), metadata=AUTH)
     assert await SpendAlerts(app.redis, Audit(app.redis, 100), clock=manual_clock(app.redis)).claim(org)
     await clock.advance(120)  # the minutes above are finished: they roll up into hours and days
     await app.rollup.roll(org)

@@ -87,7 +87,9 @@ async def _model_blocked(client: Client) -> Ask:
 async def _spend_limit(client: Client) -> Ask:
     org, pid, key = await _org(client)
     usage = usage_pb2_grpc.UsageServiceStub(client.channel)
-    await usage.SetSpendLimit(upb.SetSpendLimitRequest(organization_id=org, project_id=pid, limit_usd=0), metadata=AUTH)
+    await usage.SetSpendLimit(
+        upb.SetSpendLimitRequest(organization_id=org, project_id=pid, limit_usd_micros=0), metadata=AUTH
+    )
     return Ask(key)
 
 
@@ -174,7 +176,7 @@ REFUSAL_REASONS = BY_REASON
 
 
 def test_every_refusal_reason_of_the_proto_has_a_row() -> None:
-    assert set(BY_REASON) == set(pb.Reason.keys()) - {"REASON_UNSPECIFIED"}
+    assert set(BY_REASON) == set(pb.Reason.keys()) - {"REASON_UNSPECIFIED", "REASON_ALLOWED"}
 
 
 def test_docs_refusal_table_agrees_with_the_outcome_table() -> None:

@@ -67,12 +67,20 @@ async def priced(
     org = await client.org("acme", [(M, "requests", "minute", 10**6), (M, "tokens", "minute", 10**9)])
     pid, key = await client.project(org, "prod")
     usage = usage_pb2_grpc.UsageServiceStub(client.channel)
-    price = upb.Price(organization_id=org, model=M, input_per_million=PRICE, output_per_million=PRICE)
+    price = upb.Price(
+        organization_id=org,
+        model=M,
+        input_usd_micros_per_million=round(PRICE * 1e6),
+        output_usd_micros_per_million=round(PRICE * 1e6),
+    )
     await usage.SetPrice(upb.SetPriceRequest(price=price), metadata=AUTH)
     for project_id, limit in ((pid, project_usd), ("", org_usd)):
         if limit is not None:
             await usage.SetSpendLimit(
-                upb.SetSpendLimitRequest(organization_id=org, project_id=project_id, limit_usd=limit), metadata=AUTH
+                upb.SetSpendLimitRequest(
+                    organization_id=org, project_id=project_id, limit_usd_micros=round(limit * 1e6)
+                ),
+                metadata=AUTH,
             )
     return org, pid, key
 

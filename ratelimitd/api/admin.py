@@ -15,6 +15,7 @@ import grpc
 
 from ratelimitd.api.errors import rpc
 from ratelimitd.api.gate import caller
+from ratelimitd.api.wellknown import by_creation, milliseconds, page, timestamp, timestamp_or_none, update_paths
 from ratelimitd.core.errors import InvalidArgument
 from ratelimitd.engine.audit import AuditEvent
 from ratelimitd.engine.authz import Principal, Role
@@ -49,6 +50,11 @@ def _role(value: int) -> Role:
 
 def _access(value: int) -> Access:
     access = _ACCESS.get(value)
+    if value == pb.MODEL_ACCESS_UNSPECIFIED:
+        raise InvalidArgument(
+            "policy.access is not set: use MODEL_ACCESS_UNRESTRICTED, MODEL_ACCESS_ALLOW_LIST or "
+            "MODEL_ACCESS_BLOCK_LIST"
+        )
     if access is None:
         raise InvalidArgument(f"policy.access {value} is not a ModelAccess value")
     return access
@@ -70,20 +76,20 @@ def _effective(e: EffectiveLimit) -> pb.EffectiveLimit:
 
 
 def _organization(o: OrganizationInfo) -> pb.Organization:
-    return pb.Organization(id=o.id, name=o.name, created_at_ms=o.created_at_ms)
+    return pb.Organization(id=o.id, name=o.name, create_time=timestamp(o.created_at_ms))
 
 
 def _project(p: ProjectInfo) -> pb.Project:
     return pb.Project(
         id=p.id, organization_id=p.organization_id, name=p.name, description=p.description,
-        created_at_ms=p.created_at_ms,
+        create_time=timestamp(p.created_at_ms),
     )  # fmt: skip
 
 
 def _key(k: ApiKeyInfo) -> pb.ApiKey:
     return pb.ApiKey(
-        id=k.id, project_id=k.project_id, name=k.name, prefix=k.prefix, created_at_ms=k.created_at_ms,
-        last_used_at_ms=k.last_used_at_ms, revoked=k.revoked,
+        id=k.id, project_id=k.project_id, name=k.name, prefix=k.prefix, create_time=timestamp(k.created_at_ms),
+        last_use_time=timestamp_or_none(k.last_used_at_ms), revoked=k.revoked,
     )  # fmt: skip
 
 
@@ -93,14 +99,15 @@ def _policy(p: ModelPolicy) -> pb.ModelPolicy:
 
 def _member(m: MemberInfo) -> pb.Member:
     return pb.Member(
-        id=m.id, organization_id=m.organization_id, name=m.name, role=_ROLE_PB[m.role], created_at_ms=m.created_at_ms
-    )
+        id=m.id, organization_id=m.organization_id, name=m.name, role=_ROLE_PB[m.role],
+        create_time=timestamp(m.created_at_ms),
+    )  # fmt: skip
 
 
 def _credential(c: CredentialInfo) -> pb.Credential:
     return pb.Credential(
-        id=c.id, kind=c.kind, name=c.name, created_at_ms=c.created_at_ms, organization_id=c.organization_id,
-        member_id=c.member_id,
+        id=c.id, kind=c.kind, name=c.name, create_time=timestamp(c.created_at_ms),
+        organization_id=c.organization_id, member_id=c.member_id,
     )  # fmt: skip
 
 
@@ -119,8 +126,8 @@ def _event(e: AuditEvent) -> pb.AuditEvent:
         member_id=a.get("member", ""), role=role or pb.ROLE_UNSPECIFIED,
     )  # fmt: skip
     return pb.AuditEvent(
-        id=e.id, time_ms=e.time_ms, operation=e.operation, actor=actor, project_id=e.project_id, target=e.target,
-        before=e.before, after=e.after,
+        id=e.id, event_time=timestamp(e.time_ms), operation=e.operation, actor=actor, project_id=e.project_id,
+        target=e.target, before=e.before, after=e.after,
     )  # fmt: skip
 
 
@@ -181,6 +188,10 @@ class OrganizationServicer(_Servicer, admin_pb2_grpc.OrganizationServiceServicer
         return pb.OrganizationLimits(organization_id=request.organization_id, limits=_limits(specs))
 
 
+_PROJECT_UPDATABLE = ("name", "description")
+_MEMBER_UPDATABLE = ("role",)
+
+
 class ProjectServicer(_Servicer, admin_pb2_grpc.ProjectServiceServicer):
     @rpc
     async def CreateProject(self, request: pb.CreateProjectRequest, context: Context) -> pb.Project:
@@ -202,13 +213,16 @@ class ProjectServicer(_Servicer, admin_pb2_grpc.ProjectServiceServicer):
 
     @rpc
     async def UpdateProject(self, request: pb.UpdateProjectRequest, context: Context) -> pb.Project:
+        project = request.project
         actor = caller()
+        populated = {f.name for f, _ in project.ListFields()}
+        paths = update_paths(request.update_mask, request.HasField("update_mask"), _PROJECT_UPDATABLE, populated)
         return _project(
             await self.control.update_project(
-                request.organization_id,
-                request.project_id,
-                request.name if request.HasField("name") else None,
-                request.description if request.HasField("description") else None,
+                project.organization_id,
+                project.id,
+                project.name if "name" in paths else None,
+                project.description if "description" in paths else None,
                 actor=actor,
             )
         )
@@ -255,7 +269,8 @@ class ProjectServicer(_Servicer, admin_pb2_grpc.ProjectServiceServicer):
     @rpc
     async def ListApiKeys(self, request: pb.ListApiKeysRequest, context: Context) -> pb.ListApiKeysResponse:
         infos = await self.control.list_api_keys(request.organization_id, request.project_id)
-        return pb.ListApiKeysResponse(keys=[_key(i) for i in infos])
+        infos, token = page(infos, lambda i: by_creation(i.created_at_ms, i.id), request.page_size, request.page_token)
+        return pb.ListApiKeysResponse(keys=[_key(i) for i in infos], next_page_token=token)
 
     @rpc
     async def RevokeApiKey(self, request: pb.RevokeApiKeyRequest, context: Context) -> pb.ApiKey:
@@ -303,15 +318,22 @@ class MemberServicer(_Servicer, admin_pb2_grpc.MemberServiceServicer):
 
     @rpc
     async def ListMembers(self, request: pb.ListMembersRequest, context: Context) -> pb.ListMembersResponse:
-        return pb.ListMembersResponse(
-            members=[_member(m) for m in await self.m.members.list_members(request.organization_id)]
+        members, token = page(
+            await self.m.members.list_members(request.organization_id),
+            lambda m: f"{m.name}\x00{m.id}",
+            request.page_size,
+            request.page_token,
         )
+        return pb.ListMembersResponse(members=[_member(m) for m in members], next_page_token=token)
 
     @rpc
     async def UpdateMember(self, request: pb.UpdateMemberRequest, context: Context) -> pb.Member:
+        member = request.member
         actor = caller()
-        role = _role(request.role)
-        return _member(await self.m.members.update_role(request.organization_id, request.member_id, role, actor=actor))
+        populated = {f.name for f, _ in member.ListFields()}
+        update_paths(request.update_mask, request.HasField("update_mask"), _MEMBER_UPDATABLE, populated)
+        role = _role(member.role)
+        return _member(await self.m.members.update_role(member.organization_id, member.id, role, actor=actor))
 
     @rpc
     async def RemoveMember(self, request: pb.RemoveMemberRequest, context: Context) -> pb.Member:
@@ -338,7 +360,8 @@ class CredentialServicer(_Servicer, admin_pb2_grpc.CredentialServiceServicer):
     async def ListCredentials(self, request: pb.ListCredentialsRequest, context: Context) -> pb.ListCredentialsResponse:
         org_id = request.organization_id
         creds = await (self.m.members.list_credentials(org_id) if org_id else self.m.credentials.list_operators())
-        return pb.ListCredentialsResponse(credentials=[_credential(c) for c in creds])
+        creds, token = page(creds, lambda c: by_creation(c.created_at_ms, c.id), request.page_size, request.page_token)
+        return pb.ListCredentialsResponse(credentials=[_credential(c) for c in creds], next_page_token=token)
 
     @rpc
     async def RevokeCredential(self, request: pb.RevokeCredentialRequest, context: Context) -> pb.Credential:
@@ -359,7 +382,9 @@ class AuditServicer(_Servicer, admin_pb2_grpc.AuditServiceServicer):
     @rpc
     async def ListAuditEvents(self, request: pb.ListAuditEventsRequest, context: Context) -> pb.ListAuditEventsResponse:
         org_id = request.organization_id
+        since_ms = milliseconds("start_time", request.start_time, request.HasField("start_time"))
+        until_ms = milliseconds("end_time", request.end_time, request.HasField("end_time"))
         events, token = await self.m.control.read_audit(
-            org_id, request.project_id, request.since_ms, request.until_ms, request.page_size, request.page_token
+            org_id, request.project_id, since_ms, until_ms, request.page_size, request.page_token
         )
         return pb.ListAuditEventsResponse(events=[_event(e) for e in events], next_page_token=token)

@@ -1,4 +1,7 @@
-"""RateLimitService: validates input, asks the engine, builds the reply. Nothing else."""
+"""RateLimitService: validates input, asks the engine, builds the reply. Nothing else.
+
+ManageProject is answered by the ProjectService servicer (api/manage.py).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,9 @@ import grpc
 
 from ratelimitd.api.errors import STATUS, rpc
 from ratelimitd.api.gate import Gate
+from ratelimitd.api.manage import ProjectManager
 from ratelimitd.api.metrics import Metrics
+from ratelimitd.api.wellknown import micros
 from ratelimitd.core.errors import (
     InvalidArgument,
     NotFound,
@@ -34,8 +39,9 @@ from ratelimitd.engine.outcomes import (
 from ratelimitd.engine.requests import validate_costs, validate_request_id
 from ratelimitd.engine.storage_policy import StoragePolicy
 from ratelimitd.engine.usage import ReportResult, Usage
+from ratelimitd.v1 import rate_limit_service_pb2 as service_pb
+from ratelimitd.v1 import rate_limit_service_pb2_grpc
 from ratelimitd.v1 import ratelimit_pb2 as pb
-from ratelimitd.v1 import ratelimit_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +77,7 @@ def bucket_pb(b: BucketState) -> pb.BucketStatus:
     )
 
 
-class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
+class RateLimitServicer(rate_limit_service_pb2_grpc.RateLimitServiceServicer):
     def __init__(
         self,
         decider: Decider,
@@ -81,7 +87,9 @@ class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
         on_storage_error: str,
         storage_failed: Callable[[], None],
         metrics: Metrics,
+        projects: ProjectManager,
     ) -> None:
+        self._projects = projects
         self._decider = decider
         self._usage = usage
         self._gate = gate
@@ -196,8 +204,16 @@ class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
             model=report.model,
             counted_tokens=report.counted_tokens,
             token_delta=report.token_delta,
-            spend_usd=report.spend_usd,
+            spend_usd_micros=micros(report.spend_usd),
         )
+
+    @rpc
+    async def ManageProject(
+        self,
+        request: service_pb.ManageProjectRequest,
+        context: grpc.aio.ServicerContext[service_pb.ManageProjectRequest, service_pb.ManageProjectResponse],
+    ) -> service_pb.ManageProjectResponse:
+        return await self._projects.manage(request, context)
 
     async def _caller(
         self, request: pb.CheckRequest | pb.ReportUsageRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -10,7 +10,8 @@ of three rules, chosen from its full name:
   the decision script in the same round trip as the decision, or a project
   reference, for which the handler calls :meth:`Gate.admit_project_reference` (a
   trusted gateway's bearer credential). Nothing is added per call on this path;
-- ``BEARER``: every other method of our services. The bearer credential is
+- ``BEARER``: every other method of our services, and ManageProject (each of its
+  operations checked as the ProjectService RPC of that name). The bearer credential is
   authenticated and engine/authz.py's table (the single source of who may do what)
   is asked about the method's operation and organization before the handler runs;
   the handler reads who called with :func:`caller`.
@@ -98,9 +99,41 @@ SCOPES: Mapping[str, Scope] = {
     "RevokeCredential": _organization_or_platform("RevokeCredential"),
     "ListAuditEvents": _organization_or_platform("ListAuditEvents"),
     "SetPrice": lambda request, who: ("SetPrice", request.price.organization_id),
+    # Update requests carry the resource itself, with a field mask (AIP-134).
+    "UpdateProject": lambda request, who: ("UpdateProject", request.project.organization_id),
+    "UpdateMember": lambda request, who: ("UpdateMember", request.member.organization_id),
+    "SetUsageSettings": lambda request, who: ("SetUsageSettings", request.settings.organization_id),
+}
+
+
+def _managed_project(request: Any, who: Principal) -> tuple[str, str | None]:
+    """ManageProject: the ProjectService operation its oneof names, scoped as that RPC is."""
+    operation = request.WhichOneof("operation")
+    if operation is None:
+        raise InvalidArgument(f"operation is not set: set one of {', '.join(MANAGE_PROJECT_OPERATIONS)}")
+    method = MANAGE_PROJECT_OPERATIONS[operation]
+    return (SCOPES.get(method) or _by_name(method))(getattr(request, operation), who)
+
+
+MANAGE_PROJECT = "/ratelimitd.v1.RateLimitService/ManageProject"
+# ManageProject's oneof operation -> the ProjectService method it is (api/manage.py answers with it).
+MANAGE_PROJECT_OPERATIONS: Mapping[str, str] = {
+    "create_project": "CreateProject",
+    "get_project": "GetProject",
+    "update_project": "UpdateProject",
+    "delete_project": "DeleteProject",
+    "list_projects": "ListProjects",
+    "set_project_limits": "SetProjectLimits",
+    "get_project_limits": "GetProjectLimits",
+    "create_api_key": "CreateApiKey",
+    "list_api_keys": "ListApiKeys",
+    "revoke_api_key": "RevokeApiKey",
 }
 # The operations the scopes above can name, for the start-up check.
-_SCOPED_OPERATIONS = {"SetModelPermissions": ("SetProjectModelPermissions", "SetOrganizationModelPermissions")}
+_SCOPED_OPERATIONS = {
+    "SetModelPermissions": ("SetProjectModelPermissions", "SetOrganizationModelPermissions"),
+    "ManageProject": tuple(MANAGE_PROJECT_OPERATIONS.values()),
+}
 
 
 def _by_name(operation: str) -> Scope:
@@ -114,7 +147,9 @@ def rule_of(method: str) -> Rule | None:
         return Rule.OPEN
     if method in IN_REQUEST_METHODS:
         return Rule.IN_REQUEST
-    if service in BEARER_SERVICES and all(op in POLICY for op in _operations(name)):
+    if method == MANAGE_PROJECT:
+        return Rule.BEARER if all(op in POLICY for op in operations(name)) else None
+    if service in BEARER_SERVICES and all(op in POLICY for op in operations(name)):
         if name in SCOPES or _names_organization(service, name):
             return Rule.BEARER
     return None
@@ -129,7 +164,8 @@ def _names_organization(service: str, name: str) -> bool:
     return method is not None and "organization_id" in method.input_type.fields_by_name
 
 
-def _operations(name: str) -> tuple[str, ...]:
+def operations(name: str) -> tuple[str, ...]:
+    """The authorization table's operations a method's calls can name."""
     return _SCOPED_OPERATIONS.get(name, (name,))
 
 
@@ -192,7 +228,8 @@ class Gate:
             return behaviour
         if rule is Rule.BEARER and inspect.iscoroutinefunction(behaviour):
             name = method.rpartition("/")[2]
-            return self._behind_bearer(method, behaviour, SCOPES.get(name) or _by_name(name))
+            scope = _managed_project if method == MANAGE_PROJECT else SCOPES.get(name) or _by_name(name)
+            return self._behind_bearer(method, behaviour, scope)
         return self._refusing(method)
 
     def _behind_bearer(self, method: str, behaviour: Callable[..., Any], scope: Scope) -> Callable[..., Any]:

@@ -6,10 +6,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.message import Message
 
 from ratelimitd.cli.apply_spec import UNRESTRICTED, LimitKey, Policy, ProjectSpec, Spec, from_message, limit_text
-from ratelimitd.cli.client import Api
+from ratelimitd.cli.client import Api, list_members
 from ratelimitd.cli.members import ROLE_NAMES, ROLES
 from ratelimitd.cli.projects import list_projects
 from ratelimitd.engine.limits import MAX_LIMITS_PER_CALL
@@ -137,7 +138,8 @@ class Applier:
                 self._step(Change("+", "project", name, want.description or ""), self._create(name, want))
             elif want.description is not None and want.description != project.description:
                 update = apb.UpdateProjectRequest(
-                    organization_id=self.org, project_id=project.id, description=want.description
+                    project=apb.Project(organization_id=self.org, id=project.id, description=want.description),
+                    update_mask=FieldMask(paths=["description"]),
                 )
                 self._step(
                     Change("~", "project", name, f"description {project.description!r} -> {want.description!r}"),
@@ -232,7 +234,7 @@ class Applier:
         )
 
     async def _members(self, wanted: Mapping[str, str]) -> None:
-        listed = await self.api.members.ListMembers(apb.ListMembersRequest(organization_id=self.org))
+        listed = await list_members(self.api, self.org)
         existing = {m.name: m for m in listed.members}
         for name, role in wanted.items():
             if name not in existing:
@@ -241,7 +243,10 @@ class Applier:
         changed = [(n, r) for n, r in wanted.items() if n in existing and ROLES[r] != existing[n].role]
         for name, role in sorted(changed, key=lambda c: c[1] != "owner"):
             member = existing[name]
-            update = apb.UpdateMemberRequest(organization_id=self.org, member_id=member.id, role=ROLES[role])
+            update = apb.UpdateMemberRequest(
+                member=apb.Member(organization_id=self.org, id=member.id, role=ROLES[role]),
+                update_mask=FieldMask(paths=["role"]),
+            )
             self._step(
                 Change("~", "member", name, f"{ROLE_NAMES[member.role]} -> {role}"),
                 self._call(self.api.members.UpdateMember, update),

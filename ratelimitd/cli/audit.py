@@ -12,7 +12,7 @@ from ratelimitd.cli.members import ROLE_NAMES
 from ratelimitd.cli.output import emit, render
 from ratelimitd.cli.pages import collect
 from ratelimitd.cli.projects import project_label, project_names
-from ratelimitd.cli.times import format_ms, parse_moment_ms
+from ratelimitd.cli.times import format_stamp, parse_moment_ms, stamp
 from ratelimitd.v1 import admin_pb2 as apb
 
 
@@ -37,7 +37,7 @@ def _actor(p: apb.Principal) -> str:
 
 def audit_table(events: Sequence[apb.AuditEvent], names: Mapping[str, str]) -> str:
     return render(
-        [(format_ms(e.time_ms), _actor(e.actor), e.operation, project_label(e.project_id, names), e.target,
+        [(format_stamp(e, "event_time"), _actor(e.actor), e.operation, project_label(e.project_id, names), e.target,
           _change(e.before, e.after))
          for e in events],
         ("TIME", "WHO", "OPERATION", "PROJECT", "TARGET", "CHANGE"),
@@ -45,14 +45,14 @@ def audit_table(events: Sequence[apb.AuditEvent], names: Mapping[str, str]) -> s
 
 
 async def audit(api: Api, args: argparse.Namespace) -> int:
-    since = parse_moment_ms(args.since, "--since") if args.since else 0
-    until = parse_moment_ms(args.until, "--until") if args.until else 0
+    since = stamp(parse_moment_ms(args.since, "--since")) if args.since else None
+    until = stamp(parse_moment_ms(args.until, "--until")) if args.until else None
     # An id is used as it is, so a deleted project's history stays readable.
     project = await resolve_project(api, args.org, args.project) if args.project else ""
 
     def page(token: str, size: int) -> apb.ListAuditEventsRequest:
         return apb.ListAuditEventsRequest(
-            organization_id=args.org or "", project_id=project, since_ms=since, until_ms=until,
+            organization_id=args.org or "", project_id=project, start_time=since, end_time=until,
             page_token=token, page_size=size,
         )  # fmt: skip
 

@@ -15,10 +15,11 @@ from typing import Any, TypeVar
 import grpc
 
 from ratelimitd.cli.errors import NotUnderstood, Refused
+from ratelimitd.cli.pages import collect
 from ratelimitd.engine import ids
 from ratelimitd.tls import ClientTls
 from ratelimitd.v1 import admin_pb2 as apb
-from ratelimitd.v1 import admin_pb2_grpc, ratelimit_pb2_grpc, usage_pb2_grpc
+from ratelimitd.v1 import admin_pb2_grpc, rate_limit_service_pb2_grpc, usage_pb2_grpc
 
 # Every ratelimitd credential is printable ASCII without spaces. Anything else (most often a line
 # break or a carriage return pasted with it) cannot travel in a gRPC header.
@@ -66,7 +67,9 @@ class Api:
         interceptors = [Credential(credential)] if credential else []
         self.channel = (tls or ClientTls()).channel(address, interceptors)
         channel = self.channel
-        self.decisions: ratelimit_pb2_grpc.RateLimitServiceAsyncStub = ratelimit_pb2_grpc.RateLimitServiceStub(channel)
+        self.decisions: rate_limit_service_pb2_grpc.RateLimitServiceAsyncStub = (
+            rate_limit_service_pb2_grpc.RateLimitServiceStub(channel)
+        )
         self.orgs: admin_pb2_grpc.OrganizationServiceAsyncStub = admin_pb2_grpc.OrganizationServiceStub(channel)
         self.projects: admin_pb2_grpc.ProjectServiceAsyncStub = admin_pb2_grpc.ProjectServiceStub(channel)
         self.models: admin_pb2_grpc.ModelPermissionServiceAsyncStub = admin_pb2_grpc.ModelPermissionServiceStub(channel)
@@ -84,11 +87,22 @@ async def resolve_project(api: Api, org: str, ref: str) -> str:
     return reply.id
 
 
+async def list_members(api: Api, org: str) -> apb.ListMembersResponse:
+    """Every member of ``org``, all pages read."""
+    members, _ = await collect(
+        lambda token, size: api.members.ListMembers(
+            apb.ListMembersRequest(organization_id=org, page_token=token, page_size=size)
+        ),
+        lambda page: page.members,
+    )
+    return apb.ListMembersResponse(members=members)
+
+
 async def resolve_member(api: Api, org: str, ref: str) -> str:
     """A member id, from an id or a name."""
     if ids.is_id("mem", ref):
         return ref
-    reply = await api.members.ListMembers(apb.ListMembersRequest(organization_id=org))
+    reply = await list_members(api, org)
     for m in reply.members:
         if m.name == ref:
             return m.id

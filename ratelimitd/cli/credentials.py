@@ -10,13 +10,14 @@ from ratelimitd.cli.command import SubParsers, noun_parser, verb_parser
 from ratelimitd.cli.errors import NotUnderstood
 from ratelimitd.cli.members import ROLE_NAMES, shown_once
 from ratelimitd.cli.output import emit, render
-from ratelimitd.cli.times import format_ms
+from ratelimitd.cli.pages import collect
+from ratelimitd.cli.times import format_stamp
 from ratelimitd.v1 import admin_pb2 as apb
 
 
 def credentials_table(creds: Sequence[apb.Credential]) -> str:
     return render(
-        [(c.id, c.kind, c.name, c.member_id or "-", format_ms(c.created_at_ms)) for c in creds],
+        [(c.id, c.kind, c.name, c.member_id or "-", format_stamp(c, "create_time")) for c in creds],
         ("ID", "KIND", "NAME", "MEMBER", "CREATED"),
     )
 
@@ -35,7 +36,13 @@ async def credential_create(api: Api, args: argparse.Namespace) -> int:
 
 
 async def credential_list(api: Api, args: argparse.Namespace) -> int:
-    reply = await api.creds.ListCredentials(apb.ListCredentialsRequest(organization_id=args.org or ""))
+    creds, _ = await collect(
+        lambda token, size: api.creds.ListCredentials(
+            apb.ListCredentialsRequest(organization_id=args.org or "", page_token=token, page_size=size)
+        ),
+        lambda page: page.credentials,
+    )
+    reply = apb.ListCredentialsResponse(credentials=creds)
     emit(args, reply, lambda: credentials_table(reply.credentials))
     return 0
 

@@ -6,7 +6,7 @@ import argparse
 
 from ratelimitd.cli.client import Api, new_request_id, retry_unavailable
 from ratelimitd.cli.command import SubParsers, verb_parser
-from ratelimitd.cli.output import emit, render
+from ratelimitd.cli.output import emit, format_usd, render
 from ratelimitd.engine.outcomes import BY_REASON, go_duration
 from ratelimitd.v1 import ratelimit_pb2 as pb
 
@@ -66,7 +66,7 @@ async def report(api: Api, args: argparse.Namespace) -> int:
         reply,
         lambda: (
             f"{result}: {reply.counted_tokens} tokens count toward limits, {reply.token_delta:+d} to the buckets, "
-            f"${reply.spend_usd:.6f}"
+            f"${format_usd(reply.spend_usd_micros)}"
         ),
     )
     return 0

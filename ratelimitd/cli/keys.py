@@ -8,13 +8,14 @@ from collections.abc import Sequence
 from ratelimitd.cli.client import Api, resolve_project
 from ratelimitd.cli.command import SubParsers, noun_parser, org_arg, project_arg, verb_parser
 from ratelimitd.cli.output import emit, render
-from ratelimitd.cli.times import format_ms
+from ratelimitd.cli.pages import collect
+from ratelimitd.cli.times import format_stamp
 from ratelimitd.v1 import admin_pb2 as apb
 
 
 def keys_table(keys: Sequence[apb.ApiKey]) -> str:
     return render(
-        [(k.id, k.name, k.prefix + "…", format_ms(k.created_at_ms), format_ms(k.last_used_at_ms),
+        [(k.id, k.name, k.prefix + "…", format_stamp(k, "create_time"), format_stamp(k, "last_use_time"),
           "revoked" if k.revoked else "active")
          for k in keys],
         ("ID", "NAME", "PREFIX", "CREATED", "LAST USED", "STATE"),
@@ -36,7 +37,13 @@ async def key_create(api: Api, args: argparse.Namespace) -> int:
 
 async def key_list(api: Api, args: argparse.Namespace) -> int:
     project = await resolve_project(api, args.org, args.project)
-    reply = await api.projects.ListApiKeys(apb.ListApiKeysRequest(organization_id=args.org, project_id=project))
+    keys, _ = await collect(
+        lambda token, size: api.projects.ListApiKeys(
+            apb.ListApiKeysRequest(organization_id=args.org, project_id=project, page_token=token, page_size=size)
+        ),
+        lambda page: page.keys,
+    )
+    reply = apb.ListApiKeysResponse(keys=keys)
     emit(args, reply, lambda: keys_table(reply.keys))
     return 0
 

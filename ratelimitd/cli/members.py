@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from ratelimitd.cli.client import Api, resolve_member
+from google.protobuf.field_mask_pb2 import FieldMask
+
+from ratelimitd.cli.client import Api, list_members, resolve_member
 from ratelimitd.cli.command import SubParsers, noun_parser, org_arg, verb_parser
 from ratelimitd.cli.output import emit, render
-from ratelimitd.cli.times import format_ms
+from ratelimitd.cli.times import format_stamp
 from ratelimitd.v1 import admin_pb2 as apb
 
 ROLES = {"owner": apb.ROLE_OWNER, "developer": apb.ROLE_DEVELOPER, "reader": apb.ROLE_READER}
@@ -17,7 +19,7 @@ ROLE_NAMES = {v: k for k, v in ROLES.items()} | {apb.ROLE_UNSPECIFIED: "-"}
 
 def members_table(members: Sequence[apb.Member]) -> str:
     return render(
-        [(m.id, m.name, ROLE_NAMES[m.role], format_ms(m.created_at_ms)) for m in members],
+        [(m.id, m.name, ROLE_NAMES[m.role], format_stamp(m, "create_time")) for m in members],
         ("ID", "NAME", "ROLE", "ADDED"),
     )
 
@@ -35,7 +37,7 @@ async def member_add(api: Api, args: argparse.Namespace) -> int:
 
 
 async def member_list(api: Api, args: argparse.Namespace) -> int:
-    reply = await api.members.ListMembers(apb.ListMembersRequest(organization_id=args.org))
+    reply = await list_members(api, args.org)
     emit(args, reply, lambda: members_table(reply.members))
     return 0
 
@@ -43,7 +45,10 @@ async def member_list(api: Api, args: argparse.Namespace) -> int:
 async def member_role(api: Api, args: argparse.Namespace) -> int:
     member = await resolve_member(api, args.org, args.member)
     reply = await api.members.UpdateMember(
-        apb.UpdateMemberRequest(organization_id=args.org, member_id=member, role=ROLES[args.role])
+        apb.UpdateMemberRequest(
+            member=apb.Member(organization_id=args.org, id=member, role=ROLES[args.role]),
+            update_mask=FieldMask(paths=["role"]),
+        )
     )
     emit(args, reply, lambda: members_table([reply]))
     return 0

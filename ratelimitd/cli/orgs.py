@@ -10,12 +10,12 @@ from ratelimitd.cli.command import SubParsers, noun_parser, org_arg, verb_parser
 from ratelimitd.cli.limits import add_org_parser
 from ratelimitd.cli.output import emit, render
 from ratelimitd.cli.pages import collect
-from ratelimitd.cli.times import format_ms
+from ratelimitd.cli.times import format_stamp
 from ratelimitd.v1 import admin_pb2 as apb
 
 
 def orgs_table(orgs: Sequence[apb.Organization]) -> str:
-    return render([(o.id, o.name, format_ms(o.created_at_ms)) for o in orgs], ("ID", "NAME", "CREATED"))
+    return render([(o.id, o.name, format_stamp(o, "create_time")) for o in orgs], ("ID", "NAME", "CREATED"))
 
 
 async def org_create(api: Api, args: argparse.Namespace) -> int:

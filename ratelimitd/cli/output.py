@@ -74,3 +74,15 @@ def render(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
     cells = [[str(c) for c in header], *[[str(c) for c in r] for r in rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)
+
+
+MICROS_PER_USD = 1_000_000
+
+
+def usd_micros(usd: float) -> int:
+    """The command line takes dollars; the API counts whole micro-dollars."""
+    return round(usd * MICROS_PER_USD)
+
+
+def format_usd(micros: int) -> str:
+    return f"{micros / MICROS_PER_USD:.6f}"

@@ -11,7 +11,7 @@ from ratelimitd.cli.errors import NotUnderstood
 from ratelimitd.cli.limits import add_project_parser
 from ratelimitd.cli.output import emit, render
 from ratelimitd.cli.pages import MAX_PAGE, collect
-from ratelimitd.cli.times import format_ms
+from ratelimitd.cli.times import format_stamp
 from ratelimitd.engine import ids
 from ratelimitd.v1 import admin_pb2 as apb
 
@@ -45,7 +45,7 @@ def project_label(project_id: str, names: Mapping[str, str]) -> str:
 
 def projects_table(projects: Sequence[apb.Project]) -> str:
     return render(
-        [(p.id, p.name, format_ms(p.created_at_ms), p.description) for p in projects],
+        [(p.id, p.name, format_stamp(p, "create_time"), p.description) for p in projects],
         ("ID", "NAME", "CREATED", "DESCRIPTION"),
     )
 
@@ -86,12 +86,14 @@ async def project_update(api: Api, args: argparse.Namespace) -> int:
     if args.name is None and args.description is None:
         raise NotUnderstood("project update: give --name and/or --description")
     request = apb.UpdateProjectRequest(
-        organization_id=args.org, project_id=await resolve_project(api, args.org, args.project)
+        project=apb.Project(organization_id=args.org, id=await resolve_project(api, args.org, args.project))
     )
     if args.name is not None:
-        request.name = args.name
+        request.project.name = args.name
+        request.update_mask.paths.append("name")
     if args.description is not None:
-        request.description = args.description
+        request.project.description = args.description
+        request.update_mask.paths.append("description")
     p = await api.projects.UpdateProject(request)
     emit(args, p, lambda: projects_table([p]))
     return 0

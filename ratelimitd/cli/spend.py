@@ -7,7 +7,8 @@ import argparse
 from ratelimitd.cli.client import Api, resolve_project
 from ratelimitd.cli.command import SubParsers, org_arg, verb_parser
 from ratelimitd.cli.errors import NotUnderstood
-from ratelimitd.cli.output import emit, render
+from ratelimitd.cli.output import emit, format_usd, render, usd_micros
+from ratelimitd.cli.pages import collect
 from ratelimitd.cli.projects import project_names
 from ratelimitd.v1 import usage_pb2 as upb
 
@@ -15,7 +16,8 @@ from ratelimitd.v1 import usage_pb2 as upb
 def spend_table(reply: upb.GetSpendResponse, names: dict[str, str]) -> str:
     rows = [
         (names.get(line.project_id, line.project_id) if line.project_id else "(organization)",
-         f"{line.spend_usd:.6f}", f"{line.limit_usd:.2f}" if line.HasField("limit_usd") else "-",
+         format_usd(line.spend_usd_micros),
+         format_usd(line.limit_usd_micros) if line.HasField("limit_usd_micros") else "-",
          ",".join(f"{t}%" for t in line.thresholds_crossed) or "-", "blocked" if line.blocked else "", line.project_id)
         for line in [reply.organization, *reply.projects]
     ]  # fmt: skip
@@ -40,12 +42,16 @@ async def spend_limit(api: Api, args: argparse.Namespace) -> int:
     project = await resolve_project(api, args.org, args.project) if args.project else ""
     request = upb.SetSpendLimitRequest(organization_id=args.org, project_id=project)
     if args.usd is not None:
-        request.limit_usd = args.usd
+        request.limit_usd_micros = usd_micros(args.usd)
     return await _emit_spend(api, args, await api.usage.SetSpendLimit(request))
 
 
 def prices_table(prices: list[upb.Price]) -> str:
-    rows = [(p.model, p.input_per_million, p.output_per_million, p.cached_input_per_million) for p in prices]
+    rows = [
+        (p.model, format_usd(p.input_usd_micros_per_million), format_usd(p.output_usd_micros_per_million),
+         format_usd(p.cached_input_usd_micros_per_million))
+        for p in prices
+    ]  # fmt: skip
     return render(rows, ("MODEL", "INPUT $/M", "OUTPUT $/M", "CACHED INPUT $/M"))
 
 
@@ -53,8 +59,9 @@ async def price(api: Api, args: argparse.Namespace) -> int:
     reply = await api.usage.SetPrice(
         upb.SetPriceRequest(
             price=upb.Price(
-                organization_id=args.org, model=args.model, input_per_million=args.input,
-                output_per_million=args.output, cached_input_per_million=args.cached,
+                organization_id=args.org, model=args.model, input_usd_micros_per_million=usd_micros(args.input),
+                output_usd_micros_per_million=usd_micros(args.output),
+                cached_input_usd_micros_per_million=usd_micros(args.cached),
             )
         )
     )  # fmt: skip
@@ -63,7 +70,13 @@ async def price(api: Api, args: argparse.Namespace) -> int:
 
 
 async def prices(api: Api, args: argparse.Namespace) -> int:
-    reply = await api.usage.ListPrices(upb.ListPricesRequest(organization_id=args.org))
+    listed, _ = await collect(
+        lambda token, size: api.usage.ListPrices(
+            upb.ListPricesRequest(organization_id=args.org, page_token=token, page_size=size)
+        ),
+        lambda page: page.prices,
+    )
+    reply = upb.ListPricesResponse(prices=listed)
     emit(args, reply, lambda: prices_table(list(reply.prices)))
     return 0
 

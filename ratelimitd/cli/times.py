@@ -6,6 +6,9 @@ import re
 import time
 from datetime import UTC, datetime
 
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from ratelimitd.cli.errors import NotUnderstood
 
 _PERIOD = re.compile(r"^(\d+)([smhd])$")
@@ -46,6 +49,18 @@ def parse_moment_ms(text: str, flag: str) -> int:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return int(moment.timestamp() * 1000)
+
+
+def stamp(ms: int) -> Timestamp:
+    """Unix milliseconds as a request's Timestamp."""
+    t = Timestamp()
+    t.FromMilliseconds(ms)
+    return t
+
+
+def format_stamp(message: Message, field: str) -> str:
+    """A Timestamp field of ``message`` as format_ms shows it; "-" when absent."""
+    return format_ms(getattr(message, field).ToMilliseconds()) if message.HasField(field) else "-"
 
 
 def format_ms(ms: int) -> str:

@@ -7,9 +7,10 @@ import argparse
 from ratelimitd.cli.client import Api, resolve_project
 from ratelimitd.cli.command import SubParsers, org_arg, project_arg, verb_parser
 from ratelimitd.cli.errors import NotUnderstood
-from ratelimitd.cli.output import emit, render
+from ratelimitd.cli.output import emit, format_usd, render
+from ratelimitd.cli.pages import collect
 from ratelimitd.cli.projects import project_label, project_names
-from ratelimitd.cli.times import format_ms, now_ms, parse_period_s
+from ratelimitd.cli.times import format_stamp, now_ms, parse_period_s, stamp
 from ratelimitd.v1 import usage_pb2 as upb
 
 _GRANULARITY = {"minute": upb.GRANULARITY_MINUTE, "hour": upb.GRANULARITY_HOUR, "day": upb.GRANULARITY_DAY}
@@ -25,9 +26,9 @@ def _groups(by: str | None) -> list[upb.GroupBy.ValueType]:
 
 def usage_table(reply: upb.GetUsageResponse, names: dict[str, str]) -> str:
     rows = [
-        (format_ms(r.bucket_start_ms), project_label(r.project_id, names) if r.project_id else "*", r.model or "*",
-         r.api_key_id or "*", r.requests, sum(r.refusals.values()), r.input_tokens, r.output_tokens, r.cached_tokens,
-         f"{r.spend_usd:.6f}")
+        (format_stamp(r, "bucket_start_time"), project_label(r.project_id, names) if r.project_id else "*",
+         r.model or "*", r.api_key_id or "*", r.requests, sum(r.refusals.values()), r.input_tokens, r.output_tokens,
+         r.cached_tokens, format_usd(r.spend_usd_micros))
         for r in [*reply.rows, reply.total]
     ]  # fmt: skip
     rows[-1] = ("total", "", "", "", *rows[-1][4:])
@@ -42,7 +43,7 @@ async def usage(api: Api, args: argparse.Namespace) -> int:
     project = await resolve_project(api, args.org, args.project) if args.project else ""
     reply = await api.usage.GetUsage(
         upb.GetUsageRequest(
-            organization_id=args.org, start_ms=end_ms - since_s * 1000, end_ms=end_ms + 1,
+            organization_id=args.org, start_time=stamp(end_ms - since_s * 1000), end_time=stamp(end_ms + 1),
             granularity=_GRANULARITY[args.granularity], group_by=groups, project_id=project,
         )
     )  # fmt: skip
@@ -56,14 +57,14 @@ def _outcome(args: argparse.Namespace) -> upb.ListRequestLogsRequest.Outcome.Val
         return upb.ListRequestLogsRequest.OUTCOME_REFUSED
     if args.allowed:
         return upb.ListRequestLogsRequest.OUTCOME_ALLOWED
-    return upb.ListRequestLogsRequest.OUTCOME_ANY
+    return upb.ListRequestLogsRequest.OUTCOME_UNSPECIFIED
 
 
 def logs_table(reply: upb.ListRequestLogsResponse) -> str:
     rows = [
-        (format_ms(e.time_ms), e.request_id, e.model, e.api_key_id, "allowed" if e.allowed else e.reason,
+        (format_stamp(e, "request_time"), e.request_id, e.model, e.api_key_id, "allowed" if e.allowed else e.reason,
          e.input_tokens if e.allowed else e.requested_tokens, e.output_tokens, e.cached_tokens,
-         e.status_code or "-", e.latency_ms or "-")
+         e.status_code or "-", e.latency.ToMilliseconds() if e.HasField("latency") else "-")
         for e in reply.entries
     ]  # fmt: skip
     header = ("TIME (UTC)", "REQUEST", "MODEL", "KEY", "DECISION", "INPUT", "OUTPUT", "CACHED", "STATUS", "MS")
@@ -72,12 +73,17 @@ def logs_table(reply: upb.ListRequestLogsResponse) -> str:
 
 async def logs(api: Api, args: argparse.Namespace) -> int:
     project = await resolve_project(api, args.org, args.project)
-    reply = await api.usage.ListRequestLogs(
-        upb.ListRequestLogsRequest(
+
+    def page(token: str, size: int) -> upb.ListRequestLogsRequest:
+        return upb.ListRequestLogsRequest(
             organization_id=args.org, project_id=project, model=args.model or "", api_key_id=args.key or "",
-            outcome=_outcome(args), limit=args.limit,
-        )
-    )  # fmt: skip
+            outcome=_outcome(args), page_token=token, page_size=size,
+        )  # fmt: skip
+
+    entries, token = await collect(
+        lambda token, size: api.usage.ListRequestLogs(page(token, size)), lambda p: p.entries, limit=args.limit
+    )
+    reply = upb.ListRequestLogsResponse(entries=entries, next_page_token=token)
     emit(args, reply, lambda: logs_table(reply))
     return 0
 

@@ -103,7 +103,7 @@ _LIMIT = (
 _KEY = "Invalid API key: it is unknown, malformed or revoked, or its project was deleted."
 
 OUTCOMES: Mapping[Outcome, OutcomeRule] = {
-    Outcome.ALLOWED: OutcomeRule("REASON_UNSPECIFIED", 200, "", "", False, ""),
+    Outcome.ALLOWED: OutcomeRule("REASON_ALLOWED", 200, "", "", False, ""),
     Outcome.PROJECT_LIMIT: OutcomeRule("REASON_PROJECT_LIMIT", 429, METRIC, "rate_limit_exceeded", True, _LIMIT),
     Outcome.ORGANIZATION_LIMIT: OutcomeRule(
         "REASON_ORGANIZATION_LIMIT", 429, METRIC, "rate_limit_exceeded", True, _LIMIT
@@ -146,7 +146,9 @@ STORAGE_UNAVAILABLE = OutcomeRule(
 )  # fmt: skip
 # Every refusal by the reason a CheckResponse names (for clients of the gRPC API: the CLI, docs).
 BY_REASON: Mapping[str, OutcomeRule] = {
-    rule.reason: rule for rule in (*OUTCOMES.values(), STORAGE_UNAVAILABLE) if rule.reason != "REASON_UNSPECIFIED"
+    rule.reason: rule
+    for rule in (*OUTCOMES.values(), STORAGE_UNAVAILABLE)
+    if rule.reason not in ("REASON_UNSPECIFIED", "REASON_ALLOWED")
 }
 # Not an outcome either: a value an end user sent that an HTTP edge cannot read
 # (a token estimate, a request id); the message names it.

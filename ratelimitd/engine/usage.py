@@ -31,6 +31,7 @@ from ratelimitd.storage.redis import storage_errors
 # Percent of a spend limit at which an alert counts as crossed.
 ALERT_THRESHOLDS = (50, 75, 90, 100)
 MAX_PRICE = 1_000_000.0  # USD per million tokens
+MAX_SPEND_LIMIT_MICROS = 10**18  # 1e12 USD
 
 
 class ReportResult(enum.IntEnum):
@@ -206,9 +207,12 @@ class Usage(UsageQueries):
             key=lambda p: (p.model == "*", p.model),
         )
 
-    async def set_spend_limit(self, org_id: str, project_id: str, limit_usd: float | None) -> None:
-        if limit_usd is not None and (not math.isfinite(limit_usd) or limit_usd < 0 or limit_usd > 1e12):
-            raise InvalidArgument(f"spend limit {limit_usd} must be between 0 and 1e12 USD")
+    async def set_spend_limit(self, org_id: str, project_id: str, limit_usd_micros: int | None) -> None:
+        """``limit_usd_micros``: micro-dollars per month, or None to clear the limit."""
+        if limit_usd_micros is not None and not 0 <= limit_usd_micros <= MAX_SPEND_LIMIT_MICROS:
+            raise InvalidArgument(
+                f"limit_usd_micros is {limit_usd_micros}; it must be between 0 and {MAX_SPEND_LIMIT_MICROS} (1e12 USD)"
+            )
         if project_id:
             k = await self._control.require_project(org_id, project_id)
         else:
@@ -216,11 +220,11 @@ class Usage(UsageQueries):
         field_ = keys.spend_field(project_id)
         with storage_errors():
             async with self._redis.pipeline(transaction=True) as pipe:
-                if limit_usd is None:
+                if limit_usd_micros is None:
                     pipe.hdel(k.spend_limits, field_)
                 else:
                     # stored in micro-USD, the unit report.lua adds spend in
-                    pipe.hset(k.spend_limits, field_, repr(limit_usd * 1e6))
+                    pipe.hset(k.spend_limits, field_, str(limit_usd_micros))
                 keys.invalidate_decision_config(pipe, k)
                 await pipe.execute()
 

@@ -20,13 +20,13 @@ from redis.asyncio import Redis
 
 from ratelimitd.core import keys
 from ratelimitd.core.errors import InvalidArgument
+from ratelimitd.engine import pages
 from ratelimitd.engine.clock import Clock
 from ratelimitd.engine.control import ControlPlane
 from ratelimitd.engine.outcomes import Outcome
 from ratelimitd.storage.redis import storage_errors
 
 MAX_BUCKETS_PER_QUERY = 10_000
-MAX_LOG_PAGE = 1000
 GRANULARITIES = {"minute": ("m", 60), "hour": ("h", 3600), "day": ("d", 86400)}
 GROUPS = ("project", "model", "key")
 
@@ -219,10 +219,12 @@ class UsageQueries:
         allowed: bool | None = None,
         start_ms: int = 0,
         end_ms: int = 0,
-        limit: int = 100,
-    ) -> list[LogEntry]:
-        if not 1 <= limit <= MAX_LOG_PAGE:
-            raise InvalidArgument(f"limit {limit} must be between 1 and {MAX_LOG_PAGE}")
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> tuple[list[LogEntry], str]:
+        """One page of the project's request log, newest first, and the next page's token ("" at the end)."""
+        size = pages.page_size(page_size)
+        pages.newest_first([], size, page_token)  # a malformed token is refused before anything is read
         k = await self._control.require_project(org_id, project_id, or_deleted=True)
         with storage_errors():
             raw = cast(list[str], await self._redis.lrange(k.request_log(project_id), 0, -1))
@@ -238,10 +240,8 @@ class UsageQueries:
                 continue
             if not start_ms <= e.time_ms < end_ms:
                 continue
-            out.append(e)
-            if len(out) == limit:
-                break
-        return out
+            out.append((e.time_ms, e))
+        return pages.newest_first(out, size, page_token)
 
 
 # Usage fields as lib.lua writes them: "<id>|r", "<id>|x<outcome>", "<id>|u" in minutes,

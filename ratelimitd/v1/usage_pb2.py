@@ -22,9 +22,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19ratelimitd/v1/usage.proto\x12\rratelimitd.v1\"\xbb\x01\n\x0fGetUsageRequest\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\x10\n\x08start_ms\x18\x02 \x01(\x03\x12\x0e\n\x06\x65nd_ms\x18\x03 \x01(\x03\x12/\n\x0bgranularity\x18\x04 \x01(\x0e\x32\x1a.ratelimitd.v1.Granularity\x12(\n\x08group_by\x18\x05 \x03(\x0e\x32\x16.ratelimitd.v1.GroupBy\x12\x12\n\nproject_id\x18\x06 \x01(\t\"\xbf\x02\n\x08UsageRow\x12\x17\n\x0f\x62ucket_start_ms\x18\x01 \x01(\x03\x12\x12\n\nproject_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\napi_key_id\x18\x04 \x01(\t\x12\x10\n\x08requests\x18\x05 \x01(\x03\x12\x37\n\x08refusals\x18\x06 \x03(\x0b\x32%.ratelimitd.v1.UsageRow.RefusalsEntry\x12\x10\n\x08reported\x18\x07 \x01(\x03\x12\x14\n\x0cinput_tokens\x18\x08 \x01(\x03\x12\x15\n\routput_tokens\x18\t \x01(\x03\x12\x15\n\rcached_tokens\x18\n \x01(\x03\x12\x11\n\tspend_usd\x18\x0b \x01(\x01\x1a/\n\rRefusalsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"a\n\x10GetUsageResponse\x12%\n\x04rows\x18\x01 \x03(\x0b\x32\x17.ratelimitd.v1.UsageRow\x12&\n\x05total\x18\x02 \x01(\x0b\x32\x17.ratelimitd.v1.UsageRow\"9\n\x0fGetSpendRequest\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\r\n\x05month\x18\x02 \x01(\t\"\x85\x01\n\tSpendLine\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x11\n\tspend_usd\x18\x02 \x01(\x01\x12\x16\n\tlimit_usd\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\x12thresholds_crossed\x18\x04 \x03(\x05\x12\x0f\n\x07\x62locked\x18\x05 \x01(\x08\x42\x0c\n\n_limit_usd\"\x96\x01\n\x10GetSpendResponse\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\r\n\x05month\x18\x02 \x01(\t\x12.\n\x0corganization\x18\x03 \x01(\x0b\x32\x18.ratelimitd.v1.SpendLine\x12*\n\x08projects\x18\x04 \x03(\x0b\x32\x18.ratelimitd.v1.SpendLine\"\x9f\x02\n\x16ListRequestLogsRequest\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\napi_key_id\x18\x04 \x01(\t\x12>\n\x07outcome\x18\x05 \x01(\x0e\x32-.ratelimitd.v1.ListRequestLogsRequest.Outcome\x12\x10\n\x08start_ms\x18\x06 \x01(\x03\x12\x0e\n\x06\x65nd_ms\x18\x07 \x01(\x03\x12\r\n\x05limit\x18\x08 \x01(\x05\"D\n\x07Outcome\x12\x0f\n\x0bOUTCOME_ANY\x10\x00\x12\x13\n\x0fOUTCOME_ALLOWED\x10\x01\x12\x13\n\x0fOUTCOME_REFUSED\x10\x02\"\x81\x02\n\x0fRequestLogEntry\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07time_ms\x18\x02 \x01(\x03\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\napi_key_id\x18\x04 \x01(\t\x12\x0f\n\x07\x61llowed\x18\x05 \x01(\x08\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x07 \x01(\x03\x12\x15\n\routput_tokens\x18\x08 \x01(\x03\x12\x15\n\rcached_tokens\x18\t \x01(\x03\x12\x18\n\x10requested_tokens\x18\n \x01(\x03\x12\x13\n\x0bstatus_code\x18\x0b \x01(\x05\x12\x12\n\nlatency_ms\x18\x0c \x01(\x03\"J\n\x17ListRequestLogsResponse\x12/\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1e.ratelimitd.v1.RequestLogEntry\"\x88\x01\n\x05Price\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x19\n\x11input_per_million\x18\x03 \x01(\x01\x12\x1a\n\x12output_per_million\x18\x04 \x01(\x01\x12 \n\x18\x63\x61\x63hed_input_per_million\x18\x05 \x01(\x01\"6\n\x0fSetPriceRequest\x12#\n\x05price\x18\x01 \x01(\x0b\x32\x14.ratelimitd.v1.Price\",\n\x11ListPricesRequest\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\":\n\x12ListPricesResponse\x12$\n\x06prices\x18\x01 \x03(\x0b\x32\x14.ratelimitd.v1.Price\"i\n\x14SetSpendLimitRequest\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\x12\x16\n\tlimit_usd\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_limit_usd\"2\n\x17GetUsageSettingsRequest\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\"S\n\rUsageSettings\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12)\n!cached_tokens_count_toward_limits\x18\x02 \x01(\x08*m\n\x0bGranularity\x12\x1b\n\x17GRANULARITY_UNSPECIFIED\x10\x00\x12\x16\n\x12GRANULARITY_MINUTE\x10\x01\x12\x14\n\x10GRANULARITY_HOUR\x10\x02\x12\x13\n\x0fGRANULARITY_DAY\x10\x03*c\n\x07GroupBy\x12\x18\n\x14GROUP_BY_UNSPECIFIED\x10\x00\x12\x14\n\x10GROUP_BY_PROJECT\x10\x01\x12\x12\n\x0eGROUP_BY_MODEL\x10\x02\x12\x14\n\x10GROUP_BY_API_KEY\x10\x03\x32\xa0\x05\n\x0cUsageService\x12K\n\x08GetUsage\x12\x1e.ratelimitd.v1.GetUsageRequest\x1a\x1f.ratelimitd.v1.GetUsageResponse\x12K\n\x08GetSpend\x12\x1e.ratelimitd.v1.GetSpendRequest\x1a\x1f.ratelimitd.v1.GetSpendResponse\x12`\n\x0fListRequestLogs\x12%.ratelimitd.v1.ListRequestLogsRequest\x1a&.ratelimitd.v1.ListRequestLogsResponse\x12@\n\x08SetPrice\x12\x1e.ratelimitd.v1.SetPriceRequest\x1a\x14.ratelimitd.v1.Price\x12Q\n\nListPrices\x12 .ratelimitd.v1.ListPricesRequest\x1a!.ratelimitd.v1.ListPricesResponse\x12U\n\rSetSpendLimit\x12#.ratelimitd.v1.SetSpendLimitRequest\x1a\x1f.ratelimitd.v1.GetSpendResponse\x12N\n\x10SetUsageSettings\x12\x1c.ratelimitd.v1.UsageSettings\x1a\x1c.ratelimitd.v1.UsageSettings\x12X\n\x10GetUsageSettings\x12&.ratelimitd.v1.GetUsageSettingsRequest\x1a\x1c.ratelimitd.v1.UsageSettingsB\xa4\x01\n\x11\x63om.ratelimitd.v1B\nUsageProtoP\x01ZJgithub.com/ratelimitd/ratelimitd/clients/go/gen/ratelimitd/v1;ratelimitdv1\xa2\x02\x03RLX\xaa\x02\rRatelimitd.V1\xca\x02\rRatelimitd\\V1\xea\x02\x0eRatelimitd::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19ratelimitd/v1/usage.proto\x12\rratelimitd.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x95\x02\n\x0fGetUsageRequest\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bgranularity\x18\x04 \x01(\x0e\x32\x1a.ratelimitd.v1.Granularity\x12(\n\x08group_by\x18\x05 \x03(\x0e\x32\x16.ratelimitd.v1.GroupBy\x12\x12\n\nproject_id\x18\x06 \x01(\tJ\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04R\x08start_msR\x06\x65nd_ms\"\x8c\x03\n\x08UsageRow\x12\x35\n\x11\x62ucket_start_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nproject_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\napi_key_id\x18\x04 \x01(\t\x12\x10\n\x08requests\x18\x05 \x01(\x03\x12\x37\n\x08refusals\x18\x06 \x03(\x0b\x32%.ratelimitd.v1.UsageRow.RefusalsEntry\x12\x10\n\x08reported\x18\x07 \x01(\x03\x12\x14\n\x0cinput_tokens\x18\x08 \x01(\x03\x12\x15\n\routput_tokens\x18\t \x01(\x03\x12\x15\n\rcached_tokens\x18\n \x01(\x03\x12\x18\n\x10spend_usd_micros\x18\r \x01(\x03\x1a/\n\rRefusalsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01J\x04\x08\x01\x10\x02J\x04\x08\x0b\x10\x0cR\x0f\x62ucket_start_msR\tspend_usd\"a\n\x10GetUsageResponse\x12%\n\x04rows\x18\x01 \x03(\x0b\x32\x17.ratelimitd.v1.UsageRow\x12&\n\x05total\x18\x02 \x01(\x0b\x32\x17.ratelimitd.v1.UsageRow\"9\n\x0fGetSpendRequest\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\r\n\x05month\x18\x02 \x01(\t\"\xbc\x01\n\tSpendLine\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x18\n\x10spend_usd_micros\x18\x06 \x01(\x03\x12\x1d\n\x10limit_usd_micros\x18\x07 \x01(\x03H\x00\x88\x01\x01\x12\x1a\n\x12thresholds_crossed\x18\x04 \x03(\x05\x12\x0f\n\x07\x62locked\x18\x05 \x01(\x08\x42\x13\n\x11_limit_usd_microsJ\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04R\tspend_usdR\tlimit_usd\"\x96\x01\n\x10GetSpendResponse\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\r\n\x05month\x18\x02 \x01(\t\x12.\n\x0corganization\x18\x03 \x01(\x0b\x32\x18.ratelimitd.v1.SpendLine\x12*\n\x08projects\x18\x04 \x03(\x0b\x32\x18.ratelimitd.v1.SpendLine\"\x9a\x03\n\x16ListRequestLogsRequest\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\napi_key_id\x18\x04 \x01(\t\x12>\n\x07outcome\x18\x05 \x01(\x0e\x32-.ratelimitd.v1.ListRequestLogsRequest.Outcome\x12.\n\nstart_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x0b \x01(\x05\x12\x12\n\npage_token\x18\x0c \x01(\t\"L\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x13\n\x0fOUTCOME_ALLOWED\x10\x01\x12\x13\n\x0fOUTCOME_REFUSED\x10\x02J\x04\x08\x06\x10\tR\x08start_msR\x06\x65nd_msR\x05limit\"\xdb\x02\n\x0fRequestLogEntry\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\x0crequest_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\napi_key_id\x18\x04 \x01(\t\x12\x0f\n\x07\x61llowed\x18\x05 \x01(\x08\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x07 \x01(\x03\x12\x15\n\routput_tokens\x18\x08 \x01(\x03\x12\x15\n\rcached_tokens\x18\t \x01(\x03\x12\x18\n\x10requested_tokens\x18\n \x01(\x03\x12\x13\n\x0bstatus_code\x18\x0b \x01(\x05\x12*\n\x07latency\x18\x0e \x01(\x0b\x32\x19.google.protobuf.DurationJ\x04\x08\x02\x10\x03J\x04\x08\x0c\x10\rR\x07time_msR\nlatency_ms\"c\n\x17ListRequestLogsResponse\x12/\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1e.ratelimitd.v1.RequestLogEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xf0\x01\n\x05Price\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12$\n\x1cinput_usd_micros_per_million\x18\x06 \x01(\x03\x12%\n\x1doutput_usd_micros_per_million\x18\x07 \x01(\x03\x12+\n#cached_input_usd_micros_per_million\x18\x08 \x01(\x03J\x04\x08\x03\x10\x06R\x11input_per_millionR\x12output_per_millionR\x18\x63\x61\x63hed_input_per_million\"6\n\x0fSetPriceRequest\x12#\n\x05price\x18\x01 \x01(\x0b\x32\x14.ratelimitd.v1.Price\"S\n\x11ListPricesRequest\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"S\n\x12ListPricesResponse\x12$\n\x06prices\x18\x01 \x03(\x0b\x32\x14.ratelimitd.v1.Price\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x88\x01\n\x14SetSpendLimitRequest\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\x12\x1d\n\x10limit_usd_micros\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x13\n\x11_limit_usd_microsJ\x04\x08\x03\x10\x04R\tlimit_usd\"2\n\x17GetUsageSettingsRequest\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\"z\n\x17SetUsageSettingsRequest\x12.\n\x08settings\x18\x01 \x01(\x0b\x32\x1c.ratelimitd.v1.UsageSettings\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"S\n\rUsageSettings\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12)\n!cached_tokens_count_toward_limits\x18\x02 \x01(\x08*m\n\x0bGranularity\x12\x1b\n\x17GRANULARITY_UNSPECIFIED\x10\x00\x12\x16\n\x12GRANULARITY_MINUTE\x10\x01\x12\x14\n\x10GRANULARITY_HOUR\x10\x02\x12\x13\n\x0fGRANULARITY_DAY\x10\x03*c\n\x07GroupBy\x12\x18\n\x14GROUP_BY_UNSPECIFIED\x10\x00\x12\x14\n\x10GROUP_BY_PROJECT\x10\x01\x12\x12\n\x0eGROUP_BY_MODEL\x10\x02\x12\x14\n\x10GROUP_BY_API_KEY\x10\x03\x32\xaa\x05\n\x0cUsageService\x12K\n\x08GetUsage\x12\x1e.ratelimitd.v1.GetUsageRequest\x1a\x1f.ratelimitd.v1.GetUsageResponse\x12K\n\x08GetSpend\x12\x1e.ratelimitd.v1.GetSpendRequest\x1a\x1f.ratelimitd.v1.GetSpendResponse\x12`\n\x0fListRequestLogs\x12%.ratelimitd.v1.ListRequestLogsRequest\x1a&.ratelimitd.v1.ListRequestLogsResponse\x12@\n\x08SetPrice\x12\x1e.ratelimitd.v1.SetPriceRequest\x1a\x14.ratelimitd.v1.Price\x12Q\n\nListPrices\x12 .ratelimitd.v1.ListPricesRequest\x1a!.ratelimitd.v1.ListPricesResponse\x12U\n\rSetSpendLimit\x12#.ratelimitd.v1.SetSpendLimitRequest\x1a\x1f.ratelimitd.v1.GetSpendResponse\x12X\n\x10SetUsageSettings\x12&.ratelimitd.v1.SetUsageSettingsRequest\x1a\x1c.ratelimitd.v1.UsageSettings\x12X\n\x10GetUsageSettings\x12&.ratelimitd.v1.GetUsageSettingsRequest\x1a\x1c.ratelimitd.v1.UsageSettingsB\xa4\x01\n\x11\x63om.ratelimitd.v1B\nUsageProtoP\x01ZJgithub.com/ratelimitd/ratelimitd/clients/go/gen/ratelimitd/v1;ratelimitdv1\xa2\x02\x03RLX\xaa\x02\rRatelimitd.V1\xca\x02\rRatelimitd\\V1\xea\x02\x0eRatelimitd::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,46 +37,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\021com.ratelimitd.v1B\nUsageProtoP\001ZJgithub.com/ratelimitd/ratelimitd/clients/go/gen/ratelimitd/v1;ratelimitdv1\242\002\003RLX\252\002\rRatelimitd.V1\312\002\rRatelimitd\\V1\352\002\016Ratelimitd::V1'
   _globals['_USAGEROW_REFUSALSENTRY']._loaded_options = None
   _globals['_USAGEROW_REFUSALSENTRY']._serialized_options = b'8\001'
-  _globals['_GRANULARITY']._serialized_start=2174
-  _globals['_GRANULARITY']._serialized_end=2283
-  _globals['_GROUPBY']._serialized_start=2285
-  _globals['_GROUPBY']._serialized_end=2384
-  _globals['_GETUSAGEREQUEST']._serialized_start=45
-  _globals['_GETUSAGEREQUEST']._serialized_end=232
-  _globals['_USAGEROW']._serialized_start=235
-  _globals['_USAGEROW']._serialized_end=554
-  _globals['_USAGEROW_REFUSALSENTRY']._serialized_start=507
-  _globals['_USAGEROW_REFUSALSENTRY']._serialized_end=554
-  _globals['_GETUSAGERESPONSE']._serialized_start=556
-  _globals['_GETUSAGERESPONSE']._serialized_end=653
-  _globals['_GETSPENDREQUEST']._serialized_start=655
-  _globals['_GETSPENDREQUEST']._serialized_end=712
-  _globals['_SPENDLINE']._serialized_start=715
-  _globals['_SPENDLINE']._serialized_end=848
-  _globals['_GETSPENDRESPONSE']._serialized_start=851
-  _globals['_GETSPENDRESPONSE']._serialized_end=1001
-  _globals['_LISTREQUESTLOGSREQUEST']._serialized_start=1004
-  _globals['_LISTREQUESTLOGSREQUEST']._serialized_end=1291
-  _globals['_LISTREQUESTLOGSREQUEST_OUTCOME']._serialized_start=1223
-  _globals['_LISTREQUESTLOGSREQUEST_OUTCOME']._serialized_end=1291
-  _globals['_REQUESTLOGENTRY']._serialized_start=1294
-  _globals['_REQUESTLOGENTRY']._serialized_end=1551
-  _globals['_LISTREQUESTLOGSRESPONSE']._serialized_start=1553
-  _globals['_LISTREQUESTLOGSRESPONSE']._serialized_end=1627
-  _globals['_PRICE']._serialized_start=1630
-  _globals['_PRICE']._serialized_end=1766
-  _globals['_SETPRICEREQUEST']._serialized_start=1768
-  _globals['_SETPRICEREQUEST']._serialized_end=1822
-  _globals['_LISTPRICESREQUEST']._serialized_start=1824
-  _globals['_LISTPRICESREQUEST']._serialized_end=1868
-  _globals['_LISTPRICESRESPONSE']._serialized_start=1870
-  _globals['_LISTPRICESRESPONSE']._serialized_end=1928
-  _globals['_SETSPENDLIMITREQUEST']._serialized_start=1930
-  _globals['_SETSPENDLIMITREQUEST']._serialized_end=2035
-  _globals['_GETUSAGESETTINGSREQUEST']._serialized_start=2037
-  _globals['_GETUSAGESETTINGSREQUEST']._serialized_end=2087
-  _globals['_USAGESETTINGS']._serialized_start=2089
-  _globals['_USAGESETTINGS']._serialized_end=2172
-  _globals['_USAGESERVICE']._serialized_start=2387
-  _globals['_USAGESERVICE']._serialized_end=3059
+  _globals['_GRANULARITY']._serialized_start=3057
+  _globals['_GRANULARITY']._serialized_end=3166
+  _globals['_GROUPBY']._serialized_start=3168
+  _globals['_GROUPBY']._serialized_end=3267
+  _globals['_GETUSAGEREQUEST']._serialized_start=144
+  _globals['_GETUSAGEREQUEST']._serialized_end=421
+  _globals['_USAGEROW']._serialized_start=424
+  _globals['_USAGEROW']._serialized_end=820
+  _globals['_USAGEROW_REFUSALSENTRY']._serialized_start=733
+  _globals['_USAGEROW_REFUSALSENTRY']._serialized_end=780
+  _globals['_GETUSAGERESPONSE']._serialized_start=822
+  _globals['_GETUSAGERESPONSE']._serialized_end=919
+  _globals['_GETSPENDREQUEST']._serialized_start=921
+  _globals['_GETSPENDREQUEST']._serialized_end=978
+  _globals['_SPENDLINE']._serialized_start=981
+  _globals['_SPENDLINE']._serialized_end=1169
+  _globals['_GETSPENDRESPONSE']._serialized_start=1172
+  _globals['_GETSPENDRESPONSE']._serialized_end=1322
+  _globals['_LISTREQUESTLOGSREQUEST']._serialized_start=1325
+  _globals['_LISTREQUESTLOGSREQUEST']._serialized_end=1735
+  _globals['_LISTREQUESTLOGSREQUEST_OUTCOME']._serialized_start=1628
+  _globals['_LISTREQUESTLOGSREQUEST_OUTCOME']._serialized_end=1704
+  _globals['_REQUESTLOGENTRY']._serialized_start=1738
+  _globals['_REQUESTLOGENTRY']._serialized_end=2085
+  _globals['_LISTREQUESTLOGSRESPONSE']._serialized_start=2087
+  _globals['_LISTREQUESTLOGSRESPONSE']._serialized_end=2186
+  _globals['_PRICE']._serialized_start=2189
+  _globals['_PRICE']._serialized_end=2429
+  _globals['_SETPRICEREQUEST']._serialized_start=2431
+  _globals['_SETPRICEREQUEST']._serialized_end=2485
+  _globals['_LISTPRICESREQUEST']._serialized_start=2487
+  _globals['_LISTPRICESREQUEST']._serialized_end=2570
+  _globals['_LISTPRICESRESPONSE']._serialized_start=2572
+  _globals['_LISTPRICESRESPONSE']._serialized_end=2655
+  _globals['_SETSPENDLIMITREQUEST']._serialized_start=2658
+  _globals['_SETSPENDLIMITREQUEST']._serialized_end=2794
+  _globals['_GETUSAGESETTINGSREQUEST']._serialized_start=2796
+  _globals['_GETUSAGESETTINGSREQUEST']._serialized_end=2846
+  _globals['_SETUSAGESETTINGSREQUEST']._serialized_start=2848
+  _globals['_SETUSAGESETTINGSREQUEST']._serialized_end=2970
+  _globals['_USAGESETTINGS']._serialized_start=2972
+  _globals['_USAGESETTINGS']._serialized_end=3055
+  _globals['_USAGESERVICE']._serialized_start=3270
+  _globals['_USAGESERVICE']._serialized_end=3952
 # @@protoc_insertion_point(module_scope)
