@@ -12,7 +12,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from ratelimitd import __version__
+from ratelimitd import __version__, config_file, logs
 from ratelimitd.settings import Settings, parse_pairs, parse_windows, setting_descriptions
 
 log = logging.getLogger("ratelimitd")
@@ -28,28 +28,47 @@ def run_async(coro: Coroutine[Any, Any, int]) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    settings = Settings.load(
-        listen=args.listen,
-        redis_url=args.redis_url,
-        data_dir=Path(args.data_dir) if args.data_dir else None,
-        on_storage_error=args.on_storage_error,
-        windows=parse_windows(args.windows) if args.windows else None,
-        header_windows=parse_pairs(args.header_windows, "header_windows") if args.header_windows else None,
-        manual_clock=True if args.manual_clock else None,
-        workers=args.workers,
-        metrics_listen=args.metrics_listen,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        tls_client_ca=args.tls_client_ca,
-        redis_tls_ca=args.redis_tls_ca,
-        redis_tls_cert=args.redis_tls_cert,
-        redis_tls_key=args.redis_tls_key,
-    )
+    settings = config_file.resolve(args.config, os.environ, _setting_flags(args)).settings
+    logs.configure(settings.log_format, settings.log_level, settings.log_repeat_interval_s)
     if args.worker:
         return run_async(_serve_worker(settings))
     if settings.workers > 1:
         return run_async(_serve_supervised(settings))
     return run_async(_serve(settings))
+
+
+def _setting_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the flags of ``serve`` (and ``config show``) set; None: not given."""
+    return {
+        "listen": args.listen,
+        "redis_url": args.redis_url,
+        "data_dir": Path(args.data_dir) if args.data_dir else None,
+        "on_storage_error": args.on_storage_error,
+        "windows": parse_windows(args.windows) if args.windows else None,
+        "header_windows": parse_pairs(args.header_windows, "header_windows") if args.header_windows else None,
+        "manual_clock": True if args.manual_clock else None,
+        "workers": args.workers,
+        "metrics_listen": args.metrics_listen,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "tls_client_ca": args.tls_client_ca,
+        "redis_tls_ca": args.redis_tls_ca,
+        "redis_tls_cert": args.redis_tls_cert,
+        "redis_tls_key": args.redis_tls_key,
+        "log_format": args.log_format,
+    }
+
+
+def config_show(args: argparse.Namespace) -> int:
+    print(config_file.render(config_file.resolve(args.config, os.environ, _setting_flags(args))), end="")
+    return 0
+
+
+def _cannot_start(settings: Settings, error: Exception) -> None:
+    if settings.log_format == "json":
+        log.error("cannot start: %s", error)
+    else:
+        print(f"ratelimitd: cannot start: {error}", file=sys.stderr)
 
 
 def _stop_event() -> asyncio.Event:
@@ -66,11 +85,15 @@ def _greet(
     storage = f"embedded Valkey, data in {settings.data_dir}" if embedded else settings.describe()
     processes = f", {workers} worker processes" if workers > 1 else ""
     transport = {"TLS": " over TLS", "mTLS": " over TLS, client certificates required"}.get(settings.tls, "")
-    print(
+    banner = (
         f"ratelimitd {__version__} listening on {address}{transport} "
         f"(gRPC: decisions, management, health, reflection{processes})"
     )
-    print(f"storage: {storage}")
+    if settings.log_format == "json":  # one event for log collectors; a new credential still goes to stdout
+        log.info("%s; storage: %s", banner, storage)
+    else:
+        print(banner)
+        print(f"storage: {storage}")
     if not storage_up:
         _storage_unreachable_warning(settings)
     elif token:
@@ -86,11 +109,14 @@ def _storage_unreachable_warning(settings: Settings) -> None:
         "allow": "decisions are allowed unchecked (--on-storage-error allow), other calls answered UNAVAILABLE",
         "deny": "decisions are refused (--on-storage-error deny), other calls answered UNAVAILABLE",
     }[settings.on_storage_error]
-    print(
-        f"WARNING: storage is unreachable. Health is NOT_SERVING and {policy} until it answers; "
-        "ratelimitd keeps trying and recovers by itself.",
-        file=sys.stderr,
+    warning = (
+        f"storage is unreachable. Health is NOT_SERVING and {policy} until it answers; "
+        "ratelimitd keeps trying and recovers by itself."
     )
+    if settings.log_format == "json":
+        log.warning(warning)
+    else:
+        print(f"WARNING: {warning}", file=sys.stderr)
     if not settings.operator_token:
         print("operator credential: none yet; one is created and shown here once storage answers (if none exists)")
 
@@ -113,7 +139,7 @@ async def _serve(settings: Settings) -> int:
     try:
         await app.start()
     except Exception as e:  # noqa: BLE001 - start-up failures end in one clear line
-        print(f"ratelimitd: cannot start: {e}", file=sys.stderr)
+        _cannot_start(settings, e)
         await app.stop(0)
         return 1
     stop = _stop_event()
@@ -152,7 +178,7 @@ async def _serve_supervised(settings: Settings) -> int:
     try:
         await supervisor.start()
     except Exception as e:  # noqa: BLE001 - start-up failures end in one clear line
-        print(f"ratelimitd: cannot start: {e}", file=sys.stderr)
+        _cannot_start(settings, e)
         await supervisor.stop()
         return 1
     stop = _stop_event()
@@ -182,9 +208,29 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "serve",
         help="run the gRPC server",
         description="Run the gRPC server. Without --redis-url it runs a private Valkey in the data directory.",
-        epilog="Environment (flags win):\n" + env_help,
+        epilog="Environment (over --config's file; flags win):\n" + env_help,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _add_setting_flags(p)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=serve)
+
+
+def _config_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("config", help="the settings serve would run with")
+    verbs = p.add_subparsers(dest="verb", required=True)
+    show = verbs.add_parser(
+        "show",
+        help="print the effective settings, each with its source (secrets redacted)",
+        description="Print the settings `serve` with the same file, environment and flags would run with, as a "
+        "TOML config file, each with its source. Precedence: flags > environment > file > defaults.",
+    )
+    _add_setting_flags(show)
+    show.set_defaults(func=config_show)
+
+
+def _add_setting_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="a TOML (or .yaml) settings file, under environment and flags; $RATELIMITD_CONFIG")
     p.add_argument("--listen", help="host:port (default 127.0.0.1:50051)")
     p.add_argument(
         "--redis-url",
@@ -203,9 +249,8 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--tls-cert", help="PEM certificate of the gRPC port: TLS only (with --tls-key)")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--tls-client-ca", help="PEM CA: clients must present a certificate it issued (mTLS)")
+    p.add_argument("--log-format", choices=["text", "json"], help="log lines on stderr (default text)")
     p.add_argument("--manual-clock", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.set_defaults(func=serve)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -238,6 +283,7 @@ def _main(argv: Sequence[str] | None) -> int:
     parser.add_argument("--version", action="version", version=f"ratelimitd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    _config_parser(sub)
     from ratelimitd import client_cli, usage_cli
 
     client_cli.add_parsers(sub)

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from ratelimitd.engine import ids
 from ratelimitd.engine.errors import ErrorKind, RatelimitdError
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def rpc(fn: Handler[S, Req, Resp]) -> Handler[S, Req, Resp]:
             return await fn(self, request, context)
         except RatelimitdError as e:
             if e.transient:
-                log.warning("%s: %s", fn.__name__, e.message)
+                log.warning("%s: %s", fn.__name__, e.message, extra=log_context(request))
                 hook: Callable[[], None] | None = getattr(self, "storage_failed", None)
                 if hook is not None:
                     hook()
@@ -50,3 +51,22 @@ def rpc(fn: Handler[S, Req, Resp]) -> Handler[S, Req, Resp]:
             raise  # abort() raises; this line only tells the type checker
 
     return call
+
+
+def log_context(request: Any) -> dict[str, str]:
+    """The organization, project and request id a request names, for its log lines (never its key)."""
+    context = {"request_id": str(getattr(request, "request_id", ""))}
+    key = getattr(request, "api_key", "")
+    parsed = ids.parse_api_key_cached(key) if isinstance(key, str) and key else None
+    if parsed is not None:
+        context["org"] = parsed.org_id
+    project = getattr(request, "project", None)
+    if getattr(project, "organization_id", ""):  # CheckAndConsume's project caller (a message)
+        context["org"] = str(project.organization_id)  # type: ignore[union-attr]
+        context["project"] = str(project.project_id)  # type: ignore[union-attr]
+    else:
+        if org := getattr(request, "organization_id", ""):
+            context["org"] = str(org)
+        if proj := getattr(request, "project_id", ""):
+            context["project"] = str(proj)
+    return context
