@@ -65,10 +65,17 @@ def config_show(args: argparse.Namespace) -> int:
 
 
 def _cannot_start(settings: Settings, error: Exception) -> None:
+    _say(settings, f"ratelimitd: cannot start: {error}", logging.ERROR)
+
+
+def _say(settings: Settings, text: str, level: int = logging.INFO) -> None:
+    """A line for the operator: printed (warnings on stderr), or with --log-format json one log event, so
+    every line a collector reads is JSON. Only a new credential is printed in either format: it is
+    shown once and is no log event."""
     if settings.log_format == "json":
-        log.error("cannot start: %s", error)
+        log.log(level, text.removeprefix("ratelimitd: "))
     else:
-        print(f"ratelimitd: cannot start: {error}", file=sys.stderr)
+        print(text, file=sys.stderr if level >= logging.WARNING else sys.stdout, flush=True)
 
 
 def _stop_event() -> asyncio.Event:
@@ -89,8 +96,8 @@ def _greet(
         f"ratelimitd {__version__} listening on {address}{transport} "
         f"(gRPC: decisions, management, health, reflection{processes})"
     )
-    if settings.log_format == "json":  # one event for log collectors; a new credential still goes to stdout
-        log.info("%s; storage: %s", banner, storage)
+    if settings.log_format == "json":
+        _say(settings, f"{banner}; storage: {storage}")
     else:
         print(banner)
         print(f"storage: {storage}")
@@ -99,7 +106,7 @@ def _greet(
     elif token:
         _show_new_credential(token, address)
     elif not settings.operator_token:
-        print("operator credential: created on first start (set RATELIMITD_TOKEN to use the CLI)")
+        _say(settings, "operator credential: created on first start (set RATELIMITD_TOKEN to use the CLI)")
     sys.stdout.flush()
 
 
@@ -113,12 +120,12 @@ def _storage_unreachable_warning(settings: Settings) -> None:
         f"storage is unreachable. Health is NOT_SERVING and {policy} until it answers; "
         "ratelimitd keeps trying and recovers by itself."
     )
-    if settings.log_format == "json":
-        log.warning(warning)
-    else:
-        print(f"WARNING: {warning}", file=sys.stderr)
+    _say(settings, warning if settings.log_format == "json" else f"WARNING: {warning}", logging.WARNING)
     if not settings.operator_token:
-        print("operator credential: none yet; one is created and shown here once storage answers (if none exists)")
+        _say(
+            settings,
+            "operator credential: none yet; one is created and shown here once storage answers (if none exists)",
+        )
 
 
 def _show_new_credential(token: str, address: str) -> None:
@@ -151,7 +158,7 @@ async def _serve(settings: Settings) -> int:
         storage_up=bool(app.health.serving),
     )
     await stop.wait()
-    print("ratelimitd: shutting down (a second signal ends the drain early)", flush=True)
+    _say(settings, "ratelimitd: shutting down (a second signal ends the drain early)")
     stop.clear()
     await app.drain(settings.drain_s, settings.shutdown_grace_s, hurry=stop)
     return 0
@@ -192,9 +199,9 @@ async def _serve_supervised(settings: Settings) -> int:
     )
     failure = await supervisor.wait(stop)
     if failure:
-        print(f"ratelimitd: {failure}; stopping", file=sys.stderr, flush=True)
+        _say(settings, f"ratelimitd: {failure}; stopping", logging.ERROR)
     else:
-        print("ratelimitd: shutting down (a second signal ends the drain early)", flush=True)
+        _say(settings, "ratelimitd: shutting down (a second signal ends the drain early)")
     stop.clear()
     await supervisor.stop(hurry=stop)
     return 1 if failure else 0
