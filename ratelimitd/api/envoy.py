@@ -276,6 +276,7 @@ class EnvoyRateLimitServicer:
         self._decisions = metrics.decisions
         self._reports = metrics.reports
         self._seconds = metrics.envoy_seconds
+        self._labelled = metrics.labelled
 
     @rpc
     async def ShouldRateLimit(self, request: RateLimitRequest, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -353,6 +354,8 @@ class EnvoyRateLimitServicer:
                 # Envoy never retries a decision, and this path never replays one.
                 raise e.advising("Envoy does not retry a decision; its failure_mode_deny decides the request") from e
         self._decisions[decision.outcome].inc()
+        if self._labelled is not None:  # a request's first descriptor names its model
+            self._labelled(items[0].model if items else "", decision.organization_id, decision.outcome)
         return self._reply(decision, items, slots)
 
     def _validate(self, parsed: list[_Parsed]) -> Refusal | tuple[Caller | None, str, list[Item], list[int | None]]:
