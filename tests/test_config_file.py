@@ -11,7 +11,7 @@ import pytest
 from ratelimitd import config_file
 from ratelimitd.cli import main
 from ratelimitd.settings import Settings
-from tests.servers import RatelimitdProcess, ValkeyProcess, free_port
+from tests.servers import ROOT, RatelimitdProcess, ValkeyProcess, free_port
 
 FILE = """\
 listen = "127.0.0.1:6000"
@@ -195,3 +195,30 @@ def test_every_setting_can_be_set_in_a_file() -> None:
     parsed = tomllib.loads("\n".join(lines))
     for name, value in parsed.items():
         assert config_file._typed(name, value) == getattr(defaults, name), name
+
+
+def section(doc: str, heading: str) -> str:
+    text = (ROOT / "docs" / doc).read_text()
+    start = text.index(f"\n{heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end > 0 else None]
+
+
+def test_the_config_file_example_in_operations_md_works_as_shown(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = section("operations.md", "## Config file")
+    example = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    Path("ratelimitd.toml").write_text(example)
+    monkeypatch.setenv("RATELIMITD_STORAGE_TIMEOUT_MS", "400")
+    code, out, _ = show(capsys, "--config", "ratelimitd.toml", "--listen", "127.0.0.1:7000")
+    assert code == 0
+    documented = text.split("```text\n", 1)[1].split("```", 1)[0]
+    for line in documented.splitlines():
+        if line != "…":
+            assert line in out.splitlines(), line
+    refusals = text.split("```text\n", 2)[2].split("```", 1)[0].splitlines()
+    for line, file in zip(refusals, ["listne = 1\n", 'workers = "2"\n', "listen = \n"], strict=True):
+        Path("ratelimitd.toml").write_text(file)
+        assert show(capsys, "--config", "ratelimitd.toml")[:3:2] == (2, line + "\n")

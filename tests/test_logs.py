@@ -9,10 +9,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from ratelimitd.logs import JsonFormatter, RepeatFilter, TextFormatter
+from ratelimitd.logs import CONTEXT_FIELDS, JsonFormatter, RepeatFilter, TextFormatter
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from ratelimitd.v1 import ratelimit_pb2_grpc
-from tests.servers import RatelimitdProcess, free_port
+from tests.servers import ROOT, RatelimitdProcess, free_port
 
 ORG = "org_" + "b" * 12
 API_KEY = "rlk_" + "a" * 12 + "b" * 12 + "s3cr3t" * 5 + "zz"  # well-formed: decided in storage, which is down
@@ -95,3 +95,18 @@ def test_nothing_shaped_like_a_secret_is_written_in_either_format() -> None:
     assert (line["org"], line["request_id"]) == (ORG, "r1")
     assert "project" not in line and "password" not in line  # empty context is left out; other extras never
     assert API_KEY not in TextFormatter().format(r) and OPERATOR not in TextFormatter().format(r)
+
+
+def test_the_log_schema_in_operations_md_is_the_one_written() -> None:
+    text = (ROOT / "docs" / "operations.md").read_text()
+    logs = text[text.index("\n## Logs\n") : text.index("\n## Metrics\n")]
+    example = json.loads(logs.split("```json\n", 1)[1].split("```", 1)[0])
+    documented = set()
+    for line in logs.splitlines():
+        if line.startswith("| `") and "|" in line[2:]:
+            documented |= {f.strip("`") for f in line.split("|")[1].strip().split(", ")}
+    documented -= {name for name in documented if name.startswith("RATELIMITD_")}
+    assert documented == {"time", "level", "event", "logger", *CONTEXT_FIELDS, "repeated", "error"}
+    assert set(example) <= documented and {"time", "level", "event", "logger"} <= set(example)
+    r = record("CheckAndConsume: %s", "down", org=example["org"], request_id=example["request_id"])
+    assert set(json.loads(JsonFormatter().format(r))) == set(example)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import urllib.request
 from collections.abc import AsyncIterator
 
 import pytest
+import yaml
 
 from ratelimitd import __version__
 from ratelimitd.app import App
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from tests.conftest import Client, Storage, channel_client, settings_for
+from tests.servers import ROOT
 
 
 async def exposition(port: int) -> str:
@@ -73,7 +76,8 @@ async def test_per_model_and_per_organization_counts_fold_past_their_bound_into_
             await client.decisions.CheckAndConsume(pb.CheckRequest(api_key=key1, model=model))
         await client.decisions.CheckAndConsume(pb.CheckRequest(api_key=key2, model="m1"))
         await client.decisions.CheckAndConsume(pb.CheckRequest(api_key="rlk_malformed", model="m2"))
-        m = samples(await exposition(app.metrics_port))
+        text = await exposition(app.metrics_port)
+        m = samples(text)
     finally:
         await client.channel.close()
         await app.stop(0)
@@ -92,3 +96,34 @@ async def test_per_model_and_per_organization_counts_fold_past_their_bound_into_
         'ratelimitd_organization_decisions_total{organization="other",outcome="allowed"}': 1,
         'ratelimitd_organization_decisions_total{organization="other",outcome="invalid_api_key"}': 1,
     }
+
+    # every metric exposed, the opt-in ones included, is in docs/operations.md's table, and no other
+    exposed = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ratelimitd_")}
+    assert exposed == documented_metrics()
+
+
+def documented_metrics() -> set[str]:
+    text = (ROOT / "docs" / "operations.md").read_text()
+    table = text[text.index("\n## Metrics\n") : text.index("### Example alerts")]
+    names = set()
+    for line in table.splitlines():
+        if line.startswith("| `ratelimitd_"):
+            name = line.split("`")[1].split("{")[0]
+            names.add(name)
+    return names
+
+
+def test_the_example_alerts_parse_and_name_only_real_metrics() -> None:
+    text = (ROOT / "docs" / "operations.md").read_text()
+    alerts = text[text.index("### Example alerts") :].split("```yaml\n", 1)[1].split("```", 1)[0]
+    rules = yaml.safe_load(alerts)["groups"][0]["rules"]
+    assert {r["alert"] for r in rules} >= {
+        "RatelimitdStorageDown",
+        "RatelimitdRefusalRateHigh",
+        "RatelimitdDecisionLatencyHigh",
+    }
+    known = documented_metrics()
+    for rule in rules:
+        for name in re.findall(r"ratelimitd_[a-z_]+", rule["expr"]):
+            assert re.sub(r"(_bucket|_sum|_count)$", "", name) in known, (rule["alert"], name)
+        assert set(rule) == {"alert", "expr", "for", "labels", "annotations"}
