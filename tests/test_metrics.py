@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 import yaml
+from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2 as common_pb
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
 from ratelimitd import __version__
 from ratelimitd.app import App
@@ -127,3 +129,33 @@ def test_the_example_alerts_parse_and_name_only_real_metrics() -> None:
         for name in re.findall(r"ratelimitd_[a-z_]+", rule["expr"]):
             assert re.sub(r"(_bucket|_sum|_count)$", "", name) in known, (rule["alert"], name)
         assert set(rule) == {"alert", "expr", "for", "labels", "annotations"}
+
+
+async def test_envoy_decisions_are_counted_by_their_first_descriptors_model(
+    storage: Storage, redis_client: object, clock: object
+) -> None:
+    def descriptor(**entries: str) -> common_pb.RateLimitDescriptor:
+        return common_pb.RateLimitDescriptor(
+            entries=[common_pb.RateLimitDescriptor.Entry(key=k, value=v) for k, v in entries.items()]
+        )
+
+    app, client = await started(storage, metrics_model_labels=1, metrics_organization_labels=5)
+    try:
+        org = await client.org("o", [("*", "requests", "minute", 10)])
+        _, key = await client.project(org, "a")
+        stub = rls_pb2_grpc.RateLimitServiceStub(client.channel)
+        for model in ("first", "second"):
+            request = rls_pb2.RateLimitRequest(
+                domain="ratelimitd",
+                descriptors=[descriptor(api_key=key, model=model), descriptor(api_key=key, model="third")],
+            )
+            assert (await stub.ShouldRateLimit(request)).overall_code == rls_pb2.RateLimitResponse.OK
+        m = samples(await exposition(app.metrics_port))
+    finally:
+        await client.channel.close()
+        await app.stop(0)
+    assert {k: v for k, v in m.items() if k.startswith("ratelimitd_model_decisions_total")} == {
+        'ratelimitd_model_decisions_total{model="first",outcome="allowed"}': 1,
+        'ratelimitd_model_decisions_total{model="other",outcome="allowed"}': 1,
+    }
+    assert m[f'ratelimitd_organization_decisions_total{{organization="{org}",outcome="allowed"}}'] == 2
