@@ -282,10 +282,10 @@ def _reader_gone() -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    logging.basicConfig(
-        level=os.environ.get("RATELIMITD_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    # Every command (demo's private server too) holds back repeated warnings; serve then applies its
+    # settings. As with basicConfig, logging that is already set up (a program calling main) stays.
+    if not logging.getLogger().handlers:
+        logs.configure("text", os.environ.get("RATELIMITD_LOG_LEVEL", "INFO"), logs.DEFAULT_REPEAT_INTERVAL_S)
     parser = argparse.ArgumentParser(prog="ratelimitd", description="Exact hierarchical rate limits for LLM APIs.")
     parser.add_argument("--version", action="version", version=f"ratelimitd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 
 CONTEXT_FIELDS = ("org", "project", "request_id")
+DEFAULT_REPEAT_INTERVAL_S = 60.0
 # rlk_ (API key), rlm_ (member credential), rlt_ (operator credential): the id part may
 # show, the secret never.
 _SECRET = re.compile(r"\b(rl[kmt]_)[A-Za-z0-9_-]{8,}")

@@ -15,6 +15,7 @@ from typing import Any
 
 from ratelimitd.engine.audit import DEFAULT_MAX_EVENTS
 from ratelimitd.engine.retention import Retention
+from ratelimitd.logs import DEFAULT_REPEAT_INTERVAL_S
 from ratelimitd.storage.topology import StorageTls, parse, redact
 
 STORAGE_ERROR_POLICIES = ("unavailable", "allow", "deny")
@@ -153,7 +154,8 @@ class Settings:
     log_format: str = _field("text", "log lines on stderr: 'text' (for people) or 'json' (one event per line)")
     log_level: str = _field("INFO", "the least severe log level written: DEBUG, INFO, WARNING or ERROR")
     log_repeat_interval_s: float = _field(
-        60.0, "a warning or error repeated with the same text is written once per this long, then with its count"
+        DEFAULT_REPEAT_INTERVAL_S,
+        "a warning or error repeated with the same text is written once per this long, then with its count",
     )
     metrics_model_labels: int = _field(
         0, 'per-model decision counts for up to this many models (the rest as model="other"); 0: off'

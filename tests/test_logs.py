@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -110,3 +113,20 @@ def test_the_log_schema_in_operations_md_is_the_one_written() -> None:
     assert set(example) <= documented and {"time", "level", "event", "logger"} <= set(example)
     r = record("CheckAndConsume: %s", "down", org=example["org"], request_id=example["request_id"])
     assert set(json.loads(JsonFormatter().format(r))) == set(example)
+
+
+def test_every_command_holds_back_repeated_warnings(tmp_path: Path) -> None:
+    """Not only serve: demo's private server and the admin verbs log through the same handler."""
+    script = (
+        "import logging\n"
+        "from ratelimitd.cli import main\n"
+        "main(['config', 'show'])\n"
+        "for i in range(5):\n"
+        "    logging.getLogger('ratelimitd.x').warning('storage failed: %s', i)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RATELIMITD_")}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, check=True
+    )
+    assert done.stderr.splitlines()[-1].endswith("WARNING ratelimitd.x: storage failed: 0"), done.stderr
+    assert done.stderr.count("storage failed") == 1, done.stderr
