@@ -158,7 +158,7 @@ class App:
         self.rollup = UsageRollup(self.redis, scripts, dims, s.retention, clock=clock)
         self._rollup_task = asyncio.get_running_loop().create_task(self._maintain(s.usage_rollup_interval_s))
         self._start_spend_alerts(audit, clock)
-        self.metrics = Metrics()
+        self.metrics = Metrics(s.metrics_model_labels, s.metrics_organization_labels)
         self.health = StorageHealth(
             self.pipeline, SERVICE_NAMES, s.health_interval_s, on_change=lambda up: self.metrics.storage_up.set(int(up))
         )

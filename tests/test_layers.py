@@ -53,6 +53,8 @@ def imported(path: Path, known: set[str]) -> Iterator[str]:
 
 
 def layer(module: str) -> str:
+    if module == "ratelimitd":  # the package itself holds only __version__
+        return "core"
     parts = module.split(".")
     return parts[1] if len(parts) > 1 and parts[1] in MAY_IMPORT else "wiring"
 

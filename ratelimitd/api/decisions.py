@@ -100,6 +100,7 @@ class RateLimitServicer(rate_limit_service_pb2_grpc.RateLimitServiceServicer):
         self._storage_unavailable = metrics.storage_unavailable_decisions
         self._reports = metrics.reports
         self._seconds = metrics.check_seconds
+        self._labelled = metrics.labelled
 
     @rpc
     async def CheckAndConsume(
@@ -173,6 +174,8 @@ class RateLimitServicer(rate_limit_service_pb2_grpc.RateLimitServiceServicer):
                     request_id=request_id,
                 )
         self._decisions[decision.outcome].inc()
+        if self._labelled is not None:
+            self._labelled(model, decision.organization_id, decision.outcome)
         if decision.outcome is Outcome.PROJECT_NOT_FOUND:
             raise NotFound(f"project {caller.project_id if caller else ''} does not exist")
         return self.reply(decision, model, requests, tokens)

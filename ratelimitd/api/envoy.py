@@ -226,6 +226,7 @@ class EnvoyRateLimitServicer:
         self._decisions = metrics.decisions
         self._reports = metrics.reports
         self._seconds = metrics.envoy_seconds
+        self._labelled = metrics.labelled
 
     @rpc
     async def ShouldRateLimit(self, request: RateLimitRequest, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -304,6 +305,8 @@ class EnvoyRateLimitServicer:
                 # Envoy never retries a decision, and this path never replays one.
                 raise e.advising("Envoy does not retry a decision; its failure_mode_deny decides the request") from e
         self._decisions[decision.outcome].inc()
+        if self._labelled is not None:  # a request's first descriptor names its model
+            self._labelled(request.items[0].model if request.items else "", decision.organization_id, decision.outcome)
         return answer(decision, request, self._header_windows)
 
     # -- after the response: the usage report -----------------------------------

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 
 import ratelimitd.cli.apply as apply
 import ratelimitd.cli.audit as audit
+import ratelimitd.cli.config as config
 import ratelimitd.cli.credentials as credentials
 import ratelimitd.cli.decide as decide
 import ratelimitd.cli.demo as demo
@@ -25,10 +26,12 @@ import ratelimitd.cli.spend as spend
 import ratelimitd.cli.usage as usage
 from ratelimitd import __version__
 from ratelimitd.cli.errors import NOT_UNDERSTOOD
+from ratelimitd.core import logs
 
 # In the order `ratelimitd --help` lists them.
 VERB_MODULES = (
     serve,
+    config,
     demo,
     decide,
     health,
@@ -83,10 +86,10 @@ def _reader_gone() -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    logging.basicConfig(
-        level=os.environ.get("RATELIMITD_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    # Every command (demo's private server too) holds back repeated warnings; serve then applies its
+    # settings. As with basicConfig, logging that is already set up (a program calling main) stays.
+    if not logging.getLogger().handlers:
+        logs.configure("text", os.environ.get("RATELIMITD_LOG_LEVEL", "INFO"), logs.DEFAULT_REPEAT_INTERVAL_S)
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
