@@ -19,9 +19,9 @@ from redis.commands.core import AsyncScript
 from ratelimitd.engine.limits import Dimensions
 from ratelimitd.engine.retention import Retention
 
-# Scripts that evaluate buckets get lib.lua in front: one EVALSHA each, one
-# copy of the shared arithmetic.
-_WITH_LIB = ("decide", "report", "rollup")
+# Scripts that evaluate buckets or resolve limits get lib.lua in front: one
+# EVALSHA each, one copy of the shared arithmetic and of limit resolution.
+_WITH_LIB = ("decide", "report", "rollup", "set_project_limits", "effective_limits")
 
 
 def read_script(name: str) -> str:
@@ -130,3 +130,4 @@ class Scripts:
         self.rollup = load("rollup")
         # control-plane scripts run through redis-py
         self.set_project_limits: AsyncScript = redis.register_script(read_script("set_project_limits"))
+        self.effective_limits: AsyncScript = redis.register_script(read_script("effective_limits"))
