@@ -154,12 +154,11 @@ local function early(outcome, detail)
 end
 
 -- Who is asking. Unauthenticated: refused, and nothing written anywhere.
-local unauthenticated = {4, "", 0, 0, 0, 0, 0}
 local key_rec
 if kind == "k" then
   key_rec = redis.call("HMGET", KEYS[2], "h", "p", "r", "u")
   if not key_rec[1] or key_rec[1] ~= key_hash or key_rec[3] == "1" then
-    return unauthenticated
+    return {4, "", 0, 0, 0, 0, 0}
   end
   project, key_id = key_rec[2], ARGV[3]
 end
@@ -189,7 +188,7 @@ end
 if not cached_any then
   local record = kind == "k" and prefix .. "p:" .. project or KEYS[2]
   if redis.call("EXISTS", record) == 0 then
-    if kind == "k" then return unauthenticated end
+    if kind == "k" then return {4, "", 0, 0, 0, 0, 0} end
     return {6, project, 0, 0, 0, 0, 0}
   end
 end
@@ -256,14 +255,16 @@ for j = 1, nitems do
 end
 
 -- Every applicable bucket, once, with its state drained to now: per model, per
--- dimension, the organization's bucket then the project's. A bucket's scope,
--- dimension and limit go straight into the reply (5 slots per bucket from r0 + 1);
--- its group (the model's state of its scope, rl_state_read) and cost in b_group
--- and b_cost. Group 2m - 1 is model m's organization state, 2m its project's.
+-- dimension, the organization's bucket then the project's, so a model's buckets
+-- are m_first[m] .. nb at its end. A bucket's five reply slots (from r0 + 1) hold
+-- its scope, dimension and limit, and until the reply is filled in, its group
+-- (groups[g]: the model's state of its scope, rl_state_read; 2m - 1 is model m's
+-- organization state, 2m its project's) and its cost: no table per bucket.
 local reply = {0, project, 0, 0, 0, 0, 0}
 local r0 = 7
-local nb, b_group, b_cost, groups = 0, {}, {}, {}
+local nb, groups, m_first = 0, {}, {}
 for m = 1, nmodels do
+  m_first[m] = nb + 1
   local c = configs[m]
   local requests, tokens = m_requests[m], m_tokens[m]
   local og, pg
@@ -280,8 +281,7 @@ for m = 1, nmodels do
         end
         nb = nb + 1
         local r = r0 + 5 * nb
-        reply[r - 4], reply[r - 3], reply[r - 2] = scope, i, limit
-        b_group[nb], b_cost[nb] = g, cost
+        reply[r - 4], reply[r - 3], reply[r - 2], reply[r - 1], reply[r] = scope, i, limit, g, cost
       end
     end
   end
@@ -292,8 +292,8 @@ end
 local outcome, binding, wait = 0, 0, 0
 for n = 1, nb do
   local r = r0 + 5 * n
-  local limit, cost, dim = reply[r - 2], b_cost[n], reply[r - 3]
-  local level = groups[b_group[n]][dim + 1]
+  local dim, limit, g, cost = reply[r - 3], reply[r - 2], reply[r - 1], reply[r]
+  local level = groups[g][dim + 1]
   if cost > limit then
     if outcome ~= 3 then outcome, binding, wait = 3, n, 0 end
   elseif outcome ~= 3 and level + cost > limit + 1e-9 then
@@ -309,9 +309,10 @@ if outcome == 0 then
   -- hash's layout and expiry when they need it.
   local charged = {}
   for n = 1, nb do
-    local cost = b_cost[n]
+    local r = r0 + 5 * n
+    local cost = reply[r]
     if cost > 0 then
-      local g, i = b_group[n], reply[r0 + 5 * n - 3] + 1
+      local g, i = reply[r - 1], reply[r - 3] + 1
       local s = groups[g]
       s[i] = s[i] + cost
       charged[g] = true
@@ -366,8 +367,8 @@ end
 reply[1], reply[3], reply[4], reply[7] = outcome, math.ceil(wait / 1000), binding, nb
 for n = 1, nb do
   local r = r0 + 5 * n
-  local limit, dim = reply[r - 2], reply[r - 3]
-  local level = groups[b_group[n]][dim + 1]
+  local dim, limit = reply[r - 3], reply[r - 2]
+  local level = groups[reply[r - 1]][dim + 1]
   local remaining = math.floor(limit - level + 1e-9)
   if remaining < 0 then remaining = 0 end
   local reset = 0
@@ -377,16 +378,13 @@ end
 -- then each item: its model's buckets (k, then their indices)
 local r = r0 + 5 * nb
 for j = 1, nitems do
-  local g1, g2 = 2 * item_model[j] - 1, 2 * item_model[j]
-  local k = r + 1
-  for n = 1, nb do
-    local g = b_group[n]
-    if g == g1 or g == g2 then
-      k = k + 1
-      reply[k] = n
-    end
+  local m = item_model[j]
+  local first, last = m_first[m], m < nmodels and m_first[m + 1] - 1 or nb
+  reply[r + 1] = last - first + 1
+  r = r + 1
+  for n = first, last do
+    r = r + 1
+    reply[r] = n
   end
-  reply[r + 1] = k - r - 1
-  r = k
 end
 return finish(reply)
