@@ -27,7 +27,8 @@ Layout below one organization prefix::
     s                      hash   decision state: every bucket of the organization and its
                                   projects ("o:<model>", "p:<project>:<model>"), the resolved
                                   configuration of each (project, model) ("c:<project>:<model>"),
-                                  and the configuration version "v" (lib.lua); expires once
+                                  both binary (packed doubles), and the configuration
+                                  version "v" (lib.lua); expires once
                                   every bucket would have drained
 
 Added by the control plane (docs/control-plane.md)::

@@ -1,9 +1,11 @@
 --[[
-lib.lua: functions shared by the scripts that touch buckets and usage.
-scripts.py puts this text in front of decide.lua and report.lua (after the
-settings it bakes in as RL_* constants, see scripts.configured), so each is
-still one self-contained script (one EVALSHA), and the bucket arithmetic and
-limit resolution exist once.
+lib.lua: functions shared by the scripts that touch buckets, usage and limits.
+scripts.py puts this text in front of decide.lua, report.lua and rollup.lua
+(after the settings it bakes in as RL_* constants, see scripts.configured), and
+of set_project_limits.lua and effective_limits.lua (without them: those use only
+the limit resolution, which reads no RL_* setting), so each is still one
+self-contained script (one EVALSHA), and the bucket arithmetic and limit
+resolution exist once.
 
 Units: time in microseconds (from TIME, or the test clock in tests), window
 lengths in microseconds, levels in the metric's units, spend in micro-USD
@@ -22,8 +24,9 @@ them back in one HSET:
                           relative to now, as the test clock is not the server's), at
                           most about once per RL_EXPIRY_SLACK_MS, not on every call
   "c:<project>:<model>"   the resolved configuration of (project, model), valid
-                          while its version equals "v" (rl_config_encode)
-  "o:<model>"             the organization's buckets of the model (rl_state_*)
+                          while its version equals "v" (rl_config_*: packed doubles)
+  "o:<model>"             the organization's buckets of the model (rl_state_*:
+                          packed doubles)
   "p:<project>:<model>"   the project's buckets of the model
   "u:<project>:<model>:<key>"  the usage id of (project, model, key) ("ui", below),
                           so a decision finds it in the same read
