@@ -172,7 +172,8 @@ def measure_server(valkey: procs.Valkey, calls: int, spend_limit: bool = False) 
 
 async def captured_decision(app: Any, caller: Any) -> tuple[str, list[str], list[str]]:
     """One real decision's script source, KEYS and ARGV (for --profile)."""
-    connection, seen = app.decider._connection, {}
+    connection = app.decider._connection
+    seen: dict[str, Any] = {}
     evalsha = connection.evalsha
 
     async def keep(script: Any, keys: list[str], args: list[str]) -> Any:
