@@ -28,7 +28,8 @@ Layout below one organization prefix::
     s                      hash   decision state: every bucket of the organization and its
                                   projects ("o:<model>", "p:<project>:<model>"), the resolved
                                   configuration of each (project, model) ("c:<project>:<model>"),
-                                  and the configuration version "v" (lib.lua); expires once
+                                  both binary (packed doubles), and the configuration
+                                  version "v" (lib.lua); expires once
                                   every bucket would have drained
 
 Usage, spend and the request log (engine/usage.py, decide.lua, report.lua)::

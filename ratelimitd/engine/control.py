@@ -186,33 +186,30 @@ class ControlPlane(Projects):
 
     async def effective_limits(self, org_id: str, project_id: str, models: Sequence[str] = ()) -> list[EffectiveLimit]:
         """Custom vs inherited for every model either level names (plus ``models``),
-        resolved exactly as decide.lua resolves them."""
+        resolved by the Lua decisions use (effective_limits.lua)."""
         for m in models:
             validate_model(m, wildcard=True)
         k = await self.require_project(org_id, project_id)
+        dims = self.dims.all
         with storage_errors():
             org_raw = as_strs(await self._redis.hgetall(k.org_limits))
             proj_raw = as_strs(await self._redis.hgetall(k.project_limits(project_id)))
-        org_specs = self._decode_limits(org_raw)
-        proj_specs = self._decode_limits(proj_raw)
-        org_models = {s.model for s in org_specs}
-        names = sorted(org_models | {s.model for s in proj_specs} | set(models), key=lambda m: (m == WILDCARD, m))
+        named = {s.model for s in (*self._decode_limits(org_raw), *self._decode_limits(proj_raw))}
+        names = sorted(named | set(models), key=lambda m: (m == WILDCARD, m))
+        with storage_errors():
+            raw = await self._scripts.effective_limits(
+                keys=[k.org_limits, k.project_limits(project_id)],
+                args=[len(dims), *(d.name for d in dims), *names],
+                client=self._redis,
+            )
+        values = [None if int(v) < 0 else int(v) for v in raw]
         result = []
-        for model in names:
-            org_source = model if model in org_models else WILDCARD
-            for dim in self.dims.all:
-                org_value = org_raw.get(f"{org_source}|{dim.name}")
-                custom = proj_raw.get(f"{model}|{dim.name}", proj_raw.get(f"{WILDCARD}|{dim.name}"))
-                if org_value is None and custom is None:
-                    continue
-                result.append(
-                    EffectiveLimit(
-                        model,
-                        dim,
-                        int(custom) if custom is not None else None,
-                        int(org_value) if org_value is not None else None,
-                    )
-                )
+        for n, model in enumerate(names):
+            base = 2 * len(dims) * n
+            for i, dim in enumerate(dims):
+                org_value, custom = values[base + i], values[base + len(dims) + i]
+                if org_value is not None or custom is not None:
+                    result.append(EffectiveLimit(model, dim, custom, org_value))
         return result
 
     # -- API keys ------------------------------------------------------------

@@ -55,6 +55,21 @@ def validate_project_name(name: str) -> str:
     return name
 
 
+async def _state_fields(redis: Redis, state: str, pattern: str) -> list[str]:
+    """The decision state hash's field names matching ``pattern``. Read undecoded: its values
+    are binary (lib.lua), which a decoding client cannot read as text."""
+    fields: list[str] = []
+    cursor: int | bytes = 0
+    while True:
+        # (hscan_iter decodes values; NOVALUES needs Valkey 8 / Redis 7.4)
+        cursor, page = await redis.execute_command(  # type: ignore[no-untyped-call]
+            "HSCAN", state, cursor, "MATCH", pattern, "COUNT", 1000, NEVER_DECODE=True
+        )
+        fields += [f.decode() for f in page]
+        if int(cursor) == 0:
+            return fields
+
+
 class Projects(Organizations):
     async def create_project(
         self, org_id: str, name: str, description: str = "", *, actor: Principal = INTERNAL
@@ -190,7 +205,7 @@ class Projects(Organizations):
         which would otherwise keep them as long as the organization has traffic. No decision writes
         them again: the project's next decision finds it gone (the change bumped the version)."""
         with storage_errors():
-            stale = [f async for f, _ in self._redis.hscan_iter(k.state, match=f"*:{project_id}:*", count=1000)]
+            stale = await _state_fields(self._redis, k.state, f"*:{project_id}:*")
             for start in range(0, len(stale), 1000):
                 await self._redis.hdel(k.state, *stale[start : start + 1000])
 
