@@ -28,6 +28,28 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
 
 INSTALL_HINT = "pip install 'ratelimitd[otel]'"
+# xds-protos (Envoy's API, a dependency) ships an older copy of opentelemetry-proto's modules in the
+# same place; whichever package pip installs last wins, and the exporter needs the newer one.
+PROTO_FIX = "pip install --force-reinstall --no-deps opentelemetry-proto=={version}"
+
+
+def _import_failure(error: ImportError) -> str:
+    """Why tracing cannot start, and the command that fixes it."""
+    from importlib import metadata
+
+    if (error.name or "").startswith("opentelemetry.proto"):
+        try:
+            version = metadata.version("opentelemetry-proto")
+        except metadata.PackageNotFoundError:
+            pass
+        else:
+            return (
+                f"trace_otlp_endpoint is set, but {error.name} is not opentelemetry-proto {version}'s: "
+                f"xds-protos installed its older copy over it. Run: {PROTO_FIX.format(version=version)}"
+            )
+    return f"trace_otlp_endpoint is set, but OpenTelemetry is not installed ({error.name} is missing): {INSTALL_HINT}"
+
+
 _ORG_OF_KEY = re.compile(r"^rl:\{([^}]*)\}:")
 
 
@@ -42,9 +64,7 @@ class Tracing:
             from opentelemetry.sdk.trace.export import BatchSpanProcessor
             from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
         except ImportError as e:
-            raise RuntimeError(
-                f"trace_otlp_endpoint is set, but OpenTelemetry is not installed ({e.name} is missing): {INSTALL_HINT}"
-            ) from None
+            raise RuntimeError(_import_failure(e)) from None
         self.provider: TracerProvider = TracerProvider(
             resource=Resource.create({"service.name": service_name, "service.version": __version__}),
             sampler=ParentBased(TraceIdRatioBased(sample_ratio)),

@@ -196,6 +196,21 @@ async def test_tracing_configured_without_the_otel_extra_refuses_to_start_and_sa
     assert app.server is None and app.embedded is None  # refused before anything started
 
 
+async def test_an_overwritten_opentelemetry_proto_is_named_with_the_command_that_fixes_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # as when xds-protos installed its older copy of these modules last: the exporter cannot import them
+    for name in [m for m in sys.modules if m.startswith("opentelemetry.exporter")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "opentelemetry.proto.common.v1.common_pb2", None)
+    app = App(Settings.load(env={}, listen="127.0.0.1:0", trace_otlp_endpoint="http://127.0.0.1:4317"))
+    with pytest.raises(RuntimeError) as refused:
+        await app.start()
+    assert "xds-protos installed its older copy over it" in str(refused.value)
+    assert "pip install --force-reinstall --no-deps opentelemetry-proto==" in str(refused.value)
+    assert app.server is None and app.embedded is None
+
+
 @pytest.mark.parametrize(
     ("setting", "value", "message"),
     [
