@@ -11,6 +11,7 @@ import pytest
 from ratelimitd.app import App
 from ratelimitd.cli.errors import NOT_UNDERSTOOD
 from ratelimitd.v1 import admin_pb2 as apb
+from ratelimitd.v1 import rate_limit_service_pb2 as spb
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from ratelimitd.v1 import usage_pb2 as upb
 from ratelimitd.v1 import usage_pb2_grpc
@@ -72,7 +73,11 @@ async def test_a_shadow_project_limit_admits_everything_and_counts_exactly_what_
     would = replies[3].shadow_refusal
     assert would.reason == pb.REASON_PROJECT_LIMIT
     assert (would.binding.scope, would.binding.limit, would.binding.shadow) == (pb.SCOPE_PROJECT, 3, True)
-    assert f"in project {project} on requests per minute: Limit 3, Used 3" in would.message
+    assert would.message == (
+        f"Rate limit reached for model `{M}` in project {project} on requests per minute: "
+        "Limit 3, Used 3, Requested 1. Please try again in 20s."
+    )
+    assert replies[3].retry_after_ms == 0
     assert not replies[3].HasField("binding") and replies[3].message == ""
     assert "x-ratelimit-shadow" not in replies[2].headers
     assert replies[3].headers["x-ratelimit-shadow"] == (
@@ -189,6 +194,25 @@ async def test_a_shadow_project_limit_is_still_held_under_the_organizations(clie
         apb.GetProjectLimitsRequest(organization_id=org, project_id=project), metadata=AUTH
     )
     assert list(limits.custom) == []
+
+
+async def test_manage_project_sets_and_clears_shadow_with_the_same_messages(client: Client) -> None:
+    org = await client.org("o", [(M, *RPM, 100)])
+    project, key = await client.project(org, "a")
+
+    async def manage(value: int, shadow: bool) -> apb.ProjectLimits:
+        request = apb.SetProjectLimitsRequest(
+            organization_id=org, project_id=project, set=[limit(value, shadow=shadow)]
+        )
+        reply = await client.decisions.ManageProject(
+            spb.ManageProjectRequest(set_project_limits=request), metadata=AUTH
+        )
+        return reply.limits
+
+    assert [(e.custom, e.custom_shadow) for e in (await manage(1, True)).effective] == [(1, True)]
+    assert (await check(client, key)).allowed and (await check(client, key)).allowed
+    assert [(e.custom, e.custom_shadow) for e in (await manage(1, False)).effective] == [(1, False)]
+    assert (await check(client, key)).reason == pb.REASON_PROJECT_LIMIT
 
 
 @pytest.fixture

@@ -74,6 +74,7 @@ class Decision(NamedTuple):
     # or TOO_LARGE) and its bucket; ALLOWED and None when no shadow limit would have refused.
     shadow_outcome: Outcome = Outcome.ALLOWED
     shadow_binding: BucketState | None = None
+    shadow_retry_after_ms: int = 0
 
     @property
     def allowed(self) -> bool:
@@ -85,10 +86,12 @@ class Decision(NamedTuple):
 
     def as_enforced(self) -> Decision:
         """The refusal a shadow limit would have given (this decision when none would have), for
-        its message: retry_after_ms is 0, as the request was admitted."""
+        its message."""
         if not self.shadow_refused:
             return self
-        return self._replace(outcome=self.shadow_outcome, binding=self.shadow_binding, detail=0)
+        return self._replace(
+            outcome=self.shadow_outcome, binding=self.shadow_binding, retry_after_ms=self.shadow_retry_after_ms
+        )
 
     @property
     def retryable(self) -> bool:

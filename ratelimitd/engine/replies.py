@@ -35,7 +35,7 @@ def decode_decision(
         organization_id=org_id,
         project_id=str(reply[_PROJECT]),
         request_id=request_id,
-        retry_after_ms=int(reply[_RETRY_AFTER_MS]),
+        retry_after_ms=0 if shadow_refused else int(reply[_RETRY_AFTER_MS]),
         binding=None if shadow_refused else binding,
         buckets=buckets,
         replayed=bool(int(reply[_REPLAYED])),
@@ -43,6 +43,7 @@ def decode_decision(
         detail=0 if shadow_refused else detail,
         shadow_outcome=Outcome(detail) if shadow_refused else Outcome.ALLOWED,
         shadow_binding=binding if shadow_refused else None,
+        shadow_retry_after_ms=int(reply[_RETRY_AFTER_MS]) if shadow_refused else 0,
     )
 
 

@@ -80,7 +80,8 @@ Reply: an array
       model permissions, 8 monthly spend limit, 9 the request id was used by
       another caller or for another request
   [2] project id ("" when unknown)
-  [3] retry after, milliseconds (0 unless outcome 1 or 2)
+  [3] retry after, milliseconds (0 unless outcome 1 or 2, or outcome 0 with a
+      shadow refusal: the retry-after that refusal would have had)
   [4] index of the binding bucket in the list below (1-based, 0 for none); for
       outcome 0, the shadow bucket that would have refused (0 for none)
   [5] 1 when this is a replay of an earlier answer, else 0
@@ -394,7 +395,9 @@ if outcome == 0 then
 end
 
 reply[1], reply[3], reply[4], reply[7] = outcome, math.ceil(wait / 1000), binding, nb
-if outcome == 0 and s_outcome ~= 0 then reply[4], reply[6] = s_binding, s_outcome end
+if outcome == 0 and s_outcome ~= 0 then
+  reply[3], reply[4], reply[6] = math.ceil(s_wait / 1000), s_binding, s_outcome
+end
 for n = 1, nb do
   local r = r0 + 5 * n
   local dim, limit = reply[r - 3], reply[r - 2]
