@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2 as common_pb
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
 from ratelimitd.app import App
 from ratelimitd.cli.errors import NOT_UNDERSTOOD
@@ -213,6 +215,30 @@ async def test_manage_project_sets_and_clears_shadow_with_the_same_messages(clie
     assert (await check(client, key)).allowed and (await check(client, key)).allowed
     assert [(e.custom, e.custom_shadow) for e in (await manage(1, False)).effective] == [(1, False)]
     assert (await check(client, key)).reason == pb.REASON_PROJECT_LIMIT
+
+
+async def test_should_rate_limit_answers_ok_with_the_shadow_header_and_the_enforcing_limit(client: Client) -> None:
+    org = await client.org("o", [(M, *RPM, 100)])
+    project, key = await client.project(org, "a")
+    await set_project_limit(client, org, project, 1, shadow=True)
+    descriptor = common_pb.RateLimitDescriptor(
+        entries=[
+            common_pb.RateLimitDescriptor.Entry(key="api_key", value=key),
+            common_pb.RateLimitDescriptor.Entry(key="model", value=M),
+        ]
+    )
+    rls = rls_pb2_grpc.RateLimitServiceStub(client.channel)
+    replies = [
+        await rls.ShouldRateLimit(rls_pb2.RateLimitRequest(domain="ratelimitd", descriptors=[descriptor]))
+        for _ in range(2)
+    ]
+    assert [r.overall_code for r in replies] == [rls_pb2.RateLimitResponse.OK] * 2
+    headers = {h.key: h.value for h in replies[1].response_headers_to_add}
+    assert headers["x-ratelimit-shadow"].startswith("REASON_PROJECT_LIMIT; scope=project;")
+    (status,) = replies[1].statuses
+    assert status.code == rls_pb2.RateLimitResponse.OK
+    # the descriptor reports the enforcing limit, not the shadow one that is full
+    assert (status.current_limit.requests_per_unit, status.limit_remaining) == (100, 98)
 
 
 @pytest.fixture
