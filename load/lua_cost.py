@@ -204,10 +204,13 @@ async def measure_direct(valkey: procs.Valkey, calls: int, profile: bool = False
         c = app.control
         org = await c.create_organization("cost")
         dims = [("requests", "minute"), ("requests", "day"), ("tokens", "minute"), ("tokens", "day")]
-        await c.set_organization_limits(org.id, [(MODEL, m, w, procs.BIG) for m, w in dims], [])
+        await c.set_organization_limits(org.id, [(MODEL, m, w, procs.BIG, False) for m, w in dims], [])
         project = await c.create_project(org.id, "p")
         await c.set_project_limits(
-            org.id, project.id, [(MODEL, "requests", "minute", procs.BIG), (MODEL, "tokens", "minute", procs.BIG)], []
+            org.id,
+            project.id,
+            [(MODEL, "requests", "minute", procs.BIG, False), (MODEL, "tokens", "minute", procs.BIG, False)],
+            [],
         )
         _, secret = await c.create_api_key(org.id, project.id, "k")
         parsed = ids.parse_api_key(secret)

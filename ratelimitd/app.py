@@ -153,7 +153,7 @@ class App:
         clock = manual_clock(self.redis) if s.manual_clock else server_time
         # Tracing off: the engine gets the connection itself, so the hot path makes no span.
         scripts_runner = self.tracing.storage(self.pipeline) if self.tracing else self.pipeline
-        self.decider = Decider(scripts_runner, scripts, dims, s.retention, clock=clock)
+        self.decider = Decider(scripts_runner, scripts, dims, s.retention, clock=clock, shadow_all=s.shadow_all)
         self.usage = Usage(self.redis, scripts_runner, scripts, dims, self.control, s.retention, clock=clock)
         self.rollup = UsageRollup(self.redis, scripts, dims, s.retention, clock=clock)
         self._rollup_task = asyncio.get_running_loop().create_task(self._maintain(s.usage_rollup_interval_s))

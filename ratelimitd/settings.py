@@ -195,6 +195,11 @@ class Settings:
         'per-organization decision counts for up to this many organizations (the rest as organization="other"); 0: off',
     )
 
+    # -- shadow mode (issue 14, item 6; docs/operations.md "Shadow mode") --
+    shadow_all: bool = _field(
+        False, "every rate limit is a shadow limit: counted as 'would have refused', never refusing"
+    )
+
     def __post_init__(self) -> None:
         if self.on_storage_error not in STORAGE_ERROR_POLICIES:
             raise ValueError(f"on_storage_error must be one of {', '.join(STORAGE_ERROR_POLICIES)}")

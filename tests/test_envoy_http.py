@@ -15,7 +15,8 @@ import redis.asyncio
 
 from ratelimitd.app import App
 from ratelimitd.core import keys
-from tests.conftest import Client, Clock, settings_for
+from ratelimitd.v1 import admin_pb2 as apb
+from tests.conftest import AUTH, Client, Clock, settings_for
 from tests.edge import (
     SHIPPED_CONFIG,
     EnvoyProcess,
@@ -120,6 +121,27 @@ async def test_429_after_the_project_limit_with_headers_on_200_and_429_and_a_jso
             "code": "rate_limit_exceeded",
         }
     }
+
+
+async def test_a_shadow_limit_admits_through_envoy_and_says_so_in_a_header(client: Client, edge: Edge) -> None:
+    org = await client.org("o", [(M, "requests", "minute", 100), (M, "requests", "day", 1000)])
+    pid, key = await client.project(org, "prod")
+    await client.projects.SetProjectLimits(
+        apb.SetProjectLimitsRequest(
+            organization_id=org,
+            project_id=pid,
+            set=[apb.Limit(model=M, metric="requests", window="minute", limit=1, shadow=True)],
+        ),
+        metadata=AUTH,
+    )
+    first, second = await edge.chat(key), await edge.chat(key)
+    assert (first.status, second.status) == (200, 200)
+    assert "x-ratelimit-shadow" not in first.headers
+    assert second.headers["x-ratelimit-shadow"] == (
+        "REASON_PROJECT_LIMIT; scope=project; metric=requests; window=minute; limit=1"
+    )
+    assert second.headers["x-ratelimit-remaining-requests"] == "998"  # the enforcing requests per day
+    assert second.json()["request_id"]  # the upstream was reached
 
 
 async def test_the_org_ceiling_is_shared_by_two_projects_and_models_are_separate(client: Client, edge: Edge) -> None:

@@ -61,11 +61,20 @@ def _access(value: int) -> Access:
 
 
 def _limits(specs: Sequence[LimitSpec]) -> list[pb.Limit]:
-    return [pb.Limit(model=s.model, metric=s.dimension.metric, window=s.dimension.window, limit=s.value) for s in specs]
+    return [
+        pb.Limit(model=s.model, metric=s.dimension.metric, window=s.dimension.window, limit=s.value, shadow=s.shadow)
+        for s in specs
+    ]
 
 
 def _effective(e: EffectiveLimit) -> pb.EffectiveLimit:
-    msg = pb.EffectiveLimit(model=e.model, metric=e.dimension.metric, window=e.dimension.window)
+    msg = pb.EffectiveLimit(
+        model=e.model,
+        metric=e.dimension.metric,
+        window=e.dimension.window,
+        custom_shadow=e.custom_shadow,
+        organization_shadow=e.organization_shadow,
+    )
     if e.custom is not None:
         msg.custom = e.custom
     if e.organization is not None:
@@ -174,7 +183,7 @@ class OrganizationServicer(_Servicer, admin_pb2_grpc.OrganizationServiceServicer
         actor = caller()
         specs = await self.control.set_organization_limits(
             request.organization_id,
-            [(x.model, x.metric, x.window, x.limit) for x in request.set],
+            [(x.model, x.metric, x.window, x.limit, x.shadow) for x in request.set],
             [(x.model, x.metric, x.window) for x in request.clear],
             actor=actor,
         )
@@ -248,7 +257,7 @@ class ProjectServicer(_Servicer, admin_pb2_grpc.ProjectServiceServicer):
         await self.control.set_project_limits(
             request.organization_id,
             request.project_id,
-            [(x.model, x.metric, x.window, x.limit) for x in request.set],
+            [(x.model, x.metric, x.window, x.limit, x.shadow) for x in request.set],
             [(x.model, x.metric, x.window) for x in request.clear],
             actor=actor,
         )

@@ -74,6 +74,19 @@ def bucket_pb(b: BucketState) -> pb.BucketStatus:
         limit=b.limit,
         remaining=b.remaining,
         reset_after_ms=b.reset_after_ms,
+        shadow=b.shadow,
+    )
+
+
+def shadow_refusal_pb(decision: Decision, model: str, requests: int, tokens: int) -> pb.ShadowRefusal | None:
+    """What a shadow limit would have answered; None when none would have refused."""
+    if decision.shadow_binding is None:
+        return None
+    enforced = decision.as_enforced()
+    return pb.ShadowRefusal(
+        reason=_REASON[decision.shadow_outcome],
+        binding=bucket_pb(decision.shadow_binding),
+        message=refusal_message(enforced, model, requests, tokens),
     )
 
 
@@ -101,6 +114,7 @@ class RateLimitServicer(rate_limit_service_pb2_grpc.RateLimitServiceServicer):
         self._reports = metrics.reports
         self._seconds = metrics.check_seconds
         self._labelled = metrics.labelled
+        self._count_shadow = metrics.count_shadow
 
     @rpc
     async def CheckAndConsume(
@@ -174,6 +188,7 @@ class RateLimitServicer(rate_limit_service_pb2_grpc.RateLimitServiceServicer):
                     request_id=request_id,
                 )
         self._decisions[decision.outcome].inc()
+        self._count_shadow(decision)
         if self._labelled is not None:
             self._labelled(model, decision.organization_id, decision.outcome)
         if decision.outcome is Outcome.PROJECT_NOT_FOUND:
@@ -246,4 +261,5 @@ class RateLimitServicer(rate_limit_service_pb2_grpc.RateLimitServiceServicer):
             organization_id=decision.organization_id if decision.project_id else "",
             project_id=decision.project_id,
             replayed=decision.replayed,
+            shadow_refusal=shadow_refusal_pb(decision, model, requests, tokens),
         )

@@ -227,6 +227,7 @@ class EnvoyRateLimitServicer:
         self._reports = metrics.reports
         self._seconds = metrics.envoy_seconds
         self._labelled = metrics.labelled
+        self._count_shadow = metrics.count_shadow
 
     @rpc
     async def ShouldRateLimit(self, request: RateLimitRequest, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -305,6 +306,7 @@ class EnvoyRateLimitServicer:
                 # Envoy never retries a decision, and this path never replays one.
                 raise e.advising("Envoy does not retry a decision; its failure_mode_deny decides the request") from e
         self._decisions[decision.outcome].inc()
+        self._count_shadow(decision)
         if self._labelled is not None:  # a request's first descriptor names its model
             self._labelled(request.items[0].model if request.items else "", decision.organization_id, decision.outcome)
         return answer(decision, request, self._header_windows)

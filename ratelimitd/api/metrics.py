@@ -2,6 +2,7 @@
 
     ratelimitd_build_info{version,python,grpc}  1; the labels say what runs
     ratelimitd_decisions_total{outcome}      every CheckAndConsume and Envoy ShouldRateLimit decision, by outcome
+    ratelimitd_shadow_refusals_total{scope,outcome}  admitted decisions a shadow limit would have refused
     ratelimitd_model_decisions_total{model,outcome}        opt-in (metrics_model_labels), bounded
     ratelimitd_organization_decisions_total{organization,outcome}  opt-in (metrics_organization_labels), bounded
     ratelimitd_usage_reports_total{result}   every ReportUsage and Envoy usage call, by result
@@ -35,7 +36,7 @@ from prometheus_client import (
 )
 
 from ratelimitd import __version__
-from ratelimitd.engine.outcomes import Outcome
+from ratelimitd.engine.outcomes import Decision, Outcome, Scope
 from ratelimitd.engine.usage import ReportResult
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -106,6 +107,17 @@ class Metrics:
         # children bound once: the hot path only increments
         self.decisions = {o: decisions.labels(o.name.lower()) for o in Outcome}
         self.storage_unavailable_decisions = decisions.labels("storage_unavailable")
+        shadow = Counter(
+            "ratelimitd_shadow_refusals",
+            "Admitted decisions a shadow limit would have refused, by the limit's scope and the outcome",
+            ["scope", "outcome"],
+            registry=self.registry,
+        )
+        self._shadow = {
+            (s, o): shadow.labels(s.name.lower(), o.name.lower())
+            for s in Scope
+            for o in (Outcome.PROJECT_LIMIT, Outcome.ORGANIZATION_LIMIT, Outcome.TOO_LARGE)
+        }
         self.reports = {r: reports.labels(r.name.lower()) for r in ReportResult}
         self.storage_errors = Counter(
             "ratelimitd_storage_errors", "Calls that found storage unreachable", registry=self.registry
@@ -124,6 +136,11 @@ class Metrics:
         self.envoy_seconds = seconds.labels("envoy")
         self.labelled = self._labelled(model_labels, organization_labels)
         self._server: Any = None
+
+    def count_shadow(self, decision: Decision) -> None:
+        """Counts an admitted decision a shadow limit would have refused (nothing otherwise)."""
+        if decision.shadow_binding is not None:
+            self._shadow[decision.shadow_binding.scope, decision.shadow_outcome].inc()
 
     def _labelled(self, model_labels: int, organization_labels: int) -> LabelledCount | None:
         """The per-model/per-organization count, built once; None (nothing per call) when both are off."""

@@ -44,6 +44,7 @@ def _row(bucket_start_ms: int | None, project: str, model: str, key: str, t: Usa
         refusals={reason_name(o): n for o, n in t.refusals.items()}, reported=t.reported,
         input_tokens=t.input_tokens, output_tokens=t.output_tokens, cached_tokens=t.cached_tokens,
         spend_usd_micros=micros(t.spend_usd),
+        shadow_refusals={reason_name(o): n for o, n in t.shadow_refusals.items()},
     )  # fmt: skip
 
 
@@ -66,6 +67,7 @@ def _log_entry(e: LogEntry) -> pb.RequestLogEntry:
         reason=reason_name(e.reason) if e.reason is not None else "", input_tokens=e.input_tokens,
         output_tokens=e.output_tokens, cached_tokens=e.cached_tokens, requested_tokens=e.requested_tokens,
         status_code=e.status_code, latency=duration(e.latency_ms),
+        shadow_reason=reason_name(e.shadow) if e.shadow is not None else "",
     )  # fmt: skip
 
 

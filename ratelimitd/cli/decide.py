@@ -15,6 +15,13 @@ REFUSED_DECISION = 3
 
 def verdict(reply: pb.CheckResponse) -> str:
     """ALLOWED, or the refusal with what an HTTP edge answers for it (the outcome table's row)."""
+    if reply.allowed and reply.HasField("shadow_refusal"):
+        s = reply.shadow_refusal
+        return (
+            f"ALLOWED (shadow: would have been refused by {pb.Reason.Name(s.reason)}: "
+            f"{pb.Scope.Name(s.binding.scope).removeprefix('SCOPE_').lower()} {s.binding.metric} per "
+            f"{s.binding.window}, limit {s.binding.limit})"
+        )
     if reply.allowed:
         return "ALLOWED"
     name = pb.Reason.Name(reply.reason)
@@ -25,13 +32,17 @@ def verdict(reply: pb.CheckResponse) -> str:
     return f"REFUSED ({name}): an HTTP edge answers {rule.http_status} {rule.code}; {cure}"
 
 
+def _scope(b: pb.BucketStatus) -> str:
+    scope = pb.Scope.Name(b.scope).removeprefix("SCOPE_").lower()
+    return f"{scope} (shadow)" if b.shadow else scope
+
+
 def decision_text(reply: pb.CheckResponse) -> str:
     lines = [verdict(reply)]
     if reply.message:
         lines.append(reply.message)
     rows = [
-        (pb.Scope.Name(b.scope).removeprefix("SCOPE_").lower(), b.metric, b.window, b.limit, b.remaining,
-         f"{b.reset_after_ms}ms")
+        (_scope(b), b.metric, b.window, b.limit, b.remaining, f"{b.reset_after_ms}ms")
         for b in reply.buckets
     ]  # fmt: skip
     if rows:

@@ -35,15 +35,16 @@ def metric_window(name: str) -> tuple[str, str]:
     return metric, window
 
 
-def parse_limit_args(model: str, items: Sequence[str]) -> list[apb.Limit]:
-    """``rpm=100`` or ``requests/minute=100`` (any configured window) for one model."""
+def parse_limit_args(model: str, items: Sequence[str], shadow: bool = False) -> list[apb.Limit]:
+    """``rpm=100`` or ``requests/minute=100`` (any configured window) for one model; ``shadow``: as
+    shadow limits (counted, never refusing)."""
     limits = []
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not value.lstrip("-").isdigit():
             raise NotUnderstood(f"limit {item!r} is not NAME=NUMBER (e.g. rpm=100 or tokens/day=500000)")
         metric, window = metric_window(name)
-        limits.append(apb.Limit(model=model, metric=metric, window=window, limit=int(value)))
+        limits.append(apb.Limit(model=model, metric=metric, window=window, limit=int(value), shadow=shadow))
     return limits
 
 
@@ -89,8 +90,10 @@ def take_positionals(args: argparse.Namespace, names: Sequence[str]) -> None:
 
 def changes(args: argparse.Namespace) -> tuple[list[apb.Limit], list[apb.LimitKey]]:
     """The limits to set and to clear; giving either needs ``--model``, so that none is set for '*' by accident."""
-    to_set = parse_limit_args(args.model or "*", args.set)
+    to_set = parse_limit_args(args.model or "*", args.set, args.shadow)
     to_clear = parse_clear_args(args.model or "*", args.clear)
+    if args.shadow and not to_set:
+        raise NotUnderstood("--shadow applies to the limits of --set: give them (e.g. --set rpm=100 --shadow)")
     if (to_set or to_clear) and args.model is None:
         raise NotUnderstood(
             "--set and --clear need --model: a model's name, or '*' for the default of every model "
@@ -99,12 +102,22 @@ def changes(args: argparse.Namespace) -> tuple[list[apb.Limit], list[apb.LimitKe
     return to_set, to_clear
 
 
+def _mode(shadow: bool) -> str:
+    return "shadow" if shadow else "enforce"
+
+
 def limits_table(limits: Sequence[apb.Limit]) -> str:
-    return render([(x.model, x.metric, x.window, x.limit) for x in limits], ("MODEL", "METRIC", "WINDOW", "LIMIT"))
+    return render(
+        [(x.model, x.metric, x.window, x.limit, _mode(x.shadow)) for x in limits],
+        ("MODEL", "METRIC", "WINDOW", "LIMIT", "MODE"),
+    )
 
 
 def _opt(msg: apb.EffectiveLimit, field: Literal["custom", "organization"]) -> str:
-    return str(getattr(msg, field)) if msg.HasField(field) else "-"
+    if not msg.HasField(field):
+        return "-"
+    shadow = msg.custom_shadow if field == "custom" else msg.organization_shadow
+    return f"{getattr(msg, field)} (shadow)" if shadow else str(getattr(msg, field))
 
 
 def project_limits_table(reply: apb.ProjectLimits) -> str:
@@ -155,9 +168,15 @@ def _limit_flags(p: argparse.ArgumentParser, positionals: Sequence[tuple[str, st
         "--set", nargs="*", default=[], action=LimitList, metavar="LIMIT", help="rpm=100 tpm=6000 or requests/day=1000"
     )
     p.add_argument("--clear", nargs="*", default=[], action=LimitList, metavar="NAME", help="rpm tpd or tokens/minute")
+    p.add_argument(
+        "--shadow",
+        action="store_true",
+        help="set the --set limits as shadow limits: counted as 'would have refused', never refusing "
+        "(set them again without --shadow to enforce them)",
+    )
     p.set_defaults(stray=[])
     names = " ".join(name.upper() for name, _ in positionals)
-    p.usage = f"%(prog)s [-h] {names} [--model MODEL] [--set LIMIT ...] [--clear NAME ...] [client flags]"
+    p.usage = f"%(prog)s [-h] {names} [--model MODEL] [--set LIMIT ... [--shadow]] [--clear NAME ...] [client flags]"
 
 
 def add_org_parser(org: SubParsers) -> None:

@@ -49,6 +49,7 @@ def setting_flags(args: argparse.Namespace) -> dict[str, Any]:
         "windows": parse_windows(args.windows) if args.windows else None,
         "header_windows": parse_pairs(args.header_windows, "header_windows") if args.header_windows else None,
         "manual_clock": True if args.manual_clock else None,
+        "shadow_all": True if args.shadow_all else None,
         **{name: getattr(args, name) for name in _AS_GIVEN},
         "http_cors_origins": _origins(args.http_cors_origins),
     }
@@ -271,3 +272,6 @@ def add_setting_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-client-ca", help="PEM CA: clients must present a certificate it issued (mTLS)")
     p.add_argument("--log-format", choices=["text", "json"], help="log lines on stderr (default text)")
     p.add_argument("--manual-clock", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--shadow-all", action="store_true", help="every rate limit only counts what it would refuse (shadow mode)"
+    )

@@ -27,12 +27,16 @@ def _groups(by: str | None) -> list[upb.GroupBy.ValueType]:
 def usage_table(reply: upb.GetUsageResponse, names: dict[str, str]) -> str:
     rows = [
         (format_stamp(r, "bucket_start_time"), project_label(r.project_id, names) if r.project_id else "*",
-         r.model or "*", r.api_key_id or "*", r.requests, sum(r.refusals.values()), r.input_tokens, r.output_tokens,
-         r.cached_tokens, format_usd(r.spend_usd_micros))
+         r.model or "*", r.api_key_id or "*", r.requests, sum(r.refusals.values()), sum(r.shadow_refusals.values()),
+         r.input_tokens, r.output_tokens, r.cached_tokens, format_usd(r.spend_usd_micros))
         for r in [*reply.rows, reply.total]
     ]  # fmt: skip
     rows[-1] = ("total", "", "", "", *rows[-1][4:])
-    header = ("BUCKET (UTC)", "PROJECT", "MODEL", "KEY", "REQUESTS", "REFUSED", "INPUT", "OUTPUT", "CACHED", "USD")
+    # WOULD REFUSE: admitted requests (in REQUESTS) a shadow limit would have refused
+    header = (
+        "BUCKET (UTC)", "PROJECT", "MODEL", "KEY", "REQUESTS", "REFUSED", "WOULD REFUSE", "INPUT", "OUTPUT", "CACHED",
+        "USD",
+    )  # fmt: skip
     return render(rows, header)
 
 
@@ -62,13 +66,19 @@ def _outcome(args: argparse.Namespace) -> upb.ListRequestLogsRequest.Outcome.Val
 
 def logs_table(reply: upb.ListRequestLogsResponse) -> str:
     rows = [
-        (format_stamp(e, "request_time"), e.request_id, e.model, e.api_key_id, "allowed" if e.allowed else e.reason,
+        (format_stamp(e, "request_time"), e.request_id, e.model, e.api_key_id, _decision(e),
          e.input_tokens if e.allowed else e.requested_tokens, e.output_tokens, e.cached_tokens,
          e.status_code or "-", e.latency.ToMilliseconds() if e.HasField("latency") else "-")
         for e in reply.entries
     ]  # fmt: skip
     header = ("TIME (UTC)", "REQUEST", "MODEL", "KEY", "DECISION", "INPUT", "OUTPUT", "CACHED", "STATUS", "MS")
     return render(rows, header)
+
+
+def _decision(e: upb.RequestLogEntry) -> str:
+    if not e.allowed:
+        return e.reason
+    return f"allowed (shadow: {e.shadow_reason})" if e.shadow_reason else "allowed"
 
 
 async def logs(api: Api, args: argparse.Namespace) -> int:

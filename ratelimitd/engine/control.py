@@ -29,9 +29,11 @@ from ratelimitd.engine.limits import (
     WILDCARD,
     Dimension,
     LimitSpec,
+    audit_value,
     check_batch_size,
     check_scope_size,
     parse_limit_field,
+    parse_limit_value,
     unique_fields,
     validate_limit_value,
     validate_model,
@@ -58,6 +60,8 @@ class EffectiveLimit:
     dimension: Dimension
     custom: int | None
     organization: int | None
+    custom_shadow: bool = False
+    organization_shadow: bool = False
 
     @property
     def effective(self) -> int | None:
@@ -68,10 +72,12 @@ class EffectiveLimit:
 class ControlPlane(Projects):
     """Organizations and projects (the base classes), their limits, API keys and audit trail."""
 
-    def _specs(self, entries: Iterable[tuple[str, str, str, int]]) -> list[LimitSpec]:
+    def _specs(self, entries: Iterable[tuple[str, str, str, int, bool]]) -> list[LimitSpec]:
         specs = [
-            LimitSpec(validate_model(model, wildcard=True), self.dims.get(metric, window), validate_limit_value(value))
-            for model, metric, window, value in entries
+            LimitSpec(
+                validate_model(model, wildcard=True), self.dims.get(metric, window), validate_limit_value(value), shadow
+            )
+            for model, metric, window, value, shadow in entries
         ]
         unique_fields((s.model, s.dimension) for s in specs)
         return specs
@@ -82,7 +88,7 @@ class ControlPlane(Projects):
         )
 
     def _changes(
-        self, set_: Sequence[tuple[str, str, str, int]], clear: Sequence[tuple[str, str, str]]
+        self, set_: Sequence[tuple[str, str, str, int, bool]], clear: Sequence[tuple[str, str, str]]
     ) -> tuple[list[LimitSpec], list[str]]:
         """Limits to set and fields to clear, validated; naming one limit in both is an error."""
         check_batch_size(len(set_), len(clear))
@@ -95,7 +101,7 @@ class ControlPlane(Projects):
     async def set_organization_limits(
         self,
         org_id: str,
-        set_: Sequence[tuple[str, str, str, int]],
+        set_: Sequence[tuple[str, str, str, int, bool]],
         clear: Sequence[tuple[str, str, str]],
         *,
         actor: Principal = INTERNAL,
@@ -104,12 +110,14 @@ class ControlPlane(Projects):
         k = await self.require_organization(org_id)
 
         async def change(pipe: Pipeline) -> None:
-            before = {f: int(v) for f, v in as_strs(await pipe.hgetall(k.org_limits)).items()}
-            after = {f: v for f, v in before.items() if f not in clears} | {s.field: s.value for s in specs}
+            before = {f: audit_value(v) for f, v in as_strs(await pipe.hgetall(k.org_limits)).items()}
+            after = {f: v for f, v in before.items() if f not in clears} | {
+                s.field: audit_value(s.stored) for s in specs
+            }
             check_scope_size(len(before), len(after), f"organization {org_id}")
             begin_writes(pipe)
             if specs:
-                pipe.hset(k.org_limits, mapping={s.field: s.value for s in specs})
+                pipe.hset(k.org_limits, mapping={s.field: s.stored for s in specs})
             if clears:
                 pipe.hdel(k.org_limits, *clears)
             keys.invalidate_decision_config(pipe, k)
@@ -129,7 +137,7 @@ class ControlPlane(Projects):
         for field, value in raw.items():
             parsed = parse_limit_field(field, self.dims)
             if parsed is not None:
-                specs.append(LimitSpec(parsed[0], parsed[1], int(value)))
+                specs.append(LimitSpec(parsed[0], parsed[1], *parse_limit_value(value)))
         order = {d: i for i, d in enumerate(self.dims.all)}
         return sorted(specs, key=lambda s: (s.model == WILDCARD, s.model, order[s.dimension]))
 
@@ -139,7 +147,7 @@ class ControlPlane(Projects):
         self,
         org_id: str,
         project_id: str,
-        set_: Sequence[tuple[str, str, str, int]],
+        set_: Sequence[tuple[str, str, str, int, bool]],
         clear: Sequence[tuple[str, str, str]],
         *,
         actor: Principal = INTERNAL,
@@ -151,7 +159,7 @@ class ControlPlane(Projects):
             *(d.name for d in self.dims.all), len(specs),
         ]  # fmt: skip
         for s in specs:
-            args += (s.model, s.dimension.name, s.value)
+            args += (s.model, s.dimension.name, s.stored)
         args += clears
         with storage_errors():
             reply = await self._scripts.set_project_limits(
@@ -203,13 +211,15 @@ class ControlPlane(Projects):
                 client=self._redis,
             )
         values = [None if int(v) < 0 else int(v) for v in raw]
+        d = len(dims)
         result = []
         for n, model in enumerate(names):
-            base = 2 * len(dims) * n
+            base = 4 * d * n
             for i, dim in enumerate(dims):
-                org_value, custom = values[base + i], values[base + len(dims) + i]
+                org_value, custom = values[base + i], values[base + d + i]
                 if org_value is not None or custom is not None:
-                    result.append(EffectiveLimit(model, dim, custom, org_value))
+                    org_shadow, custom_shadow = values[base + 2 * d + i] == 1, values[base + 3 * d + i] == 1
+                    result.append(EffectiveLimit(model, dim, custom, org_value, custom_shadow, org_shadow))
         return result
 
     # -- API keys ------------------------------------------------------------

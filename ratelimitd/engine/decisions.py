@@ -54,11 +54,12 @@ class Decider:
         retention: Retention,
         *,
         clock: Clock = server_time,
+        shadow_all: bool = False,
     ) -> None:
         self._connection = connection
         self._clock = clock
         # settings are baked into the script's text, so a call passes only what it asks
-        self._script = configured(scripts.decide, dimensions, retention)
+        self._script = configured(scripts.decide, dimensions, retention, shadow_all=shadow_all)
         self._dims = dimensions.all
 
     async def check(self, caller: Caller, model: str, requests: int, tokens: int, request_id: str = "") -> Decision:

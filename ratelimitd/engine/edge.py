@@ -170,11 +170,13 @@ def answer(decision: Decision, request: EdgeRequest, header_windows: Mapping[str
 
 
 def shown(buckets: Sequence[BucketState], binding: BucketState | None) -> BucketState | None:
-    """The bucket a descriptor reports as its limit: the binding one, else the one closest to full."""
+    """The bucket a descriptor reports as its limit: the binding one, else the enforcing one closest to
+    full (a shadow limit's bucket changes nothing a client sees)."""
     # By identity: two buckets of different models may hold equal values.
     if binding is not None and any(b is binding for b in buckets):
         return binding
-    return min(buckets, key=lambda b: (b.remaining / b.limit if b.limit else 0.0, b.remaining), default=None)
+    enforcing = [b for b in buckets if not b.shadow]
+    return min(enforcing, key=lambda b: (b.remaining / b.limit if b.limit else 0.0, b.remaining), default=None)
 
 
 class UsageCall(NamedTuple):

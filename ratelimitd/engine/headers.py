@@ -11,6 +11,12 @@ least remaining, since that is the one a client runs into first:
     ...-tokens                      the same for tokens
     retry-after                     whole seconds, rounded up; only on a
                                     refusal that waiting can cure (engine/outcomes.py)
+    x-ratelimit-shadow              only when a shadow limit would have refused an
+                                    admitted request: "<reason>; scope=<scope>;
+                                    metric=<metric>; window=<window>; limit=<limit>"
+
+Shadow limits' buckets are left out of the x-ratelimit-* headers: a shadow limit
+must not change what a client sees, except through x-ratelimit-shadow.
 
 A metric without any limit has no headers.
 """
@@ -19,13 +25,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ratelimitd.engine.outcomes import BucketState, Decision, go_duration
+from ratelimitd.engine.outcomes import OUTCOMES, BucketState, Decision, Outcome, go_duration
 
 
 def tightest(buckets: tuple[BucketState, ...], metric: str, window: str) -> BucketState | None:
     best: BucketState | None = None
     for b in buckets:
-        if b.dimension.metric == metric and b.dimension.window == window:
+        if b.dimension.metric == metric and b.dimension.window == window and not b.shadow:
             if best is None or (b.remaining, b.limit) < (best.remaining, best.limit):
                 best = b
     return best
@@ -41,4 +47,13 @@ def rate_limit_headers(decision: Decision, header_windows: Mapping[str, str]) ->
             headers[f"x-ratelimit-reset-{metric}"] = go_duration(b.reset_after_ms)
     if decision.retryable:  # the outcome table's header policy
         headers["retry-after"] = str(max(1, -(-decision.retry_after_ms // 1000)))
+    if decision.shadow_binding is not None:
+        headers["x-ratelimit-shadow"] = shadow_header(decision.shadow_outcome, decision.shadow_binding)
     return headers
+
+
+def shadow_header(outcome: Outcome, b: BucketState) -> str:
+    return (
+        f"{OUTCOMES[outcome].reason}; scope={b.scope.name.lower()}; metric={b.dimension.metric}; "
+        f"window={b.dimension.window}; limit={b.limit}"
+    )

@@ -87,10 +87,31 @@ class LimitSpec:
     model: str
     dimension: Dimension
     value: int
+    # A shadow limit is evaluated and counted but never refuses (docs/operations.md "Shadow mode").
+    shadow: bool = False
 
     @property
     def field(self) -> str:
         return f"{self.model}|{self.dimension.name}"
+
+    @property
+    def stored(self) -> str:
+        """The value as the limits hashes hold it: "<limit>", or "<limit>s" for a shadow limit
+        (lib.lua, rl_limit_value)."""
+        return f"{self.value}s" if self.shadow else str(self.value)
+
+
+def parse_limit_value(stored: str) -> tuple[int, bool]:
+    """A limits hash's value (LimitSpec.stored) as (limit, shadow)."""
+    if stored.endswith("s"):
+        return int(stored[:-1]), True
+    return int(stored), False
+
+
+def audit_value(stored: str) -> int | str:
+    """A limit in an audit event: the number, or "<limit>s" for a shadow limit."""
+    value, shadow = parse_limit_value(stored)
+    return stored if shadow else value
 
 
 def parse_limit_field(field: str, dims: Dimensions) -> tuple[str, Dimension] | None:

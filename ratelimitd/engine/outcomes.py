@@ -52,6 +52,8 @@ class BucketState(NamedTuple):
     limit: int
     remaining: int
     reset_after_ms: int
+    # a shadow limit's bucket: evaluated and counted, never refusing
+    shadow: bool = False
 
 
 class Decision(NamedTuple):
@@ -68,10 +70,28 @@ class Decision(NamedTuple):
     # MODEL_NOT_AVAILABLE and MODEL_BLOCKED: the 1-based index of the item whose model it is;
     # SPEND_LIMIT: the Scope whose monthly spend limit was reached.
     detail: int = 0
+    # ALLOWED only: what a shadow limit would have answered (PROJECT_LIMIT, ORGANIZATION_LIMIT
+    # or TOO_LARGE) and its bucket; ALLOWED and None when no shadow limit would have refused.
+    shadow_outcome: Outcome = Outcome.ALLOWED
+    shadow_binding: BucketState | None = None
+    shadow_retry_after_ms: int = 0
 
     @property
     def allowed(self) -> bool:
         return self.outcome is Outcome.ALLOWED
+
+    @property
+    def shadow_refused(self) -> bool:
+        return self.shadow_outcome is not Outcome.ALLOWED
+
+    def as_enforced(self) -> Decision:
+        """The refusal a shadow limit would have given (this decision when none would have), for
+        its message."""
+        if not self.shadow_refused:
+            return self
+        return self._replace(
+            outcome=self.shadow_outcome, binding=self.shadow_binding, retry_after_ms=self.shadow_retry_after_ms
+        )
 
     @property
     def retryable(self) -> bool:

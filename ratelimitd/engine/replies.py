@@ -16,6 +16,7 @@ from ratelimitd.engine.outcomes import BucketState, Decision, Outcome, Scope
 _OUTCOME, _PROJECT, _RETRY_AFTER_MS, _BINDING, _REPLAYED, _DETAIL, _NBUCKETS = range(7)
 _BUCKETS = 7  # where the first bucket starts
 _BUCKET_WIDTH = 5  # scope, dimension index (1-based), limit, remaining, milliseconds until full
+_SHADOW_SCOPE = 2  # added to a shadow limit's bucket's scope
 
 
 def decode_decision(
@@ -23,26 +24,36 @@ def decode_decision(
 ) -> Decision:
     """decide.lua's reply as a Decision (``dimensions`` in the script's order)."""
     end = _BUCKETS + _BUCKET_WIDTH * int(reply[_NBUCKETS])
-    buckets = tuple(
-        BucketState(
-            Scope(int(reply[i])), dimensions[int(reply[i + 1]) - 1], int(reply[i + 2]), int(reply[i + 3]),
-            int(reply[i + 4]),
-        )
-        for i in range(_BUCKETS, end, _BUCKET_WIDTH)
-    )  # fmt: skip
+    buckets = tuple(_bucket(reply, i, dimensions) for i in range(_BUCKETS, end, _BUCKET_WIDTH))
+    outcome, detail = Outcome(int(reply[_OUTCOME])), int(reply[_DETAIL])
     binding_index = int(reply[_BINDING])
+    binding = buckets[binding_index - 1] if binding_index else None
+    # an admitted decision's binding and detail name what a shadow limit would have answered
+    shadow_refused = outcome is Outcome.ALLOWED and detail != 0
     return Decision(
-        outcome=Outcome(int(reply[_OUTCOME])),
+        outcome=outcome,
         organization_id=org_id,
         project_id=str(reply[_PROJECT]),
         request_id=request_id,
-        retry_after_ms=int(reply[_RETRY_AFTER_MS]),
-        binding=buckets[binding_index - 1] if binding_index else None,
+        retry_after_ms=0 if shadow_refused else int(reply[_RETRY_AFTER_MS]),
+        binding=None if shadow_refused else binding,
         buckets=buckets,
         replayed=bool(int(reply[_REPLAYED])),
         item_buckets=_item_buckets(reply, end, buckets, nitems),
-        detail=int(reply[_DETAIL]),
+        detail=0 if shadow_refused else detail,
+        shadow_outcome=Outcome(detail) if shadow_refused else Outcome.ALLOWED,
+        shadow_binding=binding if shadow_refused else None,
+        shadow_retry_after_ms=int(reply[_RETRY_AFTER_MS]) if shadow_refused else 0,
     )
+
+
+def _bucket(reply: Sequence[Any], i: int, dimensions: Sequence[Dimension]) -> BucketState:
+    scope = int(reply[i])
+    shadow = scope > _SHADOW_SCOPE
+    return BucketState(
+        Scope(scope - _SHADOW_SCOPE if shadow else scope), dimensions[int(reply[i + 1]) - 1], int(reply[i + 2]),
+        int(reply[i + 3]), int(reply[i + 4]), shadow,
+    )  # fmt: skip
 
 
 def _item_buckets(

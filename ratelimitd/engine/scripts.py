@@ -40,9 +40,9 @@ def load(name: str) -> LuaScript:
 # extends it: the extension (one PEXPIREAT) then happens about once per this
 # interval under steady traffic rather than on every decision.
 EXPIRY_SLACK_MS = 60_000
-# The resolved configuration (lib.lua, rl_config_resolve): five numbers (version,
-# verdict, two spend limits, price), then the organization's limits, then the project's.
-_CONFIG_HEAD = 5
+# The resolved configuration (lib.lua, rl_config_resolve): six numbers (version,
+# verdict, two spend limits, price, shadow mask), then the organization's limits, then the project's.
+_CONFIG_HEAD = 6
 _DOUBLE_BYTES = 8
 
 
@@ -65,7 +65,7 @@ def layout(dimensions: Dimensions) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
-def settings_prelude(dimensions: Dimensions, retention: Retention) -> str:
+def settings_prelude(dimensions: Dimensions, retention: Retention, *, shadow_all: bool = False) -> str:
     """The RL_* constants decide.lua and report.lua read, as Lua source.
 
     Baked into the script text instead of passed as ARGV on every call: the
@@ -96,13 +96,17 @@ def settings_prelude(dimensions: Dimensions, retention: Retention) -> str:
         f"local RL_CONFIG_FORMAT = {_lua_string('<' + 'd' * config_size)}",
         f"local RL_CONFIG_BYTES = {_DOUBLE_BYTES * config_size}",
         f"local RL_ORG, RL_PROJ = {_CONFIG_HEAD}, {_CONFIG_HEAD + len(dims)}",
+        # RATELIMITD_SHADOW_ALL: every limit is a shadow limit (decide.lua)
+        f"local RL_SHADOW_ALL = {'true' if shadow_all else 'false'}",
     ]
     return "\n".join(lines) + "\n"
 
 
-def configured(script: LuaScript, dimensions: Dimensions, retention: Retention) -> LuaScript:
+def configured(
+    script: LuaScript, dimensions: Dimensions, retention: Retention, *, shadow_all: bool = False
+) -> LuaScript:
     """The script with these settings baked in (see settings_prelude)."""
-    source = settings_prelude(dimensions, retention) + script.source
+    source = settings_prelude(dimensions, retention, shadow_all=shadow_all) + script.source
     return LuaScript(script.name, source, hashlib.sha1(source.encode()).hexdigest())
 
 

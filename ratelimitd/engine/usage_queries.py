@@ -35,6 +35,8 @@ GROUPS = ("project", "model", "key")
 class UsageTotals:
     requests: int = 0
     refusals: dict[Outcome, int] = field(default_factory=dict)
+    # admitted requests (in `requests` too) a shadow limit would have refused, by its outcome
+    shadow_refusals: dict[Outcome, int] = field(default_factory=dict)
     reported: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
@@ -47,6 +49,9 @@ class UsageTotals:
         elif counter.startswith("ref:"):
             outcome = Outcome(int(counter[4:]))
             self.refusals[outcome] = self.refusals.get(outcome, 0) + int(value)
+        elif counter.startswith("shadow:"):
+            outcome = Outcome(int(counter[7:]))
+            self.shadow_refusals[outcome] = self.shadow_refusals.get(outcome, 0) + int(value)
         elif counter == "rep":
             self.reported += int(value)
         elif counter == "in":
@@ -62,6 +67,8 @@ class UsageTotals:
         self.requests += other.requests
         for k, v in other.refusals.items():
             self.refusals[k] = self.refusals.get(k, 0) + v
+        for k, v in other.shadow_refusals.items():
+            self.shadow_refusals[k] = self.shadow_refusals.get(k, 0) + v
         self.reported += other.reported
         self.input_tokens += other.input_tokens
         self.output_tokens += other.output_tokens
@@ -90,6 +97,8 @@ class LogEntry(NamedTuple):
     requested_tokens: int
     status_code: int
     latency_ms: int
+    # allowed entries: what a shadow limit would have refused it with (None: none would have)
+    shadow: Outcome | None = None
 
 
 class UsageQueries:
@@ -247,7 +256,7 @@ class UsageQueries:
 # Usage fields as lib.lua writes them: "<id>|r", "<id>|x<outcome>", "<id>|u" in minutes,
 # "<id>" in hours and days (the values are described there).
 
-_COMPACT_FIELD = re.compile(r"^(\d+)(?:\|([rxu])(\d*))?$")
+_COMPACT_FIELD = re.compile(r"^(\d+)(?:\|([rxus])(\d*))?$")
 _REPORTED = ("rep", "in", "out", "cached", "spend")
 
 
@@ -268,13 +277,15 @@ def _counters(
         return who, [("req", value)]
     if kind == "x":
         return who, [(f"ref:{outcome}", value)]
+    if kind == "s":  # admitted, and a shadow limit would have refused them
+        return who, [("req", value), (f"shadow:{outcome}", value)]
     parts = value.split(",")
     if kind == "u":
         return who, list(zip(_REPORTED, parts, strict=False))
     counters = list(zip(("req", *_REPORTED), parts[:6], strict=False))
     for refusal in parts[6:]:
         counter, _, count = refusal.partition("=")
-        counters.append((f"ref:{counter[1:]}", count))
+        counters.append((f"{'shadow' if counter[0] == 's' else 'ref'}:{counter[1:]}", count))
     return who, counters
 
 
@@ -306,4 +317,5 @@ def _log_entry(d: dict[str, Any]) -> LogEntry:
         requested_tokens=int(d.get("tok", 0)),
         status_code=int(d.get("s", 0)),
         latency_ms=int(d.get("lat", 0)),
+        shadow=Outcome(int(d["sh"])) if d.get("sh") else None,
     )

@@ -104,6 +104,7 @@ class Limit(_message.Message):
     METRIC_FIELD_NUMBER: _builtins.int
     WINDOW_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     metric: _builtins.str
     """"requests" or "tokens" """
@@ -111,6 +112,11 @@ class Limit(_message.Message):
     """"minute" or "day" """
     limit: _builtins.int
     """>= 0; 0 admits nothing"""
+    shadow: _builtins.bool
+    """A shadow limit is evaluated and counted but never refuses: a request only
+    it would refuse is admitted, and answered with CheckResponse.shadow_refusal
+    (docs/operations.md "Shadow mode").
+    """
     def __init__(
         self,
         *,
@@ -118,10 +124,11 @@ class Limit(_message.Message):
         metric: _builtins.str = ...,
         window: _builtins.str = ...,
         limit: _builtins.int = ...,
+        shadow: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "metric", b"metric", "model", b"model", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "metric", b"metric", "model", b"model", "shadow", b"shadow", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -266,6 +273,8 @@ class EffectiveLimit(_message.Message):
     CUSTOM_FIELD_NUMBER: _builtins.int
     ORGANIZATION_FIELD_NUMBER: _builtins.int
     EFFECTIVE_FIELD_NUMBER: _builtins.int
+    CUSTOM_SHADOW_FIELD_NUMBER: _builtins.int
+    ORGANIZATION_SHADOW_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     metric: _builtins.str
     window: _builtins.str
@@ -277,6 +286,11 @@ class EffectiveLimit(_message.Message):
     """
     effective: _builtins.int
     """What binds: the smaller of custom and organization."""
+    custom_shadow: _builtins.bool
+    """Whether the project's own limit, and the organization's, is a shadow limit
+    (evaluated and counted, never refusing).
+    """
+    organization_shadow: _builtins.bool
     def __init__(
         self,
         *,
@@ -286,10 +300,12 @@ class EffectiveLimit(_message.Message):
         custom: _builtins.int | None = ...,
         organization: _builtins.int | None = ...,
         effective: _builtins.int = ...,
+        custom_shadow: _builtins.bool = ...,
+        organization_shadow: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_custom", b"_custom", "_organization", b"_organization", "custom", b"custom", "organization", b"organization"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_custom", b"_custom", "_organization", b"_organization", "custom", b"custom", "effective", b"effective", "metric", b"metric", "model", b"model", "organization", b"organization", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_custom", b"_custom", "_organization", b"_organization", "custom", b"custom", "custom_shadow", b"custom_shadow", "effective", b"effective", "metric", b"metric", "model", b"model", "organization", b"organization", "organization_shadow", b"organization_shadow", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__custom: _TypeAlias = _typing.Literal["custom"]  # noqa: Y015
     _WhichOneofArgType__custom: _TypeAlias = _typing.Literal["_custom", b"_custom"]  # noqa: Y015

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dratelimitd/v1/ratelimit.proto\x12\rratelimitd.v1\"9\n\nProjectRef\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\"\x9e\x01\n\x0c\x43heckRequest\x12\x11\n\x07\x61pi_key\x18\x01 \x01(\tH\x00\x12,\n\x07project\x18\x02 \x01(\x0b\x32\x19.ratelimitd.v1.ProjectRefH\x00\x12\r\n\x05model\x18\x03 \x01(\t\x12\x10\n\x08requests\x18\x04 \x01(\x03\x12\x0e\n\x06tokens\x18\x05 \x01(\x03\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x08\n\x06\x63\x61ller\"\x8d\x01\n\x0c\x42ucketStatus\x12#\n\x05scope\x18\x01 \x01(\x0e\x32\x14.ratelimitd.v1.Scope\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12\x0e\n\x06window\x18\x03 \x01(\t\x12\r\n\x05limit\x18\x04 \x01(\x03\x12\x11\n\tremaining\x18\x05 \x01(\x03\x12\x16\n\x0ereset_after_ms\x18\x06 \x01(\x03\"\xb6\x03\n\rCheckResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12%\n\x06reason\x18\x02 \x01(\x0e\x32\x15.ratelimitd.v1.Reason\x12\x0f\n\x07message\x18\x03 \x01(\t\x12,\n\x07\x62inding\x18\x04 \x01(\x0b\x32\x1b.ratelimitd.v1.BucketStatus\x12,\n\x07\x62uckets\x18\x05 \x03(\x0b\x32\x1b.ratelimitd.v1.BucketStatus\x12\x16\n\x0eretry_after_ms\x18\x06 \x01(\x03\x12:\n\x07headers\x18\x07 \x03(\x0b\x32).ratelimitd.v1.CheckResponse.HeadersEntry\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x17\n\x0forganization_id\x18\t \x01(\t\x12\x12\n\nproject_id\x18\n \x01(\t\x12\x10\n\x08replayed\x18\x0b \x01(\x08\x12\x12\n\nerror_code\x18\x0c \x01(\x05\x12\x15\n\rerror_message\x18\r \x01(\t\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xef\x01\n\x12ReportUsageRequest\x12\x11\n\x07\x61pi_key\x18\x01 \x01(\tH\x00\x12,\n\x07project\x18\x02 \x01(\x0b\x32\x19.ratelimitd.v1.ProjectRefH\x00\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x05 \x01(\x03\x12\x15\n\routput_tokens\x18\x06 \x01(\x03\x12\x15\n\rcached_tokens\x18\x07 \x01(\x03\x12\x13\n\x0bstatus_code\x18\x08 \x01(\x05\x12\x12\n\nlatency_ms\x18\t \x01(\x03\x42\x08\n\x06\x63\x61ller\"\xb1\x02\n\x13ReportUsageResponse\x12\x39\n\x06result\x18\x01 \x01(\x0e\x32).ratelimitd.v1.ReportUsageResponse.Result\x12\x12\n\nproject_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x16\n\x0e\x63ounted_tokens\x18\x04 \x01(\x03\x12\x13\n\x0btoken_delta\x18\x05 \x01(\x03\x12\x18\n\x10spend_usd_micros\x18\x07 \x01(\x03\"d\n\x06Result\x12\x16\n\x12RESULT_UNSPECIFIED\x10\x00\x12\x15\n\x11RESULT_RECONCILED\x10\x01\x12\x14\n\x10RESULT_DUPLICATE\x10\x02\x12\x15\n\x11RESULT_UNRESERVED\x10\x03J\x04\x08\x06\x10\x07R\tspend_usd*I\n\x05Scope\x12\x15\n\x11SCOPE_UNSPECIFIED\x10\x00\x12\x16\n\x12SCOPE_ORGANIZATION\x10\x01\x12\x11\n\rSCOPE_PROJECT\x10\x02*\xb7\x02\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x12\n\x0eREASON_ALLOWED\x10\n\x12\x18\n\x14REASON_PROJECT_LIMIT\x10\x01\x12\x1d\n\x19REASON_ORGANIZATION_LIMIT\x10\x02\x12\x1c\n\x18REASON_REQUEST_TOO_LARGE\x10\x03\x12\x1a\n\x16REASON_INVALID_API_KEY\x10\x04\x12\x1e\n\x1aREASON_MODEL_NOT_AVAILABLE\x10\x05\x12\x16\n\x12REASON_SPEND_LIMIT\x10\x08\x12\x1e\n\x1aREASON_STORAGE_UNAVAILABLE\x10\x06\x12\x18\n\x14REASON_MODEL_BLOCKED\x10\x07\x12\x1c\n\x18REASON_REQUEST_ID_REUSED\x10\tB\xa8\x01\n\x11\x63om.ratelimitd.v1B\x0eRatelimitProtoP\x01ZJgithub.com/ratelimitd/ratelimitd/clients/go/gen/ratelimitd/v1;ratelimitdv1\xa2\x02\x03RLX\xaa\x02\rRatelimitd.V1\xca\x02\rRatelimitd\\V1\xea\x02\x0eRatelimitd::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dratelimitd/v1/ratelimit.proto\x12\rratelimitd.v1\"9\n\nProjectRef\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\"\x9e\x01\n\x0c\x43heckRequest\x12\x11\n\x07\x61pi_key\x18\x01 \x01(\tH\x00\x12,\n\x07project\x18\x02 \x01(\x0b\x32\x19.ratelimitd.v1.ProjectRefH\x00\x12\r\n\x05model\x18\x03 \x01(\t\x12\x10\n\x08requests\x18\x04 \x01(\x03\x12\x0e\n\x06tokens\x18\x05 \x01(\x03\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x08\n\x06\x63\x61ller\"\x9d\x01\n\x0c\x42ucketStatus\x12#\n\x05scope\x18\x01 \x01(\x0e\x32\x14.ratelimitd.v1.Scope\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12\x0e\n\x06window\x18\x03 \x01(\t\x12\r\n\x05limit\x18\x04 \x01(\x03\x12\x11\n\tremaining\x18\x05 \x01(\x03\x12\x16\n\x0ereset_after_ms\x18\x06 \x01(\x03\x12\x0e\n\x06shadow\x18\x07 \x01(\x08\"u\n\rShadowRefusal\x12%\n\x06reason\x18\x01 \x01(\x0e\x32\x15.ratelimitd.v1.Reason\x12,\n\x07\x62inding\x18\x02 \x01(\x0b\x32\x1b.ratelimitd.v1.BucketStatus\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xec\x03\n\rCheckResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12%\n\x06reason\x18\x02 \x01(\x0e\x32\x15.ratelimitd.v1.Reason\x12\x0f\n\x07message\x18\x03 \x01(\t\x12,\n\x07\x62inding\x18\x04 \x01(\x0b\x32\x1b.ratelimitd.v1.BucketStatus\x12,\n\x07\x62uckets\x18\x05 \x03(\x0b\x32\x1b.ratelimitd.v1.BucketStatus\x12\x16\n\x0eretry_after_ms\x18\x06 \x01(\x03\x12:\n\x07headers\x18\x07 \x03(\x0b\x32).ratelimitd.v1.CheckResponse.HeadersEntry\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x17\n\x0forganization_id\x18\t \x01(\t\x12\x12\n\nproject_id\x18\n \x01(\t\x12\x10\n\x08replayed\x18\x0b \x01(\x08\x12\x12\n\nerror_code\x18\x0c \x01(\x05\x12\x15\n\rerror_message\x18\r \x01(\t\x12\x34\n\x0eshadow_refusal\x18\x0e \x01(\x0b\x32\x1c.ratelimitd.v1.ShadowRefusal\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xef\x01\n\x12ReportUsageRequest\x12\x11\n\x07\x61pi_key\x18\x01 \x01(\tH\x00\x12,\n\x07project\x18\x02 \x01(\x0b\x32\x19.ratelimitd.v1.ProjectRefH\x00\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x05 \x01(\x03\x12\x15\n\routput_tokens\x18\x06 \x01(\x03\x12\x15\n\rcached_tokens\x18\x07 \x01(\x03\x12\x13\n\x0bstatus_code\x18\x08 \x01(\x05\x12\x12\n\nlatency_ms\x18\t \x01(\x03\x42\x08\n\x06\x63\x61ller\"\xb1\x02\n\x13ReportUsageResponse\x12\x39\n\x06result\x18\x01 \x01(\x0e\x32).ratelimitd.v1.ReportUsageResponse.Result\x12\x12\n\nproject_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x16\n\x0e\x63ounted_tokens\x18\x04 \x01(\x03\x12\x13\n\x0btoken_delta\x18\x05 \x01(\x03\x12\x18\n\x10spend_usd_micros\x18\x07 \x01(\x03\"d\n\x06Result\x12\x16\n\x12RESULT_UNSPECIFIED\x10\x00\x12\x15\n\x11RESULT_RECONCILED\x10\x01\x12\x14\n\x10RESULT_DUPLICATE\x10\x02\x12\x15\n\x11RESULT_UNRESERVED\x10\x03J\x04\x08\x06\x10\x07R\tspend_usd*I\n\x05Scope\x12\x15\n\x11SCOPE_UNSPECIFIED\x10\x00\x12\x16\n\x12SCOPE_ORGANIZATION\x10\x01\x12\x11\n\rSCOPE_PROJECT\x10\x02*\xb7\x02\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x12\n\x0eREASON_ALLOWED\x10\n\x12\x18\n\x14REASON_PROJECT_LIMIT\x10\x01\x12\x1d\n\x19REASON_ORGANIZATION_LIMIT\x10\x02\x12\x1c\n\x18REASON_REQUEST_TOO_LARGE\x10\x03\x12\x1a\n\x16REASON_INVALID_API_KEY\x10\x04\x12\x1e\n\x1aREASON_MODEL_NOT_AVAILABLE\x10\x05\x12\x16\n\x12REASON_SPEND_LIMIT\x10\x08\x12\x1e\n\x1aREASON_STORAGE_UNAVAILABLE\x10\x06\x12\x18\n\x14REASON_MODEL_BLOCKED\x10\x07\x12\x1c\n\x18REASON_REQUEST_ID_REUSED\x10\tB\xa8\x01\n\x11\x63om.ratelimitd.v1B\x0eRatelimitProtoP\x01ZJgithub.com/ratelimitd/ratelimitd/clients/go/gen/ratelimitd/v1;ratelimitdv1\xa2\x02\x03RLX\xaa\x02\rRatelimitd.V1\xca\x02\rRatelimitd\\V1\xea\x02\x0eRatelimitd::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,24 +34,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\021com.ratelimitd.v1B\016RatelimitProtoP\001ZJgithub.com/ratelimitd/ratelimitd/clients/go/gen/ratelimitd/v1;ratelimitdv1\242\002\003RLX\252\002\rRatelimitd.V1\312\002\rRatelimitd\\V1\352\002\016Ratelimitd::V1'
   _globals['_CHECKRESPONSE_HEADERSENTRY']._loaded_options = None
   _globals['_CHECKRESPONSE_HEADERSENTRY']._serialized_options = b'8\001'
-  _globals['_SCOPE']._serialized_start=1403
-  _globals['_SCOPE']._serialized_end=1476
-  _globals['_REASON']._serialized_start=1479
-  _globals['_REASON']._serialized_end=1790
+  _globals['_SCOPE']._serialized_start=1592
+  _globals['_SCOPE']._serialized_end=1665
+  _globals['_REASON']._serialized_start=1668
+  _globals['_REASON']._serialized_end=1979
   _globals['_PROJECTREF']._serialized_start=48
   _globals['_PROJECTREF']._serialized_end=105
   _globals['_CHECKREQUEST']._serialized_start=108
   _globals['_CHECKREQUEST']._serialized_end=266
   _globals['_BUCKETSTATUS']._serialized_start=269
-  _globals['_BUCKETSTATUS']._serialized_end=410
-  _globals['_CHECKRESPONSE']._serialized_start=413
-  _globals['_CHECKRESPONSE']._serialized_end=851
-  _globals['_CHECKRESPONSE_HEADERSENTRY']._serialized_start=805
-  _globals['_CHECKRESPONSE_HEADERSENTRY']._serialized_end=851
-  _globals['_REPORTUSAGEREQUEST']._serialized_start=854
-  _globals['_REPORTUSAGEREQUEST']._serialized_end=1093
-  _globals['_REPORTUSAGERESPONSE']._serialized_start=1096
-  _globals['_REPORTUSAGERESPONSE']._serialized_end=1401
-  _globals['_REPORTUSAGERESPONSE_RESULT']._serialized_start=1284
-  _globals['_REPORTUSAGERESPONSE_RESULT']._serialized_end=1384
+  _globals['_BUCKETSTATUS']._serialized_end=426
+  _globals['_SHADOWREFUSAL']._serialized_start=428
+  _globals['_SHADOWREFUSAL']._serialized_end=545
+  _globals['_CHECKRESPONSE']._serialized_start=548
+  _globals['_CHECKRESPONSE']._serialized_end=1040
+  _globals['_CHECKRESPONSE_HEADERSENTRY']._serialized_start=994
+  _globals['_CHECKRESPONSE_HEADERSENTRY']._serialized_end=1040
+  _globals['_REPORTUSAGEREQUEST']._serialized_start=1043
+  _globals['_REPORTUSAGEREQUEST']._serialized_end=1282
+  _globals['_REPORTUSAGERESPONSE']._serialized_start=1285
+  _globals['_REPORTUSAGERESPONSE']._serialized_end=1590
+  _globals['_REPORTUSAGERESPONSE_RESULT']._serialized_start=1473
+  _globals['_REPORTUSAGERESPONSE_RESULT']._serialized_end=1573
 # @@protoc_insertion_point(module_scope)

@@ -136,6 +136,26 @@ class UsageRow(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class ShadowRefusalsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     BUCKET_START_TIME_FIELD_NUMBER: _builtins.int
     PROJECT_ID_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
@@ -147,6 +167,7 @@ class UsageRow(_message.Message):
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     CACHED_TOKENS_FIELD_NUMBER: _builtins.int
     SPEND_USD_MICROS_FIELD_NUMBER: _builtins.int
+    SHADOW_REFUSALS_FIELD_NUMBER: _builtins.int
     project_id: _builtins.str
     """Set when grouped by it; "-" for decisions made by project id (no key)."""
     model: _builtins.str
@@ -167,6 +188,12 @@ class UsageRow(_message.Message):
     def refusals(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Refused requests by reason name (e.g. "REASON_PROJECT_LIMIT")."""
 
+    @_builtins.property
+    def shadow_refusals(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Admitted requests that a shadow limit would have refused, by reason name
+        (e.g. "REASON_PROJECT_LIMIT"); they are counted in `requests` too.
+        """
+
     def __init__(
         self,
         *,
@@ -181,10 +208,11 @@ class UsageRow(_message.Message):
         output_tokens: _builtins.int = ...,
         cached_tokens: _builtins.int = ...,
         spend_usd_micros: _builtins.int = ...,
+        shadow_refusals: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["bucket_start_time", b"bucket_start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "bucket_start_time", b"bucket_start_time", "cached_tokens", b"cached_tokens", "input_tokens", b"input_tokens", "model", b"model", "output_tokens", b"output_tokens", "project_id", b"project_id", "refusals", b"refusals", "reported", b"reported", "requests", b"requests", "spend_usd_micros", b"spend_usd_micros"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "bucket_start_time", b"bucket_start_time", "cached_tokens", b"cached_tokens", "input_tokens", b"input_tokens", "model", b"model", "output_tokens", b"output_tokens", "project_id", b"project_id", "refusals", b"refusals", "reported", b"reported", "requests", b"requests", "shadow_refusals", b"shadow_refusals", "spend_usd_micros", b"spend_usd_micros"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -389,6 +417,7 @@ class RequestLogEntry(_message.Message):
     REQUESTED_TOKENS_FIELD_NUMBER: _builtins.int
     STATUS_CODE_FIELD_NUMBER: _builtins.int
     LATENCY_FIELD_NUMBER: _builtins.int
+    SHADOW_REASON_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     model: _builtins.str
     api_key_id: _builtins.str
@@ -401,6 +430,10 @@ class RequestLogEntry(_message.Message):
     requested_tokens: _builtins.int
     """Refusals: the tokens the request asked for."""
     status_code: _builtins.int
+    shadow_reason: _builtins.str
+    """Allowed requests only: the reason name a shadow limit would have refused
+    it with; empty when none would have.
+    """
     @_builtins.property
     def request_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -422,10 +455,11 @@ class RequestLogEntry(_message.Message):
         requested_tokens: _builtins.int = ...,
         status_code: _builtins.int = ...,
         latency: _duration_pb2.Duration | None = ...,
+        shadow_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency", "request_time", b"request_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "api_key_id", b"api_key_id", "cached_tokens", b"cached_tokens", "input_tokens", b"input_tokens", "latency", b"latency", "model", b"model", "output_tokens", b"output_tokens", "reason", b"reason", "request_id", b"request_id", "request_time", b"request_time", "requested_tokens", b"requested_tokens", "status_code", b"status_code"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "api_key_id", b"api_key_id", "cached_tokens", b"cached_tokens", "input_tokens", b"input_tokens", "latency", b"latency", "model", b"model", "output_tokens", b"output_tokens", "reason", b"reason", "request_id", b"request_id", "request_time", b"request_time", "requested_tokens", b"requested_tokens", "shadow_reason", b"shadow_reason", "status_code", b"status_code"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

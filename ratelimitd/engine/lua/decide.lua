@@ -43,10 +43,19 @@ the token estimate of each item at the higher of the model's input and output
 price. ReportUsage replaces the estimate with the real cost; an estimate never
 reported stays charged, as reserved tokens do.
 
+Shadow limits (docs/operations.md "Shadow mode"): a bucket whose limit is a
+shadow limit (the configuration's shadow mask, lib.lua; every bucket under
+RL_SHADOW_ALL) is evaluated like any other, but on its own track: when only
+shadow buckets would refuse, the request is admitted, charged to its enforcing
+buckets, and answered with outcome 0 whose binding and detail name the shadow
+refusal. Its shadow buckets are charged only when none of them would refuse,
+as they would be once enforced (a refused request charges nothing), so their
+levels and "would have refused" counts are what enforcing them would produce.
+
 Settings are baked into the script text as RL_* constants (scripts.configured):
 RL_DIMS / RL_WINDOWS_US / RL_NDIMS / RL_METRIC_TOKENS (the dimensions, and which
 count tokens), RL_LAYOUT, RL_RECORD_TTL_MS, RL_RESOLUTIONS (usage buckets),
-RL_LOG_CAP and RL_LOG_TTL_S (request log), RL_EXPIRY_SLACK_MS.
+RL_LOG_CAP and RL_LOG_TTL_S (request log), RL_EXPIRY_SLACK_MS, RL_SHADOW_ALL.
 
 KEYS[1]  the organization's state hash          rl:{org_x}:s
 KEYS[2]  the caller record: API key hash        rl:{org_x}:k:<key_id>
@@ -71,13 +80,17 @@ Reply: an array
       model permissions, 8 monthly spend limit, 9 the request id was used by
       another caller or for another request
   [2] project id ("" when unknown)
-  [3] retry after, milliseconds (0 unless outcome 1 or 2)
-  [4] index of the binding bucket in the list below (1-based, 0 for none)
+  [3] retry after, milliseconds (0 unless outcome 1 or 2, or outcome 0 with a
+      shadow refusal: the retry-after that refusal would have had)
+  [4] index of the binding bucket in the list below (1-based, 0 for none); for
+      outcome 0, the shadow bucket that would have refused (0 for none)
   [5] 1 when this is a replay of an earlier answer, else 0
   [6] detail: for outcome 5 or 7 the index of the item (1-based); for outcome 8
-      the scope whose spend limit was reached (1 organization, 2 project)
+      the scope whose spend limit was reached (1 organization, 2 project); for
+      outcome 0, the outcome a shadow limit would have given (1, 2 or 3; 0 none)
   [7] n, the number of evaluated buckets, then 5 integers per bucket:
-      scope (1 organization, 2 project), dimension index (1-based),
+      scope (1 organization, 2 project; 3 and 4 the same, of a shadow limit),
+      dimension index (1-based),
       limit, remaining after this decision, milliseconds until full
   then for each item: k, then the indices of its k buckets
 ]]
@@ -122,8 +135,16 @@ local usage_ids, new_usage_ids = {}, nil -- per model: the usage counters' id (l
 local function finish(reply)
   local outcome = reply[1]
   if outcome == 0 then
+    -- "|s<N>": admitted, and a shadow limit would have refused with outcome N
+    -- (counted as admitted by the usage queries): still one counter per model
+    local shadow = reply[6]
+    local suffix = shadow == 0 and "|r" or "|s" .. shadow
     for m = 1, nmodels do
-      rl_count_one(prefix, now, usage_ids[m], "|r", m_requests[m])
+      rl_count_one(prefix, now, usage_ids[m], suffix, m_requests[m])
+    end
+    if shadow ~= 0 then
+      rl_log(prefix, project, {id = request_id, t = math.floor(now / 1000), m = ARGV[7], k = key_id,
+                               ok = true, sh = shadow, tok = tonumber(ARGV[9])}, RL_LOG_CAP, RL_LOG_TTL_S)
     end
   else
     -- one refusal per item
@@ -266,8 +287,8 @@ local nb, groups, m_first = 0, {}, {}
 for m = 1, nmodels do
   m_first[m] = nb + 1
   local c = configs[m]
+  local shadow_mask = c[RL_SHADOW]
   local requests, tokens = m_requests[m], m_tokens[m]
-  local og, pg
   for i = 1, RL_NDIMS do
     local cost = RL_METRIC_TOKENS[i] and tokens or requests
     for scope = 1, 2 do
@@ -281,27 +302,36 @@ for m = 1, nmodels do
         end
         nb = nb + 1
         local r = r0 + 5 * nb
-        reply[r - 4], reply[r - 3], reply[r - 2], reply[r - 1], reply[r] = scope, i, limit, g, cost
+        local sc = scope
+        if RL_SHADOW_ALL or (shadow_mask ~= 0 and bit.band(shadow_mask, rl_shadow_bit(scope, i)) ~= 0) then
+          sc = scope + 2
+        end
+        reply[r - 4], reply[r - 3], reply[r - 2], reply[r - 1], reply[r] = sc, i, limit, g, cost
       end
     end
   end
 end
 
 -- Decide: "never passable" beats "not now"; among "not now" the bucket that
--- frees up last binds, and its wait is the retry-after.
+-- frees up last binds, and its wait is the retry-after. Shadow buckets (scope
+-- 3, 4) are decided the same way on a track of their own (s_*).
 local outcome, binding, wait = 0, 0, 0
+local s_outcome, s_binding, s_wait = 0, 0, 0
 for n = 1, nb do
   local r = r0 + 5 * n
-  local dim, limit, g, cost = reply[r - 3], reply[r - 2], reply[r - 1], reply[r]
+  local sc, dim, limit, g, cost = reply[r - 4], reply[r - 3], reply[r - 2], reply[r - 1], reply[r]
   local level = groups[g][dim + 1]
+  local o, b, w = outcome, binding, wait
+  if sc > 2 then o, b, w = s_outcome, s_binding, s_wait end
   if cost > limit then
-    if outcome ~= 3 then outcome, binding, wait = 3, n, 0 end
-  elseif outcome ~= 3 and level + cost > limit + 1e-9 then
+    if o ~= 3 then o, b, w = 3, n, 0 end
+  elseif o ~= 3 and level + cost > limit + 1e-9 then
     local need = (level + cost - limit) * RL_WINDOWS_US[dim] / limit
-    if binding == 0 or need > wait then
-      outcome, binding, wait = reply[r - 4] == 2 and 1 or 2, n, need
+    if b == 0 or need > w then
+      o, b, w = sc % 2 == 0 and 1 or 2, n, need
     end
   end
+  if sc > 2 then s_outcome, s_binding, s_wait = o, b, w else outcome, binding, wait = o, b, w end
 end
 
 if outcome == 0 then
@@ -311,7 +341,7 @@ if outcome == 0 then
   for n = 1, nb do
     local r = r0 + 5 * n
     local cost = reply[r]
-    if cost > 0 then
+    if cost > 0 and (s_outcome == 0 or reply[r - 4] <= 2) then
       local g, i = reply[r - 1], reply[r - 3] + 1
       local s = groups[g]
       s[i] = s[i] + cost
@@ -365,6 +395,9 @@ if outcome == 0 then
 end
 
 reply[1], reply[3], reply[4], reply[7] = outcome, math.ceil(wait / 1000), binding, nb
+if outcome == 0 and s_outcome ~= 0 then
+  reply[3], reply[4], reply[6] = math.ceil(s_wait / 1000), s_binding, s_outcome
+end
 for n = 1, nb do
   local r = r0 + 5 * n
   local dim, limit = reply[r - 3], reply[r - 2]

@@ -11,8 +11,10 @@ ARGV[1]  d, the number of configured dimensions, then d dimension names
          ("metric|window")
 then     the models
 
-Reply: per model, 2 x d integers: the organization's limit of each dimension,
-then the project's custom limit of each; -1 where there is none
+Reply: per model, 4 x d integers: the organization's limit of each dimension,
+then the project's custom limit of each (-1 where there is none), then 1 where
+the organization's limit is a shadow limit (else 0), then the same for the
+project's
 ]]
 
 local ndims = tonumber(ARGV[1])
@@ -20,13 +22,19 @@ local dims = {}
 for i = 1, ndims do dims[i] = ARGV[1 + i] end
 local reply = {}
 for a = 2 + ndims, #ARGV do
-  local org = rl_org_limits(KEYS[1], ARGV[a], dims)
-  local proj = rl_project_limits(KEYS[2], ARGV[a], dims)
+  local org, _, org_shadow = rl_org_limits(KEYS[1], ARGV[a], dims)
+  local proj, proj_shadow = rl_project_limits(KEYS[2], ARGV[a], dims)
   for i = 1, ndims do
     reply[#reply + 1] = org[i] or -1
   end
   for i = 1, ndims do
     reply[#reply + 1] = proj[i] or -1
+  end
+  for i = 1, ndims do
+    reply[#reply + 1] = org_shadow[i] and 1 or 0
+  end
+  for i = 1, ndims do
+    reply[#reply + 1] = proj_shadow[i] and 1 or 0
   end
 end
 return reply

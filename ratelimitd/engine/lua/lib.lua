@@ -106,6 +106,19 @@ reads an RL_* setting, so set_project_limits.lua gets this library without them.
 -- The organization's limits of a model, one per dimension name in dims (nil for
 -- none): the model's own entries when it has any, else the "*" entries; and
 -- whether there is any (else the model is not available).
+-- A stored limit value: "<limit>", or "<limit>s" for a shadow limit (evaluated and
+-- counted, never refusing: docs/operations.md "Shadow mode"). Returns the limit
+-- and whether it is a shadow limit.
+local function rl_limit_value(raw)
+  local n = tonumber(raw)
+  if n then return n, false end
+  return tonumber(string.sub(raw, 1, -2)), true
+end
+
+-- The organization's limits of a model, one per dimension name in dims (nil for
+-- none): the model's own entries when it has any, else the "*" entries; whether
+-- there is any (else the model is not available); and which are shadow limits
+-- (shadow[i] true).
 local function rl_org_limits(key, model, dims)
   local n, fields = #dims, {}
   for i = 1, n do
@@ -117,16 +130,17 @@ local function rl_org_limits(key, model, dims)
   for i = 1, n do
     if v[i] then offset = 0 break end
   end
-  local limits, any = {}, false
+  local limits, any, shadow = {}, false, {}
   for i = 1, n do
     local x = v[offset + i]
-    if x then limits[i] = tonumber(x) any = true end
+    if x then limits[i], shadow[i] = rl_limit_value(x) any = true end
   end
-  return limits, any
+  return limits, any, shadow
 end
 
 -- A project's custom limits of a model, one per dimension name in dims (nil for
--- none, where it inherits): per dimension the model's entry, else its "*" entry.
+-- none, where it inherits): per dimension the model's entry, else its "*" entry;
+-- and which are shadow limits.
 local function rl_project_limits(key, model, dims)
   local n, fields = #dims, {}
   for i = 1, n do
@@ -134,12 +148,12 @@ local function rl_project_limits(key, model, dims)
     fields[n + i] = "*|" .. dims[i]
   end
   local v = redis.call("HMGET", key, unpack(fields))
-  local limits = {}
+  local limits, shadow = {}, {}
   for i = 1, n do
     local x = v[i] or v[n + i]
-    if x then limits[i] = tonumber(x) end
+    if x then limits[i], shadow[i] = rl_limit_value(x) end
   end
-  return limits
+  return limits, shadow
 end
 
 --[[ The configuration a decision needs for (project, model), a flat array of
@@ -151,14 +165,23 @@ hash's "c:<project>:<model>" while its version is the hash's "v":
   [3], [4] the monthly spend limits of the organization and of the project
   [5] the price (micro-USD per token) a token estimate is reserved at: the higher
       of the model's input and output price, else the "*" price's
+  [6] RL_SHADOW: which limits are shadow limits, a bit mask (rl_shadow_bit): 0 for
+      none, so a decision without shadow limits tests one number
   [RL_ORG + i]  the limit of dimension i that applies to the organization's bucket
   [RL_PROJ + i] the project's custom limit of dimension i ]]
 local RL_NONE = -1
+local RL_SHADOW = 6
+
+-- The bit of (scope, dimension i) in a configuration's shadow mask: scope 1
+-- (organization) or 2 (project). Test it with bit.band.
+local function rl_shadow_bit(scope, i)
+  return 2 ^ ((scope - 1) * RL_NDIMS + i - 1)
+end
 
 local function rl_config_resolve(prefix, version, project, model)
   local n = RL_NDIMS
-  local org, any = rl_org_limits(prefix .. "lim:o", model, RL_DIMS)
-  local proj = rl_project_limits(prefix .. "lim:p:" .. project, model, RL_DIMS)
+  local org, any, org_shadow = rl_org_limits(prefix .. "lim:o", model, RL_DIMS)
+  local proj, proj_shadow = rl_project_limits(prefix .. "lim:p:" .. project, model, RL_DIMS)
   local verdict = 0
   if not any then verdict = 5 end
   if verdict == 0 then
@@ -178,8 +201,13 @@ local function rl_config_resolve(prefix, version, project, model)
       price = math.max(tonumber(p_in), tonumber(p_out))
     end
   end
+  local mask = 0
+  for i = 1, n do
+    if org_shadow[i] then mask = mask + rl_shadow_bit(1, i) end
+    if proj_shadow[i] then mask = mask + rl_shadow_bit(2, i) end
+  end
   local c = {tonumber(version), verdict, tonumber(spend[1] or "") or RL_NONE, tonumber(spend[2] or "") or RL_NONE,
-             price}
+             price, mask}
   for i = 1, n do
     c[RL_ORG + i] = org[i] or RL_NONE
     c[RL_ORG + n + i] = proj[i] or RL_NONE
@@ -275,9 +303,12 @@ a bucket shared by thousands (a hashtable, no longer a listpack) stays small:
 
   minute  "<id>|r"   requests admitted (HINCRBY: the decision's one write)
           "<id>|x<N>" refusals with outcome N
+          "<id>|s<N>" requests admitted that a shadow limit would have refused
+                     with outcome N (not in "|r": an admitted decision writes one)
           "<id>|u"   what ReportUsage counted: "<reports>,<input>,<output>,<cached>,<spend>"
   hour, day "<id>"   "<requests>,<reports>,<input>,<output>,<cached>,<spend>" then
-                     ",x<N>=<refusals>" for each refusal outcome
+                     ",x<N>=<refusals>" for each refusal outcome and ",s<N>=<requests>"
+                     for each shadow outcome (these requests are in <requests> too)
 Spend is micro-USD (a double); every other value a whole number. ]]
 local RL_REPORT_COUNTERS = {"rep", "in", "out", "cached", "spend"}
 
@@ -324,7 +355,8 @@ local function rl_usage_key(prefix, now, r)
 end
 
 -- Adds a whole amount to a decision's counter of one (project, model, key) id in
--- this minute: field suffix "|r" (requests admitted) or "|x<outcome>" (refusals).
+-- this minute: field suffix "|r" (requests admitted), "|x<outcome>" (refusals) or
+-- "|s<outcome>" (admitted, but a shadow limit would have refused).
 local function rl_count_one(prefix, now, id, suffix, amount)
   if amount == 0 then return end
   local now_s = math.floor(now / 1000000)

@@ -49,7 +49,8 @@ if raw_marker then
 end
 if not m or m < oldest then m, after = oldest, 0 end
 
--- The minute's counters per usage id: {requests, reports, input, output, cached, spend, refusals}
+-- The minute's counters per usage id: {requests, reports, input, output, cached, spend, refusals,
+-- shadow refusals}
 -- flat: field, value, ... (HGETALL); ids above `after` and up to `upto` only.
 local function minute_totals(flat, after, upto)
   local acc, ids = {}, {}
@@ -59,7 +60,7 @@ local function minute_totals(flat, after, upto)
     if n and n > after and n <= upto then
       local a = acc[id]
       if not a then
-        a = {"0", "0", "0", "0", "0", 0, {}}
+        a = {"0", "0", "0", "0", "0", 0, {}, {}}
         acc[id] = a
         ids[#ids + 1] = id
       end
@@ -68,6 +69,10 @@ local function minute_totals(flat, after, upto)
         a[1] = rl_int_add(a[1], value)
       elseif kind == "x" then
         a[7][outcome] = rl_int_add(a[7][outcome], value)
+      elseif kind == "s" then
+        -- admitted too: the hour and day count them in requests
+        a[1] = rl_int_add(a[1], value)
+        a[8][outcome] = rl_int_add(a[8][outcome], value)
       elseif kind == "u" then
         local u = rl_split(value)
         for n = 1, 4 do a[n + 1] = rl_int_add(a[n + 1], u[n]) end
@@ -81,15 +86,18 @@ end
 -- Adds a minute's totals to one id's packed hour or day value (lib.lua).
 local function merged(raw, a)
   local t = raw and rl_split(raw) or {}
-  local values, refusals = {}, {}
+  local values, counts = {}, {x = {}, s = {}}
   for n = 1, 5 do values[n] = rl_int_add(t[n], a[n]) end
   values[6] = string.format("%.17g", (tonumber(t[6]) or 0) + a[6])
   for n = 7, #t do
-    local outcome, count = string.match(t[n], "^x(%d+)=(%d+)$")
-    if outcome then refusals[outcome] = count end
+    local kind, outcome, count = string.match(t[n], "^([xs])(%d+)=(%d+)$")
+    if kind then counts[kind][outcome] = count end
   end
-  for outcome, count in pairs(a[7]) do refusals[outcome] = rl_int_add(refusals[outcome], count) end
-  for outcome, count in pairs(refusals) do values[#values + 1] = "x" .. outcome .. "=" .. count end
+  for outcome, count in pairs(a[7]) do counts.x[outcome] = rl_int_add(counts.x[outcome], count) end
+  for outcome, count in pairs(a[8]) do counts.s[outcome] = rl_int_add(counts.s[outcome], count) end
+  for kind, by_outcome in pairs(counts) do
+    for outcome, count in pairs(by_outcome) do values[#values + 1] = kind .. outcome .. "=" .. count end
+  end
   return table.concat(values, ",")
 end
 
@@ -135,6 +143,7 @@ if m < current then
       names[#names + 1] = id .. "|r"
       names[#names + 1] = id .. "|u"
       for outcome = 1, 9 do names[#names + 1] = id .. "|x" .. outcome end
+      for outcome = 1, 3 do names[#names + 1] = id .. "|s" .. outcome end
     end
     local values = redis.call("HMGET", key, unpack(names))
     flat = {}

@@ -24,7 +24,8 @@ ARGV[3]  the project id
 ARGV[4]  the most limits a project may hold
 ARGV[5]  d, the number of configured dimensions, then d dimension names
          ("metric|window")
-then     s, the number of limits to set, then s triples (model, dimension, value)
+then     s, the number of limits to set, then s triples (model, dimension, value:
+         "<limit>", or "<limit>s" for a shadow limit, stored as given)
 then     the fields ("model|metric|window") to clear
 
 Reply: {"ok"} | {"not_found"} | {"above", model, dimension, value, org_limit}
@@ -42,7 +43,8 @@ for i = 1, ndims do dims[i] = ARGV[5 + i] end
 
 local function stored()
   local flat, t = redis.call("HGETALL", KEYS[2]), {}
-  for i = 1, #flat, 2 do t[flat[i]] = tonumber(flat[i + 1]) end
+  -- a shadow limit stays text ("10s") in the audit event, as it is stored
+  for i = 1, #flat, 2 do t[flat[i]] = tonumber(flat[i + 1]) or flat[i + 1] end
   return t
 end
 
@@ -76,8 +78,9 @@ for i = 0, nset - 1 do
   if not available then
     return {"no_model", model}
   end
-  if ceiling and tonumber(value) > ceiling then
-    return {"above", model, dim, value, ceiling}
+  local number = rl_limit_value(value)
+  if ceiling and number > ceiling then
+    return {"above", model, dim, number, ceiling}
   end
   writes[#writes + 1] = model .. "|" .. dim
   writes[#writes + 1] = value

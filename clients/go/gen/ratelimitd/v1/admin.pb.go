@@ -148,11 +148,15 @@ func (Role) EnumDescriptor() ([]byte, []int) {
 // A limit on one model, metric and window. `model` may be "*": the default
 // for models that have no limit of their own.
 type Limit struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Model         string                 `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
-	Metric        string                 `protobuf:"bytes,2,opt,name=metric,proto3" json:"metric,omitempty"` // "requests" or "tokens"
-	Window        string                 `protobuf:"bytes,3,opt,name=window,proto3" json:"window,omitempty"` // "minute" or "day"
-	Limit         int64                  `protobuf:"varint,4,opt,name=limit,proto3" json:"limit,omitempty"`  // >= 0; 0 admits nothing
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Model  string                 `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
+	Metric string                 `protobuf:"bytes,2,opt,name=metric,proto3" json:"metric,omitempty"` // "requests" or "tokens"
+	Window string                 `protobuf:"bytes,3,opt,name=window,proto3" json:"window,omitempty"` // "minute" or "day"
+	Limit  int64                  `protobuf:"varint,4,opt,name=limit,proto3" json:"limit,omitempty"`  // >= 0; 0 admits nothing
+	// A shadow limit is evaluated and counted but never refuses: a request only
+	// it would refuse is admitted, and answered with CheckResponse.shadow_refusal
+	// (docs/operations.md "Shadow mode").
+	Shadow        bool `protobuf:"varint,5,opt,name=shadow,proto3" json:"shadow,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -213,6 +217,13 @@ func (x *Limit) GetLimit() int64 {
 		return x.Limit
 	}
 	return 0
+}
+
+func (x *Limit) GetShadow() bool {
+	if x != nil {
+		return x.Shadow
+	}
+	return false
 }
 
 // Names a limit without its value (to clear it).
@@ -518,9 +529,13 @@ type EffectiveLimit struct {
 	// organization has no limit for this metric and window.
 	Organization *int64 `protobuf:"varint,5,opt,name=organization,proto3,oneof" json:"organization,omitempty"`
 	// What binds: the smaller of custom and organization.
-	Effective     int64 `protobuf:"varint,6,opt,name=effective,proto3" json:"effective,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Effective int64 `protobuf:"varint,6,opt,name=effective,proto3" json:"effective,omitempty"`
+	// Whether the project's own limit, and the organization's, is a shadow limit
+	// (evaluated and counted, never refusing).
+	CustomShadow       bool `protobuf:"varint,7,opt,name=custom_shadow,json=customShadow,proto3" json:"custom_shadow,omitempty"`
+	OrganizationShadow bool `protobuf:"varint,8,opt,name=organization_shadow,json=organizationShadow,proto3" json:"organization_shadow,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *EffectiveLimit) Reset() {
@@ -593,6 +608,20 @@ func (x *EffectiveLimit) GetEffective() int64 {
 		return x.Effective
 	}
 	return 0
+}
+
+func (x *EffectiveLimit) GetCustomShadow() bool {
+	if x != nil {
+		return x.CustomShadow
+	}
+	return false
+}
+
+func (x *EffectiveLimit) GetOrganizationShadow() bool {
+	if x != nil {
+		return x.OrganizationShadow
+	}
+	return false
 }
 
 type CreateOrganizationRequest struct {
@@ -3151,12 +3180,13 @@ var File_ratelimitd_v1_admin_proto protoreflect.FileDescriptor
 
 const file_ratelimitd_v1_admin_proto_rawDesc = "" +
 	"\n" +
-	"\x19ratelimitd/v1/admin.proto\x12\rratelimitd.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"c\n" +
+	"\x19ratelimitd/v1/admin.proto\x12\rratelimitd.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"{\n" +
 	"\x05Limit\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x16\n" +
 	"\x06metric\x18\x02 \x01(\tR\x06metric\x12\x16\n" +
 	"\x06window\x18\x03 \x01(\tR\x06window\x12\x14\n" +
-	"\x05limit\x18\x04 \x01(\x03R\x05limit\"P\n" +
+	"\x05limit\x18\x04 \x01(\x03R\x05limit\x12\x16\n" +
+	"\x06shadow\x18\x05 \x01(\bR\x06shadow\"P\n" +
 	"\bLimitKey\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x16\n" +
 	"\x06metric\x18\x02 \x01(\tR\x06metric\x12\x16\n" +
@@ -3182,14 +3212,16 @@ const file_ratelimitd_v1_admin_proto_rawDesc = "" +
 	"\arevoked\x18\a \x01(\bR\arevoked\x12;\n" +
 	"\vcreate_time\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"createTime\x12>\n" +
-	"\rlast_use_time\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\vlastUseTimeJ\x04\b\x05\x10\x06J\x04\b\x06\x10\aR\rcreated_at_msR\x0flast_used_at_ms\"\xd6\x01\n" +
+	"\rlast_use_time\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\vlastUseTimeJ\x04\b\x05\x10\x06J\x04\b\x06\x10\aR\rcreated_at_msR\x0flast_used_at_ms\"\xac\x02\n" +
 	"\x0eEffectiveLimit\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x16\n" +
 	"\x06metric\x18\x02 \x01(\tR\x06metric\x12\x16\n" +
 	"\x06window\x18\x03 \x01(\tR\x06window\x12\x1b\n" +
 	"\x06custom\x18\x04 \x01(\x03H\x00R\x06custom\x88\x01\x01\x12'\n" +
 	"\forganization\x18\x05 \x01(\x03H\x01R\forganization\x88\x01\x01\x12\x1c\n" +
-	"\teffective\x18\x06 \x01(\x03R\teffectiveB\t\n" +
+	"\teffective\x18\x06 \x01(\x03R\teffective\x12#\n" +
+	"\rcustom_shadow\x18\a \x01(\bR\fcustomShadow\x12/\n" +
+	"\x13organization_shadow\x18\b \x01(\bR\x12organizationShadowB\t\n" +
 	"\a_customB\x0f\n" +
 	"\r_organization\"/\n" +
 	"\x19CreateOrganizationRequest\x12\x12\n" +

@@ -232,7 +232,7 @@ func (x ReportUsageResponse_Result) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ReportUsageResponse_Result.Descriptor instead.
 func (ReportUsageResponse_Result) EnumDescriptor() ([]byte, []int) {
-	return file_ratelimitd_v1_ratelimit_proto_rawDescGZIP(), []int{5, 0}
+	return file_ratelimitd_v1_ratelimit_proto_rawDescGZIP(), []int{6, 0}
 }
 
 // Identifies a project without an API key. Only trusted callers (the
@@ -425,7 +425,9 @@ type BucketStatus struct {
 	// Whole units left after this decision (never below 0, never above limit).
 	Remaining int64 `protobuf:"varint,5,opt,name=remaining,proto3" json:"remaining,omitempty"`
 	// Milliseconds until the bucket is full again if nothing more is charged.
-	ResetAfterMs  int64 `protobuf:"varint,6,opt,name=reset_after_ms,json=resetAfterMs,proto3" json:"reset_after_ms,omitempty"`
+	ResetAfterMs int64 `protobuf:"varint,6,opt,name=reset_after_ms,json=resetAfterMs,proto3" json:"reset_after_ms,omitempty"`
+	// The bucket's limit is a shadow limit: evaluated and counted, never refusing.
+	Shadow        bool `protobuf:"varint,7,opt,name=shadow,proto3" json:"shadow,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -502,6 +504,78 @@ func (x *BucketStatus) GetResetAfterMs() int64 {
 	return 0
 }
 
+func (x *BucketStatus) GetShadow() bool {
+	if x != nil {
+		return x.Shadow
+	}
+	return false
+}
+
+// What a shadow limit would have answered to a request it did not refuse
+// (docs/operations.md "Shadow mode").
+type ShadowRefusal struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// REASON_PROJECT_LIMIT, REASON_ORGANIZATION_LIMIT or REASON_REQUEST_TOO_LARGE.
+	Reason Reason `protobuf:"varint,1,opt,name=reason,proto3,enum=ratelimitd.v1.Reason" json:"reason,omitempty"`
+	// The shadow bucket that would have refused.
+	Binding *BucketStatus `protobuf:"bytes,2,opt,name=binding,proto3" json:"binding,omitempty"`
+	// The refusal message an end user would have read.
+	Message       string `protobuf:"bytes,3,opt,name=message,proto3" json:"message,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ShadowRefusal) Reset() {
+	*x = ShadowRefusal{}
+	mi := &file_ratelimitd_v1_ratelimit_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ShadowRefusal) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ShadowRefusal) ProtoMessage() {}
+
+func (x *ShadowRefusal) ProtoReflect() protoreflect.Message {
+	mi := &file_ratelimitd_v1_ratelimit_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ShadowRefusal.ProtoReflect.Descriptor instead.
+func (*ShadowRefusal) Descriptor() ([]byte, []int) {
+	return file_ratelimitd_v1_ratelimit_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *ShadowRefusal) GetReason() Reason {
+	if x != nil {
+		return x.Reason
+	}
+	return Reason_REASON_UNSPECIFIED
+}
+
+func (x *ShadowRefusal) GetBinding() *BucketStatus {
+	if x != nil {
+		return x.Binding
+	}
+	return nil
+}
+
+func (x *ShadowRefusal) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
 type CheckResponse struct {
 	state   protoimpl.MessageState `protogen:"open.v1"`
 	Allowed bool                   `protobuf:"varint,1,opt,name=allowed,proto3" json:"allowed,omitempty"`
@@ -528,15 +602,18 @@ type CheckResponse struct {
 	// INVALID_ARGUMENT or 14 for UNAVAILABLE; 0 for a decision. When it is not
 	// 0, nothing else but `error_message` is set and nothing was charged
 	// (UNAVAILABLE: see docs/operations.md on storage timeouts).
-	ErrorCode     int32  `protobuf:"varint,12,opt,name=error_code,json=errorCode,proto3" json:"error_code,omitempty"`
-	ErrorMessage  string `protobuf:"bytes,13,opt,name=error_message,json=errorMessage,proto3" json:"error_message,omitempty"`
+	ErrorCode    int32  `protobuf:"varint,12,opt,name=error_code,json=errorCode,proto3" json:"error_code,omitempty"`
+	ErrorMessage string `protobuf:"bytes,13,opt,name=error_message,json=errorMessage,proto3" json:"error_message,omitempty"`
+	// Set when the request was allowed but a shadow limit would have refused it
+	// (the request was admitted and charged to the enforcing limits).
+	ShadowRefusal *ShadowRefusal `protobuf:"bytes,14,opt,name=shadow_refusal,json=shadowRefusal,proto3" json:"shadow_refusal,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CheckResponse) Reset() {
 	*x = CheckResponse{}
-	mi := &file_ratelimitd_v1_ratelimit_proto_msgTypes[3]
+	mi := &file_ratelimitd_v1_ratelimit_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -548,7 +625,7 @@ func (x *CheckResponse) String() string {
 func (*CheckResponse) ProtoMessage() {}
 
 func (x *CheckResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ratelimitd_v1_ratelimit_proto_msgTypes[3]
+	mi := &file_ratelimitd_v1_ratelimit_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -561,7 +638,7 @@ func (x *CheckResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckResponse.ProtoReflect.Descriptor instead.
 func (*CheckResponse) Descriptor() ([]byte, []int) {
-	return file_ratelimitd_v1_ratelimit_proto_rawDescGZIP(), []int{3}
+	return file_ratelimitd_v1_ratelimit_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *CheckResponse) GetAllowed() bool {
@@ -655,6 +732,13 @@ func (x *CheckResponse) GetErrorMessage() string {
 	return ""
 }
 
+func (x *CheckResponse) GetShadowRefusal() *ShadowRefusal {
+	if x != nil {
+		return x.ShadowRefusal
+	}
+	return nil
+}
+
 type ReportUsageRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Types that are valid to be assigned to Caller:
@@ -680,7 +764,7 @@ type ReportUsageRequest struct {
 
 func (x *ReportUsageRequest) Reset() {
 	*x = ReportUsageRequest{}
-	mi := &file_ratelimitd_v1_ratelimit_proto_msgTypes[4]
+	mi := &file_ratelimitd_v1_ratelimit_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -692,7 +776,7 @@ func (x *ReportUsageRequest) String() string {
 func (*ReportUsageRequest) ProtoMessage() {}
 
 func (x *ReportUsageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ratelimitd_v1_ratelimit_proto_msgTypes[4]
+	mi := &file_ratelimitd_v1_ratelimit_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -705,7 +789,7 @@ func (x *ReportUsageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportUsageRequest.ProtoReflect.Descriptor instead.
 func (*ReportUsageRequest) Descriptor() ([]byte, []int) {
-	return file_ratelimitd_v1_ratelimit_proto_rawDescGZIP(), []int{4}
+	return file_ratelimitd_v1_ratelimit_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *ReportUsageRequest) GetCaller() isReportUsageRequest_Caller {
@@ -816,7 +900,7 @@ type ReportUsageResponse struct {
 
 func (x *ReportUsageResponse) Reset() {
 	*x = ReportUsageResponse{}
-	mi := &file_ratelimitd_v1_ratelimit_proto_msgTypes[5]
+	mi := &file_ratelimitd_v1_ratelimit_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -828,7 +912,7 @@ func (x *ReportUsageResponse) String() string {
 func (*ReportUsageResponse) ProtoMessage() {}
 
 func (x *ReportUsageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ratelimitd_v1_ratelimit_proto_msgTypes[5]
+	mi := &file_ratelimitd_v1_ratelimit_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -841,7 +925,7 @@ func (x *ReportUsageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportUsageResponse.ProtoReflect.Descriptor instead.
 func (*ReportUsageResponse) Descriptor() ([]byte, []int) {
-	return file_ratelimitd_v1_ratelimit_proto_rawDescGZIP(), []int{5}
+	return file_ratelimitd_v1_ratelimit_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ReportUsageResponse) GetResult() ReportUsageResponse_Result {
@@ -904,14 +988,19 @@ const file_ratelimitd_v1_ratelimit_proto_rawDesc = "" +
 	"\x06tokens\x18\x05 \x01(\x03R\x06tokens\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x06 \x01(\tR\trequestIdB\b\n" +
-	"\x06caller\"\xc4\x01\n" +
+	"\x06caller\"\xdc\x01\n" +
 	"\fBucketStatus\x12*\n" +
 	"\x05scope\x18\x01 \x01(\x0e2\x14.ratelimitd.v1.ScopeR\x05scope\x12\x16\n" +
 	"\x06metric\x18\x02 \x01(\tR\x06metric\x12\x16\n" +
 	"\x06window\x18\x03 \x01(\tR\x06window\x12\x14\n" +
 	"\x05limit\x18\x04 \x01(\x03R\x05limit\x12\x1c\n" +
 	"\tremaining\x18\x05 \x01(\x03R\tremaining\x12$\n" +
-	"\x0ereset_after_ms\x18\x06 \x01(\x03R\fresetAfterMs\"\xce\x04\n" +
+	"\x0ereset_after_ms\x18\x06 \x01(\x03R\fresetAfterMs\x12\x16\n" +
+	"\x06shadow\x18\a \x01(\bR\x06shadow\"\x8f\x01\n" +
+	"\rShadowRefusal\x12-\n" +
+	"\x06reason\x18\x01 \x01(\x0e2\x15.ratelimitd.v1.ReasonR\x06reason\x125\n" +
+	"\abinding\x18\x02 \x01(\v2\x1b.ratelimitd.v1.BucketStatusR\abinding\x12\x18\n" +
+	"\amessage\x18\x03 \x01(\tR\amessage\"\x93\x05\n" +
 	"\rCheckResponse\x12\x18\n" +
 	"\aallowed\x18\x01 \x01(\bR\aallowed\x12-\n" +
 	"\x06reason\x18\x02 \x01(\x0e2\x15.ratelimitd.v1.ReasonR\x06reason\x12\x18\n" +
@@ -929,7 +1018,8 @@ const file_ratelimitd_v1_ratelimit_proto_rawDesc = "" +
 	"\breplayed\x18\v \x01(\bR\breplayed\x12\x1d\n" +
 	"\n" +
 	"error_code\x18\f \x01(\x05R\terrorCode\x12#\n" +
-	"\rerror_message\x18\r \x01(\tR\ferrorMessage\x1a:\n" +
+	"\rerror_message\x18\r \x01(\tR\ferrorMessage\x12C\n" +
+	"\x0eshadow_refusal\x18\x0e \x01(\v2\x1c.ratelimitd.v1.ShadowRefusalR\rshadowRefusal\x1a:\n" +
 	"\fHeadersEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xd2\x02\n" +
@@ -993,7 +1083,7 @@ func file_ratelimitd_v1_ratelimit_proto_rawDescGZIP() []byte {
 }
 
 var file_ratelimitd_v1_ratelimit_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_ratelimitd_v1_ratelimit_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
+var file_ratelimitd_v1_ratelimit_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
 var file_ratelimitd_v1_ratelimit_proto_goTypes = []any{
 	(Scope)(0),                      // 0: ratelimitd.v1.Scope
 	(Reason)(0),                     // 1: ratelimitd.v1.Reason
@@ -1001,25 +1091,29 @@ var file_ratelimitd_v1_ratelimit_proto_goTypes = []any{
 	(*ProjectRef)(nil),              // 3: ratelimitd.v1.ProjectRef
 	(*CheckRequest)(nil),            // 4: ratelimitd.v1.CheckRequest
 	(*BucketStatus)(nil),            // 5: ratelimitd.v1.BucketStatus
-	(*CheckResponse)(nil),           // 6: ratelimitd.v1.CheckResponse
-	(*ReportUsageRequest)(nil),      // 7: ratelimitd.v1.ReportUsageRequest
-	(*ReportUsageResponse)(nil),     // 8: ratelimitd.v1.ReportUsageResponse
-	nil,                             // 9: ratelimitd.v1.CheckResponse.HeadersEntry
+	(*ShadowRefusal)(nil),           // 6: ratelimitd.v1.ShadowRefusal
+	(*CheckResponse)(nil),           // 7: ratelimitd.v1.CheckResponse
+	(*ReportUsageRequest)(nil),      // 8: ratelimitd.v1.ReportUsageRequest
+	(*ReportUsageResponse)(nil),     // 9: ratelimitd.v1.ReportUsageResponse
+	nil,                             // 10: ratelimitd.v1.CheckResponse.HeadersEntry
 }
 var file_ratelimitd_v1_ratelimit_proto_depIdxs = []int32{
-	3, // 0: ratelimitd.v1.CheckRequest.project:type_name -> ratelimitd.v1.ProjectRef
-	0, // 1: ratelimitd.v1.BucketStatus.scope:type_name -> ratelimitd.v1.Scope
-	1, // 2: ratelimitd.v1.CheckResponse.reason:type_name -> ratelimitd.v1.Reason
-	5, // 3: ratelimitd.v1.CheckResponse.binding:type_name -> ratelimitd.v1.BucketStatus
-	5, // 4: ratelimitd.v1.CheckResponse.buckets:type_name -> ratelimitd.v1.BucketStatus
-	9, // 5: ratelimitd.v1.CheckResponse.headers:type_name -> ratelimitd.v1.CheckResponse.HeadersEntry
-	3, // 6: ratelimitd.v1.ReportUsageRequest.project:type_name -> ratelimitd.v1.ProjectRef
-	2, // 7: ratelimitd.v1.ReportUsageResponse.result:type_name -> ratelimitd.v1.ReportUsageResponse.Result
-	8, // [8:8] is the sub-list for method output_type
-	8, // [8:8] is the sub-list for method input_type
-	8, // [8:8] is the sub-list for extension type_name
-	8, // [8:8] is the sub-list for extension extendee
-	0, // [0:8] is the sub-list for field type_name
+	3,  // 0: ratelimitd.v1.CheckRequest.project:type_name -> ratelimitd.v1.ProjectRef
+	0,  // 1: ratelimitd.v1.BucketStatus.scope:type_name -> ratelimitd.v1.Scope
+	1,  // 2: ratelimitd.v1.ShadowRefusal.reason:type_name -> ratelimitd.v1.Reason
+	5,  // 3: ratelimitd.v1.ShadowRefusal.binding:type_name -> ratelimitd.v1.BucketStatus
+	1,  // 4: ratelimitd.v1.CheckResponse.reason:type_name -> ratelimitd.v1.Reason
+	5,  // 5: ratelimitd.v1.CheckResponse.binding:type_name -> ratelimitd.v1.BucketStatus
+	5,  // 6: ratelimitd.v1.CheckResponse.buckets:type_name -> ratelimitd.v1.BucketStatus
+	10, // 7: ratelimitd.v1.CheckResponse.headers:type_name -> ratelimitd.v1.CheckResponse.HeadersEntry
+	6,  // 8: ratelimitd.v1.CheckResponse.shadow_refusal:type_name -> ratelimitd.v1.ShadowRefusal
+	3,  // 9: ratelimitd.v1.ReportUsageRequest.project:type_name -> ratelimitd.v1.ProjectRef
+	2,  // 10: ratelimitd.v1.ReportUsageResponse.result:type_name -> ratelimitd.v1.ReportUsageResponse.Result
+	11, // [11:11] is the sub-list for method output_type
+	11, // [11:11] is the sub-list for method input_type
+	11, // [11:11] is the sub-list for extension type_name
+	11, // [11:11] is the sub-list for extension extendee
+	0,  // [0:11] is the sub-list for field type_name
 }
 
 func init() { file_ratelimitd_v1_ratelimit_proto_init() }
@@ -1031,7 +1125,7 @@ func file_ratelimitd_v1_ratelimit_proto_init() {
 		(*CheckRequest_ApiKey)(nil),
 		(*CheckRequest_Project)(nil),
 	}
-	file_ratelimitd_v1_ratelimit_proto_msgTypes[4].OneofWrappers = []any{
+	file_ratelimitd_v1_ratelimit_proto_msgTypes[5].OneofWrappers = []any{
 		(*ReportUsageRequest_ApiKey)(nil),
 		(*ReportUsageRequest_Project)(nil),
 	}
@@ -1041,7 +1135,7 @@ func file_ratelimitd_v1_ratelimit_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ratelimitd_v1_ratelimit_proto_rawDesc), len(file_ratelimitd_v1_ratelimit_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   7,
+			NumMessages:   8,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -293,6 +293,9 @@ type UsageRow struct {
 	CachedTokens int64            `protobuf:"varint,10,opt,name=cached_tokens,json=cachedTokens,proto3" json:"cached_tokens,omitempty"`
 	// Spend of the reported tokens at the organization's prices.
 	SpendUsdMicros int64 `protobuf:"varint,13,opt,name=spend_usd_micros,json=spendUsdMicros,proto3" json:"spend_usd_micros,omitempty"`
+	// Admitted requests that a shadow limit would have refused, by reason name
+	// (e.g. "REASON_PROJECT_LIMIT"); they are counted in `requests` too.
+	ShadowRefusals map[string]int64 `protobuf:"bytes,14,rep,name=shadow_refusals,json=shadowRefusals,proto3" json:"shadow_refusals,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache
 }
@@ -402,6 +405,13 @@ func (x *UsageRow) GetSpendUsdMicros() int64 {
 		return x.SpendUsdMicros
 	}
 	return 0
+}
+
+func (x *UsageRow) GetShadowRefusals() map[string]int64 {
+	if x != nil {
+		return x.ShadowRefusals
+	}
+	return nil
 }
 
 type GetUsageResponse struct {
@@ -782,7 +792,10 @@ type RequestLogEntry struct {
 	RequestedTokens int64 `protobuf:"varint,10,opt,name=requested_tokens,json=requestedTokens,proto3" json:"requested_tokens,omitempty"`
 	StatusCode      int32 `protobuf:"varint,11,opt,name=status_code,json=statusCode,proto3" json:"status_code,omitempty"`
 	// As ReportUsage gave it; zero for a refusal.
-	Latency       *durationpb.Duration `protobuf:"bytes,14,opt,name=latency,proto3" json:"latency,omitempty"`
+	Latency *durationpb.Duration `protobuf:"bytes,14,opt,name=latency,proto3" json:"latency,omitempty"`
+	// Allowed requests only: the reason name a shadow limit would have refused
+	// it with; empty when none would have.
+	ShadowReason  string `protobuf:"bytes,15,opt,name=shadow_reason,json=shadowReason,proto3" json:"shadow_reason,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -899,6 +912,13 @@ func (x *RequestLogEntry) GetLatency() *durationpb.Duration {
 		return x.Latency
 	}
 	return nil
+}
+
+func (x *RequestLogEntry) GetShadowReason() string {
+	if x != nil {
+		return x.ShadowReason
+	}
+	return ""
 }
 
 type ListRequestLogsResponse struct {
@@ -1417,7 +1437,7 @@ const file_ratelimitd_v1_usage_proto_rawDesc = "" +
 	"\vgranularity\x18\x04 \x01(\x0e2\x1a.ratelimitd.v1.GranularityR\vgranularity\x121\n" +
 	"\bgroup_by\x18\x05 \x03(\x0e2\x16.ratelimitd.v1.GroupByR\agroupBy\x12\x1d\n" +
 	"\n" +
-	"project_id\x18\x06 \x01(\tR\tprojectIdJ\x04\b\x02\x10\x03J\x04\b\x03\x10\x04R\bstart_msR\x06end_ms\"\x9c\x04\n" +
+	"project_id\x18\x06 \x01(\tR\tprojectIdJ\x04\b\x02\x10\x03J\x04\b\x03\x10\x04R\bstart_msR\x06end_ms\"\xb5\x05\n" +
 	"\bUsageRow\x12F\n" +
 	"\x11bucket_start_time\x18\f \x01(\v2\x1a.google.protobuf.TimestampR\x0fbucketStartTime\x12\x1d\n" +
 	"\n" +
@@ -1432,8 +1452,12 @@ const file_ratelimitd_v1_usage_proto_rawDesc = "" +
 	"\routput_tokens\x18\t \x01(\x03R\foutputTokens\x12#\n" +
 	"\rcached_tokens\x18\n" +
 	" \x01(\x03R\fcachedTokens\x12(\n" +
-	"\x10spend_usd_micros\x18\r \x01(\x03R\x0espendUsdMicros\x1a;\n" +
+	"\x10spend_usd_micros\x18\r \x01(\x03R\x0espendUsdMicros\x12T\n" +
+	"\x0fshadow_refusals\x18\x0e \x03(\v2+.ratelimitd.v1.UsageRow.ShadowRefusalsEntryR\x0eshadowRefusals\x1a;\n" +
 	"\rRefusalsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\x1aA\n" +
+	"\x13ShadowRefusalsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01J\x04\b\x01\x10\x02J\x04\b\v\x10\fR\x0fbucket_start_msR\tspend_usd\"n\n" +
 	"\x10GetUsageResponse\x12+\n" +
@@ -1473,7 +1497,7 @@ const file_ratelimitd_v1_usage_proto_rawDesc = "" +
 	"\aOutcome\x12\x17\n" +
 	"\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fOUTCOME_ALLOWED\x10\x01\x12\x13\n" +
-	"\x0fOUTCOME_REFUSED\x10\x02J\x04\b\x06\x10\tR\bstart_msR\x06end_msR\x05limit\"\xe4\x03\n" +
+	"\x0fOUTCOME_REFUSED\x10\x02J\x04\b\x06\x10\tR\bstart_msR\x06end_msR\x05limit\"\x89\x04\n" +
 	"\x0fRequestLogEntry\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12=\n" +
@@ -1490,7 +1514,8 @@ const file_ratelimitd_v1_usage_proto_rawDesc = "" +
 	" \x01(\x03R\x0frequestedTokens\x12\x1f\n" +
 	"\vstatus_code\x18\v \x01(\x05R\n" +
 	"statusCode\x123\n" +
-	"\alatency\x18\x0e \x01(\v2\x19.google.protobuf.DurationR\alatencyJ\x04\b\x02\x10\x03J\x04\b\f\x10\rR\atime_msR\n" +
+	"\alatency\x18\x0e \x01(\v2\x19.google.protobuf.DurationR\alatency\x12#\n" +
+	"\rshadow_reason\x18\x0f \x01(\tR\fshadowReasonJ\x04\b\x02\x10\x03J\x04\b\f\x10\rR\atime_msR\n" +
 	"latency_ms\"{\n" +
 	"\x17ListRequestLogsResponse\x128\n" +
 	"\aentries\x18\x01 \x03(\v2\x1e.ratelimitd.v1.RequestLogEntryR\aentries\x12&\n" +
@@ -1562,7 +1587,7 @@ func file_ratelimitd_v1_usage_proto_rawDescGZIP() []byte {
 }
 
 var file_ratelimitd_v1_usage_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_ratelimitd_v1_usage_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
+var file_ratelimitd_v1_usage_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
 var file_ratelimitd_v1_usage_proto_goTypes = []any{
 	(Granularity)(0),                    // 0: ratelimitd.v1.Granularity
 	(GroupBy)(0),                        // 1: ratelimitd.v1.GroupBy
@@ -1585,52 +1610,54 @@ var file_ratelimitd_v1_usage_proto_goTypes = []any{
 	(*SetUsageSettingsRequest)(nil),     // 18: ratelimitd.v1.SetUsageSettingsRequest
 	(*UsageSettings)(nil),               // 19: ratelimitd.v1.UsageSettings
 	nil,                                 // 20: ratelimitd.v1.UsageRow.RefusalsEntry
-	(*timestamppb.Timestamp)(nil),       // 21: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),         // 22: google.protobuf.Duration
-	(*fieldmaskpb.FieldMask)(nil),       // 23: google.protobuf.FieldMask
+	nil,                                 // 21: ratelimitd.v1.UsageRow.ShadowRefusalsEntry
+	(*timestamppb.Timestamp)(nil),       // 22: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),         // 23: google.protobuf.Duration
+	(*fieldmaskpb.FieldMask)(nil),       // 24: google.protobuf.FieldMask
 }
 var file_ratelimitd_v1_usage_proto_depIdxs = []int32{
-	21, // 0: ratelimitd.v1.GetUsageRequest.start_time:type_name -> google.protobuf.Timestamp
-	21, // 1: ratelimitd.v1.GetUsageRequest.end_time:type_name -> google.protobuf.Timestamp
+	22, // 0: ratelimitd.v1.GetUsageRequest.start_time:type_name -> google.protobuf.Timestamp
+	22, // 1: ratelimitd.v1.GetUsageRequest.end_time:type_name -> google.protobuf.Timestamp
 	0,  // 2: ratelimitd.v1.GetUsageRequest.granularity:type_name -> ratelimitd.v1.Granularity
 	1,  // 3: ratelimitd.v1.GetUsageRequest.group_by:type_name -> ratelimitd.v1.GroupBy
-	21, // 4: ratelimitd.v1.UsageRow.bucket_start_time:type_name -> google.protobuf.Timestamp
+	22, // 4: ratelimitd.v1.UsageRow.bucket_start_time:type_name -> google.protobuf.Timestamp
 	20, // 5: ratelimitd.v1.UsageRow.refusals:type_name -> ratelimitd.v1.UsageRow.RefusalsEntry
-	4,  // 6: ratelimitd.v1.GetUsageResponse.rows:type_name -> ratelimitd.v1.UsageRow
-	4,  // 7: ratelimitd.v1.GetUsageResponse.total:type_name -> ratelimitd.v1.UsageRow
-	7,  // 8: ratelimitd.v1.GetSpendResponse.organization:type_name -> ratelimitd.v1.SpendLine
-	7,  // 9: ratelimitd.v1.GetSpendResponse.projects:type_name -> ratelimitd.v1.SpendLine
-	2,  // 10: ratelimitd.v1.ListRequestLogsRequest.outcome:type_name -> ratelimitd.v1.ListRequestLogsRequest.Outcome
-	21, // 11: ratelimitd.v1.ListRequestLogsRequest.start_time:type_name -> google.protobuf.Timestamp
-	21, // 12: ratelimitd.v1.ListRequestLogsRequest.end_time:type_name -> google.protobuf.Timestamp
-	21, // 13: ratelimitd.v1.RequestLogEntry.request_time:type_name -> google.protobuf.Timestamp
-	22, // 14: ratelimitd.v1.RequestLogEntry.latency:type_name -> google.protobuf.Duration
-	10, // 15: ratelimitd.v1.ListRequestLogsResponse.entries:type_name -> ratelimitd.v1.RequestLogEntry
-	12, // 16: ratelimitd.v1.SetPriceRequest.price:type_name -> ratelimitd.v1.Price
-	12, // 17: ratelimitd.v1.ListPricesResponse.prices:type_name -> ratelimitd.v1.Price
-	19, // 18: ratelimitd.v1.SetUsageSettingsRequest.settings:type_name -> ratelimitd.v1.UsageSettings
-	23, // 19: ratelimitd.v1.SetUsageSettingsRequest.update_mask:type_name -> google.protobuf.FieldMask
-	3,  // 20: ratelimitd.v1.UsageService.GetUsage:input_type -> ratelimitd.v1.GetUsageRequest
-	6,  // 21: ratelimitd.v1.UsageService.GetSpend:input_type -> ratelimitd.v1.GetSpendRequest
-	9,  // 22: ratelimitd.v1.UsageService.ListRequestLogs:input_type -> ratelimitd.v1.ListRequestLogsRequest
-	13, // 23: ratelimitd.v1.UsageService.SetPrice:input_type -> ratelimitd.v1.SetPriceRequest
-	14, // 24: ratelimitd.v1.UsageService.ListPrices:input_type -> ratelimitd.v1.ListPricesRequest
-	16, // 25: ratelimitd.v1.UsageService.SetSpendLimit:input_type -> ratelimitd.v1.SetSpendLimitRequest
-	18, // 26: ratelimitd.v1.UsageService.SetUsageSettings:input_type -> ratelimitd.v1.SetUsageSettingsRequest
-	17, // 27: ratelimitd.v1.UsageService.GetUsageSettings:input_type -> ratelimitd.v1.GetUsageSettingsRequest
-	5,  // 28: ratelimitd.v1.UsageService.GetUsage:output_type -> ratelimitd.v1.GetUsageResponse
-	8,  // 29: ratelimitd.v1.UsageService.GetSpend:output_type -> ratelimitd.v1.GetSpendResponse
-	11, // 30: ratelimitd.v1.UsageService.ListRequestLogs:output_type -> ratelimitd.v1.ListRequestLogsResponse
-	12, // 31: ratelimitd.v1.UsageService.SetPrice:output_type -> ratelimitd.v1.Price
-	15, // 32: ratelimitd.v1.UsageService.ListPrices:output_type -> ratelimitd.v1.ListPricesResponse
-	8,  // 33: ratelimitd.v1.UsageService.SetSpendLimit:output_type -> ratelimitd.v1.GetSpendResponse
-	19, // 34: ratelimitd.v1.UsageService.SetUsageSettings:output_type -> ratelimitd.v1.UsageSettings
-	19, // 35: ratelimitd.v1.UsageService.GetUsageSettings:output_type -> ratelimitd.v1.UsageSettings
-	28, // [28:36] is the sub-list for method output_type
-	20, // [20:28] is the sub-list for method input_type
-	20, // [20:20] is the sub-list for extension type_name
-	20, // [20:20] is the sub-list for extension extendee
-	0,  // [0:20] is the sub-list for field type_name
+	21, // 6: ratelimitd.v1.UsageRow.shadow_refusals:type_name -> ratelimitd.v1.UsageRow.ShadowRefusalsEntry
+	4,  // 7: ratelimitd.v1.GetUsageResponse.rows:type_name -> ratelimitd.v1.UsageRow
+	4,  // 8: ratelimitd.v1.GetUsageResponse.total:type_name -> ratelimitd.v1.UsageRow
+	7,  // 9: ratelimitd.v1.GetSpendResponse.organization:type_name -> ratelimitd.v1.SpendLine
+	7,  // 10: ratelimitd.v1.GetSpendResponse.projects:type_name -> ratelimitd.v1.SpendLine
+	2,  // 11: ratelimitd.v1.ListRequestLogsRequest.outcome:type_name -> ratelimitd.v1.ListRequestLogsRequest.Outcome
+	22, // 12: ratelimitd.v1.ListRequestLogsRequest.start_time:type_name -> google.protobuf.Timestamp
+	22, // 13: ratelimitd.v1.ListRequestLogsRequest.end_time:type_name -> google.protobuf.Timestamp
+	22, // 14: ratelimitd.v1.RequestLogEntry.request_time:type_name -> google.protobuf.Timestamp
+	23, // 15: ratelimitd.v1.RequestLogEntry.latency:type_name -> google.protobuf.Duration
+	10, // 16: ratelimitd.v1.ListRequestLogsResponse.entries:type_name -> ratelimitd.v1.RequestLogEntry
+	12, // 17: ratelimitd.v1.SetPriceRequest.price:type_name -> ratelimitd.v1.Price
+	12, // 18: ratelimitd.v1.ListPricesResponse.prices:type_name -> ratelimitd.v1.Price
+	19, // 19: ratelimitd.v1.SetUsageSettingsRequest.settings:type_name -> ratelimitd.v1.UsageSettings
+	24, // 20: ratelimitd.v1.SetUsageSettingsRequest.update_mask:type_name -> google.protobuf.FieldMask
+	3,  // 21: ratelimitd.v1.UsageService.GetUsage:input_type -> ratelimitd.v1.GetUsageRequest
+	6,  // 22: ratelimitd.v1.UsageService.GetSpend:input_type -> ratelimitd.v1.GetSpendRequest
+	9,  // 23: ratelimitd.v1.UsageService.ListRequestLogs:input_type -> ratelimitd.v1.ListRequestLogsRequest
+	13, // 24: ratelimitd.v1.UsageService.SetPrice:input_type -> ratelimitd.v1.SetPriceRequest
+	14, // 25: ratelimitd.v1.UsageService.ListPrices:input_type -> ratelimitd.v1.ListPricesRequest
+	16, // 26: ratelimitd.v1.UsageService.SetSpendLimit:input_type -> ratelimitd.v1.SetSpendLimitRequest
+	18, // 27: ratelimitd.v1.UsageService.SetUsageSettings:input_type -> ratelimitd.v1.SetUsageSettingsRequest
+	17, // 28: ratelimitd.v1.UsageService.GetUsageSettings:input_type -> ratelimitd.v1.GetUsageSettingsRequest
+	5,  // 29: ratelimitd.v1.UsageService.GetUsage:output_type -> ratelimitd.v1.GetUsageResponse
+	8,  // 30: ratelimitd.v1.UsageService.GetSpend:output_type -> ratelimitd.v1.GetSpendResponse
+	11, // 31: ratelimitd.v1.UsageService.ListRequestLogs:output_type -> ratelimitd.v1.ListRequestLogsResponse
+	12, // 32: ratelimitd.v1.UsageService.SetPrice:output_type -> ratelimitd.v1.Price
+	15, // 33: ratelimitd.v1.UsageService.ListPrices:output_type -> ratelimitd.v1.ListPricesResponse
+	8,  // 34: ratelimitd.v1.UsageService.SetSpendLimit:output_type -> ratelimitd.v1.GetSpendResponse
+	19, // 35: ratelimitd.v1.UsageService.SetUsageSettings:output_type -> ratelimitd.v1.UsageSettings
+	19, // 36: ratelimitd.v1.UsageService.GetUsageSettings:output_type -> ratelimitd.v1.UsageSettings
+	29, // [29:37] is the sub-list for method output_type
+	21, // [21:29] is the sub-list for method input_type
+	21, // [21:21] is the sub-list for extension type_name
+	21, // [21:21] is the sub-list for extension extendee
+	0,  // [0:21] is the sub-list for field type_name
 }
 
 func init() { file_ratelimitd_v1_usage_proto_init() }
@@ -1646,7 +1673,7 @@ func file_ratelimitd_v1_usage_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ratelimitd_v1_usage_proto_rawDesc), len(file_ratelimitd_v1_usage_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   18,
+			NumMessages:   19,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

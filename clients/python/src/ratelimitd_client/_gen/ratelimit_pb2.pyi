@@ -230,6 +230,7 @@ class BucketStatus(_message.Message):
     LIMIT_FIELD_NUMBER: _builtins.int
     REMAINING_FIELD_NUMBER: _builtins.int
     RESET_AFTER_MS_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
     scope: Global___Scope.ValueType
     metric: _builtins.str
     """"requests" or "tokens" (configurable set)"""
@@ -240,6 +241,8 @@ class BucketStatus(_message.Message):
     """Whole units left after this decision (never below 0, never above limit)."""
     reset_after_ms: _builtins.int
     """Milliseconds until the bucket is full again if nothing more is charged."""
+    shadow: _builtins.bool
+    """The bucket's limit is a shadow limit: evaluated and counted, never refusing."""
     def __init__(
         self,
         *,
@@ -249,14 +252,49 @@ class BucketStatus(_message.Message):
         limit: _builtins.int = ...,
         remaining: _builtins.int = ...,
         reset_after_ms: _builtins.int = ...,
+        shadow: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "metric", b"metric", "remaining", b"remaining", "reset_after_ms", b"reset_after_ms", "scope", b"scope", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "metric", b"metric", "remaining", b"remaining", "reset_after_ms", b"reset_after_ms", "scope", b"scope", "shadow", b"shadow", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BucketStatus: _TypeAlias = BucketStatus  # noqa: Y015
+
+@_typing.final
+class ShadowRefusal(_message.Message):
+    """What a shadow limit would have answered to a request it did not refuse
+    (docs/operations.md "Shadow mode").
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    BINDING_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    reason: Global___Reason.ValueType
+    """REASON_PROJECT_LIMIT, REASON_ORGANIZATION_LIMIT or REASON_REQUEST_TOO_LARGE."""
+    message: _builtins.str
+    """The refusal message an end user would have read."""
+    @_builtins.property
+    def binding(self) -> Global___BucketStatus:
+        """The shadow bucket that would have refused."""
+
+    def __init__(
+        self,
+        *,
+        reason: Global___Reason.ValueType = ...,
+        binding: Global___BucketStatus | None = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["binding", b"binding"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["binding", b"binding", "message", b"message", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShadowRefusal: _TypeAlias = ShadowRefusal  # noqa: Y015
 
 @_typing.final
 class CheckResponse(_message.Message):
@@ -295,6 +333,7 @@ class CheckResponse(_message.Message):
     REPLAYED_FIELD_NUMBER: _builtins.int
     ERROR_CODE_FIELD_NUMBER: _builtins.int
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    SHADOW_REFUSAL_FIELD_NUMBER: _builtins.int
     allowed: _builtins.bool
     reason: Global___Reason.ValueType
     message: _builtins.str
@@ -329,6 +368,12 @@ class CheckResponse(_message.Message):
     def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Ready-to-send HTTP response headers (x-ratelimit-*, retry-after)."""
 
+    @_builtins.property
+    def shadow_refusal(self) -> Global___ShadowRefusal:
+        """Set when the request was allowed but a shadow limit would have refused it
+        (the request was admitted and charged to the enforcing limits).
+        """
+
     def __init__(
         self,
         *,
@@ -345,10 +390,11 @@ class CheckResponse(_message.Message):
         replayed: _builtins.bool = ...,
         error_code: _builtins.int = ...,
         error_message: _builtins.str = ...,
+        shadow_refusal: Global___ShadowRefusal | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["binding", b"binding"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["binding", b"binding", "shadow_refusal", b"shadow_refusal"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "binding", b"binding", "buckets", b"buckets", "error_code", b"error_code", "error_message", b"error_message", "headers", b"headers", "message", b"message", "organization_id", b"organization_id", "project_id", b"project_id", "reason", b"reason", "replayed", b"replayed", "request_id", b"request_id", "retry_after_ms", b"retry_after_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "binding", b"binding", "buckets", b"buckets", "error_code", b"error_code", "error_message", b"error_message", "headers", b"headers", "message", b"message", "organization_id", b"organization_id", "project_id", b"project_id", "reason", b"reason", "replayed", b"replayed", "request_id", b"request_id", "retry_after_ms", b"retry_after_ms", "shadow_refusal", b"shadow_refusal"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,7 +26,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file ratelimitd/v1/ratelimit.proto.
  */
 export const file_ratelimitd_v1_ratelimit: GenFile = /*@__PURE__*/
-  fileDesc("Ch1yYXRlbGltaXRkL3YxL3JhdGVsaW1pdC5wcm90bxINcmF0ZWxpbWl0ZC52MSI5CgpQcm9qZWN0UmVmEhcKD29yZ2FuaXphdGlvbl9pZBgBIAEoCRISCgpwcm9qZWN0X2lkGAIgASgJIp4BCgxDaGVja1JlcXVlc3QSEQoHYXBpX2tleRgBIAEoCUgAEiwKB3Byb2plY3QYAiABKAsyGS5yYXRlbGltaXRkLnYxLlByb2plY3RSZWZIABINCgVtb2RlbBgDIAEoCRIQCghyZXF1ZXN0cxgEIAEoAxIOCgZ0b2tlbnMYBSABKAMSEgoKcmVxdWVzdF9pZBgGIAEoCUIICgZjYWxsZXIijQEKDEJ1Y2tldFN0YXR1cxIjCgVzY29wZRgBIAEoDjIULnJhdGVsaW1pdGQudjEuU2NvcGUSDgoGbWV0cmljGAIgASgJEg4KBndpbmRvdxgDIAEoCRINCgVsaW1pdBgEIAEoAxIRCglyZW1haW5pbmcYBSABKAMSFgoOcmVzZXRfYWZ0ZXJfbXMYBiABKAMitgMKDUNoZWNrUmVzcG9uc2USDwoHYWxsb3dlZBgBIAEoCBIlCgZyZWFzb24YAiABKA4yFS5yYXRlbGltaXRkLnYxLlJlYXNvbhIPCgdtZXNzYWdlGAMgASgJEiwKB2JpbmRpbmcYBCABKAsyGy5yYXRlbGltaXRkLnYxLkJ1Y2tldFN0YXR1cxIsCgdidWNrZXRzGAUgAygLMhsucmF0ZWxpbWl0ZC52MS5CdWNrZXRTdGF0dXMSFgoOcmV0cnlfYWZ0ZXJfbXMYBiABKAMSOgoHaGVhZGVycxgHIAMoCzIpLnJhdGVsaW1pdGQudjEuQ2hlY2tSZXNwb25zZS5IZWFkZXJzRW50cnkSEgoKcmVxdWVzdF9pZBgIIAEoCRIXCg9vcmdhbml6YXRpb25faWQYCSABKAkSEgoKcHJvamVjdF9pZBgKIAEoCRIQCghyZXBsYXllZBgLIAEoCBISCgplcnJvcl9jb2RlGAwgASgFEhUKDWVycm9yX21lc3NhZ2UYDSABKAkaLgoMSGVhZGVyc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEi7wEKElJlcG9ydFVzYWdlUmVxdWVzdBIRCgdhcGlfa2V5GAEgASgJSAASLAoHcHJvamVjdBgCIAEoCzIZLnJhdGVsaW1pdGQudjEuUHJvamVjdFJlZkgAEhIKCnJlcXVlc3RfaWQYAyABKAkSDQoFbW9kZWwYBCABKAkSFAoMaW5wdXRfdG9rZW5zGAUgASgDEhUKDW91dHB1dF90b2tlbnMYBiABKAMSFQoNY2FjaGVkX3Rva2VucxgHIAEoAxITCgtzdGF0dXNfY29kZRgIIAEoBRISCgpsYXRlbmN5X21zGAkgASgDQggKBmNhbGxlciKxAgoTUmVwb3J0VXNhZ2VSZXNwb25zZRI5CgZyZXN1bHQYASABKA4yKS5yYXRlbGltaXRkLnYxLlJlcG9ydFVzYWdlUmVzcG9uc2UuUmVzdWx0EhIKCnByb2plY3RfaWQYAiABKAkSDQoFbW9kZWwYAyABKAkSFgoOY291bnRlZF90b2tlbnMYBCABKAMSEwoLdG9rZW5fZGVsdGEYBSABKAMSGAoQc3BlbmRfdXNkX21pY3JvcxgHIAEoAyJkCgZSZXN1bHQSFgoSUkVTVUxUX1VOU1BFQ0lGSUVEEAASFQoRUkVTVUxUX1JFQ09OQ0lMRUQQARIUChBSRVNVTFRfRFVQTElDQVRFEAISFQoRUkVTVUxUX1VOUkVTRVJWRUQQA0oECAYQB1IJc3BlbmRfdXNkKkkKBVNjb3BlEhUKEVNDT1BFX1VOU1BFQ0lGSUVEEAASFgoSU0NPUEVfT1JHQU5JWkFUSU9OEAESEQoNU0NPUEVfUFJPSkVDVBACKrcCCgZSZWFzb24SFgoSUkVBU09OX1VOU1BFQ0lGSUVEEAASEgoOUkVBU09OX0FMTE9XRUQQChIYChRSRUFTT05fUFJPSkVDVF9MSU1JVBABEh0KGVJFQVNPTl9PUkdBTklaQVRJT05fTElNSVQQAhIcChhSRUFTT05fUkVRVUVTVF9UT09fTEFSR0UQAxIaChZSRUFTT05fSU5WQUxJRF9BUElfS0VZEAQSHgoaUkVBU09OX01PREVMX05PVF9BVkFJTEFCTEUQBRIWChJSRUFTT05fU1BFTkRfTElNSVQQCBIeChpSRUFTT05fU1RPUkFHRV9VTkFWQUlMQUJMRRAGEhgKFFJFQVNPTl9NT0RFTF9CTE9DS0VEEAcSHAoYUkVBU09OX1JFUVVFU1RfSURfUkVVU0VEEAlCqAEKEWNvbS5yYXRlbGltaXRkLnYxQg5SYXRlbGltaXRQcm90b1ABWkpnaXRodWIuY29tL3JhdGVsaW1pdGQvcmF0ZWxpbWl0ZC9jbGllbnRzL2dvL2dlbi9yYXRlbGltaXRkL3YxO3JhdGVsaW1pdGR2MaICA1JMWKoCDVJhdGVsaW1pdGQuVjHKAg1SYXRlbGltaXRkXFYx6gIOUmF0ZWxpbWl0ZDo6VjFiBnByb3RvMw");
+  fileDesc("Ch1yYXRlbGltaXRkL3YxL3JhdGVsaW1pdC5wcm90bxINcmF0ZWxpbWl0ZC52MSI5CgpQcm9qZWN0UmVmEhcKD29yZ2FuaXphdGlvbl9pZBgBIAEoCRISCgpwcm9qZWN0X2lkGAIgASgJIp4BCgxDaGVja1JlcXVlc3QSEQoHYXBpX2tleRgBIAEoCUgAEiwKB3Byb2plY3QYAiABKAsyGS5yYXRlbGltaXRkLnYxLlByb2plY3RSZWZIABINCgVtb2RlbBgDIAEoCRIQCghyZXF1ZXN0cxgEIAEoAxIOCgZ0b2tlbnMYBSABKAMSEgoKcmVxdWVzdF9pZBgGIAEoCUIICgZjYWxsZXIinQEKDEJ1Y2tldFN0YXR1cxIjCgVzY29wZRgBIAEoDjIULnJhdGVsaW1pdGQudjEuU2NvcGUSDgoGbWV0cmljGAIgASgJEg4KBndpbmRvdxgDIAEoCRINCgVsaW1pdBgEIAEoAxIRCglyZW1haW5pbmcYBSABKAMSFgoOcmVzZXRfYWZ0ZXJfbXMYBiABKAMSDgoGc2hhZG93GAcgASgIInUKDVNoYWRvd1JlZnVzYWwSJQoGcmVhc29uGAEgASgOMhUucmF0ZWxpbWl0ZC52MS5SZWFzb24SLAoHYmluZGluZxgCIAEoCzIbLnJhdGVsaW1pdGQudjEuQnVja2V0U3RhdHVzEg8KB21lc3NhZ2UYAyABKAki7AMKDUNoZWNrUmVzcG9uc2USDwoHYWxsb3dlZBgBIAEoCBIlCgZyZWFzb24YAiABKA4yFS5yYXRlbGltaXRkLnYxLlJlYXNvbhIPCgdtZXNzYWdlGAMgASgJEiwKB2JpbmRpbmcYBCABKAsyGy5yYXRlbGltaXRkLnYxLkJ1Y2tldFN0YXR1cxIsCgdidWNrZXRzGAUgAygLMhsucmF0ZWxpbWl0ZC52MS5CdWNrZXRTdGF0dXMSFgoOcmV0cnlfYWZ0ZXJfbXMYBiABKAMSOgoHaGVhZGVycxgHIAMoCzIpLnJhdGVsaW1pdGQudjEuQ2hlY2tSZXNwb25zZS5IZWFkZXJzRW50cnkSEgoKcmVxdWVzdF9pZBgIIAEoCRIXCg9vcmdhbml6YXRpb25faWQYCSABKAkSEgoKcHJvamVjdF9pZBgKIAEoCRIQCghyZXBsYXllZBgLIAEoCBISCgplcnJvcl9jb2RlGAwgASgFEhUKDWVycm9yX21lc3NhZ2UYDSABKAkSNAoOc2hhZG93X3JlZnVzYWwYDiABKAsyHC5yYXRlbGltaXRkLnYxLlNoYWRvd1JlZnVzYWwaLgoMSGVhZGVyc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEi7wEKElJlcG9ydFVzYWdlUmVxdWVzdBIRCgdhcGlfa2V5GAEgASgJSAASLAoHcHJvamVjdBgCIAEoCzIZLnJhdGVsaW1pdGQudjEuUHJvamVjdFJlZkgAEhIKCnJlcXVlc3RfaWQYAyABKAkSDQoFbW9kZWwYBCABKAkSFAoMaW5wdXRfdG9rZW5zGAUgASgDEhUKDW91dHB1dF90b2tlbnMYBiABKAMSFQoNY2FjaGVkX3Rva2VucxgHIAEoAxITCgtzdGF0dXNfY29kZRgIIAEoBRISCgpsYXRlbmN5X21zGAkgASgDQggKBmNhbGxlciKxAgoTUmVwb3J0VXNhZ2VSZXNwb25zZRI5CgZyZXN1bHQYASABKA4yKS5yYXRlbGltaXRkLnYxLlJlcG9ydFVzYWdlUmVzcG9uc2UuUmVzdWx0EhIKCnByb2plY3RfaWQYAiABKAkSDQoFbW9kZWwYAyABKAkSFgoOY291bnRlZF90b2tlbnMYBCABKAMSEwoLdG9rZW5fZGVsdGEYBSABKAMSGAoQc3BlbmRfdXNkX21pY3JvcxgHIAEoAyJkCgZSZXN1bHQSFgoSUkVTVUxUX1VOU1BFQ0lGSUVEEAASFQoRUkVTVUxUX1JFQ09OQ0lMRUQQARIUChBSRVNVTFRfRFVQTElDQVRFEAISFQoRUkVTVUxUX1VOUkVTRVJWRUQQA0oECAYQB1IJc3BlbmRfdXNkKkkKBVNjb3BlEhUKEVNDT1BFX1VOU1BFQ0lGSUVEEAASFgoSU0NPUEVfT1JHQU5JWkFUSU9OEAESEQoNU0NPUEVfUFJPSkVDVBACKrcCCgZSZWFzb24SFgoSUkVBU09OX1VOU1BFQ0lGSUVEEAASEgoOUkVBU09OX0FMTE9XRUQQChIYChRSRUFTT05fUFJPSkVDVF9MSU1JVBABEh0KGVJFQVNPTl9PUkdBTklaQVRJT05fTElNSVQQAhIcChhSRUFTT05fUkVRVUVTVF9UT09fTEFSR0UQAxIaChZSRUFTT05fSU5WQUxJRF9BUElfS0VZEAQSHgoaUkVBU09OX01PREVMX05PVF9BVkFJTEFCTEUQBRIWChJSRUFTT05fU1BFTkRfTElNSVQQCBIeChpSRUFTT05fU1RPUkFHRV9VTkFWQUlMQUJMRRAGEhgKFFJFQVNPTl9NT0RFTF9CTE9DS0VEEAcSHAoYUkVBU09OX1JFUVVFU1RfSURfUkVVU0VEEAlCqAEKEWNvbS5yYXRlbGltaXRkLnYxQg5SYXRlbGltaXRQcm90b1ABWkpnaXRodWIuY29tL3JhdGVsaW1pdGQvcmF0ZWxpbWl0ZC9jbGllbnRzL2dvL2dlbi9yYXRlbGltaXRkL3YxO3JhdGVsaW1pdGR2MaICA1JMWKoCDVJhdGVsaW1pdGQuVjHKAg1SYXRlbGltaXRkXFYx6gIOUmF0ZWxpbWl0ZDo6VjFiBnByb3RvMw");
 
 /**
  * Identifies a project without an API key. Only trusted callers (the
@@ -162,6 +162,13 @@ export type BucketStatus = Message<"ratelimitd.v1.BucketStatus"> & {
    * @generated from field: int64 reset_after_ms = 6;
    */
   resetAfterMs: bigint;
+
+  /**
+   * The bucket's limit is a shadow limit: evaluated and counted, never refusing.
+   *
+   * @generated from field: bool shadow = 7;
+   */
+  shadow: boolean;
 };
 
 /**
@@ -170,6 +177,42 @@ export type BucketStatus = Message<"ratelimitd.v1.BucketStatus"> & {
  */
 export const BucketStatusSchema: GenMessage<BucketStatus> = /*@__PURE__*/
   messageDesc(file_ratelimitd_v1_ratelimit, 2);
+
+/**
+ * What a shadow limit would have answered to a request it did not refuse
+ * (docs/operations.md "Shadow mode").
+ *
+ * @generated from message ratelimitd.v1.ShadowRefusal
+ */
+export type ShadowRefusal = Message<"ratelimitd.v1.ShadowRefusal"> & {
+  /**
+   * REASON_PROJECT_LIMIT, REASON_ORGANIZATION_LIMIT or REASON_REQUEST_TOO_LARGE.
+   *
+   * @generated from field: ratelimitd.v1.Reason reason = 1;
+   */
+  reason: Reason;
+
+  /**
+   * The shadow bucket that would have refused.
+   *
+   * @generated from field: ratelimitd.v1.BucketStatus binding = 2;
+   */
+  binding?: BucketStatus;
+
+  /**
+   * The refusal message an end user would have read.
+   *
+   * @generated from field: string message = 3;
+   */
+  message: string;
+};
+
+/**
+ * Describes the message ratelimitd.v1.ShadowRefusal.
+ * Use `create(ShadowRefusalSchema)` to create a new message.
+ */
+export const ShadowRefusalSchema: GenMessage<ShadowRefusal> = /*@__PURE__*/
+  messageDesc(file_ratelimitd_v1_ratelimit, 3);
 
 /**
  * @generated from message ratelimitd.v1.CheckResponse
@@ -260,6 +303,14 @@ export type CheckResponse = Message<"ratelimitd.v1.CheckResponse"> & {
    * @generated from field: string error_message = 13;
    */
   errorMessage: string;
+
+  /**
+   * Set when the request was allowed but a shadow limit would have refused it
+   * (the request was admitted and charged to the enforcing limits).
+   *
+   * @generated from field: ratelimitd.v1.ShadowRefusal shadow_refusal = 14;
+   */
+  shadowRefusal?: ShadowRefusal;
 };
 
 /**
@@ -267,7 +318,7 @@ export type CheckResponse = Message<"ratelimitd.v1.CheckResponse"> & {
  * Use `create(CheckResponseSchema)` to create a new message.
  */
 export const CheckResponseSchema: GenMessage<CheckResponse> = /*@__PURE__*/
-  messageDesc(file_ratelimitd_v1_ratelimit, 3);
+  messageDesc(file_ratelimitd_v1_ratelimit, 4);
 
 /**
  * @generated from message ratelimitd.v1.ReportUsageRequest
@@ -341,7 +392,7 @@ export type ReportUsageRequest = Message<"ratelimitd.v1.ReportUsageRequest"> & {
  * Use `create(ReportUsageRequestSchema)` to create a new message.
  */
 export const ReportUsageRequestSchema: GenMessage<ReportUsageRequest> = /*@__PURE__*/
-  messageDesc(file_ratelimitd_v1_ratelimit, 4);
+  messageDesc(file_ratelimitd_v1_ratelimit, 5);
 
 /**
  * @generated from message ratelimitd.v1.ReportUsageResponse
@@ -390,7 +441,7 @@ export type ReportUsageResponse = Message<"ratelimitd.v1.ReportUsageResponse"> &
  * Use `create(ReportUsageResponseSchema)` to create a new message.
  */
 export const ReportUsageResponseSchema: GenMessage<ReportUsageResponse> = /*@__PURE__*/
-  messageDesc(file_ratelimitd_v1_ratelimit, 5);
+  messageDesc(file_ratelimitd_v1_ratelimit, 6);
 
 /**
  * @generated from enum ratelimitd.v1.ReportUsageResponse.Result
@@ -427,7 +478,7 @@ export enum ReportUsageResponse_Result {
  * Describes the enum ratelimitd.v1.ReportUsageResponse.Result.
  */
 export const ReportUsageResponse_ResultSchema: GenEnum<ReportUsageResponse_Result> = /*@__PURE__*/
-  enumDesc(file_ratelimitd_v1_ratelimit, 5, 0);
+  enumDesc(file_ratelimitd_v1_ratelimit, 6, 0);
 
 /**
  * @generated from enum ratelimitd.v1.Scope
