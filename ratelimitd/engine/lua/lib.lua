@@ -103,9 +103,6 @@ set_project_limits.lua checks a project limit against rl_org_limits; decide.lua
 and report.lua apply what rl_config_resolve makes of both. Neither function
 reads an RL_* setting, so set_project_limits.lua gets this library without them. ]]
 
--- The organization's limits of a model, one per dimension name in dims (nil for
--- none): the model's own entries when it has any, else the "*" entries; and
--- whether there is any (else the model is not available).
 -- A stored limit value: "<limit>", or "<limit>s" for a shadow limit (evaluated and
 -- counted, never refusing: docs/operations.md "Shadow mode"). Returns the limit
 -- and whether it is a shadow limit.
@@ -115,17 +112,24 @@ local function rl_limit_value(raw)
   return tonumber(string.sub(raw, 1, -2)), true
 end
 
--- The organization's limits of a model, one per dimension name in dims (nil for
--- none): the model's own entries when it has any, else the "*" entries; whether
--- there is any (else the model is not available); and which are shadow limits
--- (shadow[i] true).
-local function rl_org_limits(key, model, dims)
+-- A limit hash's entries of a model, in one HMGET: per dimension name in dims the
+-- model's own entry ([i]), then every "*" entry ([n + i]); nil where there is none.
+local function rl_limit_entries(key, model, dims)
   local n, fields = #dims, {}
   for i = 1, n do
     fields[i] = model .. "|" .. dims[i]
     fields[n + i] = "*|" .. dims[i]
   end
-  local v = redis.call("HMGET", key, unpack(fields))
+  return redis.call("HMGET", key, unpack(fields))
+end
+
+-- The organization's limits of a model, one per dimension name in dims (nil for
+-- none): the model's own entries when it has any, else the "*" entries; whether
+-- there is any (else the model is not available); and which are shadow limits
+-- (shadow[i] true).
+local function rl_org_limits(key, model, dims)
+  local n = #dims
+  local v = rl_limit_entries(key, model, dims)
   local offset = n
   for i = 1, n do
     if v[i] then offset = 0 break end
@@ -142,12 +146,8 @@ end
 -- none, where it inherits): per dimension the model's entry, else its "*" entry;
 -- and which are shadow limits.
 local function rl_project_limits(key, model, dims)
-  local n, fields = #dims, {}
-  for i = 1, n do
-    fields[i] = model .. "|" .. dims[i]
-    fields[n + i] = "*|" .. dims[i]
-  end
-  local v = redis.call("HMGET", key, unpack(fields))
+  local n = #dims
+  local v = rl_limit_entries(key, model, dims)
   local limits, shadow = {}, {}
   for i = 1, n do
     local x = v[i] or v[n + i]
