@@ -27,6 +27,7 @@ from ratelimitd.api.health import StorageHealth
 from ratelimitd.api.metrics import Metrics
 from ratelimitd.api.usage import UsageServicer
 from ratelimitd.api.wire import Guard
+from ratelimitd.console import server as console
 from ratelimitd.engine.audit import Audit
 from ratelimitd.engine.clock import manual_clock, server_time
 from ratelimitd.engine.control import ControlPlane
@@ -38,6 +39,7 @@ from ratelimitd.engine.members import Members
 from ratelimitd.engine.permissions import ModelPermissions
 from ratelimitd.engine.rollup import UsageRollup
 from ratelimitd.engine.scripts import Scripts
+from ratelimitd.engine.sessions import Sessions
 from ratelimitd.engine.usage import Usage
 from ratelimitd.http.server import HttpServer
 from ratelimitd.settings import Settings
@@ -117,14 +119,17 @@ class App:
         dims = Dimensions(s.windows)
         audit = Audit(self.redis, s.audit_max_events)
         self.control = ControlPlane(self.redis, scripts, dims, audit)
-        self.credentials = Credentials(self.redis, audit)
+        clock = manual_clock(self.redis) if s.manual_clock else server_time
+        sessions = Sessions(self.redis, s.console_session_ttl_s, clock)
+        self.credentials = Credentials(self.redis, audit, sessions=sessions)
+        if self.http is not None and s.console:
+            self.http.mounts.append(console.mount(self.credentials, sessions))
         management = Management(
             self.control,
             self.credentials,
             Members(self.redis, self.control, self.credentials, audit),
             ModelPermissions(self.redis, self.control, audit),
         )
-        clock = manual_clock(self.redis) if s.manual_clock else server_time
         self.decider = Decider(self.pipeline, scripts, dims, s.retention, clock=clock)
         self.usage = Usage(self.redis, self.pipeline, scripts, dims, self.control, s.retention, clock=clock)
         self.rollup = UsageRollup(self.redis, scripts, dims, s.retention, clock=clock)

@@ -64,6 +64,12 @@ HEALTH_PROBE = "rl:health"
 PLATFORM_AUDIT = "rl:{rl:creds}:audit"
 
 
+def console_session(session_digest: str) -> str:
+    """A console session (sessions.py), by the sha256 of its id: a copy of the database
+    holds nothing a browser could present. Outside every organization, like CREDENTIALS."""
+    return "rl:session:" + session_digest
+
+
 def org_prefix(org_id: str) -> str:
     return f"rl:{{{org_id}}}:"
 

@@ -1,0 +1,75 @@
+// Stacked bar charts in SVG, drawn here (no library, nothing from elsewhere). Each chart says
+// its totals in its accessible name, and each bar its values in a tooltip.
+
+import { count } from "./format.js";
+
+const NS = "http://www.w3.org/2000/svg";
+const W = 720;
+const H = 220;
+const PAD = { left: 52, right: 12, top: 12, bottom: 28 };
+
+function svg(tag, attrs = {}, text) {
+  const el = document.createElementNS(NS, tag);
+  for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, String(v));
+  if (text !== undefined) el.textContent = text;
+  return el;
+}
+
+// buckets: [{ start: ms, values: { series name: number } }]; series: [{ name, cls }];
+// label(ms) names a bucket on the axis.
+export function stackedBars({ title, buckets, series, label, id }) {
+  const totals = Object.fromEntries(series.map((s) => [s.name, 0]));
+  let top = 0;
+  for (const b of buckets) {
+    let sum = 0;
+    for (const s of series) { const v = Number(b.values[s.name] || 0); totals[s.name] += v; sum += v; }
+    top = Math.max(top, sum);
+  }
+  top = top || 1;
+  const summary = series.map((s) => `${count(totals[s.name])} ${s.name}`).join(", ");
+  const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": `${title}: ${summary}`, class: "chart" });
+  chart.dataset.totals = JSON.stringify(totals);
+  if (id) chart.id = id;
+  const plotW = W - PAD.left - PAD.right;
+  const plotH = H - PAD.top - PAD.bottom;
+  for (const f of [0, 0.5, 1]) {
+    const y = PAD.top + plotH * (1 - f);
+    chart.append(svg("line", { x1: PAD.left, x2: W - PAD.right, y1: y, y2: y, class: "grid" }));
+    chart.append(svg("text", { x: PAD.left - 6, y: y + 4, "text-anchor": "end", class: "axis" }, count(Math.round(top * f))));
+  }
+  const step = plotW / Math.max(buckets.length, 1);
+  const barW = Math.max(step * 0.8, 1);
+  const every = Math.ceil(buckets.length / 8);
+  buckets.forEach((b, i) => {
+    const x = PAD.left + i * step + (step - barW) / 2;
+    let y = PAD.top + plotH;
+    const g = svg("g", { class: "bar" });
+    const tip = series.map((s) => `${count(b.values[s.name] || 0)} ${s.name}`).join(", ");
+    g.append(svg("title", {}, `${label(b.start)}: ${tip}`));
+    for (const s of series) {
+      const v = Number(b.values[s.name] || 0);
+      if (!v) continue;
+      const hgt = (v / top) * plotH;
+      y -= hgt;
+      g.append(svg("rect", { x, y, width: barW, height: hgt, class: s.cls }));
+    }
+    chart.append(g);
+    if (i % every === 0) {
+      chart.append(svg("text", { x: x + barW / 2, y: H - 8, "text-anchor": "middle", class: "axis" }, label(b.start)));
+    }
+  });
+  const legend = document.createElement("ul");
+  legend.className = "legend";
+  for (const s of series) {
+    const li = document.createElement("li");
+    const swatch = document.createElement("span");
+    swatch.className = `swatch ${s.cls}`;
+    li.append(swatch, `${s.name}: ${count(totals[s.name])}`);
+    legend.append(li);
+  }
+  const figure = document.createElement("figure");
+  const caption = document.createElement("figcaption");
+  caption.textContent = title;
+  figure.append(caption, chart, legend);
+  return figure;
+}

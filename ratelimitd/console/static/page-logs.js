@@ -1,0 +1,34 @@
+// Logs: the project's request log, filtered by model, key and outcome.
+
+import { call } from "./api.js";
+import { h, field, select, table } from "./dom.js";
+import { count, when } from "./format.js";
+
+const filters = { model: "", apiKeyId: "", outcome: "OUTCOME_ANY" };
+
+export async function logsPage(ctx) {
+  if (!ctx.project) return h("p", {}, "Choose or create a project first.");
+  const entries = (await call("UsageService", "ListRequestLogs", {
+    organizationId: ctx.org, projectId: ctx.project, limit: 200, ...filters })).entries || [];
+  const [modelField, model] = field("Model", { value: filters.model, name: "model" });
+  const [keyField, key] = field("API key id", { value: filters.apiKeyId, name: "key" });
+  const [outcomeField, outcome] = select("Outcome",
+    [["OUTCOME_ANY", "Any"], ["OUTCOME_ALLOWED", "Admitted"], ["OUTCOME_REFUSED", "Refused"]], filters.outcome);
+  const form = h("form", { class: "inline-form", "aria-label": "Filter the request log" },
+    modelField, keyField, outcomeField, h("button", { type: "submit" }, "Filter"));
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    Object.assign(filters, { model: model.value.trim(), apiKeyId: key.value.trim(), outcome: outcome.value });
+    window.dispatchEvent(new HashChangeEvent("hashchange"));
+  });
+  const rows = entries.map((e) => [
+    when(e.timeMs), h("code", {}, e.model), h("code", {}, e.apiKeyId || "—"),
+    e.allowed ? h("span", { class: "badge ok" }, "admitted") : h("span", { class: "badge bad" }, (e.reason || "refused").replace("REASON_", "").toLowerCase()),
+    count(e.requestedTokens), `${count(e.inputTokens)} / ${count(e.outputTokens)}`,
+    Number(e.statusCode) ? String(e.statusCode) : "—", Number(e.statusCode) ? `${e.latencyMs} ms` : "—",
+    h("code", { class: "muted" }, e.requestId || "—"),
+  ]);
+  return [form, table("Request log, newest first",
+    ["Time", "Model", "Key", "Outcome", "Reserved tokens", "Input / output", "Status", "Latency", "Request id"],
+    rows, "No requests match.")];
+}
