@@ -45,6 +45,7 @@ function context() {
     canGovern: operator || WRITERS.has(role),
     projectName: (id) => (state.projects.find((p) => p.id === id) || { name: id || "—" }).name,
     reloadProjects: async () => { await loadProjects(); renderHeader(); },
+    chooseProject: async (id) => { state.project = id; await loadProjects(); renderHeader(); },
   };
 }
 

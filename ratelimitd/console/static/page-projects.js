@@ -31,8 +31,7 @@ function createForm(ctx, status) {
     event.preventDefault();
     try {
       const p = await call("ProjectService", "CreateProject", { organizationId: ctx.org, name: nameInput.value });
-      localStorage.setItem("rl.project", p.id);
-      await ctx.reloadProjects();
+      await ctx.chooseProject(p.id);
       window.dispatchEvent(new HashChangeEvent("hashchange"));
     } catch (e) {
       status.replaceChildren(errorBox(e));
