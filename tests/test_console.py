@@ -16,8 +16,9 @@ import pytest
 import redis
 
 from ratelimitd.v1 import admin_pb2 as apb
-from ratelimitd.v1 import admin_pb2_grpc, ratelimit_pb2_grpc
+from ratelimitd.v1 import admin_pb2_grpc, ratelimit_pb2_grpc, usage_pb2_grpc
 from ratelimitd.v1 import ratelimit_pb2 as pb
+from ratelimitd.v1 import usage_pb2 as upb
 from tests.conftest import AUTH, OPERATOR_TOKEN
 from tests.servers import RatelimitdProcess, ValkeyProcess, free_port
 
@@ -62,6 +63,9 @@ def _seed(address: str) -> tuple[str, str, str]:
             ),
             metadata=AUTH,
         )
+        # prices high enough that a few test requests cost whole cents
+        price = upb.Price(organization_id=org, model=M, input_per_million=10_000, output_per_million=20_000)
+        usage_pb2_grpc.UsageServiceStub(channel).SetPrice(upb.SetPriceRequest(price=price), metadata=AUTH)
         projects = admin_pb2_grpc.ProjectServiceStub(channel)
         projects.CreateProject(apb.CreateProjectRequest(organization_id=org, name="seeded"), metadata=AUTH)
         members = admin_pb2_grpc.MemberServiceStub(channel)
@@ -210,6 +214,11 @@ def test_owner_creates_a_project_sets_limits_makes_a_key_and_sees_its_traffic(pa
     expect(p.locator("tbody tr")).to_have_count(3)  # type: ignore[attr-defined]
     visit(p, live, "metrics", "metrics")
     expect(p.get_by_role("row", name=re.compile(M))).to_contain_text("150 ms")  # type: ignore[attr-defined]
+    visit(p, live, "spend")
+    spend_row = p.get_by_role("table", name="Spend per project", exact=True).get_by_role(
+        "row", name=re.compile("^console-demo")
+    )  # type: ignore[attr-defined]
+    expect(spend_row).to_contain_text("$2.46")
     for name in ("projects", "spend", "members", "audit"):
         visit(p, live, name, name)
 

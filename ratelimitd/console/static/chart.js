@@ -6,13 +6,20 @@ import { count } from "./format.js";
 const NS = "http://www.w3.org/2000/svg";
 const W = 720;
 const H = 220;
-const PAD = { left: 52, right: 12, top: 12, bottom: 28 };
+const PAD = { left: 52, right: 12, top: 12, bottom: 36 };
 
 function svg(tag, attrs = {}, text) {
   const el = document.createElementNS(NS, tag);
   for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, String(v));
   if (text !== undefined) el.textContent = text;
   return el;
+}
+
+// The smallest of 2, 4, 5 or 10 times a power of ten at or above n: the axis's middle line is a round number.
+function niceCeiling(n) {
+  if (n <= 2) return 2;
+  const power = 10 ** Math.floor(Math.log10(n));
+  return [1, 2, 4, 5, 10].map((f) => f * power).find((c) => c >= n);
 }
 
 // buckets: [{ start: ms, values: { series name: number } }]; series: [{ name, cls }];
@@ -25,7 +32,7 @@ export function stackedBars({ title, buckets, series, label, id }) {
     for (const s of series) { const v = Number(b.values[s.name] || 0); totals[s.name] += v; sum += v; }
     top = Math.max(top, sum);
   }
-  top = top || 1;
+  top = niceCeiling(top);
   const summary = series.map((s) => `${count(totals[s.name])} ${s.name}`).join(", ");
   const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": `${title}: ${summary}`, class: "chart" });
   chart.dataset.totals = JSON.stringify(totals);
@@ -55,7 +62,7 @@ export function stackedBars({ title, buckets, series, label, id }) {
     }
     chart.append(g);
     if (i % every === 0) {
-      chart.append(svg("text", { x: x + barW / 2, y: H - 8, "text-anchor": "middle", class: "axis" }, label(b.start)));
+      chart.append(svg("text", { x: x + barW / 2, y: H - 8, "text-anchor": "middle", class: (i / every) % 2 ? "axis x minor" : "axis x" }, label(b.start)));
     }
   });
   const legend = document.createElement("ul");

@@ -3,13 +3,16 @@
 import { call } from "./api.js";
 import { h, field, select, table } from "./dom.js";
 import { count, when } from "./format.js";
+import { keyNames } from "./page-usage.js";
 
 const filters = { model: "", apiKeyId: "", outcome: "OUTCOME_ANY" };
 
 export async function logsPage(ctx) {
   if (!ctx.project) return h("p", {}, "Choose or create a project first.");
-  const entries = (await call("UsageService", "ListRequestLogs", {
-    organizationId: ctx.org, projectId: ctx.project, limit: 200, ...filters })).entries || [];
+  const [reply, keys] = await Promise.all([
+    call("UsageService", "ListRequestLogs", { organizationId: ctx.org, projectId: ctx.project, limit: 200, ...filters }),
+    keyNames(ctx)]);
+  const entries = reply.entries || [];
   const [modelField, model] = field("Model", { value: filters.model, name: "model" });
   const [keyField, key] = field("API key id", { value: filters.apiKeyId, name: "key" });
   const [outcomeField, outcome] = select("Outcome",
@@ -22,13 +25,13 @@ export async function logsPage(ctx) {
     window.dispatchEvent(new HashChangeEvent("hashchange"));
   });
   const rows = entries.map((e) => [
-    when(e.timeMs), h("code", {}, e.model), h("code", {}, e.apiKeyId || "—"),
+    when(e.timeMs), h("code", {}, e.model), keys.get(e.apiKeyId) || h("code", {}, e.apiKeyId || "—"),
     e.allowed ? h("span", { class: "badge ok" }, "admitted") : h("span", { class: "badge bad" }, (e.reason || "refused").replace("REASON_", "").toLowerCase()),
-    count(e.requestedTokens), `${count(e.inputTokens)} / ${count(e.outputTokens)}`,
+    `${count(e.inputTokens)} / ${count(e.outputTokens)}`,
     Number(e.statusCode) ? String(e.statusCode) : "—", Number(e.statusCode) ? `${e.latencyMs} ms` : "—",
     h("code", { class: "muted" }, e.requestId || "—"),
   ]);
   return [form, table("Request log, newest first",
-    ["Time", "Model", "Key", "Outcome", "Reserved tokens", "Input / output", "Status", "Latency", "Request id"],
+    ["Time", "Model", "Key", "Outcome", "Input / output tokens", "Status", "Latency", "Request id"],
     rows, "No requests match.")];
 }

@@ -37,7 +37,10 @@ export async function spendPage(ctx) {
     perModel.set(k, (perModel.get(k) || 0) + Number(r.spendUsd));
   }
   const status = h("div", { "aria-live": "polite" });
-  const lines = [spend.organization, ...(spend.projects || [])].filter(Boolean);
+  // every project, so an Owner can set a limit before the first dollar is spent
+  const spent = new Map((spend.projects || []).map((line) => [line.projectId, line]));
+  const lines = [spend.organization || { spendUsd: 0 },
+    ...ctx.projects.map((p) => spent.get(p.id) || { projectId: p.id, spendUsd: 0 })];
   const projectRows = lines.map((line) => [
     line.projectId ? ctx.projectName(line.projectId) : h("strong", {}, "Organization"),
     money(line.spendUsd),

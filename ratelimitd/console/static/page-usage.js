@@ -12,6 +12,12 @@ const RANGES = {
   month: { title: "Last 30 days", span: 30 * 86_400_000, step: 86_400_000, granularity: "GRANULARITY_DAY", label: dayOf },
 };
 
+// key id -> "name (prefix…)", so a chart's reader recognises the key
+export async function keyNames(ctx) {
+  const keys = (await call("ProjectService", "ListApiKeys", { organizationId: ctx.org, projectId: ctx.project })).keys || [];
+  return new Map(keys.map((k) => [k.id, `${k.name} (${k.prefix}…)`]));
+}
+
 const refused = (r) => Object.values(r.refusals || {}).reduce((a, b) => a + Number(b), 0);
 
 function rangePicker() {
@@ -61,8 +67,9 @@ function totalsBy(rows, keyOf) {
 export async function usagePage(ctx) {
   if (!ctx.project) return h("p", {}, "Choose or create a project first.");
   const [picker, range] = rangePicker();
-  const [overall, byModel, byKey] = await Promise.all([
-    usage(ctx, range, []), usage(ctx, range, ["GROUP_BY_MODEL"]), usage(ctx, range, ["GROUP_BY_API_KEY"])]);
+  const [overall, byModel, byKey, keys] = await Promise.all([
+    usage(ctx, range, []), usage(ctx, range, ["GROUP_BY_MODEL"]), usage(ctx, range, ["GROUP_BY_API_KEY"]),
+    keyNames(ctx)]);
   const reasons = {};
   for (const r of overall) for (const [k, v] of Object.entries(r.refusals || {})) reasons[k] = (reasons[k] || 0) + Number(v);
   const heads = ["Requests", "Refused", "Input tokens", "Output tokens", "Cached tokens", "Spend"];
@@ -83,7 +90,7 @@ export async function usagePage(ctx) {
       Object.entries(reasons).map(([k, v]) => [h("code", {}, k.replace("REASON_", "").toLowerCase()), count(v)]),
       "No refusals in this range."),
     table("By model", ["Model", ...heads], totalsBy(byModel, (r) => r.model), "No traffic in this range."),
-    table("By API key", ["Key", ...heads], totalsBy(byKey, (r) => r.apiKeyId), "No traffic in this range."),
+    table("By API key", ["Key", ...heads], totalsBy(byKey, (r) => keys.get(r.apiKeyId) || r.apiKeyId), "No traffic in this range."),
   ];
 }
 
