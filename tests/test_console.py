@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
@@ -22,6 +23,9 @@ from ratelimitd.v1 import usage_pb2 as upb
 from tests.conftest import AUTH, OPERATOR_TOKEN
 from tests.servers import RatelimitdProcess, ValkeyProcess, free_port
 
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Page, ViewportSize
+
 CHROMIUM = Path(os.environ.get("RATELIMITD_CHROMIUM", "/usr/lib/chromium/chromium"))
 playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extra")
 if not CHROMIUM.exists():
@@ -32,8 +36,8 @@ expect.set_options(timeout=20_000)  # a hang guard on a shared machine, not a ti
 
 M = "llama-3.1-8b-instant"
 ORG_REQUESTS_PER_MINUTE = 100
-DESKTOP = {"width": 1280, "height": 800}
-PHONE = {"width": 390, "height": 844}
+DESKTOP: ViewportSize = {"width": 1280, "height": 800}
+PHONE: ViewportSize = {"width": 390, "height": 844}
 ZONE = "America/New_York"
 PAGES = ("projects", "limits", "keys", "usage", "metrics", "spend", "logs", "members", "audit")
 WRITE_CONTROL = re.compile(r"^(Create|Save|Delete|Rename|Revoke|Add member|Remove|Inherit)")
@@ -100,7 +104,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
 
 
 @pytest.fixture(scope="module")
-def chromium() -> Iterator[object]:
+def chromium() -> Iterator[Browser]:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True)
         yield browser
@@ -108,30 +112,30 @@ def chromium() -> Iterator[object]:
 
 
 @pytest.fixture
-def page(chromium: object) -> Iterator[object]:
-    context = chromium.new_context(viewport=DESKTOP, timezone_id=ZONE)  # type: ignore[attr-defined]
+def page(chromium: Browser) -> Iterator[Page]:
+    context = chromium.new_context(viewport=DESKTOP, timezone_id=ZONE)
     context.set_default_timeout(20_000)
     yield context.new_page()
     context.close()
 
 
-def sign_in(page: object, live: Live, token: str) -> None:
-    page.goto(live.base)  # type: ignore[attr-defined]
-    page.get_by_label("Credential").fill(token)  # type: ignore[attr-defined]
-    page.get_by_role("button", name="Sign in").click()  # type: ignore[attr-defined]
-    expect(page.get_by_role("navigation", name="Console pages")).to_be_visible()  # type: ignore[attr-defined]
+def sign_in(page: Page, live: Live, token: str) -> None:
+    page.goto(live.base)
+    page.get_by_label("Credential").fill(token)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("navigation", name="Console pages")).to_be_visible()
 
 
-def visit(page: object, live: Live, name: str, shot: str | None = None) -> None:
+def visit(page: Page, live: Live, name: str, shot: str | None = None) -> None:
     target = f"{live.base}#/{name}"
-    if page.url == target:  # type: ignore[attr-defined]
-        page.reload()  # type: ignore[attr-defined]
+    if page.url == target:
+        page.reload()
     else:
-        page.goto(target)  # type: ignore[attr-defined]
-    expect(page.locator("main .page")).not_to_contain_text("Loading")  # type: ignore[attr-defined]
-    expect(page.locator("main h1")).to_be_visible()  # type: ignore[attr-defined]
+        page.goto(target)
+    expect(page.locator("main .page")).not_to_contain_text("Loading")
+    expect(page.locator("main h1")).to_be_visible()
     if shot:
-        page.screenshot(path=str(live.shots / f"{shot}.png"), full_page=True)  # type: ignore[attr-defined]
+        page.screenshot(path=str(live.shots / f"{shot}.png"), full_page=True)
 
 
 def send_traffic(live: Live, secret: str, n: int) -> None:
@@ -160,103 +164,103 @@ def project_limit(live: Live, project_name: str) -> int | None:
         return custom[0] if custom else None
 
 
-def test_owner_creates_a_project_sets_limits_makes_a_key_and_sees_its_traffic(page: object, live: Live) -> None:
+def test_owner_creates_a_project_sets_limits_makes_a_key_and_sees_its_traffic(page: Page, live: Live) -> None:
     p = page
     sign_in(p, live, live.owner_token)
     visit(p, live, "projects")
-    p.get_by_label("New project name").fill("console-demo")  # type: ignore[attr-defined]
-    p.get_by_role("button", name="Create project").click()  # type: ignore[attr-defined]
-    expect(p.get_by_role("cell", name=re.compile("^console-demo proj_"))).to_be_visible()  # type: ignore[attr-defined]
-    expect(p.get_by_label("Project", exact=True).locator("option:checked")).to_have_text("console-demo")  # type: ignore[attr-defined]
+    p.get_by_label("New project name").fill("console-demo")
+    p.get_by_role("button", name="Create project").click()
+    expect(p.get_by_role("cell", name=re.compile("^console-demo proj_"))).to_be_visible()
+    expect(p.get_by_label("Project", exact=True).locator("option:checked")).to_have_text("console-demo")
 
     # a limit above the organization's: the server's error, naming both numbers, in the row
     visit(p, live, "limits")
-    limit = p.get_by_label(f"Project limit for {M} requests per minute")  # type: ignore[attr-defined]
+    limit = p.get_by_label(f"Project limit for {M} requests per minute")
     limit.fill("1000")
-    row = p.locator("form", has=limit)  # type: ignore[attr-defined]
+    row = p.locator("form", has=limit)
     row.get_by_role("button", name="Save").click()
     alert = row.get_by_role("alert")
     expect(alert).to_contain_text("1000")
     expect(alert).to_contain_text(str(ORG_REQUESTS_PER_MINUTE))
-    p.screenshot(path=str(live.shots / "limits-error.png"), full_page=True)  # type: ignore[attr-defined]
+    p.screenshot(path=str(live.shots / "limits-error.png"), full_page=True)
     assert project_limit(live, "console-demo") is None
     limit.fill("50")
     row.get_by_role("button", name="Save").click()
-    expect(p.get_by_label(f"Project limit for {M} requests per minute")).to_have_value("50")  # type: ignore[attr-defined]
-    expect(p.get_by_role("alert")).to_have_count(0)  # type: ignore[attr-defined]
+    expect(p.get_by_label(f"Project limit for {M} requests per minute")).to_have_value("50")
+    expect(p.get_by_role("alert")).to_have_count(0)
     assert project_limit(live, "console-demo") == 50
     visit(p, live, "limits", "limits")
 
     # a key: the secret once, with a copy button and a warning; then only its prefix
     visit(p, live, "keys")
-    p.get_by_label("New key name").fill("demo-key")  # type: ignore[attr-defined]
-    p.get_by_role("button", name="Create key").click()  # type: ignore[attr-defined]
-    secret_box = p.get_by_label("The new key's secret")  # type: ignore[attr-defined]
+    p.get_by_label("New key name").fill("demo-key")
+    p.get_by_role("button", name="Create key").click()
+    secret_box = p.get_by_label("The new key's secret")
     expect(secret_box).to_be_visible()
     secret = secret_box.input_value()
     assert len(secret) > 20
-    expect(p.get_by_text("only time it is shown")).to_be_visible()  # type: ignore[attr-defined]
-    expect(p.get_by_role("button", name="Copy")).to_be_visible()  # type: ignore[attr-defined]
-    p.screenshot(path=str(live.shots / "keys-secret-once.png"), full_page=True)  # type: ignore[attr-defined]
+    expect(p.get_by_text("only time it is shown")).to_be_visible()
+    expect(p.get_by_role("button", name="Copy")).to_be_visible()
+    p.screenshot(path=str(live.shots / "keys-secret-once.png"), full_page=True)
     visit(p, live, "keys", "keys")
-    expect(p.get_by_label("The new key's secret")).to_have_count(0)  # type: ignore[attr-defined]
-    assert secret not in p.content()  # type: ignore[attr-defined]
-    expect(p.get_by_role("cell", name="demo-key", exact=True)).to_be_visible()  # type: ignore[attr-defined]
+    expect(p.get_by_label("The new key's secret")).to_have_count(0)
+    assert secret not in p.content()
+    expect(p.get_by_role("cell", name="demo-key", exact=True)).to_be_visible()
 
     # traffic shows in the usage chart, the log and the metrics
     send_traffic(live, secret, 3)
     visit(p, live, "usage", "usage")
-    chart = p.locator("#requests-chart")  # type: ignore[attr-defined]
+    chart = p.locator("#requests-chart")
     expect(chart).to_have_attribute("aria-label", re.compile(r"Requests: 3 admitted, 0 refused"))
-    expect(p.locator("#tokens-chart")).to_have_attribute("aria-label", re.compile(r"120 input"))  # type: ignore[attr-defined]
-    expect(p.get_by_text(f"times in {ZONE}")).to_be_visible()  # type: ignore[attr-defined]
+    expect(p.locator("#tokens-chart")).to_have_attribute("aria-label", re.compile(r"120 input"))
+    expect(p.get_by_text(f"times in {ZONE}")).to_be_visible()
     visit(p, live, "logs", "logs")
-    expect(p.locator("tbody tr")).to_have_count(3)  # type: ignore[attr-defined]
+    expect(p.locator("tbody tr")).to_have_count(3)
     visit(p, live, "metrics", "metrics")
-    expect(p.get_by_role("row", name=re.compile(M))).to_contain_text("150 ms")  # type: ignore[attr-defined]
+    expect(p.get_by_role("row", name=re.compile(M))).to_contain_text("150 ms")
     visit(p, live, "spend")
     spend_row = p.get_by_role("table", name="Spend per project", exact=True).get_by_role(
         "row", name=re.compile("^console-demo")
-    )  # type: ignore[attr-defined]
+    )
     expect(spend_row).to_contain_text("$2.46")
     for name in ("projects", "spend", "members", "audit"):
         visit(p, live, name, name)
 
 
-def test_a_reader_finds_no_write_control_on_any_page(page: object, live: Live) -> None:
+def test_a_reader_finds_no_write_control_on_any_page(page: Page, live: Live) -> None:
     p = page
     # by keyboard alone: the credential field has the focus, Enter submits
-    p.goto(live.base)  # type: ignore[attr-defined]
-    expect(p.get_by_label("Credential")).to_be_focused()  # type: ignore[attr-defined]
-    p.keyboard.type(live.reader_token)  # type: ignore[attr-defined]
-    p.keyboard.press("Enter")  # type: ignore[attr-defined]
-    expect(p.locator("#role")).to_have_text("reader")  # type: ignore[attr-defined]
+    p.goto(live.base)
+    expect(p.get_by_label("Credential")).to_be_focused()
+    p.keyboard.type(live.reader_token)
+    p.keyboard.press("Enter")
+    expect(p.locator("#role")).to_have_text("reader")
     for name in PAGES:
         visit(p, live, name, f"reader-{name}")
-        expect(p.get_by_role("button", name=WRITE_CONTROL)).to_have_count(0)  # type: ignore[attr-defined]
-        expect(p.locator("input.limit-input")).to_have_count(0)  # type: ignore[attr-defined]
+        expect(p.get_by_role("button", name=WRITE_CONTROL)).to_have_count(0)
+        expect(p.locator("input.limit-input")).to_have_count(0)
     visit(p, live, "projects")
-    expect(p.get_by_role("cell", name=re.compile("^seeded proj_"))).to_be_visible()  # type: ignore[attr-defined]
+    expect(p.get_by_role("cell", name=re.compile("^seeded proj_"))).to_be_visible()
 
 
-def test_the_operator_signs_in_and_a_wrong_credential_is_told_so(page: object, live: Live) -> None:
+def test_the_operator_signs_in_and_a_wrong_credential_is_told_so(page: Page, live: Live) -> None:
     p = page
-    p.goto(live.base)  # type: ignore[attr-defined]
-    p.get_by_label("Credential").fill("rlt_wrong")  # type: ignore[attr-defined]
-    p.get_by_role("button", name="Sign in").click()  # type: ignore[attr-defined]
-    expect(p.get_by_role("alert")).to_contain_text("unknown or revoked")  # type: ignore[attr-defined]
-    p.screenshot(path=str(live.shots / "sign-in-error.png"))  # type: ignore[attr-defined]
+    p.goto(live.base)
+    p.get_by_label("Credential").fill("rlt_wrong")
+    p.get_by_role("button", name="Sign in").click()
+    expect(p.get_by_role("alert")).to_contain_text("unknown or revoked")
+    p.screenshot(path=str(live.shots / "sign-in-error.png"))
     sign_in(p, live, OPERATOR_TOKEN)
-    expect(p.locator("#role")).to_have_text("operator")  # type: ignore[attr-defined]
-    expect(p.get_by_label("Organization", exact=True).locator("option:checked")).to_have_text("acme")  # type: ignore[attr-defined]
-    p.get_by_role("button", name="Sign out").click()  # type: ignore[attr-defined]
-    expect(p.get_by_label("Credential")).to_be_visible()  # type: ignore[attr-defined]
-    p.goto(live.base + "#/projects")  # type: ignore[attr-defined]
-    expect(p.get_by_label("Credential")).to_be_visible()  # type: ignore[attr-defined]
+    expect(p.locator("#role")).to_have_text("operator")
+    expect(p.get_by_label("Organization", exact=True).locator("option:checked")).to_have_text("acme")
+    p.get_by_role("button", name="Sign out").click()
+    expect(p.get_by_label("Credential")).to_be_visible()
+    p.goto(live.base + "#/projects")
+    expect(p.get_by_label("Credential")).to_be_visible()
 
 
-def test_every_page_reads_on_a_phone(chromium: object, live: Live) -> None:
-    context = chromium.new_context(viewport=PHONE, timezone_id=ZONE, is_mobile=True)  # type: ignore[attr-defined]
+def test_every_page_reads_on_a_phone(chromium: Browser, live: Live) -> None:
+    context = chromium.new_context(viewport=PHONE, timezone_id=ZONE, is_mobile=True)
     try:
         p = context.new_page()
         sign_in(p, live, live.owner_token)
