@@ -85,6 +85,8 @@ def _greet(
     print(f"storage: {storage}")
     if http:
         print(f"JSON over HTTP (Connect protocol) on http://{http}/ (description: /openapi.json)")
+        if settings.console:
+            print(f"console on http://{http}/console/ (sign in with a member credential or the operator's)")
     if not storage_up:
         _storage_unreachable_warning(settings)
     elif token:

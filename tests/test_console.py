@@ -96,6 +96,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     )  # fmt: skip
     try:
         server.start()
+        assert f"console on http://127.0.0.1:{http_port}/console/" in server.output()
         org, owner, reader = _seed(server.address)
         yield Live(f"http://127.0.0.1:{http_port}/console/", server.address, org, owner, reader, shots)
     finally:
