@@ -35,6 +35,7 @@ from ratelimitd.engine.credentials import Credentials
 from ratelimitd.engine.decisions import Decider
 from ratelimitd.engine.errors import StorageUnavailable
 from ratelimitd.engine.limits import Dimensions
+from ratelimitd.engine.live import LiveState
 from ratelimitd.engine.members import Members
 from ratelimitd.engine.permissions import ModelPermissions
 from ratelimitd.engine.rollup import UsageRollup
@@ -157,7 +158,13 @@ class App:
             server,
         )
         usage_pb2_grpc.add_UsageServiceServicer_to_server(
-            UsageServicer(self.usage, self.credentials, self.storage_failed), server
+            UsageServicer(
+                self.usage,
+                self.credentials,
+                self.storage_failed,
+                LiveState(self.redis, scripts, dims, s.retention, self.control, clock),
+            ),
+            server,
         )
         failed = self.storage_failed
         admin_pb2_grpc.add_OrganizationServiceServicer_to_server(OrganizationServicer(management, failed), server)

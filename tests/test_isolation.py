@@ -74,6 +74,8 @@ CASES: list[tuple[str, Call]] = [
     ("ListAuditEvents", lambda c, a, o, md: c.audit.ListAuditEvents(apb.ListAuditEventsRequest(organization_id=o.org), metadata=md)),
     ("GetUsage", lambda c, a, o, md: usage(c).GetUsage(upb.GetUsageRequest(organization_id=o.org, start_ms=0, end_ms=86_400_000, granularity=upb.GRANULARITY_DAY), metadata=md)),
     ("GetSpend", lambda c, a, o, md: usage(c).GetSpend(upb.GetSpendRequest(organization_id=o.org), metadata=md)),
+    ("GetLimitState", lambda c, a, o, md: usage(c).GetLimitState(upb.GetLimitStateRequest(organization_id=o.org, project_id=o.proj), metadata=md)),
+    ("GetLimitState B's project in A", lambda c, a, o, md: usage(c).GetLimitState(upb.GetLimitStateRequest(organization_id=a, project_id=o.proj, models=[M]), metadata=md)),
     ("ListRequestLogs", lambda c, a, o, md: usage(c).ListRequestLogs(upb.ListRequestLogsRequest(organization_id=o.org, project_id=o.proj), metadata=md)),
     ("ListRequestLogs B's id in A", lambda c, a, o, md: usage(c).ListRequestLogs(upb.ListRequestLogsRequest(organization_id=a, project_id=o.proj), metadata=md)),
     ("SetSpendLimit", lambda c, a, o, md: usage(c).SetSpendLimit(upb.SetSpendLimitRequest(organization_id=o.org, limit_usd=1), metadata=md)),

@@ -13,6 +13,7 @@ from ratelimitd.api.errors import rpc
 from ratelimitd.engine.authz import authorize
 from ratelimitd.engine.credentials import Credentials
 from ratelimitd.engine.errors import InvalidArgument
+from ratelimitd.engine.live import LimitState, LiveState
 from ratelimitd.engine.usage import LogEntry, Price, SpendLine, Usage, UsageTotals
 from ratelimitd.v1 import usage_pb2 as pb
 from ratelimitd.v1 import usage_pb2_grpc
@@ -58,6 +59,14 @@ def _log_entry(e: LogEntry) -> pb.RequestLogEntry:
     )  # fmt: skip
 
 
+def _limit_state(s: LimitState) -> pb.LimitState:
+    return pb.LimitState(
+        model=s.model, metric=s.metric, window=s.window, organization_limit=s.organization_limit,
+        organization_remaining=s.organization_remaining, project_limit=s.project_limit,
+        project_remaining=s.project_remaining, remaining=s.remaining,
+    )  # fmt: skip
+
+
 def _price(org_id: str, p: Price) -> pb.Price:
     return pb.Price(
         organization_id=org_id, model=p.model, input_per_million=p.input_per_million,
@@ -66,8 +75,11 @@ def _price(org_id: str, p: Price) -> pb.Price:
 
 
 class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
-    def __init__(self, usage: Usage, credentials: Credentials, storage_failed: Callable[[], None]) -> None:
+    def __init__(
+        self, usage: Usage, credentials: Credentials, storage_failed: Callable[[], None], live: LiveState
+    ) -> None:
         self.usage = usage
+        self.live = live
         self.credentials = credentials
         self.storage_failed = storage_failed
 
@@ -154,3 +166,9 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
         await self._allow(context, "GetUsageSettings", request.organization_id)
         count = await self.usage.cached_tokens_count(request.organization_id)
         return pb.UsageSettings(organization_id=request.organization_id, cached_tokens_count_toward_limits=count)
+
+    @rpc
+    async def GetLimitState(self, request: pb.GetLimitStateRequest, context: Context) -> pb.GetLimitStateResponse:
+        await self._allow(context, "GetLimitState", request.organization_id)
+        now_ms, states = await self.live.read(request.organization_id, request.project_id, list(request.models))
+        return pb.GetLimitStateResponse(limits=[_limit_state(s) for s in states], time_ms=now_ms)

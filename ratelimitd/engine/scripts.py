@@ -20,7 +20,7 @@ from ratelimitd.engine.retention import Retention
 
 # Scripts that evaluate buckets get lib.lua in front: one EVALSHA each, one
 # copy of the shared arithmetic.
-_WITH_LIB = ("decide", "report", "rollup")
+_WITH_LIB = ("decide", "report", "rollup", "limit_state")
 
 
 def read_script(name: str) -> str:
@@ -124,5 +124,6 @@ class Scripts:
         self.decide = load("decide")
         self.report = load("report")
         self.rollup = load("rollup")
+        self.limit_state = load("limit_state")  # the console's live view, through redis-py
         # control-plane scripts run through redis-py
         self.set_project_limits: AsyncScript = redis.register_script(read_script("set_project_limits"))

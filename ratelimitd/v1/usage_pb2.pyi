@@ -587,3 +587,119 @@ class UsageSettings(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UsageSettings: _TypeAlias = UsageSettings  # noqa: Y015
+
+@_typing.final
+class GetLimitStateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
+    organization_id: _builtins.str
+    project_id: _builtins.str
+    @_builtins.property
+    def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Models to read (at most 100); empty = every model the organization or the
+        project names in a limit (not "*": a model limited by "*" must be named).
+        """
+
+    def __init__(
+        self,
+        *,
+        organization_id: _builtins.str = ...,
+        project_id: _builtins.str = ...,
+        models: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models", "organization_id", b"organization_id", "project_id", b"project_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetLimitStateRequest: _TypeAlias = GetLimitStateRequest  # noqa: Y015
+
+@_typing.final
+class LimitState(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    ORGANIZATION_LIMIT_FIELD_NUMBER: _builtins.int
+    ORGANIZATION_REMAINING_FIELD_NUMBER: _builtins.int
+    PROJECT_LIMIT_FIELD_NUMBER: _builtins.int
+    PROJECT_REMAINING_FIELD_NUMBER: _builtins.int
+    REMAINING_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    metric: _builtins.str
+    """"requests" or "tokens" """
+    window: _builtins.str
+    """"minute", "day", ..."""
+    organization_limit: _builtins.int
+    """The organization's limit and what is left of it now (shared by every
+    project); absent when the organization has no limit for this dimension.
+    """
+    organization_remaining: _builtins.float
+    project_limit: _builtins.int
+    """The project's own limit and what is left of it; absent when it inherits."""
+    project_remaining: _builtins.float
+    remaining: _builtins.float
+    """What the project may still use now: the smaller of the two remainders."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        metric: _builtins.str = ...,
+        window: _builtins.str = ...,
+        organization_limit: _builtins.int | None = ...,
+        organization_remaining: _builtins.float | None = ...,
+        project_limit: _builtins.int | None = ...,
+        project_remaining: _builtins.float | None = ...,
+        remaining: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_organization_limit", b"_organization_limit", "_organization_remaining", b"_organization_remaining", "_project_limit", b"_project_limit", "_project_remaining", b"_project_remaining", "organization_limit", b"organization_limit", "organization_remaining", b"organization_remaining", "project_limit", b"project_limit", "project_remaining", b"project_remaining"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_organization_limit", b"_organization_limit", "_organization_remaining", b"_organization_remaining", "_project_limit", b"_project_limit", "_project_remaining", b"_project_remaining", "metric", b"metric", "model", b"model", "organization_limit", b"organization_limit", "organization_remaining", b"organization_remaining", "project_limit", b"project_limit", "project_remaining", b"project_remaining", "remaining", b"remaining", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__organization_limit: _TypeAlias = _typing.Literal["organization_limit"]  # noqa: Y015
+    _WhichOneofArgType__organization_limit: _TypeAlias = _typing.Literal["_organization_limit", b"_organization_limit"]  # noqa: Y015
+    _WhichOneofReturnType__organization_remaining: _TypeAlias = _typing.Literal["organization_remaining"]  # noqa: Y015
+    _WhichOneofArgType__organization_remaining: _TypeAlias = _typing.Literal["_organization_remaining", b"_organization_remaining"]  # noqa: Y015
+    _WhichOneofReturnType__project_limit: _TypeAlias = _typing.Literal["project_limit"]  # noqa: Y015
+    _WhichOneofArgType__project_limit: _TypeAlias = _typing.Literal["_project_limit", b"_project_limit"]  # noqa: Y015
+    _WhichOneofReturnType__project_remaining: _TypeAlias = _typing.Literal["project_remaining"]  # noqa: Y015
+    _WhichOneofArgType__project_remaining: _TypeAlias = _typing.Literal["_project_remaining", b"_project_remaining"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__organization_limit) -> _WhichOneofReturnType__organization_limit | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__organization_remaining) -> _WhichOneofReturnType__organization_remaining | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__project_limit) -> _WhichOneofReturnType__project_limit | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__project_remaining) -> _WhichOneofReturnType__project_remaining | None: ...
+
+Global___LimitState: _TypeAlias = LimitState  # noqa: Y015
+
+@_typing.final
+class GetLimitStateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMITS_FIELD_NUMBER: _builtins.int
+    TIME_MS_FIELD_NUMBER: _builtins.int
+    time_ms: _builtins.int
+    """The time the buckets were read at (the server's clock), ms since the epoch."""
+    @_builtins.property
+    def limits(self) -> _containers.RepeatedCompositeFieldContainer[Global___LimitState]: ...
+    def __init__(
+        self,
+        *,
+        limits: _abc.Iterable[Global___LimitState] | None = ...,
+        time_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "time_ms", b"time_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetLimitStateResponse: _TypeAlias = GetLimitStateResponse  # noqa: Y015

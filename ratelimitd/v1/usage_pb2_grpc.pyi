@@ -44,6 +44,10 @@ class UsageServiceStub:
     """A monthly spend limit for the organization (project_id empty) or a project."""
     SetUsageSettings: _grpc.UnaryUnaryMultiCallable[_usage_pb2.UsageSettings, _usage_pb2.UsageSettings]
     GetUsageSettings: _grpc.UnaryUnaryMultiCallable[_usage_pb2.GetUsageSettingsRequest, _usage_pb2.UsageSettings]
+    GetLimitState: _grpc.UnaryUnaryMultiCallable[_usage_pb2.GetLimitStateRequest, _usage_pb2.GetLimitStateResponse]
+    """What a project may still use now, per model, metric and window: its own
+    buckets and the organization's, drained to now. Reads only.
+    """
 
 @_typing.type_check_only
 class UsageServiceAsyncStub(UsageServiceStub):
@@ -57,6 +61,10 @@ class UsageServiceAsyncStub(UsageServiceStub):
     """A monthly spend limit for the organization (project_id empty) or a project."""
     SetUsageSettings: _aio.UnaryUnaryMultiCallable[_usage_pb2.UsageSettings, _usage_pb2.UsageSettings]  # type: ignore[assignment]
     GetUsageSettings: _aio.UnaryUnaryMultiCallable[_usage_pb2.GetUsageSettingsRequest, _usage_pb2.UsageSettings]  # type: ignore[assignment]
+    GetLimitState: _aio.UnaryUnaryMultiCallable[_usage_pb2.GetLimitStateRequest, _usage_pb2.GetLimitStateResponse]  # type: ignore[assignment]
+    """What a project may still use now, per model, metric and window: its own
+    buckets and the organization's, drained to now. Reads only.
+    """
 
 class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -115,5 +123,15 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _usage_pb2.GetUsageSettingsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_usage_pb2.UsageSettings, _abc.Awaitable[_usage_pb2.UsageSettings]]: ...
+
+    @_abc_1.abstractmethod
+    def GetLimitState(
+        self,
+        request: _usage_pb2.GetLimitStateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_pb2.GetLimitStateResponse, _abc.Awaitable[_usage_pb2.GetLimitStateResponse]]:
+        """What a project may still use now, per model, metric and window: its own
+        buckets and the organization's, drained to now. Reads only.
+        """
 
 def add_UsageServiceServicer_to_server(servicer: UsageServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1294,6 +1294,225 @@ func (x *UsageSettings) GetCachedTokensCountTowardLimits() bool {
 	return false
 }
 
+type GetLimitStateRequest struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	OrganizationId string                 `protobuf:"bytes,1,opt,name=organization_id,json=organizationId,proto3" json:"organization_id,omitempty"`
+	ProjectId      string                 `protobuf:"bytes,2,opt,name=project_id,json=projectId,proto3" json:"project_id,omitempty"`
+	// Models to read (at most 100); empty = every model the organization or the
+	// project names in a limit (not "*": a model limited by "*" must be named).
+	Models        []string `protobuf:"bytes,3,rep,name=models,proto3" json:"models,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetLimitStateRequest) Reset() {
+	*x = GetLimitStateRequest{}
+	mi := &file_ratelimitd_v1_usage_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetLimitStateRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetLimitStateRequest) ProtoMessage() {}
+
+func (x *GetLimitStateRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_ratelimitd_v1_usage_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetLimitStateRequest.ProtoReflect.Descriptor instead.
+func (*GetLimitStateRequest) Descriptor() ([]byte, []int) {
+	return file_ratelimitd_v1_usage_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *GetLimitStateRequest) GetOrganizationId() string {
+	if x != nil {
+		return x.OrganizationId
+	}
+	return ""
+}
+
+func (x *GetLimitStateRequest) GetProjectId() string {
+	if x != nil {
+		return x.ProjectId
+	}
+	return ""
+}
+
+func (x *GetLimitStateRequest) GetModels() []string {
+	if x != nil {
+		return x.Models
+	}
+	return nil
+}
+
+type LimitState struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Model  string                 `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
+	Metric string                 `protobuf:"bytes,2,opt,name=metric,proto3" json:"metric,omitempty"` // "requests" or "tokens"
+	Window string                 `protobuf:"bytes,3,opt,name=window,proto3" json:"window,omitempty"` // "minute", "day", ...
+	// The organization's limit and what is left of it now (shared by every
+	// project); absent when the organization has no limit for this dimension.
+	OrganizationLimit     *int64   `protobuf:"varint,4,opt,name=organization_limit,json=organizationLimit,proto3,oneof" json:"organization_limit,omitempty"`
+	OrganizationRemaining *float64 `protobuf:"fixed64,5,opt,name=organization_remaining,json=organizationRemaining,proto3,oneof" json:"organization_remaining,omitempty"`
+	// The project's own limit and what is left of it; absent when it inherits.
+	ProjectLimit     *int64   `protobuf:"varint,6,opt,name=project_limit,json=projectLimit,proto3,oneof" json:"project_limit,omitempty"`
+	ProjectRemaining *float64 `protobuf:"fixed64,7,opt,name=project_remaining,json=projectRemaining,proto3,oneof" json:"project_remaining,omitempty"`
+	// What the project may still use now: the smaller of the two remainders.
+	Remaining     float64 `protobuf:"fixed64,8,opt,name=remaining,proto3" json:"remaining,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LimitState) Reset() {
+	*x = LimitState{}
+	mi := &file_ratelimitd_v1_usage_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LimitState) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LimitState) ProtoMessage() {}
+
+func (x *LimitState) ProtoReflect() protoreflect.Message {
+	mi := &file_ratelimitd_v1_usage_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LimitState.ProtoReflect.Descriptor instead.
+func (*LimitState) Descriptor() ([]byte, []int) {
+	return file_ratelimitd_v1_usage_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *LimitState) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *LimitState) GetMetric() string {
+	if x != nil {
+		return x.Metric
+	}
+	return ""
+}
+
+func (x *LimitState) GetWindow() string {
+	if x != nil {
+		return x.Window
+	}
+	return ""
+}
+
+func (x *LimitState) GetOrganizationLimit() int64 {
+	if x != nil && x.OrganizationLimit != nil {
+		return *x.OrganizationLimit
+	}
+	return 0
+}
+
+func (x *LimitState) GetOrganizationRemaining() float64 {
+	if x != nil && x.OrganizationRemaining != nil {
+		return *x.OrganizationRemaining
+	}
+	return 0
+}
+
+func (x *LimitState) GetProjectLimit() int64 {
+	if x != nil && x.ProjectLimit != nil {
+		return *x.ProjectLimit
+	}
+	return 0
+}
+
+func (x *LimitState) GetProjectRemaining() float64 {
+	if x != nil && x.ProjectRemaining != nil {
+		return *x.ProjectRemaining
+	}
+	return 0
+}
+
+func (x *LimitState) GetRemaining() float64 {
+	if x != nil {
+		return x.Remaining
+	}
+	return 0
+}
+
+type GetLimitStateResponse struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Limits []*LimitState          `protobuf:"bytes,1,rep,name=limits,proto3" json:"limits,omitempty"`
+	// The time the buckets were read at (the server's clock), ms since the epoch.
+	TimeMs        int64 `protobuf:"varint,2,opt,name=time_ms,json=timeMs,proto3" json:"time_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetLimitStateResponse) Reset() {
+	*x = GetLimitStateResponse{}
+	mi := &file_ratelimitd_v1_usage_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetLimitStateResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetLimitStateResponse) ProtoMessage() {}
+
+func (x *GetLimitStateResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_ratelimitd_v1_usage_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetLimitStateResponse.ProtoReflect.Descriptor instead.
+func (*GetLimitStateResponse) Descriptor() ([]byte, []int) {
+	return file_ratelimitd_v1_usage_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *GetLimitStateResponse) GetLimits() []*LimitState {
+	if x != nil {
+		return x.Limits
+	}
+	return nil
+}
+
+func (x *GetLimitStateResponse) GetTimeMs() int64 {
+	if x != nil {
+		return x.TimeMs
+	}
+	return 0
+}
+
 var File_ratelimitd_v1_usage_proto protoreflect.FileDescriptor
 
 const file_ratelimitd_v1_usage_proto_rawDesc = "" +
@@ -1403,7 +1622,29 @@ const file_ratelimitd_v1_usage_proto_rawDesc = "" +
 	"\x0forganization_id\x18\x01 \x01(\tR\x0eorganizationId\"\x82\x01\n" +
 	"\rUsageSettings\x12'\n" +
 	"\x0forganization_id\x18\x01 \x01(\tR\x0eorganizationId\x12H\n" +
-	"!cached_tokens_count_toward_limits\x18\x02 \x01(\bR\x1dcachedTokensCountTowardLimits*m\n" +
+	"!cached_tokens_count_toward_limits\x18\x02 \x01(\bR\x1dcachedTokensCountTowardLimits\"v\n" +
+	"\x14GetLimitStateRequest\x12'\n" +
+	"\x0forganization_id\x18\x01 \x01(\tR\x0eorganizationId\x12\x1d\n" +
+	"\n" +
+	"project_id\x18\x02 \x01(\tR\tprojectId\x12\x16\n" +
+	"\x06models\x18\x03 \x03(\tR\x06models\"\x96\x03\n" +
+	"\n" +
+	"LimitState\x12\x14\n" +
+	"\x05model\x18\x01 \x01(\tR\x05model\x12\x16\n" +
+	"\x06metric\x18\x02 \x01(\tR\x06metric\x12\x16\n" +
+	"\x06window\x18\x03 \x01(\tR\x06window\x122\n" +
+	"\x12organization_limit\x18\x04 \x01(\x03H\x00R\x11organizationLimit\x88\x01\x01\x12:\n" +
+	"\x16organization_remaining\x18\x05 \x01(\x01H\x01R\x15organizationRemaining\x88\x01\x01\x12(\n" +
+	"\rproject_limit\x18\x06 \x01(\x03H\x02R\fprojectLimit\x88\x01\x01\x120\n" +
+	"\x11project_remaining\x18\a \x01(\x01H\x03R\x10projectRemaining\x88\x01\x01\x12\x1c\n" +
+	"\tremaining\x18\b \x01(\x01R\tremainingB\x15\n" +
+	"\x13_organization_limitB\x19\n" +
+	"\x17_organization_remainingB\x10\n" +
+	"\x0e_project_limitB\x14\n" +
+	"\x12_project_remaining\"c\n" +
+	"\x15GetLimitStateResponse\x121\n" +
+	"\x06limits\x18\x01 \x03(\v2\x19.ratelimitd.v1.LimitStateR\x06limits\x12\x17\n" +
+	"\atime_ms\x18\x02 \x01(\x03R\x06timeMs*m\n" +
 	"\vGranularity\x12\x1b\n" +
 	"\x17GRANULARITY_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12GRANULARITY_MINUTE\x10\x01\x12\x14\n" +
@@ -1413,7 +1654,7 @@ const file_ratelimitd_v1_usage_proto_rawDesc = "" +
 	"\x14GROUP_BY_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10GROUP_BY_PROJECT\x10\x01\x12\x12\n" +
 	"\x0eGROUP_BY_MODEL\x10\x02\x12\x14\n" +
-	"\x10GROUP_BY_API_KEY\x10\x032\xa0\x05\n" +
+	"\x10GROUP_BY_API_KEY\x10\x032\xfc\x05\n" +
 	"\fUsageService\x12K\n" +
 	"\bGetUsage\x12\x1e.ratelimitd.v1.GetUsageRequest\x1a\x1f.ratelimitd.v1.GetUsageResponse\x12K\n" +
 	"\bGetSpend\x12\x1e.ratelimitd.v1.GetSpendRequest\x1a\x1f.ratelimitd.v1.GetSpendResponse\x12`\n" +
@@ -1423,7 +1664,8 @@ const file_ratelimitd_v1_usage_proto_rawDesc = "" +
 	"ListPrices\x12 .ratelimitd.v1.ListPricesRequest\x1a!.ratelimitd.v1.ListPricesResponse\x12U\n" +
 	"\rSetSpendLimit\x12#.ratelimitd.v1.SetSpendLimitRequest\x1a\x1f.ratelimitd.v1.GetSpendResponse\x12N\n" +
 	"\x10SetUsageSettings\x12\x1c.ratelimitd.v1.UsageSettings\x1a\x1c.ratelimitd.v1.UsageSettings\x12X\n" +
-	"\x10GetUsageSettings\x12&.ratelimitd.v1.GetUsageSettingsRequest\x1a\x1c.ratelimitd.v1.UsageSettingsB\xa4\x01\n" +
+	"\x10GetUsageSettings\x12&.ratelimitd.v1.GetUsageSettingsRequest\x1a\x1c.ratelimitd.v1.UsageSettings\x12Z\n" +
+	"\rGetLimitState\x12#.ratelimitd.v1.GetLimitStateRequest\x1a$.ratelimitd.v1.GetLimitStateResponseB\xa4\x01\n" +
 	"\x11com.ratelimitd.v1B\n" +
 	"UsageProtoP\x01ZJgithub.com/ratelimitd/ratelimitd/clients/go/gen/ratelimitd/v1;ratelimitdv1\xa2\x02\x03RLX\xaa\x02\rRatelimitd.V1\xca\x02\rRatelimitd\\V1\xea\x02\x0eRatelimitd::V1b\x06proto3"
 
@@ -1440,7 +1682,7 @@ func file_ratelimitd_v1_usage_proto_rawDescGZIP() []byte {
 }
 
 var file_ratelimitd_v1_usage_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_ratelimitd_v1_usage_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
+var file_ratelimitd_v1_usage_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
 var file_ratelimitd_v1_usage_proto_goTypes = []any{
 	(Granularity)(0),                    // 0: ratelimitd.v1.Granularity
 	(GroupBy)(0),                        // 1: ratelimitd.v1.GroupBy
@@ -1461,12 +1703,15 @@ var file_ratelimitd_v1_usage_proto_goTypes = []any{
 	(*SetSpendLimitRequest)(nil),        // 16: ratelimitd.v1.SetSpendLimitRequest
 	(*GetUsageSettingsRequest)(nil),     // 17: ratelimitd.v1.GetUsageSettingsRequest
 	(*UsageSettings)(nil),               // 18: ratelimitd.v1.UsageSettings
-	nil,                                 // 19: ratelimitd.v1.UsageRow.RefusalsEntry
+	(*GetLimitStateRequest)(nil),        // 19: ratelimitd.v1.GetLimitStateRequest
+	(*LimitState)(nil),                  // 20: ratelimitd.v1.LimitState
+	(*GetLimitStateResponse)(nil),       // 21: ratelimitd.v1.GetLimitStateResponse
+	nil,                                 // 22: ratelimitd.v1.UsageRow.RefusalsEntry
 }
 var file_ratelimitd_v1_usage_proto_depIdxs = []int32{
 	0,  // 0: ratelimitd.v1.GetUsageRequest.granularity:type_name -> ratelimitd.v1.Granularity
 	1,  // 1: ratelimitd.v1.GetUsageRequest.group_by:type_name -> ratelimitd.v1.GroupBy
-	19, // 2: ratelimitd.v1.UsageRow.refusals:type_name -> ratelimitd.v1.UsageRow.RefusalsEntry
+	22, // 2: ratelimitd.v1.UsageRow.refusals:type_name -> ratelimitd.v1.UsageRow.RefusalsEntry
 	4,  // 3: ratelimitd.v1.GetUsageResponse.rows:type_name -> ratelimitd.v1.UsageRow
 	4,  // 4: ratelimitd.v1.GetUsageResponse.total:type_name -> ratelimitd.v1.UsageRow
 	7,  // 5: ratelimitd.v1.GetSpendResponse.organization:type_name -> ratelimitd.v1.SpendLine
@@ -1475,27 +1720,30 @@ var file_ratelimitd_v1_usage_proto_depIdxs = []int32{
 	10, // 8: ratelimitd.v1.ListRequestLogsResponse.entries:type_name -> ratelimitd.v1.RequestLogEntry
 	12, // 9: ratelimitd.v1.SetPriceRequest.price:type_name -> ratelimitd.v1.Price
 	12, // 10: ratelimitd.v1.ListPricesResponse.prices:type_name -> ratelimitd.v1.Price
-	3,  // 11: ratelimitd.v1.UsageService.GetUsage:input_type -> ratelimitd.v1.GetUsageRequest
-	6,  // 12: ratelimitd.v1.UsageService.GetSpend:input_type -> ratelimitd.v1.GetSpendRequest
-	9,  // 13: ratelimitd.v1.UsageService.ListRequestLogs:input_type -> ratelimitd.v1.ListRequestLogsRequest
-	13, // 14: ratelimitd.v1.UsageService.SetPrice:input_type -> ratelimitd.v1.SetPriceRequest
-	14, // 15: ratelimitd.v1.UsageService.ListPrices:input_type -> ratelimitd.v1.ListPricesRequest
-	16, // 16: ratelimitd.v1.UsageService.SetSpendLimit:input_type -> ratelimitd.v1.SetSpendLimitRequest
-	18, // 17: ratelimitd.v1.UsageService.SetUsageSettings:input_type -> ratelimitd.v1.UsageSettings
-	17, // 18: ratelimitd.v1.UsageService.GetUsageSettings:input_type -> ratelimitd.v1.GetUsageSettingsRequest
-	5,  // 19: ratelimitd.v1.UsageService.GetUsage:output_type -> ratelimitd.v1.GetUsageResponse
-	8,  // 20: ratelimitd.v1.UsageService.GetSpend:output_type -> ratelimitd.v1.GetSpendResponse
-	11, // 21: ratelimitd.v1.UsageService.ListRequestLogs:output_type -> ratelimitd.v1.ListRequestLogsResponse
-	12, // 22: ratelimitd.v1.UsageService.SetPrice:output_type -> ratelimitd.v1.Price
-	15, // 23: ratelimitd.v1.UsageService.ListPrices:output_type -> ratelimitd.v1.ListPricesResponse
-	8,  // 24: ratelimitd.v1.UsageService.SetSpendLimit:output_type -> ratelimitd.v1.GetSpendResponse
-	18, // 25: ratelimitd.v1.UsageService.SetUsageSettings:output_type -> ratelimitd.v1.UsageSettings
-	18, // 26: ratelimitd.v1.UsageService.GetUsageSettings:output_type -> ratelimitd.v1.UsageSettings
-	19, // [19:27] is the sub-list for method output_type
-	11, // [11:19] is the sub-list for method input_type
-	11, // [11:11] is the sub-list for extension type_name
-	11, // [11:11] is the sub-list for extension extendee
-	0,  // [0:11] is the sub-list for field type_name
+	20, // 11: ratelimitd.v1.GetLimitStateResponse.limits:type_name -> ratelimitd.v1.LimitState
+	3,  // 12: ratelimitd.v1.UsageService.GetUsage:input_type -> ratelimitd.v1.GetUsageRequest
+	6,  // 13: ratelimitd.v1.UsageService.GetSpend:input_type -> ratelimitd.v1.GetSpendRequest
+	9,  // 14: ratelimitd.v1.UsageService.ListRequestLogs:input_type -> ratelimitd.v1.ListRequestLogsRequest
+	13, // 15: ratelimitd.v1.UsageService.SetPrice:input_type -> ratelimitd.v1.SetPriceRequest
+	14, // 16: ratelimitd.v1.UsageService.ListPrices:input_type -> ratelimitd.v1.ListPricesRequest
+	16, // 17: ratelimitd.v1.UsageService.SetSpendLimit:input_type -> ratelimitd.v1.SetSpendLimitRequest
+	18, // 18: ratelimitd.v1.UsageService.SetUsageSettings:input_type -> ratelimitd.v1.UsageSettings
+	17, // 19: ratelimitd.v1.UsageService.GetUsageSettings:input_type -> ratelimitd.v1.GetUsageSettingsRequest
+	19, // 20: ratelimitd.v1.UsageService.GetLimitState:input_type -> ratelimitd.v1.GetLimitStateRequest
+	5,  // 21: ratelimitd.v1.UsageService.GetUsage:output_type -> ratelimitd.v1.GetUsageResponse
+	8,  // 22: ratelimitd.v1.UsageService.GetSpend:output_type -> ratelimitd.v1.GetSpendResponse
+	11, // 23: ratelimitd.v1.UsageService.ListRequestLogs:output_type -> ratelimitd.v1.ListRequestLogsResponse
+	12, // 24: ratelimitd.v1.UsageService.SetPrice:output_type -> ratelimitd.v1.Price
+	15, // 25: ratelimitd.v1.UsageService.ListPrices:output_type -> ratelimitd.v1.ListPricesResponse
+	8,  // 26: ratelimitd.v1.UsageService.SetSpendLimit:output_type -> ratelimitd.v1.GetSpendResponse
+	18, // 27: ratelimitd.v1.UsageService.SetUsageSettings:output_type -> ratelimitd.v1.UsageSettings
+	18, // 28: ratelimitd.v1.UsageService.GetUsageSettings:output_type -> ratelimitd.v1.UsageSettings
+	21, // 29: ratelimitd.v1.UsageService.GetLimitState:output_type -> ratelimitd.v1.GetLimitStateResponse
+	21, // [21:30] is the sub-list for method output_type
+	12, // [12:21] is the sub-list for method input_type
+	12, // [12:12] is the sub-list for extension type_name
+	12, // [12:12] is the sub-list for extension extendee
+	0,  // [0:12] is the sub-list for field type_name
 }
 
 func init() { file_ratelimitd_v1_usage_proto_init() }
@@ -1505,13 +1753,14 @@ func file_ratelimitd_v1_usage_proto_init() {
 	}
 	file_ratelimitd_v1_usage_proto_msgTypes[4].OneofWrappers = []any{}
 	file_ratelimitd_v1_usage_proto_msgTypes[13].OneofWrappers = []any{}
+	file_ratelimitd_v1_usage_proto_msgTypes[17].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ratelimitd_v1_usage_proto_rawDesc), len(file_ratelimitd_v1_usage_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   17,
+			NumMessages:   20,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -32,6 +32,7 @@ const (
 	UsageService_SetSpendLimit_FullMethodName    = "/ratelimitd.v1.UsageService/SetSpendLimit"
 	UsageService_SetUsageSettings_FullMethodName = "/ratelimitd.v1.UsageService/SetUsageSettings"
 	UsageService_GetUsageSettings_FullMethodName = "/ratelimitd.v1.UsageService/GetUsageSettings"
+	UsageService_GetLimitState_FullMethodName    = "/ratelimitd.v1.UsageService/GetLimitState"
 )
 
 // UsageServiceClient is the client API for UsageService service.
@@ -47,6 +48,9 @@ type UsageServiceClient interface {
 	SetSpendLimit(ctx context.Context, in *SetSpendLimitRequest, opts ...grpc.CallOption) (*GetSpendResponse, error)
 	SetUsageSettings(ctx context.Context, in *UsageSettings, opts ...grpc.CallOption) (*UsageSettings, error)
 	GetUsageSettings(ctx context.Context, in *GetUsageSettingsRequest, opts ...grpc.CallOption) (*UsageSettings, error)
+	// What a project may still use now, per model, metric and window: its own
+	// buckets and the organization's, drained to now. Reads only.
+	GetLimitState(ctx context.Context, in *GetLimitStateRequest, opts ...grpc.CallOption) (*GetLimitStateResponse, error)
 }
 
 type usageServiceClient struct {
@@ -137,6 +141,16 @@ func (c *usageServiceClient) GetUsageSettings(ctx context.Context, in *GetUsageS
 	return out, nil
 }
 
+func (c *usageServiceClient) GetLimitState(ctx context.Context, in *GetLimitStateRequest, opts ...grpc.CallOption) (*GetLimitStateResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetLimitStateResponse)
+	err := c.cc.Invoke(ctx, UsageService_GetLimitState_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // UsageServiceServer is the server API for UsageService service.
 // All implementations must embed UnimplementedUsageServiceServer
 // for forward compatibility.
@@ -150,6 +164,9 @@ type UsageServiceServer interface {
 	SetSpendLimit(context.Context, *SetSpendLimitRequest) (*GetSpendResponse, error)
 	SetUsageSettings(context.Context, *UsageSettings) (*UsageSettings, error)
 	GetUsageSettings(context.Context, *GetUsageSettingsRequest) (*UsageSettings, error)
+	// What a project may still use now, per model, metric and window: its own
+	// buckets and the organization's, drained to now. Reads only.
+	GetLimitState(context.Context, *GetLimitStateRequest) (*GetLimitStateResponse, error)
 	mustEmbedUnimplementedUsageServiceServer()
 }
 
@@ -183,6 +200,9 @@ func (UnimplementedUsageServiceServer) SetUsageSettings(context.Context, *UsageS
 }
 func (UnimplementedUsageServiceServer) GetUsageSettings(context.Context, *GetUsageSettingsRequest) (*UsageSettings, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetUsageSettings not implemented")
+}
+func (UnimplementedUsageServiceServer) GetLimitState(context.Context, *GetLimitStateRequest) (*GetLimitStateResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetLimitState not implemented")
 }
 func (UnimplementedUsageServiceServer) mustEmbedUnimplementedUsageServiceServer() {}
 func (UnimplementedUsageServiceServer) testEmbeddedByValue()                      {}
@@ -349,6 +369,24 @@ func _UsageService_GetUsageSettings_Handler(srv interface{}, ctx context.Context
 	return interceptor(ctx, in, info, handler)
 }
 
+func _UsageService_GetLimitState_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetLimitStateRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UsageServiceServer).GetLimitState(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: UsageService_GetLimitState_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UsageServiceServer).GetLimitState(ctx, req.(*GetLimitStateRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // UsageService_ServiceDesc is the grpc.ServiceDesc for UsageService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -387,6 +425,10 @@ var UsageService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetUsageSettings",
 			Handler:    _UsageService_GetUsageSettings_Handler,
+		},
+		{
+			MethodName: "GetLimitState",
+			Handler:    _UsageService_GetLimitState_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -15,7 +15,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file ratelimitd/v1/usage.proto.
  */
 export const file_ratelimitd_v1_usage: GenFile = /*@__PURE__*/
-  fileDesc("ChlyYXRlbGltaXRkL3YxL3VzYWdlLnByb3RvEg1yYXRlbGltaXRkLnYxIrsBCg9HZXRVc2FnZVJlcXVlc3QSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEhAKCHN0YXJ0X21zGAIgASgDEg4KBmVuZF9tcxgDIAEoAxIvCgtncmFudWxhcml0eRgEIAEoDjIaLnJhdGVsaW1pdGQudjEuR3JhbnVsYXJpdHkSKAoIZ3JvdXBfYnkYBSADKA4yFi5yYXRlbGltaXRkLnYxLkdyb3VwQnkSEgoKcHJvamVjdF9pZBgGIAEoCSK/AgoIVXNhZ2VSb3cSFwoPYnVja2V0X3N0YXJ0X21zGAEgASgDEhIKCnByb2plY3RfaWQYAiABKAkSDQoFbW9kZWwYAyABKAkSEgoKYXBpX2tleV9pZBgEIAEoCRIQCghyZXF1ZXN0cxgFIAEoAxI3CghyZWZ1c2FscxgGIAMoCzIlLnJhdGVsaW1pdGQudjEuVXNhZ2VSb3cuUmVmdXNhbHNFbnRyeRIQCghyZXBvcnRlZBgHIAEoAxIUCgxpbnB1dF90b2tlbnMYCCABKAMSFQoNb3V0cHV0X3Rva2VucxgJIAEoAxIVCg1jYWNoZWRfdG9rZW5zGAogASgDEhEKCXNwZW5kX3VzZBgLIAEoARovCg1SZWZ1c2Fsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoAzoCOAEiYQoQR2V0VXNhZ2VSZXNwb25zZRIlCgRyb3dzGAEgAygLMhcucmF0ZWxpbWl0ZC52MS5Vc2FnZVJvdxImCgV0b3RhbBgCIAEoCzIXLnJhdGVsaW1pdGQudjEuVXNhZ2VSb3ciOQoPR2V0U3BlbmRSZXF1ZXN0EhcKD29yZ2FuaXphdGlvbl9pZBgBIAEoCRINCgVtb250aBgCIAEoCSKFAQoJU3BlbmRMaW5lEhIKCnByb2plY3RfaWQYASABKAkSEQoJc3BlbmRfdXNkGAIgASgBEhYKCWxpbWl0X3VzZBgDIAEoAUgAiAEBEhoKEnRocmVzaG9sZHNfY3Jvc3NlZBgEIAMoBRIPCgdibG9ja2VkGAUgASgIQgwKCl9saW1pdF91c2QilgEKEEdldFNwZW5kUmVzcG9uc2USFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEg0KBW1vbnRoGAIgASgJEi4KDG9yZ2FuaXphdGlvbhgDIAEoCzIYLnJhdGVsaW1pdGQudjEuU3BlbmRMaW5lEioKCHByb2plY3RzGAQgAygLMhgucmF0ZWxpbWl0ZC52MS5TcGVuZExpbmUinwIKFkxpc3RSZXF1ZXN0TG9nc1JlcXVlc3QSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEhIKCnByb2plY3RfaWQYAiABKAkSDQoFbW9kZWwYAyABKAkSEgoKYXBpX2tleV9pZBgEIAEoCRI+CgdvdXRjb21lGAUgASgOMi0ucmF0ZWxpbWl0ZC52MS5MaXN0UmVxdWVzdExvZ3NSZXF1ZXN0Lk91dGNvbWUSEAoIc3RhcnRfbXMYBiABKAMSDgoGZW5kX21zGAcgASgDEg0KBWxpbWl0GAggASgFIkQKB091dGNvbWUSDwoLT1VUQ09NRV9BTlkQABITCg9PVVRDT01FX0FMTE9XRUQQARITCg9PVVRDT01FX1JFRlVTRUQQAiKBAgoPUmVxdWVzdExvZ0VudHJ5EhIKCnJlcXVlc3RfaWQYASABKAkSDwoHdGltZV9tcxgCIAEoAxINCgVtb2RlbBgDIAEoCRISCgphcGlfa2V5X2lkGAQgASgJEg8KB2FsbG93ZWQYBSABKAgSDgoGcmVhc29uGAYgASgJEhQKDGlucHV0X3Rva2VucxgHIAEoAxIVCg1vdXRwdXRfdG9rZW5zGAggASgDEhUKDWNhY2hlZF90b2tlbnMYCSABKAMSGAoQcmVxdWVzdGVkX3Rva2VucxgKIAEoAxITCgtzdGF0dXNfY29kZRgLIAEoBRISCgpsYXRlbmN5X21zGAwgASgDIkoKF0xpc3RSZXF1ZXN0TG9nc1Jlc3BvbnNlEi8KB2VudHJpZXMYASADKAsyHi5yYXRlbGltaXRkLnYxLlJlcXVlc3RMb2dFbnRyeSKIAQoFUHJpY2USFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEg0KBW1vZGVsGAIgASgJEhkKEWlucHV0X3Blcl9taWxsaW9uGAMgASgBEhoKEm91dHB1dF9wZXJfbWlsbGlvbhgEIAEoARIgChhjYWNoZWRfaW5wdXRfcGVyX21pbGxpb24YBSABKAEiNgoPU2V0UHJpY2VSZXF1ZXN0EiMKBXByaWNlGAEgASgLMhQucmF0ZWxpbWl0ZC52MS5QcmljZSIsChFMaXN0UHJpY2VzUmVxdWVzdBIXCg9vcmdhbml6YXRpb25faWQYASABKAkiOgoSTGlzdFByaWNlc1Jlc3BvbnNlEiQKBnByaWNlcxgBIAMoCzIULnJhdGVsaW1pdGQudjEuUHJpY2UiaQoUU2V0U3BlbmRMaW1pdFJlcXVlc3QSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEhIKCnByb2plY3RfaWQYAiABKAkSFgoJbGltaXRfdXNkGAMgASgBSACIAQFCDAoKX2xpbWl0X3VzZCIyChdHZXRVc2FnZVNldHRpbmdzUmVxdWVzdBIXCg9vcmdhbml6YXRpb25faWQYASABKAkiUwoNVXNhZ2VTZXR0aW5ncxIXCg9vcmdhbml6YXRpb25faWQYASABKAkSKQohY2FjaGVkX3Rva2Vuc19jb3VudF90b3dhcmRfbGltaXRzGAIgASgIKm0KC0dyYW51bGFyaXR5EhsKF0dSQU5VTEFSSVRZX1VOU1BFQ0lGSUVEEAASFgoSR1JBTlVMQVJJVFlfTUlOVVRFEAESFAoQR1JBTlVMQVJJVFlfSE9VUhACEhMKD0dSQU5VTEFSSVRZX0RBWRADKmMKB0dyb3VwQnkSGAoUR1JPVVBfQllfVU5TUEVDSUZJRUQQABIUChBHUk9VUF9CWV9QUk9KRUNUEAESEgoOR1JPVVBfQllfTU9ERUwQAhIUChBHUk9VUF9CWV9BUElfS0VZEAMyoAUKDFVzYWdlU2VydmljZRJLCghHZXRVc2FnZRIeLnJhdGVsaW1pdGQudjEuR2V0VXNhZ2VSZXF1ZXN0Gh8ucmF0ZWxpbWl0ZC52MS5HZXRVc2FnZVJlc3BvbnNlEksKCEdldFNwZW5kEh4ucmF0ZWxpbWl0ZC52MS5HZXRTcGVuZFJlcXVlc3QaHy5yYXRlbGltaXRkLnYxLkdldFNwZW5kUmVzcG9uc2USYAoPTGlzdFJlcXVlc3RMb2dzEiUucmF0ZWxpbWl0ZC52MS5MaXN0UmVxdWVzdExvZ3NSZXF1ZXN0GiYucmF0ZWxpbWl0ZC52MS5MaXN0UmVxdWVzdExvZ3NSZXNwb25zZRJACghTZXRQcmljZRIeLnJhdGVsaW1pdGQudjEuU2V0UHJpY2VSZXF1ZXN0GhQucmF0ZWxpbWl0ZC52MS5QcmljZRJRCgpMaXN0UHJpY2VzEiAucmF0ZWxpbWl0ZC52MS5MaXN0UHJpY2VzUmVxdWVzdBohLnJhdGVsaW1pdGQudjEuTGlzdFByaWNlc1Jlc3BvbnNlElUKDVNldFNwZW5kTGltaXQSIy5yYXRlbGltaXRkLnYxLlNldFNwZW5kTGltaXRSZXF1ZXN0Gh8ucmF0ZWxpbWl0ZC52MS5HZXRTcGVuZFJlc3BvbnNlEk4KEFNldFVzYWdlU2V0dGluZ3MSHC5yYXRlbGltaXRkLnYxLlVzYWdlU2V0dGluZ3MaHC5yYXRlbGltaXRkLnYxLlVzYWdlU2V0dGluZ3MSWAoQR2V0VXNhZ2VTZXR0aW5ncxImLnJhdGVsaW1pdGQudjEuR2V0VXNhZ2VTZXR0aW5nc1JlcXVlc3QaHC5yYXRlbGltaXRkLnYxLlVzYWdlU2V0dGluZ3NCpAEKEWNvbS5yYXRlbGltaXRkLnYxQgpVc2FnZVByb3RvUAFaSmdpdGh1Yi5jb20vcmF0ZWxpbWl0ZC9yYXRlbGltaXRkL2NsaWVudHMvZ28vZ2VuL3JhdGVsaW1pdGQvdjE7cmF0ZWxpbWl0ZHYxogIDUkxYqgINUmF0ZWxpbWl0ZC5WMcoCDVJhdGVsaW1pdGRcVjHqAg5SYXRlbGltaXRkOjpWMWIGcHJvdG8z");
+  fileDesc("ChlyYXRlbGltaXRkL3YxL3VzYWdlLnByb3RvEg1yYXRlbGltaXRkLnYxIrsBCg9HZXRVc2FnZVJlcXVlc3QSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEhAKCHN0YXJ0X21zGAIgASgDEg4KBmVuZF9tcxgDIAEoAxIvCgtncmFudWxhcml0eRgEIAEoDjIaLnJhdGVsaW1pdGQudjEuR3JhbnVsYXJpdHkSKAoIZ3JvdXBfYnkYBSADKA4yFi5yYXRlbGltaXRkLnYxLkdyb3VwQnkSEgoKcHJvamVjdF9pZBgGIAEoCSK/AgoIVXNhZ2VSb3cSFwoPYnVja2V0X3N0YXJ0X21zGAEgASgDEhIKCnByb2plY3RfaWQYAiABKAkSDQoFbW9kZWwYAyABKAkSEgoKYXBpX2tleV9pZBgEIAEoCRIQCghyZXF1ZXN0cxgFIAEoAxI3CghyZWZ1c2FscxgGIAMoCzIlLnJhdGVsaW1pdGQudjEuVXNhZ2VSb3cuUmVmdXNhbHNFbnRyeRIQCghyZXBvcnRlZBgHIAEoAxIUCgxpbnB1dF90b2tlbnMYCCABKAMSFQoNb3V0cHV0X3Rva2VucxgJIAEoAxIVCg1jYWNoZWRfdG9rZW5zGAogASgDEhEKCXNwZW5kX3VzZBgLIAEoARovCg1SZWZ1c2Fsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoAzoCOAEiYQoQR2V0VXNhZ2VSZXNwb25zZRIlCgRyb3dzGAEgAygLMhcucmF0ZWxpbWl0ZC52MS5Vc2FnZVJvdxImCgV0b3RhbBgCIAEoCzIXLnJhdGVsaW1pdGQudjEuVXNhZ2VSb3ciOQoPR2V0U3BlbmRSZXF1ZXN0EhcKD29yZ2FuaXphdGlvbl9pZBgBIAEoCRINCgVtb250aBgCIAEoCSKFAQoJU3BlbmRMaW5lEhIKCnByb2plY3RfaWQYASABKAkSEQoJc3BlbmRfdXNkGAIgASgBEhYKCWxpbWl0X3VzZBgDIAEoAUgAiAEBEhoKEnRocmVzaG9sZHNfY3Jvc3NlZBgEIAMoBRIPCgdibG9ja2VkGAUgASgIQgwKCl9saW1pdF91c2QilgEKEEdldFNwZW5kUmVzcG9uc2USFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEg0KBW1vbnRoGAIgASgJEi4KDG9yZ2FuaXphdGlvbhgDIAEoCzIYLnJhdGVsaW1pdGQudjEuU3BlbmRMaW5lEioKCHByb2plY3RzGAQgAygLMhgucmF0ZWxpbWl0ZC52MS5TcGVuZExpbmUinwIKFkxpc3RSZXF1ZXN0TG9nc1JlcXVlc3QSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEhIKCnByb2plY3RfaWQYAiABKAkSDQoFbW9kZWwYAyABKAkSEgoKYXBpX2tleV9pZBgEIAEoCRI+CgdvdXRjb21lGAUgASgOMi0ucmF0ZWxpbWl0ZC52MS5MaXN0UmVxdWVzdExvZ3NSZXF1ZXN0Lk91dGNvbWUSEAoIc3RhcnRfbXMYBiABKAMSDgoGZW5kX21zGAcgASgDEg0KBWxpbWl0GAggASgFIkQKB091dGNvbWUSDwoLT1VUQ09NRV9BTlkQABITCg9PVVRDT01FX0FMTE9XRUQQARITCg9PVVRDT01FX1JFRlVTRUQQAiKBAgoPUmVxdWVzdExvZ0VudHJ5EhIKCnJlcXVlc3RfaWQYASABKAkSDwoHdGltZV9tcxgCIAEoAxINCgVtb2RlbBgDIAEoCRISCgphcGlfa2V5X2lkGAQgASgJEg8KB2FsbG93ZWQYBSABKAgSDgoGcmVhc29uGAYgASgJEhQKDGlucHV0X3Rva2VucxgHIAEoAxIVCg1vdXRwdXRfdG9rZW5zGAggASgDEhUKDWNhY2hlZF90b2tlbnMYCSABKAMSGAoQcmVxdWVzdGVkX3Rva2VucxgKIAEoAxITCgtzdGF0dXNfY29kZRgLIAEoBRISCgpsYXRlbmN5X21zGAwgASgDIkoKF0xpc3RSZXF1ZXN0TG9nc1Jlc3BvbnNlEi8KB2VudHJpZXMYASADKAsyHi5yYXRlbGltaXRkLnYxLlJlcXVlc3RMb2dFbnRyeSKIAQoFUHJpY2USFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEg0KBW1vZGVsGAIgASgJEhkKEWlucHV0X3Blcl9taWxsaW9uGAMgASgBEhoKEm91dHB1dF9wZXJfbWlsbGlvbhgEIAEoARIgChhjYWNoZWRfaW5wdXRfcGVyX21pbGxpb24YBSABKAEiNgoPU2V0UHJpY2VSZXF1ZXN0EiMKBXByaWNlGAEgASgLMhQucmF0ZWxpbWl0ZC52MS5QcmljZSIsChFMaXN0UHJpY2VzUmVxdWVzdBIXCg9vcmdhbml6YXRpb25faWQYASABKAkiOgoSTGlzdFByaWNlc1Jlc3BvbnNlEiQKBnByaWNlcxgBIAMoCzIULnJhdGVsaW1pdGQudjEuUHJpY2UiaQoUU2V0U3BlbmRMaW1pdFJlcXVlc3QSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEhIKCnByb2plY3RfaWQYAiABKAkSFgoJbGltaXRfdXNkGAMgASgBSACIAQFCDAoKX2xpbWl0X3VzZCIyChdHZXRVc2FnZVNldHRpbmdzUmVxdWVzdBIXCg9vcmdhbml6YXRpb25faWQYASABKAkiUwoNVXNhZ2VTZXR0aW5ncxIXCg9vcmdhbml6YXRpb25faWQYASABKAkSKQohY2FjaGVkX3Rva2Vuc19jb3VudF90b3dhcmRfbGltaXRzGAIgASgIIlMKFEdldExpbWl0U3RhdGVSZXF1ZXN0EhcKD29yZ2FuaXphdGlvbl9pZBgBIAEoCRISCgpwcm9qZWN0X2lkGAIgASgJEg4KBm1vZGVscxgDIAMoCSKqAgoKTGltaXRTdGF0ZRINCgVtb2RlbBgBIAEoCRIOCgZtZXRyaWMYAiABKAkSDgoGd2luZG93GAMgASgJEh8KEm9yZ2FuaXphdGlvbl9saW1pdBgEIAEoA0gAiAEBEiMKFm9yZ2FuaXphdGlvbl9yZW1haW5pbmcYBSABKAFIAYgBARIaCg1wcm9qZWN0X2xpbWl0GAYgASgDSAKIAQESHgoRcHJvamVjdF9yZW1haW5pbmcYByABKAFIA4gBARIRCglyZW1haW5pbmcYCCABKAFCFQoTX29yZ2FuaXphdGlvbl9saW1pdEIZChdfb3JnYW5pemF0aW9uX3JlbWFpbmluZ0IQCg5fcHJvamVjdF9saW1pdEIUChJfcHJvamVjdF9yZW1haW5pbmciUwoVR2V0TGltaXRTdGF0ZVJlc3BvbnNlEikKBmxpbWl0cxgBIAMoCzIZLnJhdGVsaW1pdGQudjEuTGltaXRTdGF0ZRIPCgd0aW1lX21zGAIgASgDKm0KC0dyYW51bGFyaXR5EhsKF0dSQU5VTEFSSVRZX1VOU1BFQ0lGSUVEEAASFgoSR1JBTlVMQVJJVFlfTUlOVVRFEAESFAoQR1JBTlVMQVJJVFlfSE9VUhACEhMKD0dSQU5VTEFSSVRZX0RBWRADKmMKB0dyb3VwQnkSGAoUR1JPVVBfQllfVU5TUEVDSUZJRUQQABIUChBHUk9VUF9CWV9QUk9KRUNUEAESEgoOR1JPVVBfQllfTU9ERUwQAhIUChBHUk9VUF9CWV9BUElfS0VZEAMy/AUKDFVzYWdlU2VydmljZRJLCghHZXRVc2FnZRIeLnJhdGVsaW1pdGQudjEuR2V0VXNhZ2VSZXF1ZXN0Gh8ucmF0ZWxpbWl0ZC52MS5HZXRVc2FnZVJlc3BvbnNlEksKCEdldFNwZW5kEh4ucmF0ZWxpbWl0ZC52MS5HZXRTcGVuZFJlcXVlc3QaHy5yYXRlbGltaXRkLnYxLkdldFNwZW5kUmVzcG9uc2USYAoPTGlzdFJlcXVlc3RMb2dzEiUucmF0ZWxpbWl0ZC52MS5MaXN0UmVxdWVzdExvZ3NSZXF1ZXN0GiYucmF0ZWxpbWl0ZC52MS5MaXN0UmVxdWVzdExvZ3NSZXNwb25zZRJACghTZXRQcmljZRIeLnJhdGVsaW1pdGQudjEuU2V0UHJpY2VSZXF1ZXN0GhQucmF0ZWxpbWl0ZC52MS5QcmljZRJRCgpMaXN0UHJpY2VzEiAucmF0ZWxpbWl0ZC52MS5MaXN0UHJpY2VzUmVxdWVzdBohLnJhdGVsaW1pdGQudjEuTGlzdFByaWNlc1Jlc3BvbnNlElUKDVNldFNwZW5kTGltaXQSIy5yYXRlbGltaXRkLnYxLlNldFNwZW5kTGltaXRSZXF1ZXN0Gh8ucmF0ZWxpbWl0ZC52MS5HZXRTcGVuZFJlc3BvbnNlEk4KEFNldFVzYWdlU2V0dGluZ3MSHC5yYXRlbGltaXRkLnYxLlVzYWdlU2V0dGluZ3MaHC5yYXRlbGltaXRkLnYxLlVzYWdlU2V0dGluZ3MSWAoQR2V0VXNhZ2VTZXR0aW5ncxImLnJhdGVsaW1pdGQudjEuR2V0VXNhZ2VTZXR0aW5nc1JlcXVlc3QaHC5yYXRlbGltaXRkLnYxLlVzYWdlU2V0dGluZ3MSWgoNR2V0TGltaXRTdGF0ZRIjLnJhdGVsaW1pdGQudjEuR2V0TGltaXRTdGF0ZVJlcXVlc3QaJC5yYXRlbGltaXRkLnYxLkdldExpbWl0U3RhdGVSZXNwb25zZUKkAQoRY29tLnJhdGVsaW1pdGQudjFCClVzYWdlUHJvdG9QAVpKZ2l0aHViLmNvbS9yYXRlbGltaXRkL3JhdGVsaW1pdGQvY2xpZW50cy9nby9nZW4vcmF0ZWxpbWl0ZC92MTtyYXRlbGltaXRkdjGiAgNSTFiqAg1SYXRlbGltaXRkLlYxygINUmF0ZWxpbWl0ZFxWMeoCDlJhdGVsaW1pdGQ6OlYxYgZwcm90bzM");
 
 /**
  * @generated from message ratelimitd.v1.GetUsageRequest
@@ -601,6 +601,123 @@ export const UsageSettingsSchema: GenMessage<UsageSettings> = /*@__PURE__*/
   messageDesc(file_ratelimitd_v1_usage, 15);
 
 /**
+ * @generated from message ratelimitd.v1.GetLimitStateRequest
+ */
+export type GetLimitStateRequest = Message<"ratelimitd.v1.GetLimitStateRequest"> & {
+  /**
+   * @generated from field: string organization_id = 1;
+   */
+  organizationId: string;
+
+  /**
+   * @generated from field: string project_id = 2;
+   */
+  projectId: string;
+
+  /**
+   * Models to read (at most 100); empty = every model the organization or the
+   * project names in a limit (not "*": a model limited by "*" must be named).
+   *
+   * @generated from field: repeated string models = 3;
+   */
+  models: string[];
+};
+
+/**
+ * Describes the message ratelimitd.v1.GetLimitStateRequest.
+ * Use `create(GetLimitStateRequestSchema)` to create a new message.
+ */
+export const GetLimitStateRequestSchema: GenMessage<GetLimitStateRequest> = /*@__PURE__*/
+  messageDesc(file_ratelimitd_v1_usage, 16);
+
+/**
+ * @generated from message ratelimitd.v1.LimitState
+ */
+export type LimitState = Message<"ratelimitd.v1.LimitState"> & {
+  /**
+   * @generated from field: string model = 1;
+   */
+  model: string;
+
+  /**
+   * "requests" or "tokens"
+   *
+   * @generated from field: string metric = 2;
+   */
+  metric: string;
+
+  /**
+   * "minute", "day", ...
+   *
+   * @generated from field: string window = 3;
+   */
+  window: string;
+
+  /**
+   * The organization's limit and what is left of it now (shared by every
+   * project); absent when the organization has no limit for this dimension.
+   *
+   * @generated from field: optional int64 organization_limit = 4;
+   */
+  organizationLimit?: bigint;
+
+  /**
+   * @generated from field: optional double organization_remaining = 5;
+   */
+  organizationRemaining?: number;
+
+  /**
+   * The project's own limit and what is left of it; absent when it inherits.
+   *
+   * @generated from field: optional int64 project_limit = 6;
+   */
+  projectLimit?: bigint;
+
+  /**
+   * @generated from field: optional double project_remaining = 7;
+   */
+  projectRemaining?: number;
+
+  /**
+   * What the project may still use now: the smaller of the two remainders.
+   *
+   * @generated from field: double remaining = 8;
+   */
+  remaining: number;
+};
+
+/**
+ * Describes the message ratelimitd.v1.LimitState.
+ * Use `create(LimitStateSchema)` to create a new message.
+ */
+export const LimitStateSchema: GenMessage<LimitState> = /*@__PURE__*/
+  messageDesc(file_ratelimitd_v1_usage, 17);
+
+/**
+ * @generated from message ratelimitd.v1.GetLimitStateResponse
+ */
+export type GetLimitStateResponse = Message<"ratelimitd.v1.GetLimitStateResponse"> & {
+  /**
+   * @generated from field: repeated ratelimitd.v1.LimitState limits = 1;
+   */
+  limits: LimitState[];
+
+  /**
+   * The time the buckets were read at (the server's clock), ms since the epoch.
+   *
+   * @generated from field: int64 time_ms = 2;
+   */
+  timeMs: bigint;
+};
+
+/**
+ * Describes the message ratelimitd.v1.GetLimitStateResponse.
+ * Use `create(GetLimitStateResponseSchema)` to create a new message.
+ */
+export const GetLimitStateResponseSchema: GenMessage<GetLimitStateResponse> = /*@__PURE__*/
+  messageDesc(file_ratelimitd_v1_usage, 18);
+
+/**
  * @generated from enum ratelimitd.v1.Granularity
  */
 export enum Granularity {
@@ -731,6 +848,17 @@ export const UsageService: GenService<{
     methodKind: "unary";
     input: typeof GetUsageSettingsRequestSchema;
     output: typeof UsageSettingsSchema;
+  },
+  /**
+   * What a project may still use now, per model, metric and window: its own
+   * buckets and the organization's, drained to now. Reads only.
+   *
+   * @generated from rpc ratelimitd.v1.UsageService.GetLimitState
+   */
+  getLimitState: {
+    methodKind: "unary";
+    input: typeof GetLimitStateRequestSchema;
+    output: typeof GetLimitStateResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_ratelimitd_v1_usage, 0);
