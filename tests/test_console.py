@@ -39,7 +39,7 @@ ORG_REQUESTS_PER_MINUTE = 100
 DESKTOP: ViewportSize = {"width": 1280, "height": 800}
 PHONE: ViewportSize = {"width": 390, "height": 844}
 ZONE = "America/New_York"
-PAGES = ("projects", "limits", "keys", "usage", "metrics", "spend", "logs", "members", "audit")
+PAGES = ("projects", "limits", "keys", "live", "usage", "metrics", "spend", "logs", "members", "audit")
 WRITE_CONTROL = re.compile(r"^(Create|Save|Delete|Rename|Revoke|Add member|Remove|Inherit)")
 
 
@@ -215,6 +215,11 @@ def test_owner_creates_a_project_sets_limits_makes_a_key_and_sees_its_traffic(pa
     expect(chart).to_have_attribute("aria-label", re.compile(r"Requests: 3 admitted, 0 refused"))
     expect(p.locator("#tokens-chart")).to_have_attribute("aria-label", re.compile(r"120 input"))
     expect(p.get_by_text(f"times in {ZONE}")).to_be_visible()
+    # the project's bucket now: its own 50/min less the 3 sent (the manual clock stands still)
+    visit(p, live, "live", "live")
+    bucket = p.get_by_role("row", name=re.compile(f"^{M} requests per minute"))
+    expect(bucket).to_contain_text("47 / 50")
+    expect(bucket.get_by_role("cell").last).to_have_text("47")
     visit(p, live, "logs", "logs")
     expect(p.locator("tbody tr")).to_have_count(3)
     visit(p, live, "metrics", "metrics")

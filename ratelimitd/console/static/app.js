@@ -11,11 +11,13 @@ import { usagePage, metricsPage } from "./page-usage.js";
 import { spendPage } from "./page-spend.js";
 import { logsPage } from "./page-logs.js";
 import { membersPage, auditPage } from "./page-people.js";
+import { livePage } from "./page-live.js";
 
 const PAGES = [
   ["projects", "Projects", projectsPage],
   ["limits", "Limits", limitsPage],
   ["keys", "API keys", keysPage],
+  ["live", "Live", livePage],
   ["usage", "Usage", usagePage],
   ["metrics", "Metrics", metricsPage],
   ["spend", "Spend", spendPage],
