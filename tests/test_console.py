@@ -224,6 +224,8 @@ def test_owner_creates_a_project_sets_limits_makes_a_key_and_sees_its_traffic(pa
     expect(p.locator("tbody tr")).to_have_count(3)
     visit(p, live, "metrics", "metrics")
     expect(p.get_by_role("row", name=re.compile(M))).to_contain_text("150 ms")
+    latency = p.locator(f"[id='latency-{M}']")
+    expect(latency).to_have_attribute("aria-label", re.compile("p95 up to 200 ms"))
     visit(p, live, "spend")
     spend_row = p.get_by_role("table", name="Spend per project", exact=True).get_by_role(
         "row", name=re.compile("^console-demo")

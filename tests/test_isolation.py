@@ -76,6 +76,7 @@ CASES: list[tuple[str, Call]] = [
     ("GetSpend", lambda c, a, o, md: usage(c).GetSpend(upb.GetSpendRequest(organization_id=o.org), metadata=md)),
     ("GetLimitState", lambda c, a, o, md: usage(c).GetLimitState(upb.GetLimitStateRequest(organization_id=o.org, project_id=o.proj), metadata=md)),
     ("GetLimitState B's project in A", lambda c, a, o, md: usage(c).GetLimitState(upb.GetLimitStateRequest(organization_id=a, project_id=o.proj, models=[M]), metadata=md)),
+    ("GetRequestMetrics B's project in A", lambda c, a, o, md: usage(c).GetRequestMetrics(upb.GetRequestMetricsRequest(organization_id=a, project_id=o.proj, granularity=upb.GRANULARITY_HOUR), metadata=md)),
     ("ListRequestLogs", lambda c, a, o, md: usage(c).ListRequestLogs(upb.ListRequestLogsRequest(organization_id=o.org, project_id=o.proj), metadata=md)),
     ("ListRequestLogs B's id in A", lambda c, a, o, md: usage(c).ListRequestLogs(upb.ListRequestLogsRequest(organization_id=a, project_id=o.proj), metadata=md)),
     ("SetSpendLimit", lambda c, a, o, md: usage(c).SetSpendLimit(upb.SetSpendLimitRequest(organization_id=o.org, limit_usd=1), metadata=md)),

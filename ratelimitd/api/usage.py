@@ -14,6 +14,7 @@ from ratelimitd.engine.authz import authorize
 from ratelimitd.engine.credentials import Credentials
 from ratelimitd.engine.errors import InvalidArgument
 from ratelimitd.engine.live import LimitState, LiveState
+from ratelimitd.engine.request_metrics import RequestMetrics, request_metrics
 from ratelimitd.engine.usage import LogEntry, Price, SpendLine, Usage, UsageTotals
 from ratelimitd.v1 import usage_pb2 as pb
 from ratelimitd.v1 import usage_pb2_grpc
@@ -64,6 +65,13 @@ def _limit_state(s: LimitState) -> pb.LimitState:
         model=s.model, metric=s.metric, window=s.window, organization_limit=s.organization_limit,
         organization_remaining=s.organization_remaining, project_limit=s.project_limit,
         project_remaining=s.project_remaining, remaining=s.remaining,
+    )  # fmt: skip
+
+
+def _metrics_row(m: RequestMetrics) -> pb.RequestMetricsRow:
+    return pb.RequestMetricsRow(
+        bucket_start_ms=m.bucket_start_ms, model=m.model, reported=m.reported, latency_p50_ms=m.p50_ms,
+        latency_p95_ms=m.p95_ms, latency_p99_ms=m.p99_ms, status_codes=m.status_codes,
     )  # fmt: skip
 
 
@@ -172,3 +180,18 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
         await self._allow(context, "GetLimitState", request.organization_id)
         now_ms, states = await self.live.read(request.organization_id, request.project_id, list(request.models))
         return pb.GetLimitStateResponse(limits=[_limit_state(s) for s in states], time_ms=now_ms)
+
+    @rpc
+    async def GetRequestMetrics(
+        self, request: pb.GetRequestMetricsRequest, context: Context
+    ) -> pb.GetRequestMetricsResponse:
+        await self._allow(context, "GetRequestMetrics", request.organization_id)
+        if request.granularity not in _GRANULARITY:
+            raise InvalidArgument("granularity must be MINUTE, HOUR or DAY")
+        rows, totals = await request_metrics(
+            self.usage, request.organization_id, request.project_id, request.start_ms, request.end_ms,
+            _GRANULARITY[request.granularity],
+        )  # fmt: skip
+        return pb.GetRequestMetricsResponse(
+            rows=[_metrics_row(r) for r in rows], totals=[_metrics_row(t) for t in totals]
+        )

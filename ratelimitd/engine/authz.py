@@ -108,6 +108,7 @@ POLICY: Mapping[str, frozenset[Role]] = {
     "ListPrices": _ANYONE,
     "GetUsageSettings": _ANYONE,
     "GetLimitState": _ANYONE,
+    "GetRequestMetrics": _ANYONE,
     "SetSpendLimit": _OWNERS,
     "SetPrice": _OWNERS,
     "SetUsageSettings": _OPERATOR_ONLY,

@@ -703,3 +703,126 @@ class GetLimitStateResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetLimitStateResponse: _TypeAlias = GetLimitStateResponse  # noqa: Y015
+
+@_typing.final
+class GetRequestMetricsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    START_MS_FIELD_NUMBER: _builtins.int
+    END_MS_FIELD_NUMBER: _builtins.int
+    GRANULARITY_FIELD_NUMBER: _builtins.int
+    organization_id: _builtins.str
+    project_id: _builtins.str
+    start_ms: _builtins.int
+    """[start, end) in milliseconds since the epoch; end 0 = now."""
+    end_ms: _builtins.int
+    granularity: Global___Granularity.ValueType
+    def __init__(
+        self,
+        *,
+        organization_id: _builtins.str = ...,
+        project_id: _builtins.str = ...,
+        start_ms: _builtins.int = ...,
+        end_ms: _builtins.int = ...,
+        granularity: Global___Granularity.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_ms", b"end_ms", "granularity", b"granularity", "organization_id", b"organization_id", "project_id", b"project_id", "start_ms", b"start_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRequestMetricsRequest: _TypeAlias = GetRequestMetricsRequest  # noqa: Y015
+
+@_typing.final
+class RequestMetricsRow(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class StatusCodesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    BUCKET_START_MS_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    REPORTED_FIELD_NUMBER: _builtins.int
+    LATENCY_P50_MS_FIELD_NUMBER: _builtins.int
+    LATENCY_P95_MS_FIELD_NUMBER: _builtins.int
+    LATENCY_P99_MS_FIELD_NUMBER: _builtins.int
+    STATUS_CODES_FIELD_NUMBER: _builtins.int
+    bucket_start_ms: _builtins.int
+    """The bucket's start; in totals, the query's start."""
+    model: _builtins.str
+    reported: _builtins.int
+    """Requests reported with a status code (ReportUsage) in the bucket."""
+    latency_p50_ms: _builtins.int
+    """Nearest-rank percentiles of the reported latencies."""
+    latency_p95_ms: _builtins.int
+    latency_p99_ms: _builtins.int
+    @_builtins.property
+    def status_codes(self) -> _containers.ScalarMap[_builtins.int, _builtins.int]:
+        """Reported requests by HTTP status code."""
+
+    def __init__(
+        self,
+        *,
+        bucket_start_ms: _builtins.int = ...,
+        model: _builtins.str = ...,
+        reported: _builtins.int = ...,
+        latency_p50_ms: _builtins.int = ...,
+        latency_p95_ms: _builtins.int = ...,
+        latency_p99_ms: _builtins.int = ...,
+        status_codes: _abc.Mapping[_builtins.int, _builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket_start_ms", b"bucket_start_ms", "latency_p50_ms", b"latency_p50_ms", "latency_p95_ms", b"latency_p95_ms", "latency_p99_ms", b"latency_p99_ms", "model", b"model", "reported", b"reported", "status_codes", b"status_codes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestMetricsRow: _TypeAlias = RequestMetricsRow  # noqa: Y015
+
+@_typing.final
+class GetRequestMetricsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROWS_FIELD_NUMBER: _builtins.int
+    TOTALS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___RequestMetricsRow]:
+        """Per time bucket and model, oldest first."""
+
+    @_builtins.property
+    def totals(self) -> _containers.RepeatedCompositeFieldContainer[Global___RequestMetricsRow]:
+        """Per model over the whole range."""
+
+    def __init__(
+        self,
+        *,
+        rows: _abc.Iterable[Global___RequestMetricsRow] | None = ...,
+        totals: _abc.Iterable[Global___RequestMetricsRow] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rows", b"rows", "totals", b"totals"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRequestMetricsResponse: _TypeAlias = GetRequestMetricsResponse  # noqa: Y015

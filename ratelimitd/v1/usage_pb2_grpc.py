@@ -79,6 +79,11 @@ class UsageServiceStub:
                 request_serializer=ratelimitd_dot_v1_dot_usage__pb2.GetLimitStateRequest.SerializeToString,
                 response_deserializer=ratelimitd_dot_v1_dot_usage__pb2.GetLimitStateResponse.FromString,
                 _registered_method=True)
+        self.GetRequestMetrics = channel.unary_unary(
+                '/ratelimitd.v1.UsageService/GetRequestMetrics',
+                request_serializer=ratelimitd_dot_v1_dot_usage__pb2.GetRequestMetricsRequest.SerializeToString,
+                response_deserializer=ratelimitd_dot_v1_dot_usage__pb2.GetRequestMetricsResponse.FromString,
+                _registered_method=True)
 
 
 class UsageServiceServicer:
@@ -141,6 +146,15 @@ class UsageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRequestMetrics(self, request, context):
+        """Latency percentiles and status codes per model and time bucket, from what
+        ReportUsage recorded in the project's request log (its newest
+        RATELIMITD_LOG_ENTRIES entries, docs/usage.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UsageServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -188,6 +202,11 @@ def add_UsageServiceServicer_to_server(servicer, server):
                     servicer.GetLimitState,
                     request_deserializer=ratelimitd_dot_v1_dot_usage__pb2.GetLimitStateRequest.FromString,
                     response_serializer=ratelimitd_dot_v1_dot_usage__pb2.GetLimitStateResponse.SerializeToString,
+            ),
+            'GetRequestMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRequestMetrics,
+                    request_deserializer=ratelimitd_dot_v1_dot_usage__pb2.GetRequestMetricsRequest.FromString,
+                    response_serializer=ratelimitd_dot_v1_dot_usage__pb2.GetRequestMetricsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -433,6 +452,33 @@ class UsageService:
             '/ratelimitd.v1.UsageService/GetLimitState',
             ratelimitd_dot_v1_dot_usage__pb2.GetLimitStateRequest.SerializeToString,
             ratelimitd_dot_v1_dot_usage__pb2.GetLimitStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRequestMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ratelimitd.v1.UsageService/GetRequestMetrics',
+            ratelimitd_dot_v1_dot_usage__pb2.GetRequestMetricsRequest.SerializeToString,
+            ratelimitd_dot_v1_dot_usage__pb2.GetRequestMetricsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -80,3 +80,57 @@ export function stackedBars({ title, buckets, series, label, id }) {
   figure.append(caption, chart, legend);
   return figure;
 }
+
+// Lines over time (latency percentiles): points: [{ start: ms, values: { series: number } }];
+// a bucket without a value leaves a gap. The accessible name gives each series' highest value.
+export function lines({ title, points, series, label, unit, id }) {
+  let top = 0;
+  for (const p of points) for (const s of series) top = Math.max(top, Number(p.values[s.name] || 0));
+  top = niceCeiling(top);
+  const peaks = series.map((s) => `${s.name} up to ${count(Math.max(0, ...points.map((p) => Number(p.values[s.name] || 0))))} ${unit}`);
+  const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": `${title}: ${peaks.join(", ")}`, class: "chart" });
+  if (id) chart.id = id;
+  const plotW = W - PAD.left - PAD.right;
+  const plotH = H - PAD.top - PAD.bottom;
+  for (const f of [0, 0.5, 1]) {
+    const y = PAD.top + plotH * (1 - f);
+    chart.append(svg("line", { x1: PAD.left, x2: W - PAD.right, y1: y, y2: y, class: "grid" }));
+    chart.append(svg("text", { x: PAD.left - 6, y: y + 4, "text-anchor": "end", class: "axis" }, count(Math.round(top * f))));
+  }
+  const step = plotW / Math.max(points.length, 1);
+  const xOf = (i) => PAD.left + i * step + step / 2;
+  const yOf = (v) => PAD.top + plotH * (1 - v / top);
+  for (const s of series) {
+    let d = "";
+    points.forEach((p, i) => {
+      const v = p.values[s.name];
+      if (v === undefined) { d += " "; return; }
+      d += `${d.endsWith(" ") || d === "" ? "M" : "L"}${xOf(i).toFixed(1)},${yOf(Number(v)).toFixed(1)}`;
+      const dot = svg("circle", { cx: xOf(i), cy: yOf(Number(v)), r: 3, class: s.cls });
+      dot.append(svg("title", {}, `${label(p.start)}: ${s.name} ${count(v)} ${unit}`));
+      chart.append(dot);
+    });
+    chart.append(svg("path", { d: d.trim(), class: `line ${s.cls}` }));
+  }
+  const every = Math.ceil(points.length / 8);
+  points.forEach((p, i) => {
+    if (i % every === 0) {
+      const cls = (i / every) % 2 ? "axis x minor" : "axis x";
+      chart.append(svg("text", { x: xOf(i), y: H - 8, "text-anchor": "middle", class: cls }, label(p.start)));
+    }
+  });
+  const legend = document.createElement("ul");
+  legend.className = "legend";
+  for (const s of series) {
+    const li = document.createElement("li");
+    const swatch = document.createElement("span");
+    swatch.className = `swatch ${s.cls}`;
+    li.append(swatch, s.name);
+    legend.append(li);
+  }
+  const figure = document.createElement("figure");
+  const caption = document.createElement("figcaption");
+  caption.textContent = title;
+  figure.append(caption, chart, legend);
+  return figure;
+}

@@ -2,7 +2,7 @@
 // (latency percentiles and status codes per model, from the request log).
 
 import { call } from "./api.js";
-import { stackedBars } from "./chart.js";
+import { lines, stackedBars } from "./chart.js";
 import { h, select, table } from "./dom.js";
 import { clockTime, count, dayOf, money, zone } from "./format.js";
 
@@ -94,32 +94,44 @@ export async function usagePage(ctx) {
   ];
 }
 
-function percentile(sorted, p) {
-  if (!sorted.length) return 0;
-  return sorted[Math.min(sorted.length - 1, Math.ceil((p / 100) * sorted.length) - 1)];
+function statusClass(code) {
+  return `${String(code)[0]}xx`;
 }
 
 export async function metricsPage(ctx) {
   if (!ctx.project) return h("p", {}, "Choose or create a project first.");
-  const entries = (await call("UsageService", "ListRequestLogs", {
-    organizationId: ctx.org, projectId: ctx.project, limit: 1000 })).entries || [];
-  const byModel = new Map();
-  for (const e of entries) {
-    if (!Number(e.statusCode)) continue; // not reported yet: no latency or status to show
-    const m = byModel.get(e.model) || { latencies: [], statuses: {} };
-    m.latencies.push(Number(e.latencyMs));
-    m.statuses[e.statusCode] = (m.statuses[e.statusCode] || 0) + 1;
-    byModel.set(e.model, m);
+  const [picker, range] = rangePicker();
+  const end = Date.now() + range.step;
+  const reply = await call("UsageService", "GetRequestMetrics", {
+    organizationId: ctx.org, projectId: ctx.project, startMs: String(end - range.span - range.step),
+    endMs: String(end), granularity: range.granularity });
+  const rows = reply.rows || [];
+  const totals = reply.totals || [];
+  const parts = [h("div", { class: "toolbar" }, picker, h("p", { class: "muted" },
+    "From the requests ReportUsage recorded in the project's request log (its newest entries)."))];
+  for (const t of totals) {
+    const mine = rows.filter((r) => r.model === t.model);
+    parts.push(lines({
+      id: `latency-${t.model}`, title: `Latency of ${t.model}`, unit: "ms", label: range.label,
+      series: [{ name: "p50", cls: "s-a" }, { name: "p95", cls: "s-b" }, { name: "p99", cls: "s-c" }],
+      points: buckets(mine, range, (r) => ({
+        p50: Number(r.latencyP50Ms), p95: Number(r.latencyP95Ms), p99: Number(r.latencyP99Ms) })),
+    }));
+    parts.push(stackedBars({
+      title: `Status codes of ${t.model}`, label: range.label,
+      series: [{ name: "2xx", cls: "s-ok" }, { name: "4xx", cls: "s-b" }, { name: "5xx", cls: "s-bad" }],
+      buckets: buckets(mine, range, (r) => {
+        const v = {};
+        for (const [code, n] of Object.entries(r.statusCodes || {})) v[statusClass(code)] = (v[statusClass(code)] || 0) + Number(n);
+        return v;
+      }),
+    }));
   }
-  const rows = [...byModel.entries()].map(([model, m]) => {
-    const s = m.latencies.sort((a, b) => a - b);
-    return [h("code", {}, model), count(s.length), `${percentile(s, 50)} ms`, `${percentile(s, 95)} ms`,
-      `${percentile(s, 99)} ms`,
-      Object.entries(m.statuses).map(([code, n]) => `${code}: ${count(n)}`).join(", ")];
-  });
-  return [
-    h("p", { class: "muted" }, "From the latest 1,000 reported requests of the request log (ReportUsage)."),
-    table("Latency and status codes per model", ["Model", "Reported", "p50", "p95", "p99", "Status codes"], rows,
-      "No reported requests yet: ReportUsage records latency and status codes."),
-  ];
+  parts.push(table("Latency and status codes per model, whole range",
+    ["Model", "Reported", "p50", "p95", "p99", "Status codes"],
+    totals.map((t) => [h("code", {}, t.model), count(t.reported), `${count(t.latencyP50Ms)} ms`,
+      `${count(t.latencyP95Ms)} ms`, `${count(t.latencyP99Ms)} ms`,
+      Object.entries(t.statusCodes || {}).map(([code, n]) => `${code}: ${count(n)}`).join(", ")]),
+    "No reported requests in this range: ReportUsage records latency and status codes."));
+  return parts;
 }

@@ -1513,6 +1513,233 @@ func (x *GetLimitStateResponse) GetTimeMs() int64 {
 	return 0
 }
 
+type GetRequestMetricsRequest struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	OrganizationId string                 `protobuf:"bytes,1,opt,name=organization_id,json=organizationId,proto3" json:"organization_id,omitempty"`
+	ProjectId      string                 `protobuf:"bytes,2,opt,name=project_id,json=projectId,proto3" json:"project_id,omitempty"`
+	// [start, end) in milliseconds since the epoch; end 0 = now.
+	StartMs       int64       `protobuf:"varint,3,opt,name=start_ms,json=startMs,proto3" json:"start_ms,omitempty"`
+	EndMs         int64       `protobuf:"varint,4,opt,name=end_ms,json=endMs,proto3" json:"end_ms,omitempty"`
+	Granularity   Granularity `protobuf:"varint,5,opt,name=granularity,proto3,enum=ratelimitd.v1.Granularity" json:"granularity,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetRequestMetricsRequest) Reset() {
+	*x = GetRequestMetricsRequest{}
+	mi := &file_ratelimitd_v1_usage_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetRequestMetricsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetRequestMetricsRequest) ProtoMessage() {}
+
+func (x *GetRequestMetricsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_ratelimitd_v1_usage_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetRequestMetricsRequest.ProtoReflect.Descriptor instead.
+func (*GetRequestMetricsRequest) Descriptor() ([]byte, []int) {
+	return file_ratelimitd_v1_usage_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *GetRequestMetricsRequest) GetOrganizationId() string {
+	if x != nil {
+		return x.OrganizationId
+	}
+	return ""
+}
+
+func (x *GetRequestMetricsRequest) GetProjectId() string {
+	if x != nil {
+		return x.ProjectId
+	}
+	return ""
+}
+
+func (x *GetRequestMetricsRequest) GetStartMs() int64 {
+	if x != nil {
+		return x.StartMs
+	}
+	return 0
+}
+
+func (x *GetRequestMetricsRequest) GetEndMs() int64 {
+	if x != nil {
+		return x.EndMs
+	}
+	return 0
+}
+
+func (x *GetRequestMetricsRequest) GetGranularity() Granularity {
+	if x != nil {
+		return x.Granularity
+	}
+	return Granularity_GRANULARITY_UNSPECIFIED
+}
+
+type RequestMetricsRow struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The bucket's start; in totals, the query's start.
+	BucketStartMs int64  `protobuf:"varint,1,opt,name=bucket_start_ms,json=bucketStartMs,proto3" json:"bucket_start_ms,omitempty"`
+	Model         string `protobuf:"bytes,2,opt,name=model,proto3" json:"model,omitempty"`
+	// Requests reported with a status code (ReportUsage) in the bucket.
+	Reported int64 `protobuf:"varint,3,opt,name=reported,proto3" json:"reported,omitempty"`
+	// Nearest-rank percentiles of the reported latencies.
+	LatencyP50Ms int64 `protobuf:"varint,4,opt,name=latency_p50_ms,json=latencyP50Ms,proto3" json:"latency_p50_ms,omitempty"`
+	LatencyP95Ms int64 `protobuf:"varint,5,opt,name=latency_p95_ms,json=latencyP95Ms,proto3" json:"latency_p95_ms,omitempty"`
+	LatencyP99Ms int64 `protobuf:"varint,6,opt,name=latency_p99_ms,json=latencyP99Ms,proto3" json:"latency_p99_ms,omitempty"`
+	// Reported requests by HTTP status code.
+	StatusCodes   map[int32]int64 `protobuf:"bytes,7,rep,name=status_codes,json=statusCodes,proto3" json:"status_codes,omitempty" protobuf_key:"varint,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RequestMetricsRow) Reset() {
+	*x = RequestMetricsRow{}
+	mi := &file_ratelimitd_v1_usage_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RequestMetricsRow) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RequestMetricsRow) ProtoMessage() {}
+
+func (x *RequestMetricsRow) ProtoReflect() protoreflect.Message {
+	mi := &file_ratelimitd_v1_usage_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RequestMetricsRow.ProtoReflect.Descriptor instead.
+func (*RequestMetricsRow) Descriptor() ([]byte, []int) {
+	return file_ratelimitd_v1_usage_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *RequestMetricsRow) GetBucketStartMs() int64 {
+	if x != nil {
+		return x.BucketStartMs
+	}
+	return 0
+}
+
+func (x *RequestMetricsRow) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *RequestMetricsRow) GetReported() int64 {
+	if x != nil {
+		return x.Reported
+	}
+	return 0
+}
+
+func (x *RequestMetricsRow) GetLatencyP50Ms() int64 {
+	if x != nil {
+		return x.LatencyP50Ms
+	}
+	return 0
+}
+
+func (x *RequestMetricsRow) GetLatencyP95Ms() int64 {
+	if x != nil {
+		return x.LatencyP95Ms
+	}
+	return 0
+}
+
+func (x *RequestMetricsRow) GetLatencyP99Ms() int64 {
+	if x != nil {
+		return x.LatencyP99Ms
+	}
+	return 0
+}
+
+func (x *RequestMetricsRow) GetStatusCodes() map[int32]int64 {
+	if x != nil {
+		return x.StatusCodes
+	}
+	return nil
+}
+
+type GetRequestMetricsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Per time bucket and model, oldest first.
+	Rows []*RequestMetricsRow `protobuf:"bytes,1,rep,name=rows,proto3" json:"rows,omitempty"`
+	// Per model over the whole range.
+	Totals        []*RequestMetricsRow `protobuf:"bytes,2,rep,name=totals,proto3" json:"totals,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetRequestMetricsResponse) Reset() {
+	*x = GetRequestMetricsResponse{}
+	mi := &file_ratelimitd_v1_usage_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetRequestMetricsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetRequestMetricsResponse) ProtoMessage() {}
+
+func (x *GetRequestMetricsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_ratelimitd_v1_usage_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetRequestMetricsResponse.ProtoReflect.Descriptor instead.
+func (*GetRequestMetricsResponse) Descriptor() ([]byte, []int) {
+	return file_ratelimitd_v1_usage_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *GetRequestMetricsResponse) GetRows() []*RequestMetricsRow {
+	if x != nil {
+		return x.Rows
+	}
+	return nil
+}
+
+func (x *GetRequestMetricsResponse) GetTotals() []*RequestMetricsRow {
+	if x != nil {
+		return x.Totals
+	}
+	return nil
+}
+
 var File_ratelimitd_v1_usage_proto protoreflect.FileDescriptor
 
 const file_ratelimitd_v1_usage_proto_rawDesc = "" +
@@ -1644,7 +1871,28 @@ const file_ratelimitd_v1_usage_proto_rawDesc = "" +
 	"\x12_project_remaining\"c\n" +
 	"\x15GetLimitStateResponse\x121\n" +
 	"\x06limits\x18\x01 \x03(\v2\x19.ratelimitd.v1.LimitStateR\x06limits\x12\x17\n" +
-	"\atime_ms\x18\x02 \x01(\x03R\x06timeMs*m\n" +
+	"\atime_ms\x18\x02 \x01(\x03R\x06timeMs\"\xd2\x01\n" +
+	"\x18GetRequestMetricsRequest\x12'\n" +
+	"\x0forganization_id\x18\x01 \x01(\tR\x0eorganizationId\x12\x1d\n" +
+	"\n" +
+	"project_id\x18\x02 \x01(\tR\tprojectId\x12\x19\n" +
+	"\bstart_ms\x18\x03 \x01(\x03R\astartMs\x12\x15\n" +
+	"\x06end_ms\x18\x04 \x01(\x03R\x05endMs\x12<\n" +
+	"\vgranularity\x18\x05 \x01(\x0e2\x1a.ratelimitd.v1.GranularityR\vgranularity\"\xf5\x02\n" +
+	"\x11RequestMetricsRow\x12&\n" +
+	"\x0fbucket_start_ms\x18\x01 \x01(\x03R\rbucketStartMs\x12\x14\n" +
+	"\x05model\x18\x02 \x01(\tR\x05model\x12\x1a\n" +
+	"\breported\x18\x03 \x01(\x03R\breported\x12$\n" +
+	"\x0elatency_p50_ms\x18\x04 \x01(\x03R\flatencyP50Ms\x12$\n" +
+	"\x0elatency_p95_ms\x18\x05 \x01(\x03R\flatencyP95Ms\x12$\n" +
+	"\x0elatency_p99_ms\x18\x06 \x01(\x03R\flatencyP99Ms\x12T\n" +
+	"\fstatus_codes\x18\a \x03(\v21.ratelimitd.v1.RequestMetricsRow.StatusCodesEntryR\vstatusCodes\x1a>\n" +
+	"\x10StatusCodesEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\x05R\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"\x8b\x01\n" +
+	"\x19GetRequestMetricsResponse\x124\n" +
+	"\x04rows\x18\x01 \x03(\v2 .ratelimitd.v1.RequestMetricsRowR\x04rows\x128\n" +
+	"\x06totals\x18\x02 \x03(\v2 .ratelimitd.v1.RequestMetricsRowR\x06totals*m\n" +
 	"\vGranularity\x12\x1b\n" +
 	"\x17GRANULARITY_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12GRANULARITY_MINUTE\x10\x01\x12\x14\n" +
@@ -1654,7 +1902,7 @@ const file_ratelimitd_v1_usage_proto_rawDesc = "" +
 	"\x14GROUP_BY_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10GROUP_BY_PROJECT\x10\x01\x12\x12\n" +
 	"\x0eGROUP_BY_MODEL\x10\x02\x12\x14\n" +
-	"\x10GROUP_BY_API_KEY\x10\x032\xfc\x05\n" +
+	"\x10GROUP_BY_API_KEY\x10\x032\xe4\x06\n" +
 	"\fUsageService\x12K\n" +
 	"\bGetUsage\x12\x1e.ratelimitd.v1.GetUsageRequest\x1a\x1f.ratelimitd.v1.GetUsageResponse\x12K\n" +
 	"\bGetSpend\x12\x1e.ratelimitd.v1.GetSpendRequest\x1a\x1f.ratelimitd.v1.GetSpendResponse\x12`\n" +
@@ -1665,7 +1913,8 @@ const file_ratelimitd_v1_usage_proto_rawDesc = "" +
 	"\rSetSpendLimit\x12#.ratelimitd.v1.SetSpendLimitRequest\x1a\x1f.ratelimitd.v1.GetSpendResponse\x12N\n" +
 	"\x10SetUsageSettings\x12\x1c.ratelimitd.v1.UsageSettings\x1a\x1c.ratelimitd.v1.UsageSettings\x12X\n" +
 	"\x10GetUsageSettings\x12&.ratelimitd.v1.GetUsageSettingsRequest\x1a\x1c.ratelimitd.v1.UsageSettings\x12Z\n" +
-	"\rGetLimitState\x12#.ratelimitd.v1.GetLimitStateRequest\x1a$.ratelimitd.v1.GetLimitStateResponseB\xa4\x01\n" +
+	"\rGetLimitState\x12#.ratelimitd.v1.GetLimitStateRequest\x1a$.ratelimitd.v1.GetLimitStateResponse\x12f\n" +
+	"\x11GetRequestMetrics\x12'.ratelimitd.v1.GetRequestMetricsRequest\x1a(.ratelimitd.v1.GetRequestMetricsResponseB\xa4\x01\n" +
 	"\x11com.ratelimitd.v1B\n" +
 	"UsageProtoP\x01ZJgithub.com/ratelimitd/ratelimitd/clients/go/gen/ratelimitd/v1;ratelimitdv1\xa2\x02\x03RLX\xaa\x02\rRatelimitd.V1\xca\x02\rRatelimitd\\V1\xea\x02\x0eRatelimitd::V1b\x06proto3"
 
@@ -1682,7 +1931,7 @@ func file_ratelimitd_v1_usage_proto_rawDescGZIP() []byte {
 }
 
 var file_ratelimitd_v1_usage_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_ratelimitd_v1_usage_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
+var file_ratelimitd_v1_usage_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_ratelimitd_v1_usage_proto_goTypes = []any{
 	(Granularity)(0),                    // 0: ratelimitd.v1.Granularity
 	(GroupBy)(0),                        // 1: ratelimitd.v1.GroupBy
@@ -1706,12 +1955,16 @@ var file_ratelimitd_v1_usage_proto_goTypes = []any{
 	(*GetLimitStateRequest)(nil),        // 19: ratelimitd.v1.GetLimitStateRequest
 	(*LimitState)(nil),                  // 20: ratelimitd.v1.LimitState
 	(*GetLimitStateResponse)(nil),       // 21: ratelimitd.v1.GetLimitStateResponse
-	nil,                                 // 22: ratelimitd.v1.UsageRow.RefusalsEntry
+	(*GetRequestMetricsRequest)(nil),    // 22: ratelimitd.v1.GetRequestMetricsRequest
+	(*RequestMetricsRow)(nil),           // 23: ratelimitd.v1.RequestMetricsRow
+	(*GetRequestMetricsResponse)(nil),   // 24: ratelimitd.v1.GetRequestMetricsResponse
+	nil,                                 // 25: ratelimitd.v1.UsageRow.RefusalsEntry
+	nil,                                 // 26: ratelimitd.v1.RequestMetricsRow.StatusCodesEntry
 }
 var file_ratelimitd_v1_usage_proto_depIdxs = []int32{
 	0,  // 0: ratelimitd.v1.GetUsageRequest.granularity:type_name -> ratelimitd.v1.Granularity
 	1,  // 1: ratelimitd.v1.GetUsageRequest.group_by:type_name -> ratelimitd.v1.GroupBy
-	22, // 2: ratelimitd.v1.UsageRow.refusals:type_name -> ratelimitd.v1.UsageRow.RefusalsEntry
+	25, // 2: ratelimitd.v1.UsageRow.refusals:type_name -> ratelimitd.v1.UsageRow.RefusalsEntry
 	4,  // 3: ratelimitd.v1.GetUsageResponse.rows:type_name -> ratelimitd.v1.UsageRow
 	4,  // 4: ratelimitd.v1.GetUsageResponse.total:type_name -> ratelimitd.v1.UsageRow
 	7,  // 5: ratelimitd.v1.GetSpendResponse.organization:type_name -> ratelimitd.v1.SpendLine
@@ -1721,29 +1974,35 @@ var file_ratelimitd_v1_usage_proto_depIdxs = []int32{
 	12, // 9: ratelimitd.v1.SetPriceRequest.price:type_name -> ratelimitd.v1.Price
 	12, // 10: ratelimitd.v1.ListPricesResponse.prices:type_name -> ratelimitd.v1.Price
 	20, // 11: ratelimitd.v1.GetLimitStateResponse.limits:type_name -> ratelimitd.v1.LimitState
-	3,  // 12: ratelimitd.v1.UsageService.GetUsage:input_type -> ratelimitd.v1.GetUsageRequest
-	6,  // 13: ratelimitd.v1.UsageService.GetSpend:input_type -> ratelimitd.v1.GetSpendRequest
-	9,  // 14: ratelimitd.v1.UsageService.ListRequestLogs:input_type -> ratelimitd.v1.ListRequestLogsRequest
-	13, // 15: ratelimitd.v1.UsageService.SetPrice:input_type -> ratelimitd.v1.SetPriceRequest
-	14, // 16: ratelimitd.v1.UsageService.ListPrices:input_type -> ratelimitd.v1.ListPricesRequest
-	16, // 17: ratelimitd.v1.UsageService.SetSpendLimit:input_type -> ratelimitd.v1.SetSpendLimitRequest
-	18, // 18: ratelimitd.v1.UsageService.SetUsageSettings:input_type -> ratelimitd.v1.UsageSettings
-	17, // 19: ratelimitd.v1.UsageService.GetUsageSettings:input_type -> ratelimitd.v1.GetUsageSettingsRequest
-	19, // 20: ratelimitd.v1.UsageService.GetLimitState:input_type -> ratelimitd.v1.GetLimitStateRequest
-	5,  // 21: ratelimitd.v1.UsageService.GetUsage:output_type -> ratelimitd.v1.GetUsageResponse
-	8,  // 22: ratelimitd.v1.UsageService.GetSpend:output_type -> ratelimitd.v1.GetSpendResponse
-	11, // 23: ratelimitd.v1.UsageService.ListRequestLogs:output_type -> ratelimitd.v1.ListRequestLogsResponse
-	12, // 24: ratelimitd.v1.UsageService.SetPrice:output_type -> ratelimitd.v1.Price
-	15, // 25: ratelimitd.v1.UsageService.ListPrices:output_type -> ratelimitd.v1.ListPricesResponse
-	8,  // 26: ratelimitd.v1.UsageService.SetSpendLimit:output_type -> ratelimitd.v1.GetSpendResponse
-	18, // 27: ratelimitd.v1.UsageService.SetUsageSettings:output_type -> ratelimitd.v1.UsageSettings
-	18, // 28: ratelimitd.v1.UsageService.GetUsageSettings:output_type -> ratelimitd.v1.UsageSettings
-	21, // 29: ratelimitd.v1.UsageService.GetLimitState:output_type -> ratelimitd.v1.GetLimitStateResponse
-	21, // [21:30] is the sub-list for method output_type
-	12, // [12:21] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	0,  // 12: ratelimitd.v1.GetRequestMetricsRequest.granularity:type_name -> ratelimitd.v1.Granularity
+	26, // 13: ratelimitd.v1.RequestMetricsRow.status_codes:type_name -> ratelimitd.v1.RequestMetricsRow.StatusCodesEntry
+	23, // 14: ratelimitd.v1.GetRequestMetricsResponse.rows:type_name -> ratelimitd.v1.RequestMetricsRow
+	23, // 15: ratelimitd.v1.GetRequestMetricsResponse.totals:type_name -> ratelimitd.v1.RequestMetricsRow
+	3,  // 16: ratelimitd.v1.UsageService.GetUsage:input_type -> ratelimitd.v1.GetUsageRequest
+	6,  // 17: ratelimitd.v1.UsageService.GetSpend:input_type -> ratelimitd.v1.GetSpendRequest
+	9,  // 18: ratelimitd.v1.UsageService.ListRequestLogs:input_type -> ratelimitd.v1.ListRequestLogsRequest
+	13, // 19: ratelimitd.v1.UsageService.SetPrice:input_type -> ratelimitd.v1.SetPriceRequest
+	14, // 20: ratelimitd.v1.UsageService.ListPrices:input_type -> ratelimitd.v1.ListPricesRequest
+	16, // 21: ratelimitd.v1.UsageService.SetSpendLimit:input_type -> ratelimitd.v1.SetSpendLimitRequest
+	18, // 22: ratelimitd.v1.UsageService.SetUsageSettings:input_type -> ratelimitd.v1.UsageSettings
+	17, // 23: ratelimitd.v1.UsageService.GetUsageSettings:input_type -> ratelimitd.v1.GetUsageSettingsRequest
+	19, // 24: ratelimitd.v1.UsageService.GetLimitState:input_type -> ratelimitd.v1.GetLimitStateRequest
+	22, // 25: ratelimitd.v1.UsageService.GetRequestMetrics:input_type -> ratelimitd.v1.GetRequestMetricsRequest
+	5,  // 26: ratelimitd.v1.UsageService.GetUsage:output_type -> ratelimitd.v1.GetUsageResponse
+	8,  // 27: ratelimitd.v1.UsageService.GetSpend:output_type -> ratelimitd.v1.GetSpendResponse
+	11, // 28: ratelimitd.v1.UsageService.ListRequestLogs:output_type -> ratelimitd.v1.ListRequestLogsResponse
+	12, // 29: ratelimitd.v1.UsageService.SetPrice:output_type -> ratelimitd.v1.Price
+	15, // 30: ratelimitd.v1.UsageService.ListPrices:output_type -> ratelimitd.v1.ListPricesResponse
+	8,  // 31: ratelimitd.v1.UsageService.SetSpendLimit:output_type -> ratelimitd.v1.GetSpendResponse
+	18, // 32: ratelimitd.v1.UsageService.SetUsageSettings:output_type -> ratelimitd.v1.UsageSettings
+	18, // 33: ratelimitd.v1.UsageService.GetUsageSettings:output_type -> ratelimitd.v1.UsageSettings
+	21, // 34: ratelimitd.v1.UsageService.GetLimitState:output_type -> ratelimitd.v1.GetLimitStateResponse
+	24, // 35: ratelimitd.v1.UsageService.GetRequestMetrics:output_type -> ratelimitd.v1.GetRequestMetricsResponse
+	26, // [26:36] is the sub-list for method output_type
+	16, // [16:26] is the sub-list for method input_type
+	16, // [16:16] is the sub-list for extension type_name
+	16, // [16:16] is the sub-list for extension extendee
+	0,  // [0:16] is the sub-list for field type_name
 }
 
 func init() { file_ratelimitd_v1_usage_proto_init() }
@@ -1760,7 +2019,7 @@ func file_ratelimitd_v1_usage_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ratelimitd_v1_usage_proto_rawDesc), len(file_ratelimitd_v1_usage_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   20,
+			NumMessages:   24,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
