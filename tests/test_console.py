@@ -235,6 +235,32 @@ def test_owner_creates_a_project_sets_limits_makes_a_key_and_sees_its_traffic(pa
         visit(p, live, name, name)
 
 
+def test_an_owner_renames_a_project_and_deletes_it_only_once_confirmed(page: Page, live: Live) -> None:
+    p = page
+    sign_in(p, live, live.owner_token)
+    visit(p, live, "projects")
+    p.get_by_label("New project name").fill("scratch")
+    p.get_by_role("button", name="Create project").click()
+    expect(p.get_by_role("cell", name=re.compile("^scratch proj_"))).to_be_visible()
+    p.once("dialog", lambda dialog: dialog.accept("scratch-2"))  # the browser's own prompt for the name
+    p.get_by_role("button", name="Rename scratch", exact=True).click()
+    expect(p.get_by_role("cell", name=re.compile("^scratch-2 proj_"))).to_be_visible()
+    p.get_by_role("button", name="Delete scratch-2").click()
+    confirm = p.get_by_role("dialog")
+    expect(confirm).to_contain_text("cannot be undone")
+    p.screenshot(path=str(live.shots / "projects-delete-confirm.png"))
+    confirm.get_by_role("button", name="Cancel").click()
+    expect(p.get_by_role("cell", name=re.compile("^scratch-2 proj_"))).to_be_visible()
+    p.get_by_role("button", name="Delete scratch-2").click()
+    p.get_by_role("dialog").get_by_role("button", name="Delete scratch-2").click()
+    expect(p.get_by_role("cell", name=re.compile("^scratch-2 proj_"))).to_have_count(0)
+    with grpc.insecure_channel(live.grpc_address) as channel:
+        listed = admin_pb2_grpc.ProjectServiceStub(channel).ListProjects(
+            apb.ListProjectsRequest(organization_id=live.org_id), metadata=AUTH
+        )
+    assert "scratch-2" not in [q.name for q in listed.projects]
+
+
 def test_a_reader_finds_no_write_control_on_any_page(page: Page, live: Live) -> None:
     p = page
     # by keyboard alone: the credential field has the focus, Enter submits
