@@ -21,7 +21,8 @@ export function table(caption, headers, rows, empty = "Nothing yet.") {
     h("table", {},
       h("caption", {}, caption),
       h("thead", {}, h("tr", {}, headers.map((x) => h("th", { scope: "col" }, x)))),
-      h("tbody", {}, rows.map((cells) => h("tr", {}, cells.map((c) => h("td", {}, c)))))));
+      // each cell names its column, for the stacked layout of narrow screens (style.css)
+      h("tbody", {}, rows.map((cells) => h("tr", {}, cells.map((c, i) => h("td", { "data-label": headers[i] }, c)))))));
 }
 
 export function errorBox(error) {
