@@ -222,6 +222,13 @@ def test_owner_creates_a_project_sets_limits_makes_a_key_and_sees_its_traffic(pa
     expect(bucket.get_by_role("cell").last).to_have_text("47")
     visit(p, live, "logs", "logs")
     expect(p.locator("tbody tr")).to_have_count(3)
+    p.get_by_label("Outcome").select_option(label="Refused")
+    p.get_by_role("button", name="Filter").click()
+    expect(p.get_by_text("No requests match.")).to_be_visible()
+    p.get_by_label("Outcome").select_option(label="Admitted")
+    p.get_by_label("API key").select_option(index=1)  # demo-key, the project's one key
+    p.get_by_role("button", name="Filter").click()
+    expect(p.locator("tbody tr")).to_have_count(3)
     visit(p, live, "metrics", "metrics")
     expect(p.get_by_role("row", name=re.compile(M))).to_contain_text("150 ms")
     latency = p.locator(f"[id='latency-{M}']")

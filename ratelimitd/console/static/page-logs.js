@@ -1,7 +1,7 @@
 // Logs: the project's request log, filtered by model, key and outcome.
 
 import { call } from "./api.js";
-import { h, field, select, table } from "./dom.js";
+import { field, h, select, table } from "./dom.js";
 import { count, when } from "./format.js";
 import { keyNames } from "./page-usage.js";
 
@@ -14,7 +14,7 @@ export async function logsPage(ctx) {
     keyNames(ctx)]);
   const entries = reply.entries || [];
   const [modelField, model] = field("Model", { value: filters.model, name: "model" });
-  const [keyField, key] = field("API key id", { value: filters.apiKeyId, name: "key" });
+  const [keyField, key] = select("API key", [["", "Any key"], ...keys.entries()], filters.apiKeyId);
   const [outcomeField, outcome] = select("Outcome",
     [["OUTCOME_ANY", "Any"], ["OUTCOME_ALLOWED", "Admitted"], ["OUTCOME_REFUSED", "Refused"]], filters.outcome);
   const form = h("form", { class: "inline-form", "aria-label": "Filter the request log" },
