@@ -241,3 +241,27 @@ async def test_the_console_pages_are_served_from_the_package_with_a_strict_polic
         assert r.status == 404
     status, reply = await browser.rpc("ratelimitd.v1.CredentialService/WhoAmI", {})
     assert status == 401 and "not signed in" in reply["message"]
+
+
+async def test_a_session_made_by_one_process_works_on_another(
+    storage: Storage, browser: Browser, console_app: App
+) -> None:
+    """--workers N or several machines: sessions live in storage, not in a process."""
+    other = App(settings_for(storage.url, http_listen="127.0.0.1:0", console_session_ttl_s=TTL_S))
+    await other.start()
+    try:
+        await browser.sign_in(OPERATOR_TOKEN)
+        jar = aiohttp.CookieJar(unsafe=True)
+        jar.update_cookies({COOKIE: browser.session_id()})
+        async with aiohttp.ClientSession(cookie_jar=jar) as session:
+            elsewhere = Browser(session, f"http://127.0.0.1:{other.http_port}")
+            elsewhere.csrf = browser.csrf
+            status, me = await elsewhere.rpc("ratelimitd.v1.CredentialService/WhoAmI", {})
+            assert status == 200 and me["kind"] == "operator"
+            async with session.delete(
+                f"{elsewhere.base}/console/api/session", headers={"X-CSRF-Token": browser.csrf}
+            ) as r:
+                assert r.status == 200
+        assert (await browser.whoami())[0] == 401  # signed out there, so here too
+    finally:
+        await other.stop(0)
