@@ -18,6 +18,9 @@ export async function keyNames(ctx) {
   return new Map(keys.map((k) => [k.id, `${k.name} (${k.prefix}…)`]));
 }
 
+const REASON_CLASSES = ["s-bad", "s-b", "s-c", "s-a"];
+const reasonName = (reason) => reason.replace("REASON_", "").toLowerCase();
+
 const refused = (r) => Object.values(r.refusals || {}).reduce((a, b) => a + Number(b), 0);
 
 function rangePicker() {
@@ -86,8 +89,14 @@ export async function usagePage(ctx) {
       buckets: buckets(overall, range, (r) => ({
         input: Number(r.inputTokens), output: Number(r.outputTokens), cached: Number(r.cachedTokens) })),
     }),
+    Object.keys(reasons).length ? stackedBars({
+      id: "refusals-chart", title: "Refusals by reason", label: range.label,
+      series: Object.keys(reasons).map((k, i) => ({ name: reasonName(k), cls: REASON_CLASSES[i % REASON_CLASSES.length] })),
+      buckets: buckets(overall, range, (r) => Object.fromEntries(
+        Object.entries(r.refusals || {}).map(([k, v]) => [reasonName(k), Number(v)]))),
+    }) : null,
     table("Refusals by reason", ["Reason", "Refused"],
-      Object.entries(reasons).map(([k, v]) => [h("code", {}, k.replace("REASON_", "").toLowerCase()), count(v)]),
+      Object.entries(reasons).map(([k, v]) => [h("code", {}, reasonName(k)), count(v)]),
       "No refusals in this range."),
     table("By model", ["Model", ...heads], totalsBy(byModel, (r) => r.model), "No traffic in this range."),
     table("By API key", ["Key", ...heads], totalsBy(byKey, (r) => keys.get(r.apiKeyId) || r.apiKeyId), "No traffic in this range."),
