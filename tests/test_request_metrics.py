@@ -35,6 +35,7 @@ async def _metrics(client: Client, org: str, project: str, **fields: object) -> 
 async def test_percentiles_and_status_codes_per_model_and_minute(client: Client, clock: Clock) -> None:
     org = await client.org("acme", [(M, "requests", "minute", 1000)])
     project, secret = await client.project(org, "prod")
+    await clock.advance(2 * 3600)  # ahead of real time, whatever the minute of the hour the test runs in
     statuses = [200] * 8 + [429, 500]
     for i, status in enumerate(statuses):
         await _report(client, secret, f"a{i}", status, 10 * (i + 1))  # 10 ... 100 ms
@@ -44,7 +45,9 @@ async def test_percentiles_and_status_codes_per_model_and_minute(client: Client,
     await _report(client, secret, "b0", 200, 300)
     await _report(client, secret, "b1", 200, 400)
 
-    reply = await _metrics(client, org, project, granularity=upb.GRANULARITY_MINUTE)
+    # an explicit end: "now" is the server's real time, which the manual clock may be ahead of
+    until = {"start_ms": 0, "end_ms": round((clock.now_s + 3600) * 1000)}
+    reply = await _metrics(client, org, project, granularity=upb.GRANULARITY_MINUTE, **until)
     first, second = reply.rows
     assert second.bucket_start_ms - first.bucket_start_ms == 60_000
     assert (first.model, first.reported) == (M, 10)
@@ -55,7 +58,7 @@ async def test_percentiles_and_status_codes_per_model_and_minute(client: Client,
     assert (total.reported, total.latency_p50_ms, total.latency_p95_ms, total.latency_p99_ms) == (12, 60, 400, 400)
     assert dict(total.status_codes) == {200: 10, 429: 1, 500: 1}
 
-    hourly = await _metrics(client, org, project, granularity=upb.GRANULARITY_HOUR)
+    hourly = await _metrics(client, org, project, granularity=upb.GRANULARITY_HOUR, **until)
     assert [r.reported for r in hourly.rows] == [12]
 
 
