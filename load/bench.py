@@ -32,10 +32,11 @@ import grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ratelimitd.client_cli import Api, parse_limit_args  # noqa: E402
+from ratelimitd.cli.client import Api  # noqa: E402
+from ratelimitd.cli.limits import parse_limit_args  # noqa: E402
 from ratelimitd.v1 import admin_pb2 as apb  # noqa: E402
+from ratelimitd.v1 import rate_limit_service_pb2_grpc  # noqa: E402
 from ratelimitd.v1 import ratelimit_pb2 as pb  # noqa: E402
-from ratelimitd.v1 import ratelimit_pb2_grpc  # noqa: E402
 
 MODEL = "llama-3.1-8b-instant"
 HUGE = 10**11
@@ -43,27 +44,22 @@ HUGE = 10**11
 
 async def setup(address: str, token: str, projects: int) -> list[str]:
     api = Api(address, token)
-    md = api.metadata
-    org = await api.orgs.CreateOrganization(apb.CreateOrganizationRequest(name="bench"), metadata=md)
+    org = await api.orgs.CreateOrganization(apb.CreateOrganizationRequest(name="bench"))
     await api.orgs.SetOrganizationLimits(
         apb.SetOrganizationLimitsRequest(
             organization_id=org.id, set=parse_limit_args(MODEL, [f"{n}={HUGE}" for n in ("rpm", "rpd", "tpm", "tpd")])
         ),
-        metadata=md,
     )
     keys = []
     for i in range(projects):
-        p = await api.projects.CreateProject(
-            apb.CreateProjectRequest(organization_id=org.id, name=f"bench-{i}"), metadata=md
-        )
+        p = await api.projects.CreateProject(apb.CreateProjectRequest(organization_id=org.id, name=f"bench-{i}"))
         await api.projects.SetProjectLimits(
             apb.SetProjectLimitsRequest(
                 organization_id=org.id, project_id=p.id, set=parse_limit_args(MODEL, [f"rpm={HUGE}", f"tpm={HUGE}"])
             ),
-            metadata=md,
         )
         k = await api.projects.CreateApiKey(
-            apb.CreateApiKeyRequest(organization_id=org.id, project_id=p.id, name="bench"), metadata=md
+            apb.CreateApiKeyRequest(organization_id=org.id, project_id=p.id, name="bench")
         )
         keys.append(k.secret)
     await api.channel.close()
@@ -78,7 +74,7 @@ async def drive(
     channels = [
         grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(connections)
     ]
-    stubs = [ratelimit_pb2_grpc.RateLimitServiceStub(ch) for ch in channels]
+    stubs = [rate_limit_service_pb2_grpc.RateLimitServiceStub(ch) for ch in channels]
     reqs = [pb.CheckRequest(api_key=k, model=MODEL, tokens=500) for k in keys]
     if mix == "stream":
         return await drive_streams(stubs, reqs, requests, seconds, concurrency)
@@ -125,7 +121,7 @@ async def drive(
 
 
 async def drive_streams(
-    stubs: list[ratelimit_pb2_grpc.RateLimitServiceAsyncStub],
+    stubs: list[rate_limit_service_pb2_grpc.RateLimitServiceAsyncStub],
     reqs: list[pb.CheckRequest],
     requests: int,
     seconds: float,
@@ -136,7 +132,7 @@ async def drive_streams(
     counts = {"sent": 0, "allowed": 0, "errors": 0}
     deadline = time.perf_counter() + seconds
 
-    async def one_stream(stub: ratelimit_pb2_grpc.RateLimitServiceAsyncStub, window: int) -> None:
+    async def one_stream(stub: rate_limit_service_pb2_grpc.RateLimitServiceAsyncStub, window: int) -> None:
         call = stub.CheckAndConsumeStream()
         room = asyncio.Semaphore(window)
         sent_at: collections.deque[float] = collections.deque()

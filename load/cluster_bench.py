@@ -45,7 +45,8 @@ import redis.asyncio  # noqa: E402
 from redis.asyncio.cluster import RedisCluster  # noqa: E402
 from redis.crc import key_slot  # noqa: E402
 
-from ratelimitd.client_cli import Api, parse_limit_args  # noqa: E402
+from ratelimitd.cli.client import Api  # noqa: E402
+from ratelimitd.cli.limits import parse_limit_args  # noqa: E402
 from ratelimitd.v1 import admin_pb2 as apb  # noqa: E402
 from tests.cluster import BOUNDS, LocalCluster  # noqa: E402
 
@@ -62,31 +63,25 @@ async def spread_orgs(address: str, per_primary: int, single: bool) -> list[str]
     """Organizations until each primary owns ``per_primary`` (ids are drawn by the server,
     so some land where enough are already: those are left unused). One key each."""
     api = Api(address, procs.OPERATOR_TOKEN)
-    md = api.metadata
     chosen: dict[int, list[str]] = {0: [], 1: [], 2: []}
     for _ in range(per_primary * 200):  # bounded: each draw lands on a given primary with p ~ 1/3
         if all(len(v) >= per_primary for v in chosen.values()):
             break
-        org = await api.orgs.CreateOrganization(apb.CreateOrganizationRequest(name="bench"), metadata=md)
+        org = await api.orgs.CreateOrganization(apb.CreateOrganizationRequest(name="bench"))
         where = len(chosen[0]) % 3 if single else primary_index(org.id)
         if len(chosen[where]) < per_primary:
             chosen[where].append(org.id)
     keys = []
     for org_id in (o for v in chosen.values() for o in v):
         limits = parse_limit_args(MODEL, [f"{n}={HUGE}" for n in ("rpm", "rpd", "tpm", "tpd")])
-        await api.orgs.SetOrganizationLimits(
-            apb.SetOrganizationLimitsRequest(organization_id=org_id, set=limits), metadata=md
-        )
-        p = await api.projects.CreateProject(apb.CreateProjectRequest(organization_id=org_id, name="p"), metadata=md)
+        await api.orgs.SetOrganizationLimits(apb.SetOrganizationLimitsRequest(organization_id=org_id, set=limits))
+        p = await api.projects.CreateProject(apb.CreateProjectRequest(organization_id=org_id, name="p"))
         await api.projects.SetProjectLimits(
             apb.SetProjectLimitsRequest(
                 organization_id=org_id, project_id=p.id, set=parse_limit_args(MODEL, [f"rpm={HUGE}", f"tpm={HUGE}"])
             ),
-            metadata=md,
         )
-        k = await api.projects.CreateApiKey(
-            apb.CreateApiKeyRequest(organization_id=org_id, project_id=p.id, name="k"), metadata=md
-        )
+        k = await api.projects.CreateApiKey(apb.CreateApiKeyRequest(organization_id=org_id, project_id=p.id, name="k"))
         keys.append(k.secret)
     await api.channel.close()
     return keys

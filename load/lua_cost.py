@@ -2,6 +2,7 @@
 
     python load/lua_cost.py [--calls 3000]              # through the real server (gRPC), the default
     python load/lua_cost.py --direct [--calls 3000]     # the engine in-process, scripts called directly
+    python load/lua_cost.py --profile [--calls 3000]    # decide.lua's CPU by section, and its floor
 
 Both modes start a private Valkey on a free loopback port (no AOF, no RDB) and
 set up one organization with RPM/RPD/TPM/TPD limits for the model, one project
@@ -52,11 +53,12 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import lua_profile
 import procs
 from bench import MODEL
 
+from ratelimitd.v1 import rate_limit_service_pb2_grpc, usage_pb2_grpc
 from ratelimitd.v1 import ratelimit_pb2 as pb
-from ratelimitd.v1 import ratelimit_pb2_grpc, usage_pb2_grpc
 from ratelimitd.v1 import usage_pb2 as upb
 
 TOKENS = 500
@@ -108,18 +110,22 @@ async def setup_key(address: str, spend_limit: bool = False) -> str:
     """Organization: RPM/RPD/TPM/TPD; project: RPM/TPM; one key. Returns its secret.
     ``spend_limit``: a price for the model and a (never reached) monthly spend limit on the
     project too, so each decision also checks the month's spend and reserves its estimate."""
-    from ratelimitd.client_cli import Api
+    from ratelimitd.cli.client import Api
 
     api = Api(address, procs.OPERATOR_TOKEN)
-    md = api.metadata
     org_id = await procs.cost_organization(api, "cost", MODEL)
     project_id, secret = await procs.cost_project(api, org_id, "p", MODEL)
     if spend_limit:
         usage = usage_pb2_grpc.UsageServiceStub(api.channel)
-        price = upb.Price(organization_id=org_id, model=MODEL, input_per_million=0.05, output_per_million=0.08)
-        await usage.SetPrice(upb.SetPriceRequest(price=price), metadata=md)
+        price = upb.Price(
+            organization_id=org_id,
+            model=MODEL,
+            input_usd_micros_per_million=50_000,
+            output_usd_micros_per_million=80_000,
+        )
+        await usage.SetPrice(upb.SetPriceRequest(price=price))
         await usage.SetSpendLimit(
-            upb.SetSpendLimitRequest(organization_id=org_id, project_id=project_id, limit_usd=1e9), metadata=md
+            upb.SetSpendLimitRequest(organization_id=org_id, project_id=project_id, limit_usd_micros=10**15),
         )
     await api.channel.close()
     return secret
@@ -133,7 +139,7 @@ def measure_server(valkey: procs.Valkey, calls: int, spend_limit: bool = False) 
         key = asyncio.run(setup_key(address, spend_limit))
         r = valkey.client()
         with grpc.insecure_channel(address) as channel:
-            stub = ratelimit_pb2_grpc.RateLimitServiceStub(channel)
+            stub = rate_limit_service_pb2_grpc.RateLimitServiceStub(channel)
             check = pb.CheckRequest(api_key=key, model=MODEL, tokens=TOKENS)
             for _ in range(20):  # scripts loaded, connections open
                 warm = stub.CheckAndConsume(check)
@@ -168,7 +174,25 @@ def measure_server(valkey: procs.Valkey, calls: int, spend_limit: bool = False) 
 # -- the engine in this process (the original measurement) ---------------------------
 
 
-async def measure_direct(valkey: procs.Valkey, calls: int) -> dict[str, Any]:
+async def captured_decision(app: Any, caller: Any) -> tuple[str, list[str], list[str]]:
+    """One real decision's script source, KEYS and ARGV (for --profile)."""
+    connection = app.decider._connection
+    seen: dict[str, Any] = {}
+    evalsha = connection.evalsha
+
+    async def keep(script: Any, keys: list[str], args: list[str]) -> Any:
+        seen.update(source=script.source, keys=[str(k) for k in keys], args=[str(a) for a in args])
+        return await evalsha(script, keys, args)
+
+    connection.evalsha = keep
+    try:
+        await app.decider.check(caller, MODEL, 1, TOKENS)
+    finally:
+        connection.evalsha = evalsha
+    return seen["source"], seen["keys"], seen["args"]
+
+
+async def measure_direct(valkey: procs.Valkey, calls: int, profile: bool = False) -> dict[str, Any]:
     from ratelimitd.app import App
     from ratelimitd.engine import ids
     from ratelimitd.engine.decisions import Caller
@@ -192,6 +216,9 @@ async def measure_direct(valkey: procs.Valkey, calls: int) -> dict[str, Any]:
         r = valkey.client()
         warm = await app.decider.check(caller, MODEL, 1, TOKENS)  # scripts loaded
         await app.usage.report(caller, warm.request_id, "", 1, 0, 0, 200, 10)
+        if profile:
+            source, keys, args = await captured_decision(app, caller)
+            return {"mode": "profile", "profile": lua_profile.profile(r, source, keys, args, calls)}
         r.config_resetstat()
         cpu = procs.cpu_seconds(valkey.pid)
         request_ids = [(await app.decider.check(caller, MODEL, 1, TOKENS)).request_id for _ in range(calls)]
@@ -207,6 +234,9 @@ async def measure_direct(valkey: procs.Valkey, calls: int) -> dict[str, Any]:
 
 
 def show(result: dict[str, Any]) -> None:
+    if "profile" in result:
+        lua_profile.show(result["profile"])
+        return
     print(f"mode: {result['mode']}; nested commands counted: {result['nested_commands_counted']}")
     head = f"{'phase':<8} {'calls':>6} {'script_us/call':>14} {'valkey_cpu_us':>13} {'scripts/call':>12}"
     print(f"{head} {'commands/call':>13}  breakdown")
@@ -227,6 +257,9 @@ def main() -> int:
     ap.add_argument(
         "--spend-limit", action="store_true", help="the project also has a price and a spend limit (server mode)"
     )
+    ap.add_argument(
+        "--profile", action="store_true", help="decide.lua's CPU by section in Valkey, and its floor (lua_profile.py)"
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if not 0 < args.calls <= 1_000_000:
@@ -234,8 +267,8 @@ def main() -> int:
     valkey = procs.Valkey().start()
     try:
         counted = nested_commands_counted(valkey.client())
-        if args.direct:
-            result = asyncio.run(measure_direct(valkey, args.calls))
+        if args.direct or args.profile:
+            result = asyncio.run(measure_direct(valkey, args.calls, args.profile))
         else:
             result = measure_server(valkey, args.calls, args.spend_limit)
         result["nested_commands_counted"] = counted

@@ -13,14 +13,14 @@ followed by its ReportUsage, and the clock moves on a minute. So every
 
 It reports ``INFO memory`` used_memory after set-up and after the load, and
 ``MEMORY USAGE`` (exact: SAMPLES 0) of every key, grouped by what the key is
-(ratelimitd/engine/keys.py names them), then works out:
+(ratelimitd/core/keys.py names them), then works out:
 
 - configuration per project (records, limits, key, indexes);
 - live state per active project (its share of the organization's decision state
   hash, its request log);
 - usage counters per active (project, model, key): the bytes each minute, hour
   and day bucket holds for one of them, times the number of such buckets kept
-  over the retention (ratelimitd/engine/retention.py; the server's defaults);
+  over the retention (ratelimitd/core/retention.py; the server's defaults);
 - a request record (replay and reservation), kept ``request_ttl_s``.
 
 The usage buckets are one hash per organization and time bucket, with fields per
@@ -50,11 +50,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import procs
 from bench import MODEL
 
-from ratelimitd.client_cli import Api
-from ratelimitd.engine import keys
+from ratelimitd.cli.client import Api
+from ratelimitd.core import keys
 from ratelimitd.settings import Settings
+from ratelimitd.v1 import rate_limit_service_pb2_grpc, usage_pb2_grpc
 from ratelimitd.v1 import ratelimit_pb2 as pb
-from ratelimitd.v1 import ratelimit_pb2_grpc, usage_pb2_grpc
 from ratelimitd.v1 import usage_pb2 as upb
 
 TOKENS = 500
@@ -73,14 +73,17 @@ def kind(key: str) -> str:
 async def setup(address: str, projects: int, measure: Any) -> tuple[list[str], int, int]:
     """The organization, then the projects; returns the keys and used_memory before and after the projects."""
     api = Api(address, procs.OPERATOR_TOKEN)
-    md = api.metadata
     org_id = await procs.cost_organization(api, "memory", MODEL)
     prices = usage_pb2_grpc.UsageServiceStub(api.channel)  # spend is counted too
     await prices.SetPrice(
         upb.SetPriceRequest(
-            price=upb.Price(organization_id=org_id, model=MODEL, input_per_million=0.05, output_per_million=0.08)
+            price=upb.Price(
+                organization_id=org_id,
+                model=MODEL,
+                input_usd_micros_per_million=50_000,
+                output_usd_micros_per_million=80_000,
+            )
         ),
-        metadata=md,
     )
     secrets = []
     before = measure()
@@ -95,7 +98,7 @@ async def drive(address: str, valkey: Any, secrets: list[str], minutes: int, per
     """Every key active every simulated minute; returns the number of decisions (all reported)."""
     decisions = 0
     async with grpc.aio.insecure_channel(address) as channel:
-        stub = ratelimit_pb2_grpc.RateLimitServiceStub(channel)
+        stub = rate_limit_service_pb2_grpc.RateLimitServiceStub(channel)
 
         async def one(secret: str, n: int) -> None:
             reply = await stub.CheckAndConsume(pb.CheckRequest(api_key=secret, model=MODEL, tokens=TOKENS))

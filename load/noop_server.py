@@ -39,8 +39,9 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from ratelimitd.v1 import rate_limit_service_pb2 as service_pb  # noqa: E402
+from ratelimitd.v1 import rate_limit_service_pb2_grpc  # noqa: E402
 from ratelimitd.v1 import ratelimit_pb2 as pb  # noqa: E402
-from ratelimitd.v1 import ratelimit_pb2_grpc  # noqa: E402
 
 HOST = "127.0.0.1"
 BIG = 10**11
@@ -48,7 +49,7 @@ BIG = 10**11
 
 def check_reply(full: bool) -> pb.CheckResponse:
     if not full:
-        return pb.CheckResponse(allowed=True)
+        return pb.CheckResponse(allowed=True, reason=pb.REASON_ALLOWED)
     # What ratelimitd answers for an organization with RPM/RPD/TPM/TPD and a project with RPM/TPM.
     buckets = [
         pb.BucketStatus(
@@ -73,6 +74,7 @@ def check_reply(full: bool) -> pb.CheckResponse:
     }
     return pb.CheckResponse(
         allowed=True,
+        reason=pb.REASON_ALLOWED,
         buckets=buckets,
         headers=headers,
         request_id="req_" + "0" * 24,
@@ -98,7 +100,7 @@ def envoy_reply(full: bool) -> rls_pb2.RateLimitResponse:
     return rls_pb2.RateLimitResponse(overall_code=ok, statuses=[status], response_headers_to_add=headers)
 
 
-class NoopRateLimit(ratelimit_pb2_grpc.RateLimitServiceServicer):
+class NoopRateLimit(rate_limit_service_pb2_grpc.RateLimitServiceServicer):
     def __init__(self, full: bool) -> None:
         self.check = check_reply(full)
         self.report = pb.ReportUsageResponse(result=pb.ReportUsageResponse.RESULT_RECONCILED)
@@ -115,6 +117,12 @@ class NoopRateLimit(ratelimit_pb2_grpc.RateLimitServiceServicer):
         async for _ in request_iterator:
             yield self.check
 
+    async def ManageProject(
+        self, request: service_pb.ManageProjectRequest, context: Any
+    ) -> service_pb.ManageProjectResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the no-op server only decides")
+        raise AssertionError("abort() raises")
+
 
 class NoopEnvoy(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
     def __init__(self, full: bool) -> None:
@@ -126,7 +134,7 @@ class NoopEnvoy(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
 
 async def serve(port: int, max_seconds: float, full: bool, reuse_port: bool) -> int:
     server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port))])
-    ratelimit_pb2_grpc.add_RateLimitServiceServicer_to_server(NoopRateLimit(full), server)
+    rate_limit_service_pb2_grpc.add_RateLimitServiceServicer_to_server(NoopRateLimit(full), server)
     rls_pb2_grpc.add_RateLimitServiceServicer_to_server(NoopEnvoy(full), server)
     bound = server.add_insecure_port(f"{HOST}:{port}")
     if not bound:

@@ -167,11 +167,9 @@ async def cost_organization(api: Any, name: str, model: str) -> str:
     """An organization with RPM/RPD/TPM/TPD limits on ``model`` (the issue's case); its id."""
     from ratelimitd.v1 import admin_pb2 as apb
 
-    org = await api.orgs.CreateOrganization(apb.CreateOrganizationRequest(name=name), metadata=api.metadata)
+    org = await api.orgs.CreateOrganization(apb.CreateOrganizationRequest(name=name))
     limits = [apb.Limit(model=model, metric=m, window=w, limit=BIG) for m, w in _ORG_DIMENSIONS]
-    await api.orgs.SetOrganizationLimits(
-        apb.SetOrganizationLimitsRequest(organization_id=org.id, set=limits), metadata=api.metadata
-    )
+    await api.orgs.SetOrganizationLimits(apb.SetOrganizationLimitsRequest(organization_id=org.id, set=limits))
     return str(org.id)
 
 
@@ -179,13 +177,10 @@ async def cost_project(api: Any, org_id: str, name: str, model: str) -> tuple[st
     """A project with RPM/TPM limits on ``model`` and one key; (project id, the key's secret)."""
     from ratelimitd.v1 import admin_pb2 as apb
 
-    md = api.metadata
-    p = await api.projects.CreateProject(apb.CreateProjectRequest(organization_id=org_id, name=name), metadata=md)
+    p = await api.projects.CreateProject(apb.CreateProjectRequest(organization_id=org_id, name=name))
     limits = [apb.Limit(model=model, metric=m, window="minute", limit=BIG) for m in ("requests", "tokens")]
     await api.projects.SetProjectLimits(
-        apb.SetProjectLimitsRequest(organization_id=org_id, project_id=p.id, set=limits), metadata=md
+        apb.SetProjectLimitsRequest(organization_id=org_id, project_id=p.id, set=limits)
     )
-    k = await api.projects.CreateApiKey(
-        apb.CreateApiKeyRequest(organization_id=org_id, project_id=p.id, name="k"), metadata=md
-    )
+    k = await api.projects.CreateApiKey(apb.CreateApiKeyRequest(organization_id=org_id, project_id=p.id, name="k"))
     return str(p.id), str(k.secret)

@@ -36,6 +36,7 @@ import asyncio
 import collections
 import json
 import multiprocessing
+import shutil
 import signal
 import statistics
 import subprocess
@@ -57,8 +58,8 @@ from bench import MODEL, percentile, setup
 from protoset import write_protoset
 
 from ratelimitd.storage.embedded import die_with_parent
+from ratelimitd.v1 import rate_limit_service_pb2_grpc
 from ratelimitd.v1 import ratelimit_pb2 as pb
-from ratelimitd.v1 import ratelimit_pb2_grpc
 
 ROOT = procs.ROOT
 DOMAIN = "ratelimitd"
@@ -88,7 +89,7 @@ async def _drive(
         return await _drive_streams(channels, key, calls, concurrency, seconds)
     if rpc == "check":
         check_req = pb.CheckRequest(api_key=key, model=MODEL, tokens=TOKENS)
-        check_stubs = [ratelimit_pb2_grpc.RateLimitServiceStub(ch) for ch in channels]
+        check_stubs = [rate_limit_service_pb2_grpc.RateLimitServiceStub(ch) for ch in channels]
     else:
         envoy_req = envoy_request(key)
         envoy_stubs = [rls_pb2_grpc.RateLimitServiceStub(ch) for ch in channels]
@@ -141,7 +142,7 @@ async def _drive_streams(
     deadline = time.perf_counter() + seconds
 
     async def one_stream(channel: grpc.aio.Channel, window: int) -> None:
-        call = ratelimit_pb2_grpc.RateLimitServiceStub(channel).CheckAndConsumeStream()
+        call = rate_limit_service_pb2_grpc.RateLimitServiceStub(channel).CheckAndConsumeStream()
         room = asyncio.Semaphore(window)
         sent_at: collections.deque[float] = collections.deque()
 
@@ -360,6 +361,8 @@ def main() -> int:
     ]:  # fmt: skip
         if not 0 < value <= top:
             ap.error(f"--{name} must be in 1..{top}")
+    if args.profile and py_spy() is None:
+        ap.error("--profile needs py-spy: .venv/bin/pip install py-spy")
     connections = args.connections or 4 * args.workers
     if not 0 < connections <= 256:
         ap.error("--connections must be in 1..256")
@@ -434,10 +437,15 @@ def main() -> int:
     return 0
 
 
+def py_spy() -> str | None:
+    spy = Path(sys.executable).with_name("py-spy")
+    return str(spy) if spy.exists() else shutil.which("py-spy")
+
+
 def start_profiler(path: str, pids: list[int], native: bool = False) -> list[subprocess.Popen[bytes]]:
     """py-spy (pip install py-spy) on each server process; its own CPU is not the server's."""
-    spy = Path(sys.executable).with_name("py-spy")
-    binary = str(spy) if spy.exists() else "py-spy"
+    binary = py_spy()
+    assert binary is not None, "checked in main()"
     started = []
     for pid in pids:
         cmd = [binary, "record", "--pid", str(pid), "--format", "raw", "--rate", "200", "-o", f"{path}.{pid}"]

@@ -7,11 +7,13 @@ import contextlib
 import gc
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ratelimitd.alerts import SpendAlertSender, WebhookSettings
 from ratelimitd.api import envoy
 from ratelimitd.api.admin import (
     AuditServicer,
@@ -23,17 +25,20 @@ from ratelimitd.api.admin import (
     ProjectServicer,
 )
 from ratelimitd.api.decisions import RateLimitServicer
+from ratelimitd.api.gate import Gate
 from ratelimitd.api.health import StorageHealth
+from ratelimitd.api.manage import ProjectManager
 from ratelimitd.api.metrics import Metrics
 from ratelimitd.api.usage import UsageServicer
-from ratelimitd.api.wire import Guard
+from ratelimitd.api.wire import Guard, served_methods
 from ratelimitd.console import server as console
+from ratelimitd.core.errors import StorageUnavailable
+from ratelimitd.core.storage_url import parse
 from ratelimitd.engine.audit import Audit
-from ratelimitd.engine.clock import manual_clock, server_time
+from ratelimitd.engine.clock import Clock, manual_clock, server_time
 from ratelimitd.engine.control import ControlPlane
 from ratelimitd.engine.credentials import Credentials
 from ratelimitd.engine.decisions import Decider
-from ratelimitd.engine.errors import StorageUnavailable
 from ratelimitd.engine.limits import Dimensions
 from ratelimitd.engine.live import LiveState
 from ratelimitd.engine.members import Members
@@ -41,15 +46,25 @@ from ratelimitd.engine.permissions import ModelPermissions
 from ratelimitd.engine.rollup import UsageRollup
 from ratelimitd.engine.scripts import Scripts
 from ratelimitd.engine.sessions import Sessions
+from ratelimitd.engine.spend_alerts import SpendAlerts
 from ratelimitd.engine.usage import Usage
-from ratelimitd.http.server import HttpServer
 from ratelimitd.settings import Settings
 from ratelimitd.storage import redis as storage
 from ratelimitd.storage.embedded import EmbeddedValkey
 from ratelimitd.storage.hot_path import hot_path_connection
-from ratelimitd.storage.topology import parse
 from ratelimitd.tls import server_credentials
-from ratelimitd.v1 import admin_pb2, admin_pb2_grpc, ratelimit_pb2, ratelimit_pb2_grpc, usage_pb2, usage_pb2_grpc
+from ratelimitd.tracing import Tracing
+from ratelimitd.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    rate_limit_service_pb2,
+    rate_limit_service_pb2_grpc,
+    usage_pb2,
+    usage_pb2_grpc,
+)
+
+if TYPE_CHECKING:
+    from ratelimitd.http.server import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +72,7 @@ log = logging.getLogger(__name__)
 _STOP_MARGIN_S = 5.0
 
 SERVICE_NAMES = [
-    ratelimit_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name,
+    rate_limit_service_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["OrganizationService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["ProjectService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["ModelPermissionService"].full_name,
@@ -92,6 +107,9 @@ class App:
         # Told the operator credential created once storage first answers, when it did not at start.
         self.on_late_bootstrap: Callable[[str], None] = lambda token: None
         self._late_bootstrap: asyncio.Task[None] | None = None
+        self.tracing: Tracing | None = None
+        self.spend_alerts: SpendAlertSender | None = None
+        self._spend_alerts_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -99,12 +117,19 @@ class App:
         # the same port must fail rather than split the traffic silently. The
         # port is taken before storage starts, so a server that cannot listen
         # never touches the data directory.
+        self.gate = Gate()
+        if s.trace_otlp_endpoint:
+            self.tracing = Tracing(s.trace_otlp_endpoint, s.trace_sample_ratio)
+        traced = [self.tracing.interceptor()] if self.tracing else []
         server = grpc.aio.server(
-            interceptors=[Guard(lenient=[CHECK_AND_CONSUME, CHECK_AND_CONSUME_STREAM])],
+            interceptors=[*traced, Guard(lenient=[CHECK_AND_CONSUME, CHECK_AND_CONSUME_STREAM], gate=self.gate)],
             options=[("grpc.so_reuseport", 1 if self.worker else 0)],
         )
         self.port = _bind(server, s)
         if s.http_listen:
+            # only then: aiohttp takes a noticeable part of a start-up that does not serve HTTP
+            from ratelimitd.http.server import HttpServer
+
             self.http = HttpServer(s.http_listen, s.http_cors_origins, share_port=self.worker)
             self.http_port = self.http.bind()
             self.http.add_loopback(server)
@@ -123,6 +148,7 @@ class App:
         clock = manual_clock(self.redis) if s.manual_clock else server_time
         sessions = Sessions(self.redis, s.console_session_ttl_s, clock)
         self.credentials = Credentials(self.redis, audit, sessions=sessions)
+        self.gate.open(self.credentials, self.storage_failed)
         if self.http is not None and s.console:
             self.http.mounts.append(console.mount(self.credentials, sessions))
         management = Management(
@@ -131,11 +157,14 @@ class App:
             Members(self.redis, self.control, self.credentials, audit),
             ModelPermissions(self.redis, self.control, audit),
         )
-        self.decider = Decider(self.pipeline, scripts, dims, s.retention, clock=clock)
-        self.usage = Usage(self.redis, self.pipeline, scripts, dims, self.control, s.retention, clock=clock)
+        # Tracing off: the engine gets the connection itself, so the hot path makes no span.
+        scripts_runner = self.tracing.storage(self.pipeline) if self.tracing else self.pipeline
+        self.decider = Decider(scripts_runner, scripts, dims, s.retention, clock=clock)
+        self.usage = Usage(self.redis, scripts_runner, scripts, dims, self.control, s.retention, clock=clock)
         self.rollup = UsageRollup(self.redis, scripts, dims, s.retention, clock=clock)
         self._rollup_task = asyncio.get_running_loop().create_task(self._maintain(s.usage_rollup_interval_s))
-        self.metrics = Metrics()
+        self._start_spend_alerts(audit, clock)
+        self.metrics = Metrics(s.metrics_model_labels, s.metrics_organization_labels)
         self.health = StorageHealth(
             self.pipeline, SERVICE_NAMES, s.health_interval_s, on_change=lambda up: self.metrics.storage_up.set(int(up))
         )
@@ -145,28 +174,28 @@ class App:
         elif not self.worker:
             self._late_bootstrap = asyncio.get_running_loop().create_task(self._bootstrap_once_storage_answers())
 
-        ratelimit_pb2_grpc.add_RateLimitServiceServicer_to_server(
+        failed = self.storage_failed
+        rate_limit_service_pb2_grpc.add_RateLimitServiceServicer_to_server(
             RateLimitServicer(
                 self.decider,
                 self.usage,
-                self.credentials,
+                self.gate,
                 s.header_windows,
                 s.on_storage_error,
                 self.storage_failed,
                 self.metrics,
+                ProjectManager(ProjectServicer(management, failed)),
             ),
             server,
         )
         usage_pb2_grpc.add_UsageServiceServicer_to_server(
             UsageServicer(
                 self.usage,
-                self.credentials,
                 self.storage_failed,
                 LiveState(self.redis, scripts, dims, s.retention, self.control, clock),
             ),
             server,
         )
-        failed = self.storage_failed
         admin_pb2_grpc.add_OrganizationServiceServicer_to_server(OrganizationServicer(management, failed), server)
         admin_pb2_grpc.add_ProjectServiceServicer_to_server(ProjectServicer(management, failed), server)
         admin_pb2_grpc.add_ModelPermissionServiceServicer_to_server(ModelPermissionServicer(management, failed), server)
@@ -187,10 +216,9 @@ class App:
             server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
-        reflection.enable_server_reflection(
-            [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            server,
-        )
+        served = [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(served, server)
+        Gate.check(served_methods(served))
         await server.start()
         self.server = server
         if self.http is not None:
@@ -200,6 +228,20 @@ class App:
         gc.freeze()
         if s.metrics_listen and not self.worker:
             self.metrics_port = self.metrics.serve(s.metrics_listen)
+
+    def _start_spend_alerts(self, audit: Audit, clock: Clock) -> None:
+        """With a webhook set: the background scan and delivery of spend alerts (alerts.py)."""
+        s = self.settings
+        if not (s.spend_webhook_url or s.spend_webhook_org_urls) or not s.spend_webhook_secret:
+            return
+        webhook = WebhookSettings(
+            s.spend_webhook_url, s.spend_webhook_org_urls, s.spend_webhook_secret,
+            s.spend_webhook_attempts, s.spend_webhook_backoff_s, s.spend_webhook_timeout_s,
+        )  # fmt: skip
+        self.spend_alerts = SpendAlertSender(SpendAlerts(self.redis, audit, clock=clock), webhook)
+        self._spend_alerts_task = asyncio.get_running_loop().create_task(
+            self.spend_alerts.run(s.spend_alert_interval_s)
+        )
 
     async def _bootstrap_once_storage_answers(self) -> None:
         while True:
@@ -257,6 +299,10 @@ class App:
                 await asyncio.wait_for(self.server.stop(grace_s), grace_s + _STOP_MARGIN_S)
             except TimeoutError:
                 log.warning("the gRPC server did not stop within %g s; going on", grace_s + _STOP_MARGIN_S)
+        if self._spend_alerts_task is not None:
+            self._spend_alerts_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._spend_alerts_task
         if hasattr(self, "rollup"):
             self._rollup_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -266,6 +312,8 @@ class App:
             await self.pipeline.close()
         if self.embedded is not None:
             self.embedded.stop()
+        if self.tracing is not None:
+            await self.tracing.stop()  # exports the spans still queued
 
     async def wait(self) -> None:
         assert self.server is not None

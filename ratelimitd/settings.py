@@ -1,7 +1,7 @@
-"""One frozen settings object: defaults, then environment (RATELIMITD_*), then flags.
+"""One frozen settings object: defaults, then a config file, then environment (RATELIMITD_*), then flags.
 
 Every setting has a description; ``ratelimitd serve --help`` and docs/operations.md
-list them. Secrets are redacted in ``repr``.
+list them. Secrets are redacted in ``repr``. The file is read by config_file.py.
 """
 
 from __future__ import annotations
@@ -14,14 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ratelimitd.engine.audit import DEFAULT_MAX_EVENTS
-from ratelimitd.engine.retention import Retention
-from ratelimitd.storage.topology import StorageTls, parse, redact
+from ratelimitd.core.logs import DEFAULT_REPEAT_INTERVAL_S
+from ratelimitd.core.retention import DEFAULT_MAX_EVENTS, Retention
+from ratelimitd.core.storage_url import StorageTls, parse, redact
 
 STORAGE_ERROR_POLICIES = ("unavailable", "allow", "deny")
 UNKNOWN_DOMAIN_POLICIES = ("error", "allow")
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Numeric settings where 0 means "none" rather than a mistake.
-MAY_BE_ZERO = ("drain_s",)
+MAY_BE_ZERO = ("drain_s", "metrics_model_labels", "metrics_organization_labels", "log_repeat_interval_s")
 # A browser's Origin header: scheme://host[:port], nothing after it.
 _ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/\s]+$")
 # What each Envoy descriptor entry can carry, and the entry key that carries it by default.
@@ -157,6 +159,43 @@ class Settings:
         None, "PEM CA certificates; set: clients must present a certificate one of them issued (mTLS)"
     )
     operator_token: str | None = _secret_field("operator credential to accept (stored as a hash)")
+    # -- traces and spend alerts (docs/operations.md "Tracing", "Spend alerts") --
+    trace_otlp_endpoint: str = _field(
+        "",
+        "OTLP/gRPC collector traces are exported to, http://host:port (plaintext) or https://host:port (TLS); "
+        "empty: tracing off, no span is made (needs the otel extra: pip install 'ratelimitd[otel]')",
+    )
+    trace_sample_ratio: float = _field(
+        1.0, "share of new traces recorded, more than 0 and at most 1; a caller's traceparent decision is kept"
+    )
+    spend_webhook_url: str = _field(
+        "", "http(s) URL POSTed once per organization, project, month and spend threshold crossed; empty: off"
+    )
+    spend_webhook_org_urls: dict[str, str] = _field(
+        {}, "per organization: ORG_ID=URL,... sent there instead of spend_webhook_url"
+    )
+    spend_webhook_secret: str | None = _secret_field(
+        "key of the HMAC-SHA256 signature of each spend alert (X-Ratelimitd-Signature); required with a webhook"
+    )
+    spend_alert_interval_s: float = _field(30.0, "how often spend is compared with the spend limits' thresholds")
+    spend_webhook_attempts: int = _field(6, "tries of one spend alert before it is recorded as failed")
+    spend_webhook_backoff_s: float = _field(1.0, "wait before the second try, doubled before each next (at most 300 s)")
+    spend_webhook_timeout_s: float = _field(10.0, "one try's time limit for the receiver's answer")
+
+    # -- logs and metric labels (issue 14, items 2 and 4) --
+    log_format: str = _field("text", "log lines on stderr: 'text' (for people) or 'json' (one event per line)")
+    log_level: str = _field("INFO", "the least severe log level written: DEBUG, INFO, WARNING or ERROR")
+    log_repeat_interval_s: float = _field(
+        DEFAULT_REPEAT_INTERVAL_S,
+        "a warning or error repeated with the same text is written once per this long, then with its count",
+    )
+    metrics_model_labels: int = _field(
+        0, 'per-model decision counts for up to this many models (the rest as model="other"); 0: off'
+    )
+    metrics_organization_labels: int = _field(
+        0,
+        'per-organization decision counts for up to this many organizations (the rest as organization="other"); 0: off',
+    )
 
     def __post_init__(self) -> None:
         if self.on_storage_error not in STORAGE_ERROR_POLICIES:
@@ -177,9 +216,11 @@ class Settings:
             raise ValueError(f"envoy_descriptor_keys: two roles share one key in {keys}")
         self._check_tls()
         self._check_storage()
+        self._check_traces_and_alerts()
         for origin in self.http_cors_origins:
             if origin != "*" and not _ORIGIN.match(origin):
                 raise ValueError(f"http_cors_origins: {origin!r} is not an origin such as https://console.example.com")
+        self._check_logs()
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
@@ -199,6 +240,25 @@ class Settings:
             parse(self.redis_url)  # a ValueError that names what is wrong with it
         if bool(self.redis_tls_cert) != bool(self.redis_tls_key):
             raise ValueError("--redis-tls-cert and --redis-tls-key go together: both or neither")
+
+    def _check_traces_and_alerts(self) -> None:
+        if self.trace_otlp_endpoint and not self.trace_otlp_endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"trace_otlp_endpoint {self.trace_otlp_endpoint!r} is not an http:// or https:// URL")
+        if not 0 < self.trace_sample_ratio <= 1:
+            raise ValueError(f"trace_sample_ratio must be more than 0 and at most 1, not {self.trace_sample_ratio}")
+        urls = {"spend_webhook_url": self.spend_webhook_url} if self.spend_webhook_url else {}
+        urls.update({f"spend_webhook_org_urls {org}": url for org, url in self.spend_webhook_org_urls.items()})
+        for what, url in urls.items():
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"{what}: {url!r} is not an http:// or https:// URL")
+        if urls and not self.spend_webhook_secret:
+            raise ValueError("a spend webhook needs spend_webhook_secret: receivers check each alert's signature")
+
+    def _check_logs(self) -> None:
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"log_format must be one of {', '.join(LOG_FORMATS)}, not {self.log_format!r}")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
 
     @property
     def storage_tls(self) -> StorageTls:
@@ -248,20 +308,31 @@ class Settings:
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Defaults, then RATELIMITD_<NAME> variables, then explicit overrides (None = not given)."""
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            raw = env.get(f"RATELIMITD_{f.name.upper()}")
-            if raw is not None and raw != "":
-                values[f.name] = _convert(f.name, raw)
+        return cls.layered(os.environ if env is None else env, {}, overrides)
+
+    @classmethod
+    def layered(cls, env: Mapping[str, str], file_values: Mapping[str, Any], overrides: Mapping[str, Any]) -> Settings:
+        """Defaults < a config file's values < RATELIMITD_<NAME> variables < overrides (None: not given)."""
+        values: dict[str, Any] = dict(file_values)
+        values.update(env_values(env))
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+def env_values(env: Mapping[str, str]) -> dict[str, Any]:
+    """The settings that RATELIMITD_<NAME> variables set (an empty one sets nothing)."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        raw = env.get(f"RATELIMITD_{f.name.upper()}")
+        if raw is not None and raw != "":
+            values[f.name] = _convert(f.name, raw)
+    return values
 
 
 def _convert(name: str, raw: str) -> Any:
     if name == "windows":
         return parse_windows(raw)
-    if name in ("header_windows", "envoy_descriptor_keys"):
+    if name in ("header_windows", "envoy_descriptor_keys", "spend_webhook_org_urls"):
         return parse_pairs(raw, name)
     if name in ("envoy_domains", "http_cors_origins"):
         return tuple(filter(None, (d.strip() for d in raw.split(","))))

@@ -8,6 +8,7 @@ error that names nothing; a start-up error that names the file is kinder.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,11 +83,11 @@ class ClientTls:
     def active(self) -> bool:
         return bool(self.enabled or self.ca or self.cert or self.server_name)
 
-    def channel(self, address: str) -> grpc.aio.Channel:
+    def channel(self, address: str, interceptors: Sequence[grpc.aio.ClientInterceptor] = ()) -> grpc.aio.Channel:
         if not self.active:
-            return grpc.aio.insecure_channel(address)
+            return grpc.aio.insecure_channel(address, interceptors=interceptors)
         options = [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
-        return grpc.aio.secure_channel(address, self.credentials(), options=options)
+        return grpc.aio.secure_channel(address, self.credentials(), options=options, interceptors=interceptors)
 
     def credentials(self) -> grpc.ChannelCredentials:
         ca = cert = key = None

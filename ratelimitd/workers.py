@@ -28,8 +28,8 @@ import time
 from collections.abc import Callable
 
 from ratelimitd.api.metrics import MULTIPROCESS_ENV, Metrics
+from ratelimitd.core.errors import StorageUnavailable
 from ratelimitd.engine.credentials import Credentials
-from ratelimitd.engine.errors import StorageUnavailable
 from ratelimitd.settings import Settings
 from ratelimitd.storage import redis as storage
 from ratelimitd.storage.embedded import EmbeddedValkey, die_with_parent

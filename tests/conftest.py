@@ -15,10 +15,11 @@ import redis.asyncio
 
 from ratelimitd.app import App
 from ratelimitd.cli import main
-from ratelimitd.engine import ids, keys
+from ratelimitd.core import keys
+from ratelimitd.engine import ids
 from ratelimitd.settings import Settings
 from ratelimitd.v1 import admin_pb2 as apb
-from ratelimitd.v1 import admin_pb2_grpc, ratelimit_pb2_grpc
+from ratelimitd.v1 import admin_pb2_grpc, rate_limit_service_pb2_grpc
 from tests.cluster import LocalCluster
 from tests.servers import ValkeyProcess
 
@@ -151,7 +152,7 @@ class Clock:
 @dataclass
 class Client:
     channel: grpc.aio.Channel
-    decisions: ratelimit_pb2_grpc.RateLimitServiceAsyncStub
+    decisions: rate_limit_service_pb2_grpc.RateLimitServiceAsyncStub
     orgs: admin_pb2_grpc.OrganizationServiceAsyncStub
     projects: admin_pb2_grpc.ProjectServiceAsyncStub
     models: admin_pb2_grpc.ModelPermissionServiceAsyncStub
@@ -197,7 +198,7 @@ def stubs(channel: grpc.aio.Channel) -> Client:
     """Our services' stubs on a channel made elsewhere (e.g. with TLS)."""
     return Client(
         channel,
-        ratelimit_pb2_grpc.RateLimitServiceStub(channel),
+        rate_limit_service_pb2_grpc.RateLimitServiceStub(channel),
         admin_pb2_grpc.OrganizationServiceStub(channel),
         admin_pb2_grpc.ProjectServiceStub(channel),
         admin_pb2_grpc.ModelPermissionServiceStub(channel),

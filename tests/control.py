@@ -5,12 +5,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import redis.asyncio
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from ratelimitd.v1 import admin_pb2 as apb
 from tests.conftest import AUTH, Client
 
 M = "llama-3.1-8b-instant"
 Metadata = tuple[tuple[str, str], ...]
+
+
+def ts(ms: int) -> Timestamp:
+    """Unix milliseconds as a request's Timestamp."""
+    stamp = Timestamp()
+    stamp.FromMilliseconds(ms)
+    return stamp
+
+
+def usd(dollars: float) -> int:
+    """Dollars as the API's micro-dollars, so a test can keep its amounts readable."""
+    return round(dollars * 1_000_000)
 
 
 def bearer(token: str) -> Metadata:

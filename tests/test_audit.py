@@ -10,10 +10,10 @@ import pytest
 import redis.asyncio
 
 from ratelimitd.app import App
-from ratelimitd.engine import keys
+from ratelimitd.core import keys
 from ratelimitd.v1 import admin_pb2 as apb
 from tests.conftest import AUTH, Client, Storage, channel_client, settings_for
-from tests.control import M, add_member, bearer
+from tests.control import M, add_member, bearer, ts
 
 
 async def events(client: Client, org: str, **fields: object) -> list[apb.AuditEvent]:
@@ -51,7 +51,10 @@ async def test_every_change_records_who_what_and_before_after(client: Client) ->
     assert json.loads(change.before) == {f"{M}|requests|minute": 40}
     assert json.loads(change.after) == {f"{M}|requests|minute": 30}
     assert latest[-1].actor.kind == "operator" and json.loads(latest[-1].before) is None
-    assert all(a.id > b.id and a.time_ms >= b.time_ms for a, b in itertools.pairwise(latest))
+    assert all(
+        a.id > b.id and a.event_time.ToMilliseconds() >= b.event_time.ToMilliseconds()
+        for a, b in itertools.pairwise(latest)
+    )
     assert token not in str(latest)  # the member's token is never recorded
 
 
@@ -63,10 +66,10 @@ async def test_filters_by_project_and_time_and_pages(client: Client) -> None:
     assert [e.operation for e in only_a] == ["CreateApiKey", "CreateProject"] and {e.project_id for e in only_a} == {a}
     everything = await events(client, org)
     assert len(everything) == 6
-    newest, oldest = everything[0].time_ms, everything[-1].time_ms
-    assert await events(client, org, since_ms=newest + 1) == []
-    assert await events(client, org, until_ms=oldest - 1) == []
-    assert await events(client, org, since_ms=oldest, until_ms=newest) == everything
+    newest, oldest = (e.event_time.ToMilliseconds() for e in (everything[0], everything[-1]))
+    assert await events(client, org, start_time=ts(newest + 1)) == []
+    assert await events(client, org, end_time=ts(oldest - 1)) == []
+    assert await events(client, org, start_time=ts(oldest), end_time=ts(newest)) == everything
 
     pages, token = [], ""
     while True:

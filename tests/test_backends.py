@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from redis.crc import key_slot
 
-from ratelimitd.engine import keys
+from ratelimitd.core import keys
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from tests.conftest import Client, Storage
 

@@ -8,15 +8,15 @@ import pytest
 import redis.asyncio
 
 from ratelimitd.app import App
+from ratelimitd.core.errors import InvalidArgument
 from ratelimitd.engine.decisions import Caller, Item
-from ratelimitd.engine.errors import InvalidArgument
 from ratelimitd.engine.limits import MAX_LIMIT, MAX_LIMITS_PER_CALL, MAX_LIMITS_PER_SCOPE
 from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from ratelimitd.v1 import usage_pb2 as upb
 from ratelimitd.v1 import usage_pb2_grpc
 from tests.conftest import AUTH, Client, Clock
-from tests.control import snapshot
+from tests.control import snapshot, ts, usd
 
 M = "llama-3.1-8b-instant"
 R = pb.ReportUsageResponse
@@ -162,7 +162,12 @@ async def test_reports_at_the_bounds_are_applied_whole_with_any_price(client: Cl
     org = await client.org("o", [(M, "tokens", "minute", MAX_LIMIT)])
     _, key = await client.project(org, "p")
     usage = usage_pb2_grpc.UsageServiceStub(client.channel)
-    price = upb.Price(organization_id=org, model=M, input_per_million=0.5, output_per_million=1_000_000)
+    price = upb.Price(
+        organization_id=org,
+        model=M,
+        input_usd_micros_per_million=usd(0.5),
+        output_usd_micros_per_million=usd(1_000_000),
+    )
     await usage.SetPrice(upb.SetPriceRequest(price=price), metadata=AUTH)
     small = await report(client, key, "small", 1, 0)  # 0.5 micro-USD: the totals are fractional now
     whole = await report(client, key, "whole", 0, 1)  # 1,000,000 micro-USD
@@ -171,17 +176,17 @@ async def test_reports_at_the_bounds_are_applied_whole_with_any_price(client: Cl
     for request_id in ("small", "whole", "huge"):
         assert (await report(client, key, request_id, 0, MAX_LIMIT)).result == R.RESULT_DUPLICATE
     spend = await usage.GetSpend(upb.GetSpendRequest(organization_id=org), metadata=AUTH)
-    assert spend.organization.spend_usd == pytest.approx(1e12 + 1 + 0.5e-6)
+    assert spend.organization.spend_usd_micros == pytest.approx(usd(1e12 + 1 + 0.5e-6))
     now_ms = int(clock.now_s * 1000)
     totals = await usage.GetUsage(
         upb.GetUsageRequest(
-            organization_id=org, start_ms=now_ms - 86_400_000, end_ms=now_ms + 86_400_000,
+            organization_id=org, start_time=ts(now_ms - 86_400_000), end_time=ts(now_ms + 86_400_000),
             granularity=upb.GRANULARITY_DAY,
         ),
         metadata=AUTH,
     )  # fmt: skip
     assert totals.total.reported == 3 and totals.total.output_tokens == MAX_LIMIT + 1
-    assert totals.total.spend_usd == pytest.approx(1e12 + 1 + 0.5e-6)
+    assert totals.total.spend_usd_micros == pytest.approx(usd(1e12 + 1 + 0.5e-6))
 
 
 async def test_a_report_that_would_overflow_a_usage_counter_is_refused_whole(
@@ -191,7 +196,9 @@ async def test_a_report_that_would_overflow_a_usage_counter_is_refused_whole(
     of one key can get there (about 10**7 reports of 10**12 tokens): the report is checked first."""
     org = await client.org("o", [(M, "tokens", "minute", 10_000)])
     pid, key = await client.project(org, "p")
-    price = upb.Price(organization_id=org, model=M, input_per_million=1, output_per_million=1)
+    price = upb.Price(
+        organization_id=org, model=M, input_usd_micros_per_million=usd(1), output_usd_micros_per_million=usd(1)
+    )
     await usage_pb2_grpc.UsageServiceStub(client.channel).SetPrice(upb.SetPriceRequest(price=price), metadata=AUTH)
     d = await client.decisions.CheckAndConsume(pb.CheckRequest(api_key=key, model=M, tokens=1000, request_id="r"))
     assert d.allowed

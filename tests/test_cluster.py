@@ -25,9 +25,9 @@ from grpc_health.v1 import health_pb2
 from redis.crc import key_slot
 
 from ratelimitd.app import App
+from ratelimitd.core.storage_url import parse
 from ratelimitd.engine import ids
 from ratelimitd.settings import Settings
-from ratelimitd.storage.topology import parse
 from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from tests.cluster import LocalCluster, answered

@@ -11,12 +11,13 @@ import grpc
 import pytest
 import redis.asyncio
 
-from ratelimitd.engine import keys
+from ratelimitd.core import keys
 from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from ratelimitd.v1 import usage_pb2 as upb
 from ratelimitd.v1 import usage_pb2_grpc
 from tests.conftest import AUTH, Client
+from tests.control import usd
 
 M = "llama-3.1-8b-instant"
 M2 = "llama-3.3-70b-versatile"
@@ -95,17 +96,25 @@ async def test_model_permissions(client: Client, scope: str) -> None:
 async def test_spend_limits_and_prices(client: Client) -> None:
     org, pid, key = await cached(client)
     stub = usage_pb2_grpc.UsageServiceStub(client.channel)
-    await stub.SetSpendLimit(upb.SetSpendLimitRequest(organization_id=org, project_id=pid, limit_usd=0), metadata=AUTH)
+    await stub.SetSpendLimit(
+        upb.SetSpendLimitRequest(organization_id=org, project_id=pid, limit_usd_micros=usd(0)), metadata=AUTH
+    )
     assert (await check(client, key)).reason == pb.REASON_SPEND_LIMIT
-    await stub.SetSpendLimit(upb.SetSpendLimitRequest(organization_id=org, project_id=pid, limit_usd=10), metadata=AUTH)
+    await stub.SetSpendLimit(
+        upb.SetSpendLimitRequest(organization_id=org, project_id=pid, limit_usd_micros=usd(10)), metadata=AUTH
+    )
     assert (await check(client, key, tokens=1000)).allowed  # no price yet: nothing reserved
     await stub.SetPrice(
-        upb.SetPriceRequest(price=upb.Price(organization_id=org, model=M, input_per_million=1, output_per_million=3)),
+        upb.SetPriceRequest(
+            price=upb.Price(
+                organization_id=org, model=M, input_usd_micros_per_million=usd(1), output_usd_micros_per_million=usd(3)
+            )
+        ),
         metadata=AUTH,
     )
     assert (await check(client, key, tokens=1000)).allowed  # reserves 1000 x $3 per million
     spend = await stub.GetSpend(upb.GetSpendRequest(organization_id=org), metadata=AUTH)
-    assert [p.spend_usd for p in spend.projects if p.project_id == pid] == [pytest.approx(0.003)]
+    assert [p.spend_usd_micros for p in spend.projects if p.project_id == pid] == [usd(0.003)]
 
 
 async def test_project_deletion(client: Client, redis_client: redis.asyncio.Redis) -> None:

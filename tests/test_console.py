@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from ratelimitd.v1 import admin_pb2 as apb
-from ratelimitd.v1 import admin_pb2_grpc, ratelimit_pb2_grpc, usage_pb2_grpc
+from ratelimitd.v1 import admin_pb2_grpc, rate_limit_service_pb2_grpc, usage_pb2_grpc
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from ratelimitd.v1 import usage_pb2 as upb
 from tests.conftest import AUTH, OPERATOR_TOKEN
@@ -68,7 +68,12 @@ def _seed(address: str) -> tuple[str, str, str]:
             metadata=AUTH,
         )
         # prices high enough that a few test requests cost whole cents
-        price = upb.Price(organization_id=org, model=M, input_per_million=10_000, output_per_million=20_000)
+        price = upb.Price(
+            organization_id=org,
+            model=M,
+            input_usd_micros_per_million=10_000_000_000,
+            output_usd_micros_per_million=20_000_000_000,
+        )
         usage_pb2_grpc.UsageServiceStub(channel).SetPrice(upb.SetPriceRequest(price=price), metadata=AUTH)
         projects = admin_pb2_grpc.ProjectServiceStub(channel)
         projects.CreateProject(apb.CreateProjectRequest(organization_id=org, name="seeded"), metadata=AUTH)
@@ -141,7 +146,7 @@ def visit(page: Page, live: Live, name: str, shot: str | None = None) -> None:
 
 def send_traffic(live: Live, secret: str, n: int) -> None:
     with grpc.insecure_channel(live.grpc_address) as channel:
-        decisions = ratelimit_pb2_grpc.RateLimitServiceStub(channel)
+        decisions = rate_limit_service_pb2_grpc.RateLimitServiceStub(channel)
         for i in range(n):
             reply = decisions.CheckAndConsume(pb.CheckRequest(api_key=secret, model=M, tokens=100, request_id=f"r{i}"))
             assert reply.allowed
@@ -211,7 +216,7 @@ def test_owner_creates_a_project_sets_limits_makes_a_key_and_sees_its_traffic(pa
     # traffic shows in the usage chart, the log and the metrics
     send_traffic(live, secret, 3)
     with grpc.insecure_channel(live.grpc_address) as channel:  # more tokens than the organization's minute
-        refused = ratelimit_pb2_grpc.RateLimitServiceStub(channel).CheckAndConsume(
+        refused = rate_limit_service_pb2_grpc.RateLimitServiceStub(channel).CheckAndConsume(
             pb.CheckRequest(api_key=secret, model=M, tokens=200_000)
         )
         assert not refused.allowed

@@ -12,7 +12,8 @@ import redis.asyncio
 
 from ratelimitd.app import App
 from ratelimitd.console.server import COOKIE
-from ratelimitd.engine import ids, keys
+from ratelimitd.core import keys
+from ratelimitd.engine import ids
 from ratelimitd.v1 import admin_pb2 as apb
 from tests.conftest import AUTH, OPERATOR_TOKEN, Client, Clock, Storage, channel_client, settings_for
 

@@ -9,10 +9,13 @@ from typing import Any
 import grpc
 import pytest
 import redis.asyncio
+from google.protobuf.field_mask_pb2 import FieldMask
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from ratelimitd.v1 import admin_pb2 as apb
+from ratelimitd.v1 import rate_limit_service_pb2 as spb
 from tests.conftest import AUTH, Client
-from tests.control import M, World, make_world, snapshot
+from tests.control import M, World, make_world, snapshot, ts
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 EXISTS = grpc.StatusCode.ALREADY_EXISTS
@@ -28,12 +31,32 @@ def new_project(name: str = "ok", description: str = "") -> Call:
     )
 
 
-def update_project(project_id: str = "", **fields: Any) -> Call:
+def update_project(project_id: str = "", mask: list[str] | None = None, **fields: Any) -> Call:
     # No state in the closure: each backend's run of a case calls it afresh (a pop() here made
     # the second run update the world's real project).
     return lambda c, w: c.projects.UpdateProject(
-        apb.UpdateProjectRequest(organization_id=w.org, project_id=project_id or w.proj, **fields),
+        apb.UpdateProjectRequest(
+            project=apb.Project(organization_id=w.org, id=project_id or w.proj, **fields),
+            update_mask=None if mask is None else FieldMask(paths=mask),
+        ),
         metadata=AUTH,
+    )
+
+
+def update_member(mask: list[str] | None = None, **fields: Any) -> Call:
+    return lambda c, w: c.members.UpdateMember(
+        apb.UpdateMemberRequest(
+            member=apb.Member(organization_id=w.org, id=w.members["sam"], **fields),
+            update_mask=None if mask is None else FieldMask(paths=mask),
+        ),
+        metadata=AUTH,
+    )
+
+
+def manage(**operation: Any) -> Call:
+    """ManageProject with one operation, built from the world (ids are filled in by the lambda)."""
+    return lambda c, w: c.decisions.ManageProject(
+        spb.ManageProjectRequest(**{k: v(w) for k, v in operation.items()}), metadata=AUTH
     )
 
 
@@ -115,6 +138,9 @@ CASES: list[tuple[str, Call | After, grpc.StatusCode, str]] = [
     ("list page size big", lambda c, w: c.projects.ListProjects(apb.ListProjectsRequest(organization_id=w.org, page_size=1001), metadata=AUTH), INVALID, "page_size is 1001; at most 1000"),
     ("list page token", lambda c, w: c.projects.ListProjects(apb.ListProjectsRequest(organization_id=w.org, page_token="garbage"), metadata=AUTH), INVALID, "page_token is not one this server issued"),
     ("update nothing", update_project(), INVALID, "nothing to update: set name or description"),
+    ("update mask unknown path", update_project(mask=["name", "colour"], name="x"), INVALID, "update_mask path 'colour' cannot be updated; use 'name', 'description', '*'"),
+    ("update mask output-only path", update_project(mask=["create_time"]), INVALID, "update_mask path 'create_time' cannot be updated"),
+    ("update mask empty name", update_project(mask=["name"]), INVALID, "project name '' is not valid"),
     ("update name bad", update_project(name="Bad"), INVALID, "project name 'Bad' is not valid"),
     ("update name taken", After(new_project("other"), update_project(name="other")), EXISTS, "a project named 'other' already exists"),
     ("update description long", update_project(description="d" * 1025), INVALID, "description is 1025 characters long"),
@@ -135,7 +161,13 @@ CASES: list[tuple[str, Call | After, grpc.StatusCode, str]] = [
     ("member role missing", add_member(role=apb.ROLE_UNSPECIFIED), INVALID, "role is not set"),
     ("member name taken", add_member("alice"), EXISTS, "a member named 'alice' already exists"),
     ("member id malformed", lambda c, w: c.members.RemoveMember(apb.RemoveMemberRequest(organization_id=w.org, member_id="alice"), metadata=AUTH), INVALID, "member_id 'alice' is not a mem_ id"),
-    ("update role missing", lambda c, w: c.members.UpdateMember(apb.UpdateMemberRequest(organization_id=w.org, member_id=w.members["sam"]), metadata=AUTH), INVALID, "role is not set"),
+    ("update role missing", update_member(), INVALID, "nothing to update: set role, or name it in update_mask"),
+    ("update role masked but unset", update_member(mask=["role"]), INVALID, "role is not set"),
+    ("update member mask path", update_member(mask=["name"], name="x", role=apb.ROLE_OWNER), INVALID, "update_mask path 'name' cannot be updated; use 'role', '*'"),
+    ("members page token", lambda c, w: c.members.ListMembers(apb.ListMembersRequest(organization_id=w.org, page_token="garbage"), metadata=AUTH), INVALID, "page_token is not one this server issued"),
+    ("members page size", lambda c, w: c.members.ListMembers(apb.ListMembersRequest(organization_id=w.org, page_size=1001), metadata=AUTH), INVALID, "page_size is 1001; at most 1000"),
+    ("credentials page token", lambda c, w: c.creds.ListCredentials(apb.ListCredentialsRequest(organization_id=w.org, page_token="bm9wZQ=="), metadata=AUTH), INVALID, "page_token is not one this server issued"),
+    ("keys page token", lambda c, w: c.projects.ListApiKeys(apb.ListApiKeysRequest(organization_id=w.org, project_id=w.proj, page_token="garbage"), metadata=AUTH), INVALID, "page_token is not one this server issued"),
     ("remove missing member", lambda c, w: c.members.RemoveMember(apb.RemoveMemberRequest(organization_id=w.org, member_id="mem_aaaaaaaaaaaa"), metadata=AUTH), NOT_FOUND, "member mem_aaaaaaaaaaaa does not exist"),
     # credentials
     ("credential name empty", lambda c, w: c.creds.CreateCredential(apb.CreateCredentialRequest(organization_id=w.org, member_id=w.members["sam"], name=""), metadata=AUTH), INVALID, "credential name is empty"),
@@ -153,11 +185,22 @@ CASES: list[tuple[str, Call | After, grpc.StatusCode, str]] = [
     ("models twice", models(BLOCK, [M, M]), INVALID, "models[1]: model 'llama-3.1-8b-instant' is named twice"),
     ("models too many", models(BLOCK, [f"m{i}" for i in range(257)]), INVALID, "257 models are listed, at most 256"),
     ("models access unknown", models(7, []), INVALID, "policy.access 7 is not a ModelAccess value"),
+    ("models access unset", models(apb.MODEL_ACCESS_UNSPECIFIED, []), INVALID, "policy.access is not set: use MODEL_ACCESS_UNRESTRICTED"),
     ("project widens org allow-list", After(models(ALLOW, [M]), models(ALLOW, [M, "other"], project=True)), PRECONDITION, "model 'other' is not on organization"),
     ("project allows org-blocked", After(models(BLOCK, ["other"]), models(ALLOW, ["other"], project=True)), PRECONDITION, "model 'other' is on organization"),
     # audit
-    ("audit since after until", audit(since_ms=2000, until_ms=1000), INVALID, "since_ms 2000 is after until_ms 1000"),
-    ("audit negative", audit(since_ms=-1), INVALID, "since_ms is -1"),
+    ("audit since after until", audit(start_time=ts(2000), end_time=ts(1000)), INVALID, "start_time (2000 ms) is after end_time (1000 ms)"),
+    ("audit negative", audit(start_time=ts(-1)), INVALID, "start_time is -1 s, before 1970-01-01T00:00:00Z"),
+    ("audit bad nanos", audit(end_time=Timestamp(seconds=1, nanos=-5)), INVALID, "end_time.nanos is -5"),
+    # ManageProject: the same validation as ProjectService, nothing stored
+    ("manage no operation", lambda c, w: c.decisions.ManageProject(spb.ManageProjectRequest(), metadata=AUTH), INVALID, "operation is not set: set one of create_project, get_project"),
+    ("manage create name bad", manage(create_project=lambda w: apb.CreateProjectRequest(organization_id=w.org, name="My App")), INVALID, "project name 'My App' is not valid"),
+    ("manage create name taken", manage(create_project=lambda w: apb.CreateProjectRequest(organization_id=w.org, name="app")), EXISTS, "a project named 'app' already exists"),
+    ("manage update mask path", manage(update_project=lambda w: apb.UpdateProjectRequest(project=apb.Project(organization_id=w.org, id=w.proj, name="x"), update_mask=FieldMask(paths=["nam"]))), INVALID, "update_mask path 'nam' cannot be updated"),
+    ("manage limit above org", manage(set_project_limits=lambda w: apb.SetProjectLimitsRequest(organization_id=w.org, project_id=w.proj, set=[apb.Limit(model=M, metric="requests", window="minute", limit=10**9)])), PRECONDITION, "is above the organization's limit"),
+    ("manage key on missing project", manage(create_api_key=lambda w: apb.CreateApiKeyRequest(organization_id=w.org, project_id="proj_aaaaaaaaaaaa", name="k")), NOT_FOUND, "project proj_aaaaaaaaaaaa does not exist"),
+    ("manage revoke malformed key", manage(revoke_api_key=lambda w: apb.RevokeApiKeyRequest(organization_id=w.org, key_id="k1")), INVALID, "key_id 'k1' is not a key_ id"),
+    ("manage list keys page token", manage(list_api_keys=lambda w: apb.ListApiKeysRequest(organization_id=w.org, project_id=w.proj, page_token="garbage")), INVALID, "page_token is not one this server issued"),
     ("audit page token", audit(page_token="garbage"), INVALID, "page_token is not one this server issued"),
     ("audit project malformed", audit(project_id="app"), INVALID, "project_id 'app' is not a proj_ id"),
     ("audit project without org", lambda c, w: c.audit.ListAuditEvents(apb.ListAuditEventsRequest(project_id=w.proj), metadata=AUTH), INVALID, "project_id needs organization_id"),
@@ -199,7 +242,9 @@ async def test_the_last_owner_stays(client: Client, redis_client: redis.asyncio.
             )
         else:
             await client.members.UpdateMember(
-                apb.UpdateMemberRequest(organization_id=org, member_id=reply.member.id, role=apb.ROLE_READER),
+                apb.UpdateMemberRequest(
+                    member=apb.Member(organization_id=org, id=reply.member.id, role=apb.ROLE_READER)
+                ),
                 metadata=AUTH,
             )
     assert e.value.code() == PRECONDITION

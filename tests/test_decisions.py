@@ -9,7 +9,8 @@ import pytest
 import redis.asyncio
 
 from ratelimitd.app import App
-from ratelimitd.engine.decisions import Caller, Item, Outcome
+from ratelimitd.engine.decisions import Caller, Item
+from ratelimitd.engine.outcomes import Outcome
 from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from tests.conftest import AUTH, Client, Clock
@@ -199,7 +200,7 @@ async def test_revoked_key_stops_at_the_very_next_decision(client: Client) -> No
     assert (await check(client, a)).allowed
     keys = await client.projects.ListApiKeys(apb.ListApiKeysRequest(organization_id=org, project_id=pid), metadata=AUTH)
     (key,) = keys.keys
-    assert a.startswith(key.prefix) and len(key.prefix) < len(a) and key.last_used_at_ms > 0
+    assert a.startswith(key.prefix) and len(key.prefix) < len(a) and key.HasField("last_use_time")
     await client.projects.RevokeApiKey(apb.RevokeApiKeyRequest(organization_id=org, key_id=key.id), metadata=AUTH)
     reply = await check(client, a)
     assert reply.reason == pb.REASON_INVALID_API_KEY and not reply.allowed

@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio
 
 from ratelimitd.app import App
-from ratelimitd.engine import keys
+from ratelimitd.core import keys
 from tests.conftest import Client, Clock, settings_for
 from tests.edge import (
     SHIPPED_CONFIG,

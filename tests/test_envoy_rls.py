@@ -14,15 +14,16 @@ from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2 as common_pb
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import json_format
 
-from ratelimitd.api.envoy import token_estimate
 from ratelimitd.app import App
-from ratelimitd.engine import keys
+from ratelimitd.core import keys
+from ratelimitd.engine.edge import token_estimate
 from ratelimitd.settings import ENVOY_DESCRIPTOR_ROLES, Settings
 from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from ratelimitd.v1 import usage_pb2 as upb
 from ratelimitd.v1 import usage_pb2_grpc
 from tests.conftest import AUTH, Client, Storage, channel_client, settings_for
+from tests.control import usd
 from tests.servers import ValkeyProcess
 
 M = "llama-3.1-8b-instant"
@@ -264,7 +265,7 @@ async def test_revoked_key_and_spend_limit_refusals(
     org = await client.org("spender", [(M, "requests", "minute", 10)])
     pid, spender = await client.project(org, "s")
     await usage_pb2_grpc.UsageServiceStub(client.channel).SetSpendLimit(
-        upb.SetSpendLimitRequest(organization_id=org, project_id=pid, limit_usd=0.0), metadata=AUTH
+        upb.SetSpendLimitRequest(organization_id=org, project_id=pid, limit_usd_micros=usd(0.0)), metadata=AUTH
     )
     reply = await rls(client).ShouldRateLimit(request(desc(api_key=spender, model=M)))
     error = body(reply)

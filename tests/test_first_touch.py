@@ -39,4 +39,10 @@ async def test_check_prints_the_decision_and_exits_3_when_refused(
     assert "ALLOWED" in capsys.readouterr().out
     assert await asyncio.to_thread(main, args) == 3
     out = capsys.readouterr().out
-    assert "REFUSED (REASON_ORGANIZATION_LIMIT)" in out and "retry-after: 60" in out
+    assert "REFUSED (REASON_ORGANIZATION_LIMIT): an HTTP edge answers 429 rate_limit_exceeded; retry in 1m" in out
+    assert "retry-after: 60" in out
+    wrong = [*args[:-4], "--api-key", key[:-1] + ("x" if key[-1] != "x" else "y"), "--model", "m"]
+    assert await asyncio.to_thread(main, wrong) == 3
+    assert "REFUSED (REASON_INVALID_API_KEY): an HTTP edge answers 401 invalid_api_key; waiting will not help" in (
+        capsys.readouterr().out
+    )

@@ -44,5 +44,6 @@ def test_every_languages_generated_code_is_current() -> None:
     languages = ["python (server)", "python (client)"]
     languages += ["go"] if shutil.which("go") else []
     languages += ["typescript"] if shutil.which("npm") else []
+    languages += ["openapi"]
     for language in languages:
         assert f"{language}: generated code is up to date" in result.stdout

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from ratelimitd.engine.headers import go_duration
+from ratelimitd.engine.outcomes import go_duration
 
 
 @pytest.mark.parametrize(

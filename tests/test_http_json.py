@@ -17,10 +17,12 @@ import redis.asyncio
 from google.protobuf import descriptor_pool, json_format
 
 from ratelimitd.app import HEALTH_SERVICE_NAME, SERVICE_NAMES, App
+from ratelimitd.settings import Settings
 from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import ratelimit_pb2 as pb
+from tests.certs import SERVER_NAMES, authority
 from tests.conftest import AUTH, OPERATOR_TOKEN, Client, Clock, Storage, channel_client, settings_for
-from tests.servers import ROOT, RatelimitdProcess, ValkeyProcess, free_port
+from tests.servers import ROOT, RatelimitdProcess, ValkeyProcess, free_port, wait_until
 
 M = "llama-3.1-8b-instant"
 CONSOLE = "https://console.example.com"
@@ -107,9 +109,9 @@ async def test_decisions_and_refusals_over_http_are_those_of_grpc(grpc_client: C
     assert answers["http"] == answers["grpc"]
     reasons = [r.reason for r in answers["http"]]
     assert reasons == [
-        pb.REASON_UNSPECIFIED,
+        pb.REASON_ALLOWED,
         pb.REASON_REQUEST_TOO_LARGE,
-        pb.REASON_UNSPECIFIED,
+        pb.REASON_ALLOWED,
         pb.REASON_ORGANIZATION_LIMIT,
     ]
 
@@ -196,6 +198,8 @@ async def test_envelope_errors_name_what_is_wrong(grpc_client: Client, http: Htt
     assert (status, reply["code"]) == (400, "invalid_argument") and "Connect-Protocol-Version" in reply["message"]
     status, reply, _ = await http.post(DECIDE, data=b"\xff{}")
     assert (status, reply["code"]) == (400, "invalid_argument") and "UTF-8" in reply["message"]
+    status, reply, _ = await http.post(DECIDE, data=b" " * (4 * 1024 * 1024 + 1))  # over gRPC's 4 MiB too
+    assert (status, reply["code"]) == (413, "resource_exhausted") and "larger than" in reply["message"]
 
 
 async def test_unknown_and_streaming_methods_are_404_and_other_verbs_405(http: Http) -> None:
@@ -206,6 +210,7 @@ async def test_unknown_and_streaming_methods_are_404_and_other_verbs_405(http: H
     assert status == 404 and "streaming" in reply["message"]
     async with http.session.get(http.base + DECIDE) as r:
         assert r.status == 405 and (await r.json())["code"] == "invalid_argument"
+        assert r.headers["Allow"] == "POST"
 
 
 async def test_binary_protobuf_and_the_health_check_are_served_too(grpc_client: Client, http: Http) -> None:
@@ -308,6 +313,12 @@ def test_a_stale_description_fails_the_generated_code_check(tmp_path: Path) -> N
     assert "ratelimitd/http/openapi/openapi.json" in stale.stderr
 
 
+def listening_sockets(port: int) -> int:
+    """TCP sockets listening on the port, from /proc (Linux): each worker's own, with SO_REUSEPORT."""
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(1 for row in rows if row.split()[1].endswith(f":{port:04X}") and row.split()[3] == "0A")
+
+
 async def test_every_worker_serves_http_on_the_shared_port(storage: Storage, tmp_path: Path) -> None:
     http_port = free_port()
     server = RatelimitdProcess(
@@ -316,6 +327,8 @@ async def test_every_worker_serves_http_on_the_shared_port(storage: Storage, tmp
     )  # fmt: skip
     server.start()
     try:
+        # one per worker (SO_REUSEPORT), none in the supervisor; a worker binds it as it starts
+        wait_until(lambda: listening_sockets(http_port) == 2, "an HTTP socket in each of the two workers")
         # a new connection per call: the kernel spreads connections, not calls, over the workers
         for _ in range(8):
             async with aiohttp.ClientSession() as session:
@@ -339,3 +352,30 @@ async def test_a_taken_http_port_stops_start_up_naming_it(storage: Storage) -> N
     finally:
         await other.stop(0)
         await app.stop(0)
+
+
+async def test_http_reaches_an_mtls_grpc_port_through_its_own_socket(
+    storage: Storage, redis_client: redis.asyncio.Redis, tmp_path: Path
+) -> None:
+    ca = authority(tmp_path, "ca")
+    server = ca.issue(tmp_path, "server", server_names=SERVER_NAMES)
+    tls = {"tls_cert": str(server.cert), "tls_key": str(server.key), "tls_client_ca": str(ca.pem)}
+    app = App(settings_for(storage.url, http_listen="127.0.0.1:0", **tls))
+    await app.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            me = await Http(session, f"http://127.0.0.1:{app.http_port}").rpc(
+                "/ratelimitd.v1.CredentialService/WhoAmI", {}, **BEARER
+            )
+        assert me["kind"] == "operator"
+    finally:
+        await app.stop(0)
+
+
+def test_cors_origins_are_read_from_the_environment_and_checked() -> None:
+    env = {"RATELIMITD_HTTP_CORS_ORIGINS": "https://a.example.com, http://localhost:5173"}
+    assert Settings.load(env=env).http_cors_origins == ("https://a.example.com", "http://localhost:5173")
+    with pytest.raises(ValueError, match=r"'a\.example\.com' is not an origin"):
+        Settings.load(env={}, http_cors_origins=("a.example.com",))
+    with pytest.raises(ValueError, match="is not an origin"):
+        Settings.load(env={}, http_cors_origins=("https://a.example.com/console",))

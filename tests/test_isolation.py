@@ -19,7 +19,7 @@ from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from ratelimitd.v1 import usage_pb2 as upb
 from tests.conftest import AUTH, Client
-from tests.control import M, Metadata, add_member, bearer, snapshot
+from tests.control import M, Metadata, add_member, bearer, snapshot, ts, usd
 from tests.test_authz_matrix import usage
 
 
@@ -49,8 +49,8 @@ CASES: list[tuple[str, Call]] = [
     ("GetProject by name", lambda c, a, o, md: c.projects.GetProject(apb.GetProjectRequest(organization_id=o.org, name=o.proj_name), metadata=md)),
     ("GetProject by B's id in A", lambda c, a, o, md: c.projects.GetProject(apb.GetProjectRequest(organization_id=a, project_id=o.proj), metadata=md)),
     ("GetProject by B's name in A", lambda c, a, o, md: c.projects.GetProject(apb.GetProjectRequest(organization_id=a, name=o.proj_name), metadata=md)),
-    ("UpdateProject", lambda c, a, o, md: c.projects.UpdateProject(apb.UpdateProjectRequest(organization_id=o.org, project_id=o.proj, name="mine"), metadata=md)),
-    ("UpdateProject B's id in A", lambda c, a, o, md: c.projects.UpdateProject(apb.UpdateProjectRequest(organization_id=a, project_id=o.proj, name="mine"), metadata=md)),
+    ("UpdateProject", lambda c, a, o, md: c.projects.UpdateProject(apb.UpdateProjectRequest(project=apb.Project(organization_id=o.org, id=o.proj, name="mine")), metadata=md)),
+    ("UpdateProject B's id in A", lambda c, a, o, md: c.projects.UpdateProject(apb.UpdateProjectRequest(project=apb.Project(organization_id=a, id=o.proj, name="mine")), metadata=md)),
     ("DeleteProject", lambda c, a, o, md: c.projects.DeleteProject(apb.DeleteProjectRequest(organization_id=o.org, project_id=o.proj), metadata=md)),
     ("DeleteProject B's id in A", lambda c, a, o, md: c.projects.DeleteProject(apb.DeleteProjectRequest(organization_id=a, project_id=o.proj), metadata=md)),
     ("GetProjectLimits", lambda c, a, o, md: c.projects.GetProjectLimits(apb.GetProjectLimitsRequest(organization_id=o.org, project_id=o.proj), metadata=md)),
@@ -64,23 +64,23 @@ CASES: list[tuple[str, Call]] = [
     ("SetModelPermissions B's id in A", lambda c, a, o, md: c.models.SetModelPermissions(apb.SetModelPermissionsRequest(organization_id=a, project_id=o.proj, policy=apb.ModelPolicy(access=apb.MODEL_ACCESS_BLOCK_LIST, models=[M])), metadata=md)),
     ("ListMembers", lambda c, a, o, md: c.members.ListMembers(apb.ListMembersRequest(organization_id=o.org), metadata=md)),
     ("AddMember", lambda c, a, o, md: c.members.AddMember(apb.AddMemberRequest(organization_id=o.org, name="mole", role=apb.ROLE_OWNER), metadata=md)),
-    ("UpdateMember", lambda c, a, o, md: c.members.UpdateMember(apb.UpdateMemberRequest(organization_id=o.org, member_id=o.member, role=apb.ROLE_READER), metadata=md)),
-    ("UpdateMember B's id in A", lambda c, a, o, md: c.members.UpdateMember(apb.UpdateMemberRequest(organization_id=a, member_id=o.member, role=apb.ROLE_READER), metadata=md)),
+    ("UpdateMember", lambda c, a, o, md: c.members.UpdateMember(apb.UpdateMemberRequest(member=apb.Member(organization_id=o.org, id=o.member, role=apb.ROLE_READER)), metadata=md)),
+    ("UpdateMember B's id in A", lambda c, a, o, md: c.members.UpdateMember(apb.UpdateMemberRequest(member=apb.Member(organization_id=a, id=o.member, role=apb.ROLE_READER)), metadata=md)),
     ("RemoveMember B's id in A", lambda c, a, o, md: c.members.RemoveMember(apb.RemoveMemberRequest(organization_id=a, member_id=o.member), metadata=md)),
     ("CreateCredential B's member in A", lambda c, a, o, md: c.creds.CreateCredential(apb.CreateCredentialRequest(organization_id=a, member_id=o.member, name="x"), metadata=md)),
     ("ListCredentials", lambda c, a, o, md: c.creds.ListCredentials(apb.ListCredentialsRequest(organization_id=o.org), metadata=md)),
     ("RevokeCredential", lambda c, a, o, md: c.creds.RevokeCredential(apb.RevokeCredentialRequest(organization_id=o.org, credential_id=o.cred), metadata=md)),
     ("RevokeCredential B's id in A", lambda c, a, o, md: c.creds.RevokeCredential(apb.RevokeCredentialRequest(organization_id=a, credential_id=o.cred), metadata=md)),
     ("ListAuditEvents", lambda c, a, o, md: c.audit.ListAuditEvents(apb.ListAuditEventsRequest(organization_id=o.org), metadata=md)),
-    ("GetUsage", lambda c, a, o, md: usage(c).GetUsage(upb.GetUsageRequest(organization_id=o.org, start_ms=0, end_ms=86_400_000, granularity=upb.GRANULARITY_DAY), metadata=md)),
+    ("GetUsage", lambda c, a, o, md: usage(c).GetUsage(upb.GetUsageRequest(organization_id=o.org, start_time=ts(0), end_time=ts(86_400_000), granularity=upb.GRANULARITY_DAY), metadata=md)),
     ("GetSpend", lambda c, a, o, md: usage(c).GetSpend(upb.GetSpendRequest(organization_id=o.org), metadata=md)),
     ("GetLimitState", lambda c, a, o, md: usage(c).GetLimitState(upb.GetLimitStateRequest(organization_id=o.org, project_id=o.proj), metadata=md)),
     ("GetLimitState B's project in A", lambda c, a, o, md: usage(c).GetLimitState(upb.GetLimitStateRequest(organization_id=a, project_id=o.proj, models=[M]), metadata=md)),
     ("GetRequestMetrics B's project in A", lambda c, a, o, md: usage(c).GetRequestMetrics(upb.GetRequestMetricsRequest(organization_id=a, project_id=o.proj, granularity=upb.GRANULARITY_HOUR), metadata=md)),
     ("ListRequestLogs", lambda c, a, o, md: usage(c).ListRequestLogs(upb.ListRequestLogsRequest(organization_id=o.org, project_id=o.proj), metadata=md)),
     ("ListRequestLogs B's id in A", lambda c, a, o, md: usage(c).ListRequestLogs(upb.ListRequestLogsRequest(organization_id=a, project_id=o.proj), metadata=md)),
-    ("SetSpendLimit", lambda c, a, o, md: usage(c).SetSpendLimit(upb.SetSpendLimitRequest(organization_id=o.org, limit_usd=1), metadata=md)),
-    ("SetSpendLimit B's id in A", lambda c, a, o, md: usage(c).SetSpendLimit(upb.SetSpendLimitRequest(organization_id=a, project_id=o.proj, limit_usd=1), metadata=md)),
+    ("SetSpendLimit", lambda c, a, o, md: usage(c).SetSpendLimit(upb.SetSpendLimitRequest(organization_id=o.org, limit_usd_micros=usd(1)), metadata=md)),
+    ("SetSpendLimit B's id in A", lambda c, a, o, md: usage(c).SetSpendLimit(upb.SetSpendLimitRequest(organization_id=a, project_id=o.proj, limit_usd_micros=usd(1)), metadata=md)),
     ("ListPrices", lambda c, a, o, md: usage(c).ListPrices(upb.ListPricesRequest(organization_id=o.org), metadata=md)),
     ("CheckAndConsume by B's project", lambda c, a, o, md: c.decisions.CheckAndConsume(pb.CheckRequest(project=pb.ProjectRef(organization_id=o.org, project_id=o.proj), model=M), metadata=md)),
 ]  # fmt: skip

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from redis.crc import key_slot
 
+from ratelimitd.core.keys import OrgKeys
 from ratelimitd.engine import ids
-from ratelimitd.engine.keys import OrgKeys
 
 
 def test_every_key_of_an_organization_shares_one_slot() -> None:
@@ -17,18 +17,18 @@ def test_every_key_of_an_organization_shares_one_slot() -> None:
         k.api_key("key_x"), k.project_api_keys(project), k.request("req-1"),
         k.state,
         k.deleted_project(project), k.members, k.member_names, k.member_credentials, k.model_permissions, k.audit,
+        k.spend_limits, k.spend("202612"), k.spend_alerts("202612"),
     ]  # fmt: skip
     assert {key_slot(n.encode()) for n in names} == {key_slot(k.org_limits.encode())}
 
 
 def test_operator_credentials_and_their_audit_trail_share_one_slot() -> None:
-    from ratelimitd.engine import keys
+    from ratelimitd.core import keys
 
     assert key_slot(keys.CREDENTIALS.encode()) == key_slot(keys.PLATFORM_AUDIT.encode())
 
 
 def test_decide_lua_builds_keys_the_way_the_keys_module_does() -> None:
-    from ratelimitd.engine import keys
     from ratelimitd.engine.scripts import read_script
 
     lua = read_script("decide")
@@ -36,9 +36,7 @@ def test_decide_lua_builds_keys_the_way_the_keys_module_does() -> None:
     for fragment in ('"lim:o"', '"lim:p:"', '"o:"', '"p:"', '"c:"', '"mp"', '"spendlim"', '"price"', "-2)"):
         assert fragment in lua
     k = OrgKeys("org_x")
-    assert k.state == k.prefix + "s" and k.org_limits == k.prefix + "lim:o"
-    assert k.model_permissions == k.prefix + "mp"
-    assert keys.org_buckets_field("m") == "o:m" and keys.project_buckets_field("proj_x", "m") == "p:proj_x:m"
+    assert (k.state, k.org_limits, k.model_permissions) == ("rl:{org_x}:s", "rl:{org_x}:lim:o", "rl:{org_x}:mp")
 
 
 def test_api_key_carries_its_ids() -> None:

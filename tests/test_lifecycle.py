@@ -18,8 +18,8 @@ import redis.asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.asyncio.client import Monitor
 
+from ratelimitd.v1 import rate_limit_service_pb2_grpc
 from ratelimitd.v1 import ratelimit_pb2 as pb
-from ratelimitd.v1 import ratelimit_pb2_grpc
 from tests.conftest import OPERATOR_TOKEN, Client, channel_client
 from tests.servers import ROOT, RatelimitdProcess, ValkeyProcess, free_port, wait_until
 
@@ -60,14 +60,14 @@ async def org_with_key(client: Client, limit: int = 1000, window: str = "minute"
     return key
 
 
-def connection(address: str) -> tuple[grpc.aio.Channel, ratelimit_pb2_grpc.RateLimitServiceAsyncStub]:
+def connection(address: str) -> tuple[grpc.aio.Channel, rate_limit_service_pb2_grpc.RateLimitServiceAsyncStub]:
     """A channel with a TCP connection of its own (channels share connections by default)."""
     channel = grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
-    return channel, ratelimit_pb2_grpc.RateLimitServiceStub(channel)
+    return channel, rate_limit_service_pb2_grpc.RateLimitServiceStub(channel)
 
 
 async def allowed(
-    client: Client | ratelimit_pb2_grpc.RateLimitServiceAsyncStub, key: str, request_id: str = ""
+    client: Client | rate_limit_service_pb2_grpc.RateLimitServiceAsyncStub, key: str, request_id: str = ""
 ) -> bool:
     stub = client.decisions if isinstance(client, Client) else client
     reply = await stub.CheckAndConsume(pb.CheckRequest(api_key=key, model=M, request_id=request_id), timeout=60)

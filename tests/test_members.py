@@ -46,11 +46,11 @@ async def test_role_changes_and_removal_hold_at_once(client: Client) -> None:
     md = bearer(token)
     assert await code_of(create_project(client, org, "one", md)) == grpc.StatusCode.PERMISSION_DENIED
     await client.members.UpdateMember(
-        apb.UpdateMemberRequest(organization_id=org, member_id=rita, role=apb.ROLE_DEVELOPER), metadata=AUTH
+        apb.UpdateMemberRequest(member=apb.Member(organization_id=org, id=rita, role=apb.ROLE_DEVELOPER)), metadata=AUTH
     )
     assert await code_of(create_project(client, org, "two", md)) == grpc.StatusCode.OK
     await client.members.UpdateMember(
-        apb.UpdateMemberRequest(organization_id=org, member_id=rita, role=apb.ROLE_READER), metadata=AUTH
+        apb.UpdateMemberRequest(member=apb.Member(organization_id=org, id=rita, role=apb.ROLE_READER)), metadata=AUTH
     )
     assert await code_of(create_project(client, org, "three", md)) == grpc.StatusCode.PERMISSION_DENIED
     await client.members.RemoveMember(apb.RemoveMemberRequest(organization_id=org, member_id=rita), metadata=AUTH)
@@ -134,9 +134,9 @@ async def test_another_process_honours_a_revocation_once_its_cache_entry_expires
     client: Client, app: App, redis_client: redis.asyncio.Redis
 ) -> None:
     """The 2 s bound across processes, shown with a second Credentials whose cache has expired."""
+    from ratelimitd.core.errors import Unauthenticated
     from ratelimitd.engine.audit import Audit
     from ratelimitd.engine.credentials import Credentials
-    from ratelimitd.engine.errors import Unauthenticated
 
     org = await client.org("o", [])
     member, token = await add_member(client, org, "rita", apb.ROLE_READER)

@@ -7,7 +7,8 @@ import pytest
 import redis.asyncio
 
 from ratelimitd.app import App
-from ratelimitd.engine.decisions import Caller, Item, Outcome
+from ratelimitd.engine.decisions import Caller, Item
+from ratelimitd.engine.outcomes import Outcome
 from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from tests.conftest import AUTH, Client

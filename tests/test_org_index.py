@@ -13,8 +13,8 @@ import pytest
 import redis.asyncio
 
 from ratelimitd.app import App
-from ratelimitd.engine import keys
-from ratelimitd.engine.control import UNINDEXED_GRACE_MS
+from ratelimitd.core import keys
+from ratelimitd.engine.organizations import UNINDEXED_GRACE_MS
 from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from tests.conftest import AUTH, Client, Storage, settings_for

@@ -70,6 +70,9 @@ async def test_workers_share_one_port_and_one_answer(
         m = await scrape(metrics_port)  # the sum over both workers
         assert m['ratelimitd_decisions_total{outcome="allowed"}'] == 100
         assert m['ratelimitd_decisions_total{outcome="organization_limit"}'] == 100
+        assert [v for k, v in m.items() if k.startswith("ratelimitd_build_info{")] == [
+            1
+        ]  # one series, not one a worker
     finally:
         for c in clients:
             await c.channel.close()

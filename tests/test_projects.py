@@ -7,8 +7,9 @@ from typing import cast
 
 import grpc
 import redis.asyncio
+from google.protobuf.field_mask_pb2 import FieldMask
 
-from ratelimitd.engine import keys
+from ratelimitd.core import keys
 from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from tests.conftest import AUTH, Client
@@ -53,7 +54,9 @@ async def test_rename_moves_the_name_index_with_it(client: Client, redis_client:
     org = await client.org("o", [(M, "requests", "minute", 10)])
     pid, secret = await client.project(org, "old-name")
     updated = await client.projects.UpdateProject(
-        apb.UpdateProjectRequest(organization_id=org, project_id=pid, name="new-name", description="the app"),
+        apb.UpdateProjectRequest(
+            project=apb.Project(organization_id=org, id=pid, name="new-name", description="the app")
+        ),
         metadata=AUTH,
     )
     assert (updated.id, updated.name, updated.description) == (pid, "new-name", "the app")
@@ -68,9 +71,14 @@ async def test_rename_moves_the_name_index_with_it(client: Client, redis_client:
     )
     assert other.id != pid
     assert (await client.decisions.CheckAndConsume(pb.CheckRequest(api_key=secret, model=M))).allowed
-    # only the description: the name stays
+    # only the description, cleared: an empty value is changed only when the mask names it, and
+    # the name the request also carries stays
     desc = await client.projects.UpdateProject(
-        apb.UpdateProjectRequest(organization_id=org, project_id=pid, description=""), metadata=AUTH
+        apb.UpdateProjectRequest(
+            project=apb.Project(organization_id=org, id=pid, name="ignored"),
+            update_mask=FieldMask(paths=["description"]),
+        ),
+        metadata=AUTH,
     )
     assert (desc.name, desc.description) == ("new-name", "")
 
@@ -103,7 +111,7 @@ async def test_concurrent_renames_to_one_name_let_exactly_one_win(
         for i in range(10)
     ]
     results = await asyncio.gather(
-        *(client.projects.UpdateProject(apb.UpdateProjectRequest(organization_id=org, project_id=p, name="winner"), metadata=AUTH) for p in ids),
+        *(client.projects.UpdateProject(apb.UpdateProjectRequest(project=apb.Project(organization_id=org, id=p, name="winner")), metadata=AUTH) for p in ids),
         return_exceptions=True,
     )  # fmt: skip
     assert sum(isinstance(r, apb.Project) for r in results) == 1
@@ -120,11 +128,11 @@ async def test_api_key_listing_shows_metadata_only(client: Client, redis_client:
         apb.ListApiKeysRequest(organization_id=org, project_id=pid), metadata=AUTH
     )
     (key,) = listed.keys
-    assert (key.name, key.last_used_at_ms, key.revoked) == ("a-key", 0, False)
-    assert key.id.startswith("key_") and secret.startswith(key.prefix) and key.created_at_ms > 0
+    assert (key.name, key.HasField("last_use_time"), key.revoked) == ("a-key", False, False)
+    assert key.id.startswith("key_") and secret.startswith(key.prefix) and key.create_time.ToMilliseconds() > 0
     await client.decisions.CheckAndConsume(pb.CheckRequest(api_key=secret, model=M))
     (used,) = (
         await client.projects.ListApiKeys(apb.ListApiKeysRequest(organization_id=org, project_id=pid), metadata=AUTH)
     ).keys
-    assert used.last_used_at_ms > 0
+    assert used.HasField("last_use_time") and used.last_use_time.ToMilliseconds() > 0
     assert secret not in str(listed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from ratelimitd.v1 import usage_pb2 as upb
@@ -26,6 +27,16 @@ async def _report(client: Client, secret: str, request_id: str, status: int, lat
     )  # fmt: skip
 
 
+def _at(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromMilliseconds(round(seconds * 1000))
+    return stamp
+
+
+def _percentiles_ms(row: upb.RequestMetricsRow) -> tuple[int, int, int]:
+    return row.latency_p50.ToMilliseconds(), row.latency_p95.ToMilliseconds(), row.latency_p99.ToMilliseconds()
+
+
 async def _metrics(client: Client, org: str, project: str, **fields: object) -> upb.GetRequestMetricsResponse:
     stub = usage_pb2_grpc.UsageServiceStub(client.channel)
     request = upb.GetRequestMetricsRequest(organization_id=org, project_id=project, **fields)  # type: ignore[arg-type]
@@ -46,16 +57,16 @@ async def test_percentiles_and_status_codes_per_model_and_minute(client: Client,
     await _report(client, secret, "b1", 200, 400)
 
     # an explicit end: "now" is the server's real time, which the manual clock may be ahead of
-    until = {"start_ms": 0, "end_ms": round((clock.now_s + 3600) * 1000)}
+    until = {"start_time": Timestamp(seconds=0), "end_time": _at(clock.now_s + 3600)}
     reply = await _metrics(client, org, project, granularity=upb.GRANULARITY_MINUTE, **until)
     first, second = reply.rows
-    assert second.bucket_start_ms - first.bucket_start_ms == 60_000
+    assert second.bucket_start_time.ToMilliseconds() - first.bucket_start_time.ToMilliseconds() == 60_000
     assert (first.model, first.reported) == (M, 10)
-    assert (first.latency_p50_ms, first.latency_p95_ms, first.latency_p99_ms) == (50, 100, 100)
+    assert _percentiles_ms(first) == (50, 100, 100)
     assert dict(first.status_codes) == {200: 8, 429: 1, 500: 1}
-    assert (second.reported, second.latency_p50_ms, second.latency_p95_ms) == (2, 300, 400)
+    assert (second.reported, *_percentiles_ms(second)[:2]) == (2, 300, 400)
     (total,) = reply.totals
-    assert (total.reported, total.latency_p50_ms, total.latency_p95_ms, total.latency_p99_ms) == (12, 60, 400, 400)
+    assert (total.reported, *_percentiles_ms(total)) == (12, 60, 400, 400)
     assert dict(total.status_codes) == {200: 10, 429: 1, 500: 1}
 
     hourly = await _metrics(client, org, project, granularity=upb.GRANULARITY_HOUR, **until)
@@ -66,10 +77,19 @@ async def test_percentiles_and_status_codes_per_model_and_minute(client: Client,
     ("fields", "says"),
     [
         ({"granularity": upb.GRANULARITY_UNSPECIFIED}, "granularity"),
-        ({"granularity": upb.GRANULARITY_MINUTE, "start_ms": 2000, "end_ms": 1000}, "end_ms must be after start_ms"),
+        (
+            {
+                "granularity": upb.GRANULARITY_MINUTE,
+                "start_time": Timestamp(seconds=2),
+                "end_time": Timestamp(seconds=1),
+            },
+            "end_time must be after start_time",
+        ),
     ],
 )
-async def test_bad_ranges_are_invalid_argument(client: Client, clock: Clock, fields: dict[str, int], says: str) -> None:
+async def test_bad_ranges_are_invalid_argument(
+    client: Client, clock: Clock, fields: dict[str, object], says: str
+) -> None:
     org = await client.org("acme", [(M, "requests", "minute", 1000)])
     project, _ = await client.project(org, "prod")
     with pytest.raises(grpc.aio.AioRpcError) as e:

@@ -11,6 +11,7 @@ from ratelimitd.v1 import ratelimit_pb2 as pb
 from ratelimitd.v1 import usage_pb2 as upb
 from ratelimitd.v1 import usage_pb2_grpc
 from tests.conftest import AUTH, Client, Clock
+from tests.control import usd
 
 M = "llama-3.1-8b-instant"
 # $50 per million tokens, input and output: a 1,000-token estimate reserves $0.05.
@@ -25,23 +26,31 @@ async def priced_project(
     stub = usage_pb2_grpc.UsageServiceStub(client.channel)
     await stub.SetPrice(
         upb.SetPriceRequest(
-            price=upb.Price(organization_id=org, model=M, input_per_million=PRICE, output_per_million=PRICE)
+            price=upb.Price(
+                organization_id=org,
+                model=M,
+                input_usd_micros_per_million=usd(PRICE),
+                output_usd_micros_per_million=usd(PRICE),
+            )
         ),
         metadata=AUTH,
     )
     if limit_usd is not None:
         await stub.SetSpendLimit(
-            upb.SetSpendLimitRequest(organization_id=org, project_id=pid, limit_usd=limit_usd), metadata=AUTH
+            upb.SetSpendLimitRequest(organization_id=org, project_id=pid, limit_usd_micros=usd(limit_usd)),
+            metadata=AUTH,
         )
     if org_limit_usd is not None:
-        await stub.SetSpendLimit(upb.SetSpendLimitRequest(organization_id=org, limit_usd=org_limit_usd), metadata=AUTH)
+        await stub.SetSpendLimit(
+            upb.SetSpendLimitRequest(organization_id=org, limit_usd_micros=usd(org_limit_usd)), metadata=AUTH
+        )
     return org, pid, key
 
 
 async def project_spend(client: Client, org: str, pid: str) -> float:
     stub = usage_pb2_grpc.UsageServiceStub(client.channel)
     spend = await stub.GetSpend(upb.GetSpendRequest(organization_id=org), metadata=AUTH)
-    lines = [p.spend_usd for p in spend.projects if p.project_id == pid]
+    lines = [p.spend_usd_micros / 1e6 for p in spend.projects if p.project_id == pid]
     return lines[0] if lines else 0.0
 
 
@@ -78,7 +87,7 @@ async def test_the_reservation_is_replaced_by_the_real_cost_once(client: Client)
     d = await check(client, key, 1000)
     assert d.allowed and await project_spend(client, org, pid) == pytest.approx(0.05)
     rep = await report(client, key, d.request_id, 2000, 1000)  # an under-estimate: $0.15 in truth
-    assert rep.spend_usd == pytest.approx(0.15)
+    assert rep.spend_usd_micros == usd(0.15)
     assert await project_spend(client, org, pid) == pytest.approx(0.15)
     again = await report(client, key, d.request_id, 2000, 1000)
     assert again.result == pb.ReportUsageResponse.RESULT_DUPLICATE
@@ -101,5 +110,5 @@ async def test_an_estimate_reserved_last_month_is_released_there(client: Client,
     await clock.advance(40 * 86400)  # into the next month
     await report(client, key, d.request_id, 600, 300)
     earlier = await stub.GetSpend(upb.GetSpendRequest(organization_id=org, month=month), metadata=AUTH)
-    assert [p.spend_usd for p in earlier.projects if p.project_id == pid] == [pytest.approx(0.0)]
+    assert [p.spend_usd_micros for p in earlier.projects if p.project_id == pid] == [0]
     assert await project_spend(client, org, pid) == pytest.approx(0.045)

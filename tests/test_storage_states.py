@@ -187,7 +187,7 @@ async def test_a_storage_state_takes_the_unavailable_path_and_recovers(
         org = await client.org("o", [(M, "requests", "day", 100)])
         _, key = await client.project(org, "a")
         req = pb.CheckRequest(api_key=key, model=M)
-        assert (await client.decisions.CheckAndConsume(req)).reason == pb.REASON_UNSPECIFIED
+        assert (await client.decisions.CheckAndConsume(req)).reason == pb.REASON_ALLOWED
         before = await scrape(app.metrics_port)
 
         with STATES[state](own_valkey, tmp_path):
@@ -214,7 +214,7 @@ async def test_a_storage_state_takes_the_unavailable_path_and_recovers(
             assert time.monotonic() < deadline, "health never came back"
             await asyncio.sleep(0.02)  # polls the background probe, no time window
         reply = await client.decisions.CheckAndConsume(req, timeout=10)
-        assert (reply.allowed, reply.reason) == (True, pb.REASON_UNSPECIFIED)  # decided by storage again
+        assert (reply.allowed, reply.reason) == (True, pb.REASON_ALLOWED)  # decided by storage again
         assert reply.buckets[0].remaining == 98  # the outage charged nothing
     finally:
         await client.channel.close()

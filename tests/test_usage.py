@@ -7,11 +7,13 @@ import random
 
 import grpc
 import pytest
+from google.protobuf.field_mask_pb2 import FieldMask
 
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from ratelimitd.v1 import usage_pb2 as upb
 from ratelimitd.v1 import usage_pb2_grpc
 from tests.conftest import AUTH, Client, Clock
+from tests.control import ts, usd
 
 M = "llama-3.1-8b-instant"
 R = pb.ReportUsageResponse
@@ -127,7 +129,12 @@ async def test_cached_tokens_count_toward_limits_only_by_org_setting(
     org = await client.org("o", [(M, "tokens", "minute", 10_000)])
     _, key = await client.project(org, "a")
     await usage_stub(client).SetUsageSettings(
-        upb.UsageSettings(organization_id=org, cached_tokens_count_toward_limits=counted), metadata=AUTH
+        upb.SetUsageSettingsRequest(
+            settings=upb.UsageSettings(organization_id=org, cached_tokens_count_toward_limits=counted),
+            # named, so that False is set too (without a mask only the fields that are set change)
+            update_mask=FieldMask(paths=["cached_tokens_count_toward_limits"]),
+        ),
+        metadata=AUTH,
     )
     d = await check(client, key, tokens=0)
     rep = await report(client, key, d.request_id, 1000, 100, cached=800)
@@ -136,8 +143,8 @@ async def test_cached_tokens_count_toward_limits_only_by_org_setting(
     usage = await usage_stub(client).GetUsage(
         upb.GetUsageRequest(
             organization_id=org,
-            start_ms=int(clock.now_s - 86400) * 1000,
-            end_ms=int(clock.now_s + 86400) * 1000,
+            start_time=ts(int(clock.now_s - 86400) * 1000),
+            end_time=ts(int(clock.now_s + 86400) * 1000),
             granularity=upb.GRANULARITY_DAY,
         ),
         metadata=AUTH,
@@ -177,7 +184,7 @@ async def test_usage_totals_equal_the_reports_across_widths_and_groupings(client
         ):
             u = await stub.GetUsage(
                 upb.GetUsageRequest(
-                    organization_id=org, start_ms=start_ms, end_ms=start_ms + 10_000_000,
+                    organization_id=org, start_time=ts(start_ms), end_time=ts(start_ms + 10_000_000),
                     granularity=granularity, group_by=group_by,
                 ),
                 metadata=AUTH,
@@ -187,7 +194,7 @@ async def test_usage_totals_equal_the_reports_across_widths_and_groupings(client
             assert sum(r.requests for r in u.rows) == sum(v[0] for v in sent.values())
     u = await stub.GetUsage(
         upb.GetUsageRequest(
-            organization_id=org, start_ms=start_ms, end_ms=start_ms + 10_000_000,
+            organization_id=org, start_time=ts(start_ms), end_time=ts(start_ms + 10_000_000),
             granularity=upb.GRANULARITY_DAY, group_by=[upb.GROUP_BY_PROJECT, upb.GROUP_BY_MODEL],
         ),
         metadata=AUTH,
@@ -207,11 +214,15 @@ async def test_spend_limit_blocks_at_the_exact_request_that_reaches_it(client: C
     stub = usage_stub(client)
     # $1 per million input and output tokens: 1,000,000 tokens = $1
     await stub.SetPrice(
-        upb.SetPriceRequest(price=upb.Price(organization_id=org, model=M, input_per_million=1, output_per_million=1)),
+        upb.SetPriceRequest(
+            price=upb.Price(
+                organization_id=org, model=M, input_usd_micros_per_million=usd(1), output_usd_micros_per_million=usd(1)
+            )
+        ),
         metadata=AUTH,
     )
     await stub.SetSpendLimit(
-        upb.SetSpendLimitRequest(organization_id=org, project_id=pid, limit_usd=2.0), metadata=AUTH
+        upb.SetSpendLimitRequest(organization_id=org, project_id=pid, limit_usd_micros=usd(2.0)), metadata=AUTH
     )
     for _ in range(3):  # $0.50 each: spend 1.50 after three
         d = await check(client, key)
@@ -220,25 +231,25 @@ async def test_spend_limit_blocks_at_the_exact_request_that_reaches_it(client: C
     d = await check(client, key)
     assert d.allowed  # 1.50 < 2.00
     rep = await report(client, key, d.request_id, 250_000, 250_000)
-    assert rep.spend_usd == pytest.approx(0.5)
+    assert rep.spend_usd_micros == usd(0.5)
     blocked = await check(client, key)  # 2.00 reached by the request just reported
     assert not blocked.allowed and blocked.reason == pb.REASON_SPEND_LIMIT and "project" in blocked.message
     assert (await check(client, other)).allowed  # other projects are not blocked
     spend = await stub.GetSpend(upb.GetSpendRequest(organization_id=org), metadata=AUTH)
     (line,) = [p for p in spend.projects if p.project_id == pid]
-    assert (line.spend_usd, line.limit_usd, list(line.thresholds_crossed), line.blocked) == (
-        2.0,
-        2.0,
+    assert (line.spend_usd_micros, line.limit_usd_micros, list(line.thresholds_crossed), line.blocked) == (
+        usd(2.0),
+        usd(2.0),
         [50, 75, 90, 100],
         True,
     )
 
     await stub.SetSpendLimit(
-        upb.SetSpendLimitRequest(organization_id=org, project_id=pid, limit_usd=3.0), metadata=AUTH
+        upb.SetSpendLimitRequest(organization_id=org, project_id=pid, limit_usd_micros=usd(3.0)), metadata=AUTH
     )
     assert (await check(client, key)).allowed  # raised: unblocked at the next decision
 
-    await stub.SetSpendLimit(upb.SetSpendLimitRequest(organization_id=org, limit_usd=2.0), metadata=AUTH)
+    await stub.SetSpendLimit(upb.SetSpendLimitRequest(organization_id=org, limit_usd_micros=usd(2.0)), metadata=AUTH)
     blocked = await check(client, other)  # the organization has spent 2.00 in all
     assert blocked.reason == pb.REASON_SPEND_LIMIT and "organization" in blocked.message
     await stub.SetSpendLimit(upb.SetSpendLimitRequest(organization_id=org), metadata=AUTH)  # cleared
@@ -256,14 +267,18 @@ async def test_request_logs_are_capped_newest_first_and_filtered(client: Client,
             await report(client, key, d.request_id, i, 1)
     stub = usage_stub(client)
     logs = await stub.ListRequestLogs(
-        upb.ListRequestLogsRequest(organization_id=org, project_id=pid, limit=1000), metadata=AUTH
+        upb.ListRequestLogsRequest(organization_id=org, project_id=pid, page_size=1000), metadata=AUTH
     )
     assert len(logs.entries) == 1000  # the default cap
-    times = [e.time_ms for e in logs.entries]
+    times = [e.request_time.ToMilliseconds() for e in logs.entries]
     assert times == sorted(times, reverse=True) and logs.entries[0].request_id == "r1199"
     refused = await stub.ListRequestLogs(
         upb.ListRequestLogsRequest(
-            organization_id=org, project_id=pid, outcome=upb.ListRequestLogsRequest.OUTCOME_REFUSED, model=M, limit=5
+            organization_id=org,
+            project_id=pid,
+            outcome=upb.ListRequestLogsRequest.OUTCOME_REFUSED,
+            model=M,
+            page_size=5,
         ),
         metadata=AUTH,
     )
@@ -276,15 +291,17 @@ async def test_request_logs_are_capped_newest_first_and_filtered(client: Client,
             project_id=pid,
             outcome=upb.ListRequestLogsRequest.OUTCOME_ALLOWED,
             model="other",
-            limit=3,
+            page_size=3,
         ),
         metadata=AUTH,
     )
     assert [e.model for e in allowed.entries] == ["other"] * 3 and all(
-        e.allowed and e.latency_ms == 42 for e in allowed.entries
+        e.allowed and e.latency.ToMilliseconds() == 42 for e in allowed.entries
     )
     window = await stub.ListRequestLogs(
-        upb.ListRequestLogsRequest(organization_id=org, project_id=pid, start_ms=times[10], end_ms=times[3], limit=100),
+        upb.ListRequestLogsRequest(
+            organization_id=org, project_id=pid, start_time=ts(times[10]), end_time=ts(times[3]), page_size=100
+        ),
         metadata=AUTH,
     )
-    assert [e.time_ms for e in window.entries] == times[4:11]
+    assert [e.request_time.ToMilliseconds() for e in window.entries] == times[4:11]

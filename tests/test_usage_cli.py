@@ -24,8 +24,8 @@ async def test_price_check_report_then_usage_spend_and_logs(cli: Cli, client: Cl
     assert code == 3  # refused: 2 per minute
 
     usage = await cli.json("usage", org, "--by", "project,model", "--granularity", "day", "--since", "2d")
-    assert usage["total"]["requests"] == "2" and usage["total"]["input_tokens"] == "3000"  # type: ignore[index]
-    assert usage["total"]["refusals"] == {"REASON_ORGANIZATION_LIMIT": "1"}  # type: ignore[index]
+    assert usage["total"]["requests"] == 2 and usage["total"]["input_tokens"] == 3000  # type: ignore[index]
+    assert usage["total"]["refusals"] == {"REASON_ORGANIZATION_LIMIT": 1}  # type: ignore[index]
     table = await cli.ok("usage", org, "--project", "myapp-prod", "--since", "2d")
     assert "total" in table.splitlines()[-1] and "3000" in table.splitlines()[-1]
 
@@ -45,14 +45,16 @@ async def test_price_check_report_then_usage_spend_and_logs(cli: Cli, client: Cl
 
 
 @pytest.mark.parametrize(
-    ("argv", "message"),
+    ("argv", "message", "code"),
     [
-        (["usage", "org_aaaaaaaaaaaa", "--since", "yesterday"], "--since 'yesterday' is not a number"),
-        (["usage", "org_aaaaaaaaaaaa", "--by", "team"], "--by 'team' is not one of"),
-        (["spend-limit", "org_aaaaaaaaaaaa"], "give a limit in USD or --clear"),
-        (["spend", "org_aaaaaaaaaaaa", "--month", "2026-13"], "INVALID_ARGUMENT: month '2026-13' is not YYYY-MM"),
+        (["usage", "org_aaaaaaaaaaaa", "--since", "yesterday"], "--since 'yesterday' is not a number", 2),
+        (["usage", "org_aaaaaaaaaaaa", "--since", "0"], "--since '0' is not a number followed by s, m, h or d", 2),
+        (["usage", "org_aaaaaaaaaaaa", "--by", "team"], "--by 'team' is not one of", 2),
+        (["spend-limit", "org_aaaaaaaaaaaa"], "give a limit in USD or --clear", 2),
+        (["spend", "org_aaaaaaaaaaaa", "--month", "2026-13"], "INVALID_ARGUMENT: month '2026-13' is not YYYY-MM", 1),
     ],
 )
-async def test_usage_verbs_fail_in_one_line(cli: Cli, client: Client, argv: list[str], message: str) -> None:
+async def test_usage_verbs_fail_in_one_line(cli: Cli, client: Client, argv: list[str], message: str, code: int) -> None:
+    """Exit status 2 for a command line that cannot be understood, 1 for what the server refuses."""
     await client.org("acme", [(M, "requests", "minute", 2)])
-    assert message in await cli.fails(*argv)
+    assert message in await cli.fails(*argv, code=code)

@@ -12,11 +12,12 @@ import random
 import redis.asyncio
 
 from ratelimitd.app import App
-from ratelimitd.engine import keys
+from ratelimitd.core import keys
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from ratelimitd.v1 import usage_pb2 as upb
 from ratelimitd.v1 import usage_pb2_grpc
 from tests.conftest import AUTH, Client, Clock
+from tests.control import ts, usd
 
 M = "llama-3.1-8b-instant"
 
@@ -26,14 +27,17 @@ async def totals(
 ) -> tuple[int, int, int, float, int]:
     u = await usage_pb2_grpc.UsageServiceStub(client.channel).GetUsage(
         upb.GetUsageRequest(
-            organization_id=org, start_ms=start_ms, end_ms=start_ms + 3 * 86_400_000, granularity=granularity
+            organization_id=org,
+            start_time=ts(start_ms),
+            end_time=ts(start_ms + 3 * 86_400_000),
+            granularity=granularity,
         ),
         metadata=AUTH,
     )
     rows = (sum(r.requests for r in u.rows), sum(r.input_tokens for r in u.rows))
     assert rows == (u.total.requests, u.total.input_tokens)
     refused = sum(u.total.refusals.values())
-    return u.total.requests, u.total.input_tokens, u.total.reported, round(u.total.spend_usd, 9), refused
+    return u.total.requests, u.total.input_tokens, u.total.reported, u.total.spend_usd_micros, refused
 
 
 async def test_hours_and_days_are_exact_before_during_and_after_the_rollup(
@@ -42,13 +46,17 @@ async def test_hours_and_days_are_exact_before_during_and_after_the_rollup(
     org = await client.org("o", [(M, "requests", "minute", 10**6)])
     _, key = await client.project(org, "a", [(M, "requests", "minute", 2)])
     await usage_pb2_grpc.UsageServiceStub(client.channel).SetPrice(
-        upb.SetPriceRequest(price=upb.Price(organization_id=org, model=M, input_per_million=3, output_per_million=3)),
+        upb.SetPriceRequest(
+            price=upb.Price(
+                organization_id=org, model=M, input_usd_micros_per_million=usd(3), output_usd_micros_per_million=usd(3)
+            )
+        ),
         metadata=AUTH,
     )
     await clock.set(clock.now_s // 86400 * 86400 + 3000)  # the steps below cross an hour, not a day
     start_ms = int(clock.now_s) * 1000
     rng = random.Random(9)
-    sent = [0, 0, 0, 0.0, 0]
+    sent = [0, 0, 0, 0, 0]  # requests, input tokens, reports, micro-dollars, refusals
     for step in range(40):
         d = await client.decisions.CheckAndConsume(pb.CheckRequest(api_key=key, model=M))
         if not d.allowed:
@@ -58,7 +66,7 @@ async def test_hours_and_days_are_exact_before_during_and_after_the_rollup(
             await client.decisions.ReportUsage(
                 pb.ReportUsageRequest(api_key=key, request_id=d.request_id, input_tokens=inp)
             )
-            sent[:4] = [sent[0] + 1, sent[1] + inp, sent[2] + 1, round(sent[3] + inp * 3e-6, 9)]
+            sent[:4] = [sent[0] + 1, sent[1] + inp, sent[2] + 1, sent[3] + inp * 3]
         if step % 9 == 4:
             await app.rollup.roll(org)
         if step % 5 == 0:
@@ -95,7 +103,7 @@ async def test_a_large_minute_is_rolled_a_slice_of_keys_at_a_time_and_stays_exac
     keys_ = [(await client.project(org, f"p{i}"))[1] for i in range(5)]
     await clock.set(clock.now_s // 3600 * 3600 + 600)
     start_ms = int(clock.now_s) * 1000
-    sent = [0, 0, 0, 0.0, 0]
+    sent = [0, 0, 0, 0, 0]  # requests, input tokens, reports, micro-dollars, refusals
     for n, key in enumerate(keys_ * 2):
         d = await client.decisions.CheckAndConsume(pb.CheckRequest(api_key=key, model=M))
         await client.decisions.ReportUsage(pb.ReportUsageRequest(api_key=key, request_id=d.request_id, input_tokens=n))

@@ -68,7 +68,7 @@ func TestAdmittedRequestCarriesRateLimitHeaders(t *testing.T) {
 	address, key := live(t)
 	decision := check(t, dial(t, address, ratelimitd.Options{}), ratelimitd.CheckRequest{APIKey: key, Model: freshModel(), Tokens: 100})
 	answer := decision.HTTP()
-	if !decision.GetAllowed() || answer.Status != 200 {
+	if !decision.GetAllowed() || decision.GetReason() != pb.Reason_REASON_ALLOWED || answer.Status != 200 {
 		t.Fatalf("want admitted, got %v", decision)
 	}
 	if got := answer.Header.Get("x-ratelimit-remaining-requests"); got != "1" {

@@ -12,7 +12,7 @@ import (
 	pb "github.com/ratelimitd/ratelimitd/clients/go/gen/ratelimitd/v1"
 )
 
-// refusal is one row of docs/api.md's refusal table (the server's ratelimitd/engine/refusals.py).
+// refusal is one row of docs/api.md's refusal table (the server's ratelimitd/engine/outcomes.py).
 type refusal struct {
 	status int
 	code   string

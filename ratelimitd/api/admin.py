@@ -1,8 +1,8 @@
 """The management services over the control plane.
 
-Each method does three things: ``allow`` (authenticate the bearer credential,
-then ask authz.authorize whether it may run this operation on this
-organization), one engine call, and the reply. Rules live in the engine.
+Each method does two things: one engine call, and the reply. api/gate.py has
+authenticated and authorized the caller before the method runs (``caller()`` says
+who it is, for the audit trail). Rules live in the engine.
 """
 
 from __future__ import annotations
@@ -13,16 +13,19 @@ from typing import Any
 
 import grpc
 
-from ratelimitd.api.auth import authorization
 from ratelimitd.api.errors import rpc
+from ratelimitd.api.gate import caller
+from ratelimitd.api.wellknown import by_creation, milliseconds, page, timestamp, timestamp_or_none, update_paths
+from ratelimitd.core.errors import InvalidArgument
 from ratelimitd.engine.audit import AuditEvent
-from ratelimitd.engine.authz import Principal, Role, authorize
-from ratelimitd.engine.control import ApiKeyInfo, ControlPlane, EffectiveLimit, OrganizationInfo, ProjectInfo
+from ratelimitd.engine.authz import Principal, Role
+from ratelimitd.engine.control import ApiKeyInfo, ControlPlane, EffectiveLimit
 from ratelimitd.engine.credentials import CredentialInfo, Credentials
-from ratelimitd.engine.errors import InvalidArgument
 from ratelimitd.engine.limits import LimitSpec
 from ratelimitd.engine.members import MemberInfo, Members
+from ratelimitd.engine.organizations import OrganizationInfo
 from ratelimitd.engine.permissions import Access, ModelPermissions, ModelPolicy
+from ratelimitd.engine.projects import ProjectInfo
 from ratelimitd.v1 import admin_pb2 as pb
 from ratelimitd.v1 import admin_pb2_grpc
 
@@ -47,6 +50,11 @@ def _role(value: int) -> Role:
 
 def _access(value: int) -> Access:
     access = _ACCESS.get(value)
+    if value == pb.MODEL_ACCESS_UNSPECIFIED:
+        raise InvalidArgument(
+            "policy.access is not set: use MODEL_ACCESS_UNRESTRICTED, MODEL_ACCESS_ALLOW_LIST or "
+            "MODEL_ACCESS_BLOCK_LIST"
+        )
     if access is None:
         raise InvalidArgument(f"policy.access {value} is not a ModelAccess value")
     return access
@@ -68,20 +76,20 @@ def _effective(e: EffectiveLimit) -> pb.EffectiveLimit:
 
 
 def _organization(o: OrganizationInfo) -> pb.Organization:
-    return pb.Organization(id=o.id, name=o.name, created_at_ms=o.created_at_ms)
+    return pb.Organization(id=o.id, name=o.name, create_time=timestamp(o.created_at_ms))
 
 
 def _project(p: ProjectInfo) -> pb.Project:
     return pb.Project(
         id=p.id, organization_id=p.organization_id, name=p.name, description=p.description,
-        created_at_ms=p.created_at_ms,
+        create_time=timestamp(p.created_at_ms),
     )  # fmt: skip
 
 
 def _key(k: ApiKeyInfo) -> pb.ApiKey:
     return pb.ApiKey(
-        id=k.id, project_id=k.project_id, name=k.name, prefix=k.prefix, created_at_ms=k.created_at_ms,
-        last_used_at_ms=k.last_used_at_ms, revoked=k.revoked,
+        id=k.id, project_id=k.project_id, name=k.name, prefix=k.prefix, create_time=timestamp(k.created_at_ms),
+        last_use_time=timestamp_or_none(k.last_used_at_ms), revoked=k.revoked,
     )  # fmt: skip
 
 
@@ -91,14 +99,15 @@ def _policy(p: ModelPolicy) -> pb.ModelPolicy:
 
 def _member(m: MemberInfo) -> pb.Member:
     return pb.Member(
-        id=m.id, organization_id=m.organization_id, name=m.name, role=_ROLE_PB[m.role], created_at_ms=m.created_at_ms
-    )
+        id=m.id, organization_id=m.organization_id, name=m.name, role=_ROLE_PB[m.role],
+        create_time=timestamp(m.created_at_ms),
+    )  # fmt: skip
 
 
 def _credential(c: CredentialInfo) -> pb.Credential:
     return pb.Credential(
-        id=c.id, kind=c.kind, name=c.name, created_at_ms=c.created_at_ms, organization_id=c.organization_id,
-        member_id=c.member_id,
+        id=c.id, kind=c.kind, name=c.name, create_time=timestamp(c.created_at_ms),
+        organization_id=c.organization_id, member_id=c.member_id,
     )  # fmt: skip
 
 
@@ -117,8 +126,8 @@ def _event(e: AuditEvent) -> pb.AuditEvent:
         member_id=a.get("member", ""), role=role or pb.ROLE_UNSPECIFIED,
     )  # fmt: skip
     return pb.AuditEvent(
-        id=e.id, time_ms=e.time_ms, operation=e.operation, actor=actor, project_id=e.project_id, target=e.target,
-        before=e.before, after=e.after,
+        id=e.id, event_time=timestamp(e.time_ms), operation=e.operation, actor=actor, project_id=e.project_id,
+        target=e.target, before=e.before, after=e.after,
     )  # fmt: skip
 
 
@@ -138,36 +147,23 @@ class _Servicer:
         self.control = management.control
         self.storage_failed = storage_failed
 
-    async def allow(self, context: Context, operation: str, organization_id: str | None) -> Principal:
-        """Authenticates the caller and authorizes ``operation``; the one gate of every management call."""
-        principal = await self.m.credentials.authenticate(authorization(context))
-        authorize(principal, operation, organization_id)
-        return principal
-
-
-def _org_scope(organization_id: str) -> str | None:
-    """Calls that work on the platform when they name no organization."""
-    return organization_id or None
-
 
 class OrganizationServicer(_Servicer, admin_pb2_grpc.OrganizationServiceServicer):
     @rpc
     async def CreateOrganization(self, request: pb.CreateOrganizationRequest, context: Context) -> pb.Organization:
-        actor = await self.allow(context, "CreateOrganization", None)
+        actor = caller()
         return _organization(await self.control.create_organization(request.name, actor=actor))
 
     @rpc
     async def GetOrganization(self, request: pb.GetOrganizationRequest, context: Context) -> pb.Organization:
-        await self.allow(context, "GetOrganization", request.organization_id)
         return _organization(await self.control.get_organization(request.organization_id))
 
     @rpc
     async def ListOrganizations(
         self, request: pb.ListOrganizationsRequest, context: Context
     ) -> pb.ListOrganizationsResponse:
-        principal = await self.m.credentials.authenticate(authorization(context))
+        principal = caller()
         own = None if principal.is_operator else principal.organization_id
-        authorize(principal, "ListOrganizations", own)
         orgs, token = await self.control.list_organizations(request.page_size, request.page_token, only=own)
         return pb.ListOrganizationsResponse(organizations=[_organization(o) for o in orgs], next_page_token=token)
 
@@ -175,7 +171,7 @@ class OrganizationServicer(_Servicer, admin_pb2_grpc.OrganizationServiceServicer
     async def SetOrganizationLimits(
         self, request: pb.SetOrganizationLimitsRequest, context: Context
     ) -> pb.OrganizationLimits:
-        actor = await self.allow(context, "SetOrganizationLimits", request.organization_id)
+        actor = caller()
         specs = await self.control.set_organization_limits(
             request.organization_id,
             [(x.model, x.metric, x.window, x.limit) for x in request.set],
@@ -188,27 +184,28 @@ class OrganizationServicer(_Servicer, admin_pb2_grpc.OrganizationServiceServicer
     async def GetOrganizationLimits(
         self, request: pb.GetOrganizationLimitsRequest, context: Context
     ) -> pb.OrganizationLimits:
-        await self.allow(context, "GetOrganizationLimits", request.organization_id)
         specs = await self.control.organization_limits(request.organization_id)
         return pb.OrganizationLimits(organization_id=request.organization_id, limits=_limits(specs))
+
+
+_PROJECT_UPDATABLE = ("name", "description")
+_MEMBER_UPDATABLE = ("role",)
 
 
 class ProjectServicer(_Servicer, admin_pb2_grpc.ProjectServiceServicer):
     @rpc
     async def CreateProject(self, request: pb.CreateProjectRequest, context: Context) -> pb.Project:
-        actor = await self.allow(context, "CreateProject", request.organization_id)
+        actor = caller()
         return _project(
             await self.control.create_project(request.organization_id, request.name, request.description, actor=actor)
         )
 
     @rpc
     async def GetProject(self, request: pb.GetProjectRequest, context: Context) -> pb.Project:
-        await self.allow(context, "GetProject", request.organization_id)
         return _project(await self.control.get_project(request.organization_id, request.project_id, request.name))
 
     @rpc
     async def ListProjects(self, request: pb.ListProjectsRequest, context: Context) -> pb.ListProjectsResponse:
-        await self.allow(context, "ListProjects", request.organization_id)
         projects, token = await self.control.list_projects(
             request.organization_id, request.page_size, request.page_token
         )
@@ -216,20 +213,23 @@ class ProjectServicer(_Servicer, admin_pb2_grpc.ProjectServiceServicer):
 
     @rpc
     async def UpdateProject(self, request: pb.UpdateProjectRequest, context: Context) -> pb.Project:
-        actor = await self.allow(context, "UpdateProject", request.organization_id)
+        project = request.project
+        actor = caller()
+        populated = {f.name for f, _ in project.ListFields()}
+        paths = update_paths(request.update_mask, request.HasField("update_mask"), _PROJECT_UPDATABLE, populated)
         return _project(
             await self.control.update_project(
-                request.organization_id,
-                request.project_id,
-                request.name if request.HasField("name") else None,
-                request.description if request.HasField("description") else None,
+                project.organization_id,
+                project.id,
+                project.name if "name" in paths else None,
+                project.description if "description" in paths else None,
                 actor=actor,
             )
         )
 
     @rpc
     async def DeleteProject(self, request: pb.DeleteProjectRequest, context: Context) -> pb.Project:
-        actor = await self.allow(context, "DeleteProject", request.organization_id)
+        actor = caller()
         return _project(await self.control.delete_project(request.organization_id, request.project_id, actor=actor))
 
     async def _project_limits(self, org_id: str, project_id: str, models: Sequence[str] = ()) -> pb.ProjectLimits:
@@ -244,7 +244,7 @@ class ProjectServicer(_Servicer, admin_pb2_grpc.ProjectServiceServicer):
 
     @rpc
     async def SetProjectLimits(self, request: pb.SetProjectLimitsRequest, context: Context) -> pb.ProjectLimits:
-        actor = await self.allow(context, "SetProjectLimits", request.organization_id)
+        actor = caller()
         await self.control.set_project_limits(
             request.organization_id,
             request.project_id,
@@ -256,12 +256,11 @@ class ProjectServicer(_Servicer, admin_pb2_grpc.ProjectServiceServicer):
 
     @rpc
     async def GetProjectLimits(self, request: pb.GetProjectLimitsRequest, context: Context) -> pb.ProjectLimits:
-        await self.allow(context, "GetProjectLimits", request.organization_id)
         return await self._project_limits(request.organization_id, request.project_id, list(request.models))
 
     @rpc
     async def CreateApiKey(self, request: pb.CreateApiKeyRequest, context: Context) -> pb.CreateApiKeyResponse:
-        actor = await self.allow(context, "CreateApiKey", request.organization_id)
+        actor = caller()
         info, secret = await self.control.create_api_key(
             request.organization_id, request.project_id, request.name, actor=actor
         )
@@ -269,13 +268,13 @@ class ProjectServicer(_Servicer, admin_pb2_grpc.ProjectServiceServicer):
 
     @rpc
     async def ListApiKeys(self, request: pb.ListApiKeysRequest, context: Context) -> pb.ListApiKeysResponse:
-        await self.allow(context, "ListApiKeys", request.organization_id)
         infos = await self.control.list_api_keys(request.organization_id, request.project_id)
-        return pb.ListApiKeysResponse(keys=[_key(i) for i in infos])
+        infos, token = page(infos, lambda i: by_creation(i.created_at_ms, i.id), request.page_size, request.page_token)
+        return pb.ListApiKeysResponse(keys=[_key(i) for i in infos], next_page_token=token)
 
     @rpc
     async def RevokeApiKey(self, request: pb.RevokeApiKeyRequest, context: Context) -> pb.ApiKey:
-        actor = await self.allow(context, "RevokeApiKey", request.organization_id)
+        actor = caller()
         return _key(await self.control.revoke_api_key(request.organization_id, request.key_id, actor=actor))
 
 
@@ -291,15 +290,13 @@ class ModelPermissionServicer(_Servicer, admin_pb2_grpc.ModelPermissionServiceSe
     async def GetModelPermissions(
         self, request: pb.GetModelPermissionsRequest, context: Context
     ) -> pb.ModelPermissions:
-        await self.allow(context, "GetModelPermissions", request.organization_id)
         return await self._reply(request.organization_id, request.project_id)
 
     @rpc
     async def SetModelPermissions(
         self, request: pb.SetModelPermissionsRequest, context: Context
     ) -> pb.ModelPermissions:
-        operation = "SetProjectModelPermissions" if request.project_id else "SetOrganizationModelPermissions"
-        actor = await self.allow(context, operation, request.organization_id)
+        actor = caller()
         await self.m.permissions.set(
             request.organization_id,
             request.project_id,
@@ -313,7 +310,7 @@ class ModelPermissionServicer(_Servicer, admin_pb2_grpc.ModelPermissionServiceSe
 class MemberServicer(_Servicer, admin_pb2_grpc.MemberServiceServicer):
     @rpc
     async def AddMember(self, request: pb.AddMemberRequest, context: Context) -> pb.AddMemberResponse:
-        actor = await self.allow(context, "AddMember", request.organization_id)
+        actor = caller()
         member, cred, token = await self.m.members.add(
             request.organization_id, request.name, _role(request.role), actor=actor
         )
@@ -321,20 +318,26 @@ class MemberServicer(_Servicer, admin_pb2_grpc.MemberServiceServicer):
 
     @rpc
     async def ListMembers(self, request: pb.ListMembersRequest, context: Context) -> pb.ListMembersResponse:
-        await self.allow(context, "ListMembers", request.organization_id)
-        return pb.ListMembersResponse(
-            members=[_member(m) for m in await self.m.members.list_members(request.organization_id)]
+        members, token = page(
+            await self.m.members.list_members(request.organization_id),
+            lambda m: f"{m.name}\x00{m.id}",
+            request.page_size,
+            request.page_token,
         )
+        return pb.ListMembersResponse(members=[_member(m) for m in members], next_page_token=token)
 
     @rpc
     async def UpdateMember(self, request: pb.UpdateMemberRequest, context: Context) -> pb.Member:
-        actor = await self.allow(context, "UpdateMember", request.organization_id)
-        role = _role(request.role)
-        return _member(await self.m.members.update_role(request.organization_id, request.member_id, role, actor=actor))
+        member = request.member
+        actor = caller()
+        populated = {f.name for f, _ in member.ListFields()}
+        update_paths(request.update_mask, request.HasField("update_mask"), _MEMBER_UPDATABLE, populated)
+        role = _role(member.role)
+        return _member(await self.m.members.update_role(member.organization_id, member.id, role, actor=actor))
 
     @rpc
     async def RemoveMember(self, request: pb.RemoveMemberRequest, context: Context) -> pb.Member:
-        actor = await self.allow(context, "RemoveMember", request.organization_id)
+        actor = caller()
         return _member(await self.m.members.remove(request.organization_id, request.member_id, actor=actor))
 
 
@@ -344,7 +347,7 @@ class CredentialServicer(_Servicer, admin_pb2_grpc.CredentialServiceServicer):
         self, request: pb.CreateCredentialRequest, context: Context
     ) -> pb.CreateCredentialResponse:
         org_id = request.organization_id
-        actor = await self.allow(context, "CreateCredential", _org_scope(org_id))
+        actor = caller()
         if org_id:
             cred, token = await self.m.members.create_credential(org_id, request.member_id, request.name, actor=actor)
         else:
@@ -356,14 +359,14 @@ class CredentialServicer(_Servicer, admin_pb2_grpc.CredentialServiceServicer):
     @rpc
     async def ListCredentials(self, request: pb.ListCredentialsRequest, context: Context) -> pb.ListCredentialsResponse:
         org_id = request.organization_id
-        await self.allow(context, "ListCredentials", _org_scope(org_id))
         creds = await (self.m.members.list_credentials(org_id) if org_id else self.m.credentials.list_operators())
-        return pb.ListCredentialsResponse(credentials=[_credential(c) for c in creds])
+        creds, token = page(creds, lambda c: by_creation(c.created_at_ms, c.id), request.page_size, request.page_token)
+        return pb.ListCredentialsResponse(credentials=[_credential(c) for c in creds], next_page_token=token)
 
     @rpc
     async def RevokeCredential(self, request: pb.RevokeCredentialRequest, context: Context) -> pb.Credential:
         org_id = request.organization_id
-        actor = await self.allow(context, "RevokeCredential", _org_scope(org_id))
+        actor = caller()
         if org_id:
             cred = await self.m.members.revoke_credential(org_id, request.credential_id, actor=actor)
         else:
@@ -372,17 +375,16 @@ class CredentialServicer(_Servicer, admin_pb2_grpc.CredentialServiceServicer):
 
     @rpc
     async def WhoAmI(self, request: pb.WhoAmIRequest, context: Context) -> pb.Principal:
-        principal = await self.m.credentials.authenticate(authorization(context))
-        authorize(principal, "WhoAmI", None if principal.is_operator else principal.organization_id)
-        return _principal(principal)
+        return _principal(caller())
 
 
 class AuditServicer(_Servicer, admin_pb2_grpc.AuditServiceServicer):
     @rpc
     async def ListAuditEvents(self, request: pb.ListAuditEventsRequest, context: Context) -> pb.ListAuditEventsResponse:
         org_id = request.organization_id
-        await self.allow(context, "ListAuditEvents", _org_scope(org_id))
+        since_ms = milliseconds("start_time", request.start_time, request.HasField("start_time"))
+        until_ms = milliseconds("end_time", request.end_time, request.HasField("end_time"))
         events, token = await self.m.control.read_audit(
-            org_id, request.project_id, request.since_ms, request.until_ms, request.page_size, request.page_token
+            org_id, request.project_id, since_ms, until_ms, request.page_size, request.page_token
         )
         return pb.ListAuditEventsResponse(events=[_event(e) for e in events], next_page_token=token)

@@ -1,60 +1,61 @@
-"""RateLimitService: validates input, asks the engine, builds the reply. Nothing else."""
+"""RateLimitService: validates input, asks the engine, builds the reply. Nothing else.
+
+ManageProject is answered by the ProjectService servicer (api/manage.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import grpc
 
-from ratelimitd.api.auth import authorization
 from ratelimitd.api.errors import STATUS, rpc
+from ratelimitd.api.gate import Gate
+from ratelimitd.api.manage import ProjectManager
 from ratelimitd.api.metrics import Metrics
-from ratelimitd.engine import ids
-from ratelimitd.engine.authz import authorize
-from ratelimitd.engine.credentials import Credentials
-from ratelimitd.engine.decisions import BucketState, Caller, Decider, Decision, Outcome, Scope
-from ratelimitd.engine.errors import (
+from ratelimitd.api.wellknown import micros
+from ratelimitd.core.errors import (
     InvalidArgument,
     NotFound,
     RatelimitdError,
-    StorageOutcomeUnknown,
     StorageUnavailable,
 )
-from ratelimitd.engine.explain import refusal_message
+from ratelimitd.engine import ids
+from ratelimitd.engine.decisions import Caller, Decider
 from ratelimitd.engine.headers import rate_limit_headers
-from ratelimitd.engine.limits import MAX_LIMIT, validate_model
+from ratelimitd.engine.limits import validate_model
+from ratelimitd.engine.outcomes import (
+    OUTCOMES,
+    STORAGE_UNAVAILABLE,
+    BucketState,
+    Decision,
+    Outcome,
+    Scope,
+    refusal_message,
+)
+from ratelimitd.engine.requests import validate_costs, validate_request_id
+from ratelimitd.engine.storage_policy import StoragePolicy
 from ratelimitd.engine.usage import ReportResult, Usage
+from ratelimitd.v1 import rate_limit_service_pb2 as service_pb
+from ratelimitd.v1 import rate_limit_service_pb2_grpc
 from ratelimitd.v1 import ratelimit_pb2 as pb
-from ratelimitd.v1 import ratelimit_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-MAX_REQUESTS = 1_000_000
 # Requests of one CheckAndConsumeStream decided at once; beyond it the stream is
 # read no further until answers go out (HTTP/2 flow control holds the sender).
 MAX_STREAM_IN_FLIGHT = 256
-MAX_REQUEST_ID_LENGTH = 128
-_REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]+$")
 
-_REASON = {
-    Outcome.ALLOWED: pb.REASON_UNSPECIFIED,
-    Outcome.PROJECT_LIMIT: pb.REASON_PROJECT_LIMIT,
-    Outcome.ORGANIZATION_LIMIT: pb.REASON_ORGANIZATION_LIMIT,
-    Outcome.TOO_LARGE: pb.REASON_REQUEST_TOO_LARGE,
-    Outcome.INVALID_API_KEY: pb.REASON_INVALID_API_KEY,
-    Outcome.MODEL_NOT_AVAILABLE: pb.REASON_MODEL_NOT_AVAILABLE,
-    Outcome.MODEL_BLOCKED: pb.REASON_MODEL_BLOCKED,
-    Outcome.SPEND_LIMIT: pb.REASON_SPEND_LIMIT,
-    Outcome.REQUEST_ID_REUSED: pb.REASON_REQUEST_ID_REUSED,
-}
+# The outcome table's reasons as enum values, looked up once here rather than per call.
+_REASON = {outcome: pb.Reason.Value(rule.reason) for outcome, rule in OUTCOMES.items()}
+_STORAGE_UNAVAILABLE = pb.Reason.Value(STORAGE_UNAVAILABLE.reason)
 
 
 def reason_name(outcome: Outcome) -> str:
-    return pb.Reason.Name(_REASON.get(outcome, pb.REASON_UNSPECIFIED))
+    return OUTCOMES[outcome].reason
 
 
 _SCOPE = {Scope.ORGANIZATION: pb.SCOPE_ORGANIZATION, Scope.PROJECT: pb.SCOPE_PROJECT}
@@ -63,29 +64,6 @@ _RESULT = {
     ReportResult.DUPLICATE: pb.ReportUsageResponse.RESULT_DUPLICATE,
     ReportResult.UNRESERVED: pb.ReportUsageResponse.RESULT_UNRESERVED,
 }
-
-
-def validate_costs(requests: int, tokens: int) -> tuple[int, int]:
-    """Request-level cost rules: 0 requests means 1; negative or absurd counts are errors."""
-    if requests < 0:
-        raise InvalidArgument(f"requests is {requests}; it must be 0 (meaning 1) or more")
-    if requests > MAX_REQUESTS:
-        raise InvalidArgument(f"requests is {requests}; at most {MAX_REQUESTS} are allowed in one call")
-    if tokens < 0:
-        raise InvalidArgument(f"tokens is {tokens}; it must be 0 or more")
-    if tokens > MAX_LIMIT:
-        raise InvalidArgument(f"tokens is {tokens}; at most {MAX_LIMIT} are allowed in one call")
-    return requests or 1, tokens
-
-
-def validate_request_id(request_id: str) -> str:
-    if len(request_id) > MAX_REQUEST_ID_LENGTH:
-        raise InvalidArgument(
-            f"request_id is {len(request_id)} characters long, at most {MAX_REQUEST_ID_LENGTH} are allowed"
-        )
-    if request_id and not _REQUEST_ID_RE.match(request_id):
-        raise InvalidArgument("request_id may only contain printable ASCII characters without spaces")
-    return request_id
 
 
 def bucket_pb(b: BucketState) -> pb.BucketStatus:
@@ -99,27 +77,30 @@ def bucket_pb(b: BucketState) -> pb.BucketStatus:
     )
 
 
-class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
+class RateLimitServicer(rate_limit_service_pb2_grpc.RateLimitServiceServicer):
     def __init__(
         self,
         decider: Decider,
         usage: Usage,
-        credentials: Credentials,
+        gate: Gate,
         header_windows: Mapping[str, str],
         on_storage_error: str,
         storage_failed: Callable[[], None],
         metrics: Metrics,
+        projects: ProjectManager,
     ) -> None:
+        self._projects = projects
         self._decider = decider
         self._usage = usage
-        self._credentials = credentials
+        self._gate = gate
         self._header_windows = dict(header_windows)
-        self._on_storage_error = on_storage_error
+        self._storage_policy = StoragePolicy(on_storage_error)
         self.storage_failed = storage_failed
         self._decisions = metrics.decisions
         self._storage_unavailable = metrics.storage_unavailable_decisions
         self._reports = metrics.reports
         self._seconds = metrics.check_seconds
+        self._labelled = metrics.labelled
 
     @rpc
     async def CheckAndConsume(
@@ -183,24 +164,18 @@ class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
                 with self._seconds.time():
                     decision = await self._decider.check(caller, model, requests, tokens, request_id)
             except StorageUnavailable as e:
-                if self._on_storage_error == "unavailable":
-                    if request_id or not isinstance(e, StorageOutcomeUnknown):
-                        raise
-                    # Without a request id the call cannot be retried exactly: say so.
-                    raise e.advising(
-                        f"{StorageOutcomeUnknown.RETRY_EXACTLY}. This call had no request_id, so a retry is a new "
-                        "decision"
-                    ) from e
+                allowed = self._storage_policy.admits(e, request_id)
                 self.storage_failed()
                 self._storage_unavailable.inc()
-                allowed = self._on_storage_error == "allow"
                 return pb.CheckResponse(
                     allowed=allowed,
-                    reason=pb.REASON_STORAGE_UNAVAILABLE,
-                    message="" if allowed else "The rate limit service cannot reach its storage; try again shortly.",
+                    reason=_STORAGE_UNAVAILABLE,
+                    message="" if allowed else STORAGE_UNAVAILABLE.message,
                     request_id=request_id,
                 )
         self._decisions[decision.outcome].inc()
+        if self._labelled is not None:
+            self._labelled(model, decision.organization_id, decision.outcome)
         if decision.outcome is Outcome.PROJECT_NOT_FOUND:
             raise NotFound(f"project {caller.project_id if caller else ''} does not exist")
         return self.reply(decision, model, requests, tokens)
@@ -232,8 +207,16 @@ class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
             model=report.model,
             counted_tokens=report.counted_tokens,
             token_delta=report.token_delta,
-            spend_usd=report.spend_usd,
+            spend_usd_micros=micros(report.spend_usd),
         )
+
+    @rpc
+    async def ManageProject(
+        self,
+        request: service_pb.ManageProjectRequest,
+        context: grpc.aio.ServicerContext[service_pb.ManageProjectRequest, service_pb.ManageProjectResponse],
+    ) -> service_pb.ManageProjectResponse:
+        return await self._projects.manage(request, context)
 
     async def _caller(
         self, request: pb.CheckRequest | pb.ReportUsageRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -245,13 +228,8 @@ class RateLimitServicer(ratelimit_pb2_grpc.RateLimitServiceServicer):
             parsed = ids.parse_api_key_cached(request.api_key)
             return None if parsed is None else Caller(parsed.org_id, parsed.key_id, parsed.hash, "")
         if which == "project":
-            principal = await self._credentials.authenticate(authorization(context))
             ref = request.project
-            if not ids.is_id("org", ref.organization_id):
-                raise InvalidArgument(f"project.organization_id {ref.organization_id[:80]!r} is not an org_ id")
-            if not ids.is_id("proj", ref.project_id):
-                raise InvalidArgument(f"project.project_id {ref.project_id[:80]!r} is not a proj_ id")
-            authorize(principal, "CheckAndConsumeByProject", ref.organization_id)  # no storage call
+            await self._gate.admit_project_reference(context, ref.organization_id, ref.project_id)
             return Caller(ref.organization_id, "", "", ref.project_id)
         raise InvalidArgument("set either api_key or project")
 

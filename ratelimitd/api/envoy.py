@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -30,34 +30,30 @@ from envoy.service.ratelimit.v3 import rls_pb2
 from google.protobuf import descriptor_pb2, descriptor_pool, duration_pb2, message_factory, struct_pb2
 from google.protobuf.message import DecodeError
 
-from ratelimitd.api.decisions import MAX_REQUESTS, validate_request_id
 from ratelimitd.api.errors import rpc
 from ratelimitd.api.metrics import Metrics
-from ratelimitd.engine import ids, refusals
-from ratelimitd.engine.decisions import (
-    MAX_ITEMS_PER_DECISION,
-    BucketState,
-    Caller,
-    Decider,
-    Decision,
-    Item,
-    Outcome,
-    Scope,
-    new_request_id,
+from ratelimitd.core.errors import FailedPrecondition, InvalidArgument, StorageOutcomeUnknown
+from ratelimitd.engine.decisions import MAX_ITEMS_PER_DECISION, Decider
+from ratelimitd.engine.edge import (
+    USAGE_PHASES,
+    Parsed,
+    Reply,
+    Status,
+    answer,
+    bearer,
+    early_refusal,
+    request_items,
+    usage_call,
 )
-from ratelimitd.engine.errors import FailedPrecondition, InvalidArgument, StorageOutcomeUnknown
-from ratelimitd.engine.headers import rate_limit_headers
-from ratelimitd.engine.limits import MAX_LIMIT, Dimension, validate_model
-from ratelimitd.engine.refusals import Refusal
+from ratelimitd.engine.limits import MAX_LIMIT, Dimension
+from ratelimitd.engine.outcomes import Decision, Outcome, Refusal, Scope
+from ratelimitd.engine.requests import MAX_REQUESTS
 from ratelimitd.engine.usage import Usage
 
 log = logging.getLogger(__name__)
 
 ENVOY_SERVICE_NAME = rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name
 MAX_DESCRIPTORS = MAX_ITEMS_PER_DECISION  # each of ours is one item of the decision
-# The phase entry's values: the call after the response, and which tokens its hits_addend counts.
-# A total of unknown split is reported as input tokens (spend is then priced at the input price).
-USAGE_PHASES = {"usage": "input", "usage_input": "input", "usage_output": "output", "usage_cached": "cached"}
 
 _OK = rls_pb2.RateLimitResponse.OK
 _OVER_LIMIT = rls_pb2.RateLimitResponse.OVER_LIMIT
@@ -203,52 +199,6 @@ def add_to_server(servicer: EnvoyRateLimitServicer, server: grpc.aio.Server) -> 
 # -- the answer, typed, before it becomes a RateLimitResponse --------------------
 
 
-class Status(NamedTuple):
-    """One descriptor's answer: refused or not, and the bucket to show as its limit."""
-
-    over_limit: bool
-    bucket: BucketState | None = None
-
-
-class Reply(NamedTuple):
-    statuses: list[Status]
-    headers: Mapping[str, str]
-    refusal: Refusal | None = None
-
-
-class _Parsed(NamedTuple):
-    """What one descriptor says, by role, and its cost in hits (Envoy's rules applied)."""
-
-    roles: dict[str, str]
-    hits: int
-    conflict: str  # an entry key that appears twice with different values, or ""
-
-    @property
-    def ours(self) -> bool:
-        return "api_key" in self.roles or "model" in self.roles
-
-
-def bearer(value: str) -> str:
-    """An API key as sent: bare, or as an Authorization header value ``Bearer <key>``."""
-    scheme, _, rest = value.strip().partition(" ")
-    return rest.strip() if scheme.lower() == "bearer" else value.strip()
-
-
-def token_estimate(text: str) -> int | None:
-    """A whole number of tokens as an entry carries it, or None.
-
-    Envoy's json_to_metadata writes a JSON number that is not a plain integer
-    (``1e3``) as ``1000.000000``: a zero fraction is still a whole number.
-    """
-    whole, dot, fraction = (text or "0").partition(".")
-    if not (whole.isascii() and whole.isdigit()) or (dot and fraction.strip("0")):
-        return None
-    if len(whole.lstrip("0")) > len(str(MAX_LIMIT)):
-        return None  # and never int() thousands of digits: Python refuses, and an error fails open
-    value = int(whole)
-    return value if value <= MAX_LIMIT else None
-
-
 class EnvoyRateLimitServicer:
     """``ShouldRateLimit``. Registered with ``add_to_server``."""
 
@@ -276,6 +226,7 @@ class EnvoyRateLimitServicer:
         self._decisions = metrics.decisions
         self._reports = metrics.reports
         self._seconds = metrics.envoy_seconds
+        self._labelled = metrics.labelled
 
     @rpc
     async def ShouldRateLimit(self, request: RateLimitRequest, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -312,7 +263,7 @@ class EnvoyRateLimitServicer:
             return await self._report(parsed)
         return await self._check(parsed)
 
-    def _read(self, index: int, d: _Descriptor, default_hits: int) -> _Parsed:
+    def _read(self, index: int, d: _Descriptor, default_hits: int) -> Parsed:
         roles: dict[str, str] = {}
         conflict = ""
         for entry in d.entries:
@@ -331,150 +282,48 @@ class EnvoyRateLimitServicer:
         most = MAX_LIMIT if "phase" in roles else MAX_REQUESTS
         if hits > most:
             raise InvalidArgument(f"descriptor {index}: hits_addend is {hits}; at most {most} are allowed")
-        return _Parsed(roles, hits, conflict)
+        return Parsed(roles, hits, conflict)
 
     # -- request time: one decision ---------------------------------------------
 
-    async def _check(self, parsed: list[_Parsed]) -> Reply:
-        early = self._validate(parsed)
-        if isinstance(early, Refusal):
-            return self._early_refusal(parsed, early)
-        caller, request_id, items, slots = early
-        if caller is None:  # malformed key: refused without a storage call
-            decision = Decision(Outcome.INVALID_API_KEY, "", "", request_id, 0, None, (), False)
+    async def _check(self, parsed: list[Parsed]) -> Reply:
+        request = request_items(parsed)
+        if isinstance(request, Refusal):
+            return early_refusal(parsed, request)
+        if request.caller is None:  # malformed key: refused without a storage call
+            decision = Decision(Outcome.INVALID_API_KEY, "", "", request.request_id, 0, None, (), False)
         else:
             # No replay: the request id comes from a header, and repeating one must not
             # buy a free pass. The reservation still waits under it for the usage call.
             try:
                 with self._seconds.time():
-                    decision = await self._decider.check_items(caller, items, request_id, replay=False)
+                    decision = await self._decider.check_items(
+                        request.caller, request.items, request.request_id, replay=False
+                    )
             except StorageOutcomeUnknown as e:
                 # The generic advice (retry with the same request id) does not hold here:
                 # Envoy never retries a decision, and this path never replays one.
                 raise e.advising("Envoy does not retry a decision; its failure_mode_deny decides the request") from e
         self._decisions[decision.outcome].inc()
-        return self._reply(decision, items, slots)
-
-    def _validate(self, parsed: list[_Parsed]) -> Refusal | tuple[Caller | None, str, list[Item], list[int | None]]:
-        for i, p in enumerate(parsed, 1):
-            if p.conflict:
-                return refusals.invalid_request(
-                    f"Descriptor {i} carries `{p.conflict}` twice with different values; send one."
-                )
-        api_keys = {p.roles["api_key"] for p in parsed if p.roles.get("api_key")}
-        if not api_keys:
-            return refusals.missing_api_key()
-        if len(api_keys) > 1:
-            # One request, one caller: two keys cannot be charged in one atomic step
-            # (nor is it clear whose request it is), so neither is.
-            return refusals.conflicting_api_keys()
-        request_ids = {p.roles["request_id"] for p in parsed if p.roles.get("request_id")}
-        if len(request_ids) > 1:
-            return refusals.invalid_request("The request carries two different request ids; send one.")
-        request_id = next(iter(request_ids), "")
-        try:
-            validate_request_id(request_id)
-        except InvalidArgument as e:
-            return refusals.invalid_request(f"Invalid request id: {e.message}.")
-        items: list[Item] = []
-        slots: list[int | None] = []
-        for p in parsed:
-            if not p.ours:
-                slots.append(None)
-                continue
-            model = p.roles.get("model", "")
-            if not model:
-                return refusals.model_not_found("No model given; name the model the request is for.")
-            try:
-                validate_model(model, wildcard=False)
-            except InvalidArgument:
-                return refusals.model_not_found(
-                    f"The model `{model[:128]}` does not exist or you do not have access to it."
-                )
-            estimate = token_estimate(p.roles.get("tokens", ""))
-            if estimate is None:
-                return refusals.invalid_request(
-                    f"Invalid token estimate {p.roles['tokens'][:40]!r}: it must be a whole number "
-                    f"from 0 to {MAX_LIMIT}."
-                )
-            # hits_addend 0 checks without charging anything, the estimate included.
-            slots.append(len(items))
-            items.append(Item(model, p.hits, estimate if p.hits else 0))
-        parsed_key = ids.parse_api_key_cached(next(iter(api_keys)))
-        caller = None if parsed_key is None else Caller(parsed_key.org_id, parsed_key.key_id, parsed_key.hash, "")
-        return caller, request_id, items, slots
-
-    def _early_refusal(self, parsed: list[_Parsed], refusal: Refusal) -> Reply:
-        any_ours = any(p.ours for p in parsed)
-        return Reply([Status(p.ours or not any_ours) for p in parsed], {}, refusal)
-
-    def _reply(self, decision: Decision, items: list[Item], slots: list[int | None]) -> Reply:
-        headers = rate_limit_headers(decision, self._header_windows)
-        item_buckets = decision.item_buckets or ((),) * len(items)
-        binding = decision.binding
-        # The items a refusal blames: those with the binding bucket, the unavailable
-        # model's item, or (key, spend limit) all of them.
-        if binding is not None:
-            blamed = {j for j, bs in enumerate(item_buckets) if any(b is binding for b in bs)}
-        elif decision.outcome in (Outcome.MODEL_NOT_AVAILABLE, Outcome.MODEL_BLOCKED) and (
-            1 <= decision.detail <= len(items)
-        ):
-            blamed = {decision.detail - 1}
-        else:
-            blamed = set(range(len(items)))
-        statuses = []
-        for slot in slots:
-            if slot is None:
-                statuses.append(Status(False))
-            else:
-                statuses.append(Status(not decision.allowed and slot in blamed, shown(item_buckets[slot], binding)))
-        if decision.allowed:
-            return Reply(statuses, headers)
-        first = min(blamed, default=0)
-        model = items[first].model
-        # A bucket shared by several items (one model named twice) was asked for their sum.
-        same = [it for it in items if it.model == model]
-        refusal = refusals.refusal(decision, model, sum(it.requests for it in same), sum(it.tokens for it in same))
-        return Reply(statuses, headers, refusal)
+        if self._labelled is not None:  # a request's first descriptor names its model
+            self._labelled(request.items[0].model if request.items else "", decision.organization_id, decision.outcome)
+        return answer(decision, request, self._header_windows)
 
     # -- after the response: the usage report -----------------------------------
 
-    async def _report(self, parsed: list[_Parsed]) -> Reply:
+    async def _report(self, parsed: list[Parsed]) -> Reply:
         ok = Reply([Status(False)] * len(parsed), {})
-        usage = [p for p in parsed if "phase" in p.roles]
-        api_keys = {p.roles["api_key"] for p in usage if p.roles.get("api_key")}
-        parsed_key = ids.parse_api_key_cached(next(iter(api_keys))) if len(api_keys) == 1 else None
-        if parsed_key is None:
+        call = usage_call(parsed)
+        if call is None:
             log.debug("usage call without one well-formed API key: nothing to charge")
             return ok
-        models = {p.roles["model"] for p in usage if p.roles.get("model")}
-        if len(models) > 1:
-            raise InvalidArgument(f"usage descriptors name {len(models)} models; one request reports one model")
-        request_ids = {p.roles["request_id"] for p in usage if p.roles.get("request_id")}
-        if len(request_ids) > 1:
-            raise InvalidArgument("usage descriptors carry two different request ids")
-        request_id = validate_request_id(next(iter(request_ids), "")) or new_request_id()
-        tokens = {"input": 0, "output": 0, "cached": 0}
-        for p in usage:
-            tokens[USAGE_PHASES[p.roles["phase"]]] += p.hits
-        caller = Caller(parsed_key.org_id, parsed_key.key_id, parsed_key.hash, "")
         try:
-            report = await self._usage.report(
-                caller, request_id, next(iter(models), ""), tokens["input"], tokens["output"], tokens["cached"]
-            )
+            report = await self._usage.report(*call)
             self._reports[report.result].inc()
         except FailedPrecondition as e:
             # The key was refused at request time, or the id is another project's: nothing to charge.
-            log.debug("usage of key %s not recorded: %s", parsed_key.key_id, e.message)
+            log.debug("usage of key %s not recorded: %s", call.caller.key_id, e.message)
         return ok
-
-
-def shown(buckets: Sequence[BucketState], binding: BucketState | None) -> BucketState | None:
-    """The bucket a descriptor reports as its limit: the binding one, else the one closest to full."""
-    # By identity: two buckets of different models may hold equal values.
-    if binding is not None and any(b is binding for b in buckets):
-        return binding
-    return min(buckets, key=lambda b: (b.remaining / b.limit if b.limit else 0.0, b.remaining), default=None)
 
 
 def to_pb(reply: Reply) -> Any:

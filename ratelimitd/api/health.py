@@ -20,8 +20,8 @@ from typing import Any, Protocol
 
 from grpc_health.v1 import health, health_pb2
 
-from ratelimitd.engine import keys
-from ratelimitd.engine.errors import StorageUnavailable
+from ratelimitd.core import keys
+from ratelimitd.core.errors import StorageUnavailable
 
 log = logging.getLogger(__name__)
 

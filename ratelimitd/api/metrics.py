@@ -1,10 +1,15 @@
 """Prometheus metrics: what operators watch.
 
+    ratelimitd_build_info{version,python,grpc}  1; the labels say what runs
     ratelimitd_decisions_total{outcome}      every CheckAndConsume and Envoy ShouldRateLimit decision, by outcome
+    ratelimitd_model_decisions_total{model,outcome}        opt-in (metrics_model_labels), bounded
+    ratelimitd_organization_decisions_total{organization,outcome}  opt-in (metrics_organization_labels), bounded
     ratelimitd_usage_reports_total{result}   every ReportUsage and Envoy usage call, by result
     ratelimitd_storage_errors_total          calls that found storage unreachable
     ratelimitd_storage_up                    1 while storage answers (0 in any worker: 0)
     ratelimitd_decision_seconds{api}         time to decide, storage round trip included (histogram)
+
+No ``_created`` series: they double the series count and nothing alerts on them.
 
 Served over HTTP at ``--metrics-listen`` (off by default). With ``--workers``
 the supervisor serves the sum over its workers (prometheus_client's
@@ -14,19 +19,78 @@ multiprocess mode, through PROMETHEUS_MULTIPROC_DIR).
 from __future__ import annotations
 
 import os
+import platform
+from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
+import grpc
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    multiprocess,
+    start_http_server,
+)
 
-from ratelimitd.engine.decisions import Outcome
+from ratelimitd import __version__
+from ratelimitd.engine.outcomes import Outcome
 from ratelimitd.engine.usage import ReportResult
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# What a label folds into past its bound, and what stands for an organization not known (a malformed key).
+OTHER = "other"
+NONE = "none"
+
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+# Counts one decision by model, organization and outcome; None when neither label is on.
+LabelledCount = Callable[[str, str, Outcome], None]
+
+
+class BoundedLabel:
+    """A counter's children by one label whose values callers choose (a model name, an organization):
+    the first ``limit`` values seen get a series each, later ones count as "other", so no client can
+    grow the scrape without bound. The children are cached: a decision costs two dict lookups."""
+
+    def __init__(self, counter: Counter, limit: int) -> None:
+        self._counter = counter
+        self._limit = limit
+        self._children: dict[tuple[str, Outcome], Any] = {}
+        self._values: set[str] = set()
+
+    def inc(self, value: str, outcome: Outcome) -> None:
+        child = self._children.get((value, outcome))
+        if child is None:
+            child = self._child(value, outcome)
+        child.inc()
+
+    def _child(self, value: str, outcome: Outcome) -> Any:
+        if value not in self._values:
+            if len(self._values) >= self._limit:
+                value = OTHER  # cached under "other" only: the cache is bounded like the series
+            else:
+                self._values.add(value)
+        key = (value, outcome)
+        if key not in self._children:
+            self._children[key] = self._counter.labels(value, outcome.name.lower())
+        return self._children[key]
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, model_labels: int = 0, organization_labels: int = 0) -> None:
+        """``model_labels``, ``organization_labels``: how many distinct values each opt-in label
+        gets a series for (0: that metric is off)."""
         self.registry = CollectorRegistry()
+        build = Gauge(
+            "ratelimitd_build_info",
+            "Always 1; the labels say which ratelimitd, Python and grpcio run",
+            ["version", "python", "grpc"],
+            registry=self.registry,
+            multiprocess_mode="max",
+        )
+        build.labels(__version__, platform.python_version(), grpc.__version__).set(1)
         decisions = Counter(
             "ratelimitd_decisions",
             "Decisions (CheckAndConsume, ShouldRateLimit) by outcome",
@@ -58,7 +122,39 @@ class Metrics:
         )
         self.check_seconds = seconds.labels("check_and_consume")
         self.envoy_seconds = seconds.labels("envoy")
+        self.labelled = self._labelled(model_labels, organization_labels)
         self._server: Any = None
+
+    def _labelled(self, model_labels: int, organization_labels: int) -> LabelledCount | None:
+        """The per-model/per-organization count, built once; None (nothing per call) when both are off."""
+        by_model = by_org = None
+        if model_labels:
+            counter = Counter(
+                "ratelimitd_model_decisions",
+                f"Decisions by model (the first {model_labels} models seen; the rest as model=other) and outcome",
+                ["model", "outcome"],
+                registry=self.registry,
+            )
+            by_model = BoundedLabel(counter, model_labels)
+        if organization_labels:
+            counter = Counter(
+                "ratelimitd_organization_decisions",
+                f"Decisions by organization (the first {organization_labels} seen; the rest as organization=other) "
+                "and outcome",
+                ["organization", "outcome"],
+                registry=self.registry,
+            )
+            by_org = BoundedLabel(counter, organization_labels)
+        if by_model is None and by_org is None:
+            return None
+
+        def count(model: str, org: str, outcome: Outcome) -> None:
+            if by_model is not None:
+                by_model.inc(model, outcome)
+            if by_org is not None:
+                by_org.inc(org or NONE, outcome)
+
+        return count
 
     def serve(self, listen: str) -> int:
         """Starts the HTTP exposition (a thread); returns the port."""

@@ -16,7 +16,9 @@ health, reflection, and any added later), so no RPC can forget it:
 - an unexpected exception in a handler becomes INTERNAL with a message that
   names no Python class;
 - the log gets at most one line per ``log_every_s`` about malformed requests,
-  with the count since the last line, instead of a traceback per call.
+  with the count since the last line, instead of a traceback per call;
+- every handler is put behind the authentication gate (api/gate.py), once per
+  method.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
+
+from ratelimitd.api.gate import Gate
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +141,12 @@ def _replace_bad_utf8(message: Any) -> None:
                 _replace_bad_utf8(v)
 
 
+def served_methods(services: Collection[str]) -> list[str]:
+    """The full method names ("/pkg.Service/Method") of services known to the default pool."""
+    pool = descriptor_pool.Default()
+    return [f"/{name}/{m.name}" for name in services for m in pool.FindServiceByName(name).methods]
+
+
 def request_class(method: str, deserializer: Callable[[bytes], Any]) -> type[Message] | None:
     """The request type: the class behind ``SomeMessage.FromString``, else the method's declared input type."""
     owner = getattr(deserializer, "__self__", None)
@@ -208,9 +218,11 @@ Context = grpc.aio.ServicerContext[Any, Any]
 class Guard(grpc.aio.ServerInterceptor):
     """Wraps every handler: requests that do not parse, and unexpected errors, get a precise status."""
 
-    def __init__(self, lenient: Collection[str] = (), log_every_s: float = 60.0) -> None:
-        """``lenient``: full method names ("/pkg.Service/Method") that read bad UTF-8 as U+FFFD."""
+    def __init__(self, lenient: Collection[str] = (), log_every_s: float = 60.0, gate: Gate | None = None) -> None:
+        """``lenient``: full method names ("/pkg.Service/Method") that read bad UTF-8 as U+FFFD.
+        ``gate``: the authentication gate every handler is put behind (api/gate.py)."""
         self._lenient = frozenset(lenient)
+        self._gate = gate
         self._log = _QuietLog(log_every_s)
         # method -> (the handler grpc found, its guarded twin): wrapping costs far more than a
         # lookup, and this runs on every call, the hot path's included.
@@ -245,6 +257,8 @@ class Guard(grpc.aio.ServerInterceptor):
         for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
             behaviour = getattr(handler, kind)
             if behaviour is not None:
+                if self._gate is not None:
+                    behaviour = self._gate.wrap(method, behaviour)
                 changes[kind] = self._behaviour(
                     behaviour, method, streaming_in=kind.startswith("stream"), streaming_out=kind.endswith("stream")
                 )

@@ -23,9 +23,9 @@ from aiohttp import web
 
 from ratelimitd.api.errors import STATUS
 from ratelimitd.console import assets
+from ratelimitd.core.errors import RatelimitdError
 from ratelimitd.engine.authz import Principal
 from ratelimitd.engine.credentials import Credentials
-from ratelimitd.engine.errors import RatelimitdError
 from ratelimitd.engine.sessions import Sessions, csrf_token, is_session_token
 from ratelimitd.http.connect import Gateway, error
 

@@ -25,16 +25,15 @@ from typing import Any, cast
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
+from ratelimitd.core.errors import InvalidArgument
 from ratelimitd.engine import pages
 from ratelimitd.engine.authz import Principal
-from ratelimitd.engine.errors import InvalidArgument
 from ratelimitd.storage.redis import storage_errors
 
 _STREAM_ID_RE = re.compile(r"^\d{1,20}-\d{1,20}$")
 # Events are read newest first in batches; a project filter may skip many.
 _BATCH = 500
 MAX_TIME_MS = 2**53
-DEFAULT_MAX_EVENTS = 10_000
 
 
 def actor_json(actor: Principal) -> str:
@@ -94,11 +93,12 @@ class Audit:
     ) -> tuple[list[AuditEvent], str]:
         """Events newest first, optionally only one project's, in [since_ms, until_ms] (0 = open)."""
         size = pages.page_size(page_size)
-        for what, value in (("since_ms", since_ms), ("until_ms", until_ms)):
+        # Named as the API names the bounds (ListAuditEventsRequest.start_time, end_time).
+        for what, value in (("start_time", since_ms), ("end_time", until_ms)):
             if not 0 <= value <= MAX_TIME_MS:
-                raise InvalidArgument(f"{what} is {value}; it must be between 0 and {MAX_TIME_MS} (milliseconds)")
+                raise InvalidArgument(f"{what} is {value} ms; it must be between 0 and {MAX_TIME_MS} ms since 1970")
         if until_ms and since_ms > until_ms:
-            raise InvalidArgument(f"since_ms {since_ms} is after until_ms {until_ms}")
+            raise InvalidArgument(f"start_time ({since_ms} ms) is after end_time ({until_ms} ms)")
         after = pages.decode_token(page_token)
         if after and not _STREAM_ID_RE.match(after):
             raise InvalidArgument("page_token is not one this server issued (pass next_page_token unchanged)")

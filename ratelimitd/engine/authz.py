@@ -17,8 +17,8 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ratelimitd.core.errors import NotFound, PermissionDenied
 from ratelimitd.engine import ids
-from ratelimitd.engine.errors import NotFound, PermissionDenied
 
 OPERATOR = "operator"
 MEMBER = "member"

@@ -11,9 +11,10 @@ script because a script may only touch its organization's slot on Redis Cluster.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
-from ratelimitd.engine import keys
+from ratelimitd.core import keys
 from ratelimitd.storage.redis import storage_errors
 
 # What a script gets as its time argument: "" means "read TIME".
@@ -33,3 +34,11 @@ def manual_clock(redis: Any) -> Clock:
         return str(value or 0)
 
     return now
+
+
+async def current_month(clock: Clock, redis: Any) -> str:
+    """This month, "YYYY-MM" (UTC), by the clock the scripts count spend with (storage's TIME), not ours."""
+    given = await clock()
+    with storage_errors():
+        now_s = int(given) / 1e6 if given else (await redis.time())[0]
+    return datetime.fromtimestamp(now_s, UTC).strftime("%Y-%m")

@@ -28,11 +28,13 @@ from typing import cast
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from ratelimitd.engine import ids, keys
-from ratelimitd.engine.audit import DEFAULT_MAX_EVENTS, Audit
+from ratelimitd.core import keys
+from ratelimitd.core.errors import FailedPrecondition, NotFound, Unauthenticated
+from ratelimitd.core.retention import DEFAULT_MAX_EVENTS
+from ratelimitd.engine import ids
+from ratelimitd.engine.audit import Audit
 from ratelimitd.engine.authz import INTERNAL, MEMBER, OPERATOR, Principal, Role
-from ratelimitd.engine.control import validate_name
-from ratelimitd.engine.errors import FailedPrecondition, NotFound, Unauthenticated
+from ratelimitd.engine.organizations import validate_name
 from ratelimitd.engine.sessions import Sessions, is_session_token
 from ratelimitd.storage.redis import begin_writes, storage_errors, transaction
 

@@ -1,69 +1,24 @@
-"""The decision: one call of decide.lua, and its reply as typed values."""
+"""The decision: one call of decide.lua per request (its reply read by engine/replies.py into
+engine/outcomes.py's typed values)."""
 
 from __future__ import annotations
 
-import enum
 import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from ratelimitd.engine import keys
+from ratelimitd.core import keys
+from ratelimitd.core.errors import InvalidArgument
+from ratelimitd.core.retention import Retention
+from ratelimitd.core.scripts import ScriptRunner
 from ratelimitd.engine.clock import Clock, server_time
-from ratelimitd.engine.errors import InvalidArgument
-from ratelimitd.engine.limits import Dimension, Dimensions
-from ratelimitd.engine.retention import Retention
-from ratelimitd.engine.scripts import ScriptRunner, Scripts, configured
+from ratelimitd.engine.limits import Dimensions
+from ratelimitd.engine.outcomes import Decision
+from ratelimitd.engine.replies import decode_decision
+from ratelimitd.engine.scripts import Scripts, configured
 
 # Items one decision may weigh: each adds its buckets to one script's stack and reply.
 MAX_ITEMS_PER_DECISION = 64
-
-
-class Outcome(enum.IntEnum):
-    """Mirrors the first element of decide.lua's reply."""
-
-    ALLOWED = 0
-    PROJECT_LIMIT = 1
-    ORGANIZATION_LIMIT = 2
-    TOO_LARGE = 3
-    INVALID_API_KEY = 4
-    MODEL_NOT_AVAILABLE = 5
-    PROJECT_NOT_FOUND = 6
-    MODEL_BLOCKED = 7
-    SPEND_LIMIT = 8
-    REQUEST_ID_REUSED = 9
-
-
-class Scope(enum.IntEnum):
-    ORGANIZATION = 1
-    PROJECT = 2
-
-
-class BucketState(NamedTuple):
-    scope: Scope
-    dimension: Dimension
-    limit: int
-    remaining: int
-    reset_after_ms: int
-
-
-class Decision(NamedTuple):
-    outcome: Outcome
-    organization_id: str
-    project_id: str
-    request_id: str
-    retry_after_ms: int
-    binding: BucketState | None
-    buckets: tuple[BucketState, ...]
-    replayed: bool
-    # The buckets of each item, in item order (a bucket two items share is in both).
-    item_buckets: tuple[tuple[BucketState, ...], ...] = ()
-    # MODEL_NOT_AVAILABLE and MODEL_BLOCKED: the 1-based index of the item whose model it is;
-    # SPEND_LIMIT: the Scope whose monthly spend limit was reached.
-    detail: int = 0
-
-    @property
-    def allowed(self) -> bool:
-        return self.outcome is Outcome.ALLOWED
 
 
 class Item(NamedTuple):
@@ -138,34 +93,4 @@ class Decider:
             args += (item.model, item.requests, item.tokens)
         args.append(await self._clock())
         reply = await self._connection.evalsha(self._script, [org.state, subject, org.request(request_id)], args)
-        return self._parse(reply, caller.organization_id, request_id, len(items))
-
-    def _parse(self, reply: list[int | str], org_id: str, request_id: str, nitems: int) -> Decision:
-        nbuckets = int(reply[6])  # see the reply layout in decide.lua
-        end = 7 + 5 * nbuckets
-        buckets = tuple(
-            BucketState(
-                Scope(int(reply[i])), self._dims[int(reply[i + 1]) - 1], int(reply[i + 2]), int(reply[i + 3]),
-                int(reply[i + 4]),
-            )
-            for i in range(7, end, 5)
-        )  # fmt: skip
-        item_buckets = []
-        pos = end
-        for _ in range(nitems if pos < len(reply) else 0):
-            count = int(reply[pos])
-            item_buckets.append(tuple(buckets[int(i) - 1] for i in reply[pos + 1 : pos + 1 + count]))
-            pos += 1 + count
-        binding_index = int(reply[3])
-        return Decision(
-            outcome=Outcome(int(reply[0])),
-            organization_id=org_id,
-            project_id=str(reply[1]),
-            request_id=request_id,
-            retry_after_ms=int(reply[2]),
-            binding=buckets[binding_index - 1] if binding_index else None,
-            buckets=buckets,
-            replayed=bool(int(reply[4])),
-            item_buckets=tuple(item_buckets),
-            detail=int(reply[5]),
-        )
+        return decode_decision(reply, self._dims, caller.organization_id, request_id, len(items))

@@ -10,7 +10,7 @@ least remaining, since that is the one a client runs into first:
                                     (Go duration, e.g. "2m59.56s")
     ...-tokens                      the same for tokens
     retry-after                     whole seconds, rounded up; only on a
-                                    refusal that waiting can cure
+                                    refusal that waiting can cure (engine/outcomes.py)
 
 A metric without any limit has no headers.
 """
@@ -19,26 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ratelimitd.engine.decisions import BucketState, Decision, Outcome
-
-_RETRYABLE = (Outcome.PROJECT_LIMIT, Outcome.ORGANIZATION_LIMIT)
-
-
-def go_duration(ms: int) -> str:
-    """Formats milliseconds like Go's time.Duration.String(): 0s, 6ms, 7.66s, 2m59.56s, 1h0m0s."""
-    if ms <= 0:
-        return "0s"
-    if ms < 1000:
-        return f"{ms}ms"
-    hours, rest = divmod(ms, 3_600_000)
-    minutes, rest = divmod(rest, 60_000)
-    seconds, millis = divmod(rest, 1000)
-    text = f"{seconds}.{millis:03d}".rstrip("0").rstrip(".") + "s"
-    if hours:
-        return f"{hours}h{minutes}m{text}"
-    if minutes:
-        return f"{minutes}m{text}"
-    return text
+from ratelimitd.engine.outcomes import BucketState, Decision, go_duration
 
 
 def tightest(buckets: tuple[BucketState, ...], metric: str, window: str) -> BucketState | None:
@@ -58,6 +39,6 @@ def rate_limit_headers(decision: Decision, header_windows: Mapping[str, str]) ->
             headers[f"x-ratelimit-limit-{metric}"] = str(b.limit)
             headers[f"x-ratelimit-remaining-{metric}"] = str(b.remaining)
             headers[f"x-ratelimit-reset-{metric}"] = go_duration(b.reset_after_ms)
-    if decision.outcome in _RETRYABLE:
+    if decision.retryable:  # the outcome table's header policy
         headers["retry-after"] = str(max(1, -(-decision.retry_after_ms // 1000)))
     return headers

@@ -25,7 +25,7 @@ import re
 import secrets
 from typing import NamedTuple
 
-from ratelimitd.engine.errors import InvalidArgument
+from ratelimitd.core.errors import InvalidArgument
 
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
 _ID_LEN = 12

@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from ratelimitd.engine.errors import InvalidArgument
+from ratelimitd.core.errors import InvalidArgument
 
 METRICS = ("requests", "tokens")
 WILDCARD = "*"

@@ -9,12 +9,12 @@ from typing import NamedTuple
 
 from redis.asyncio import Redis
 
-from ratelimitd.engine import keys
+from ratelimitd.core import keys
+from ratelimitd.core.errors import InvalidArgument
+from ratelimitd.core.retention import Retention
 from ratelimitd.engine.clock import Clock
 from ratelimitd.engine.control import ControlPlane
-from ratelimitd.engine.errors import InvalidArgument
 from ratelimitd.engine.limits import WILDCARD, Dimensions, validate_model
-from ratelimitd.engine.retention import Retention
 from ratelimitd.engine.scripts import Scripts, configured
 from ratelimitd.storage.redis import storage_errors
 

@@ -21,12 +21,14 @@ from typing import cast
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from ratelimitd.engine import ids, keys
+from ratelimitd.core import keys
+from ratelimitd.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from ratelimitd.engine import ids
 from ratelimitd.engine.audit import Audit
 from ratelimitd.engine.authz import INTERNAL, MEMBER, Principal, Role
-from ratelimitd.engine.control import ControlPlane, validate_name
+from ratelimitd.engine.control import ControlPlane
 from ratelimitd.engine.credentials import CredentialInfo, Credentials
-from ratelimitd.engine.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from ratelimitd.engine.organizations import validate_name
 from ratelimitd.storage.redis import begin_writes, storage_errors, transaction
 
 MAX_MEMBER_NAME_LENGTH = 128

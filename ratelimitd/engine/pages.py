@@ -12,7 +12,7 @@ import binascii
 from collections.abc import Sequence
 from typing import TypeVar
 
-from ratelimitd.engine.errors import InvalidArgument
+from ratelimitd.core.errors import InvalidArgument
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -54,3 +54,39 @@ def paginate(items: Sequence[tuple[str, T]], size: int, token: str) -> tuple[lis
     page = rest[:size]
     next_token = encode_token(page[-1][0]) if len(rest) > size else ""
     return [v for _, v in page], next_token
+
+
+def newest_first(items: Sequence[tuple[int, T]], size: int, token: str) -> tuple[list[T], str]:
+    """One page of ``items`` ordered newest first by their time (ties keep their order).
+
+    Times repeat (one millisecond holds many log entries), so the token is the
+    last time returned and how many items of that time were: the next page
+    starts after them even when older items were dropped meanwhile.
+    """
+    last_time, seen_at_last = _decode_position(token)
+    rest: list[tuple[int, T]] = []
+    skipped = 0
+    for when, item in items:
+        if token and when > last_time:
+            continue
+        if token and when == last_time and skipped < seen_at_last:
+            skipped += 1
+            continue
+        rest.append((when, item))
+        if len(rest) > size:
+            break
+    page = rest[:size]
+    if len(rest) <= size:
+        return [v for _, v in page], ""
+    end = page[-1][0]
+    at_end = sum(1 for when, _ in page if when == end) + (seen_at_last if token and end == last_time else 0)
+    return [v for _, v in page], encode_token(f"{end}:{at_end}")
+
+
+def _decode_position(token: str) -> tuple[int, int]:
+    if not token:
+        return 0, 0
+    when, _, count = decode_token(token).partition(":")
+    if not (when.isdigit() and count.isdigit()):
+        raise InvalidArgument("page_token is not one this server issued (pass next_page_token unchanged)")
+    return int(when), int(count)

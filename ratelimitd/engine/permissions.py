@@ -25,11 +25,12 @@ from typing import Any, cast
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from ratelimitd.engine import ids, keys
+from ratelimitd.core import keys
+from ratelimitd.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from ratelimitd.engine import ids
 from ratelimitd.engine.audit import Audit
 from ratelimitd.engine.authz import INTERNAL, Principal
 from ratelimitd.engine.control import ControlPlane
-from ratelimitd.engine.errors import FailedPrecondition, InvalidArgument, NotFound
 from ratelimitd.engine.limits import validate_model
 from ratelimitd.storage.redis import begin_writes, key_exists, storage_errors, transaction
 

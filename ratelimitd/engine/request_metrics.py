@@ -13,8 +13,10 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from ratelimitd.engine.errors import InvalidArgument
-from ratelimitd.engine.usage import GRANULARITIES, MAX_LOG_PAGE, LogEntry, Usage
+from ratelimitd.core.errors import InvalidArgument
+from ratelimitd.engine.pages import MAX_PAGE_SIZE
+from ratelimitd.engine.usage import Usage
+from ratelimitd.engine.usage_queries import GRANULARITIES, LogEntry
 
 
 class RequestMetrics(NamedTuple):
@@ -40,6 +42,26 @@ def _summary(start_ms: int, model: str, entries: Iterable[LogEntry]) -> RequestM
     return RequestMetrics(start_ms, model, len(chosen), p50, p95, p99, dict(sorted(statuses.items())))
 
 
+async def _admitted(usage: Usage, org_id: str, project_id: str, start_ms: int, end_ms: int) -> list[LogEntry]:
+    """Every admitted entry of the range: the log is capped (log_entries), so reading it
+    page by page ends after a few pages at most."""
+    entries: list[LogEntry] = []
+    token = ""
+    while True:
+        chunk, token = await usage.logs(
+            org_id,
+            project_id,
+            allowed=True,
+            start_ms=start_ms,
+            end_ms=end_ms,
+            page_size=MAX_PAGE_SIZE,
+            page_token=token,
+        )
+        entries.extend(chunk)
+        if not token:
+            return entries
+
+
 async def request_metrics(
     usage: Usage, org_id: str, project_id: str, start_ms: int, end_ms: int, granularity: str
 ) -> tuple[list[RequestMetrics], list[RequestMetrics]]:
@@ -47,9 +69,11 @@ async def request_metrics(
     if granularity not in GRANULARITIES:
         raise InvalidArgument(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
     if start_ms < 0 or end_ms < 0 or (end_ms and end_ms <= start_ms):
-        raise InvalidArgument(f"the range [{start_ms}, {end_ms}) is empty or negative: end_ms must be after start_ms")
+        raise InvalidArgument(
+            f"the range [{start_ms}, {end_ms}) ms is empty or negative: end_time must be after start_time"
+        )
     width_ms = GRANULARITIES[granularity][1] * 1000
-    logged = await usage.logs(org_id, project_id, allowed=True, start_ms=start_ms, end_ms=end_ms, limit=MAX_LOG_PAGE)
+    logged = await _admitted(usage, org_id, project_id, start_ms, end_ms)
     reported = [e for e in logged if e.status_code]  # admitted but not reported yet: nothing to measure
     buckets: defaultdict[tuple[int, str], list[LogEntry]] = defaultdict(list)
     models: defaultdict[str, list[LogEntry]] = defaultdict(list)

@@ -16,10 +16,10 @@ from typing import cast
 
 from redis.asyncio import Redis
 
-from ratelimitd.engine import keys
+from ratelimitd.core import keys
+from ratelimitd.core.retention import Retention
 from ratelimitd.engine.clock import Clock, server_time
 from ratelimitd.engine.limits import Dimensions
-from ratelimitd.engine.retention import Retention
 from ratelimitd.engine.scripts import Scripts, configured
 from ratelimitd.storage.redis import storage_errors
 

@@ -8,19 +8,19 @@ script and retry, so callers never see the server's script cache: redis-py's
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import struct
 from importlib import resources
-from typing import Any, NamedTuple, Protocol
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
+from ratelimitd.core.retention import Retention
+from ratelimitd.core.scripts import LuaScript
 from ratelimitd.engine.limits import Dimensions
-from ratelimitd.engine.retention import Retention
 
-# Scripts that evaluate buckets get lib.lua in front: one EVALSHA each, one
-# copy of the shared arithmetic.
-_WITH_LIB = ("decide", "report", "rollup", "limit_state")
+# Scripts that evaluate buckets or resolve limits get lib.lua in front: one
+# EVALSHA each, one copy of the shared arithmetic and of limit resolution.
+_WITH_LIB = ("decide", "report", "rollup", "set_project_limits", "effective_limits", "limit_state")
 
 
 def read_script(name: str) -> str:
@@ -29,21 +29,6 @@ def read_script(name: str) -> str:
     if name in _WITH_LIB:
         text = lua.joinpath("lib.lua").read_text() + "\n" + text
     return text
-
-
-class ScriptRunner(Protocol):
-    """Runs a script by sha, loading it on NOSCRIPT; raises StorageUnavailable when storage
-    cannot be reached. storage/pipelined.py is the production one."""
-
-    async def evalsha(self, script: LuaScript, keys: Sequence[str], args: Sequence[str | int]) -> Any: ...
-
-
-class LuaScript(NamedTuple):
-    """A script for the pipelined connection: EVALSHA by sha, loaded from source on NOSCRIPT."""
-
-    name: str
-    source: str
-    sha: str
 
 
 def load(name: str) -> LuaScript:
@@ -55,29 +40,29 @@ def load(name: str) -> LuaScript:
 # extends it: the extension (one PEXPIREAT) then happens about once per this
 # interval under steady traffic rather than on every decision.
 EXPIRY_SLACK_MS = 60_000
-# Lua 5.1's LUA_MAXCAPTURES: bounds the dimensions RL_CONFIG_PATTERN can capture.
-_LUA_MAX_CAPTURES = 32
+# The resolved configuration (lib.lua, rl_config_resolve): five numbers (version,
+# verdict, two spend limits, price), then the organization's limits, then the project's.
+_CONFIG_HEAD = 5
+_DOUBLE_BYTES = 8
 
 
 def _lua_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _lua_bytes(value: bytes) -> str:
+    return '"' + "".join(f"\\{b}" for b in value) + '"'
+
+
+# The encoding of the state hash's values (lib.lua): changing it changes the layout,
+# so states written in another one are void, as after a change of the windows.
+_STATE_ENCODING = "struct-d1"
+
+
 def layout(dimensions: Dimensions) -> str:
     """Names the bucket layout of the state hash: it changes when the dimensions do."""
-    text = ",".join(f"{d.name}={d.window_ms}" for d in dimensions.all)
+    text = ",".join(f"{d.name}={d.window_ms}" for d in dimensions.all) + ";" + _STATE_ENCODING
     return hashlib.sha1(text.encode()).hexdigest()[:8]
-
-
-def _fields_pattern(separator: str, count: int) -> str:
-    return "^" + separator.join([f"([^{separator}]*)"] * count) + "$"
-
-
-def _config_pattern(ndims: int) -> str:
-    """The cached configuration (lib.lua, rl_config_encode): version; verdict; org limits;
-    project limits; spend limits; price, every limit a capture of its own."""
-    limits = ",".join(["([^,;]*)"] * ndims)
-    return "^([^;]*);([^;]*);" + limits + ";" + limits + ";([^;]*);([^;]*);([^;]*)$"
 
 
 def settings_prelude(dimensions: Dimensions, retention: Retention) -> str:
@@ -87,8 +72,8 @@ def settings_prelude(dimensions: Dimensions, retention: Retention) -> str:
     script parses nothing per call, and processes with equal settings share one
     script (one SHA)."""
     dims = dimensions.all
-    if 5 + 2 * len(dims) > _LUA_MAX_CAPTURES:
-        raise ValueError(f"{len(dims)} dimensions; at most {(_LUA_MAX_CAPTURES - 5) // 2} are supported")
+    state_format = "<" + "d" * (1 + len(dims))
+    config_size = _CONFIG_HEAD + 2 * len(dims)
     resolutions = (("m", 60, retention.minute_s), ("h", 3600, retention.hour_s), ("d", 86400, retention.day_s))
     lines = [
         f"local RL_NDIMS = {len(dims)}",
@@ -103,11 +88,14 @@ def settings_prelude(dimensions: Dimensions, retention: Retention) -> str:
         f"local RL_LOG_CAP = {retention.log_entries}",
         f"local RL_LOG_TTL_S = {retention.log_ttl_s}",
         f"local RL_EXPIRY_SLACK_MS = {EXPIRY_SLACK_MS}",
-        # One string.match with a capture per value reads a state or a cached configuration:
-        # several times cheaper in Valkey's Lua than a gmatch loop (lib.lua).
-        f"local RL_STATE_PATTERN = {_lua_string(_fields_pattern(',', 1 + len(dims)))}",
-        f"local RL_CONFIG_PATTERN = {_lua_string(_config_pattern(len(dims)))}",
-        f"local RL_STATE_FORMAT = {_lua_string(','.join(['%d'] + ['%.17g'] * len(dims)))}",
+        # The state and configuration encodings (lib.lua): doubles, one struct call each.
+        f"local RL_STATE_FORMAT = {_lua_string(state_format)}",
+        f"local RL_STATE_BYTES = {_DOUBLE_BYTES * (1 + len(dims))}",
+        f"local RL_EMPTY_STATE = {_lua_bytes(struct.pack(state_format, *[0.0] * (1 + len(dims))))}",
+        f"local RL_CONFIG_SIZE = {config_size}",
+        f"local RL_CONFIG_FORMAT = {_lua_string('<' + 'd' * config_size)}",
+        f"local RL_CONFIG_BYTES = {_DOUBLE_BYTES * config_size}",
+        f"local RL_ORG, RL_PROJ = {_CONFIG_HEAD}, {_CONFIG_HEAD + len(dims)}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -127,3 +115,4 @@ class Scripts:
         self.limit_state = load("limit_state")  # the console's live view, through redis-py
         # control-plane scripts run through redis-py
         self.set_project_limits: AsyncScript = redis.register_script(read_script("set_project_limits"))
+        self.effective_limits: AsyncScript = redis.register_script(read_script("effective_limits"))

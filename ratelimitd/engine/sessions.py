@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from ratelimitd.engine import ids, keys
+from ratelimitd.core import keys
+from ratelimitd.engine import ids
 from ratelimitd.engine.authz import MEMBER, OPERATOR
 from ratelimitd.engine.clock import Clock, server_time
 from ratelimitd.storage.redis import storage_errors

@@ -1,43 +1,37 @@
-"""Usage, spend and request logs: the reporting side of the engine.
+"""Usage reports, prices, spend limits and spend: the reporting side of the engine.
 
-``report`` is one call of report.lua. The queries read what decide.lua and
-report.lua counted: usage hashes per time bucket (field
-``<project>|<model>|<key>|<counter>``), the monthly spend hash, and each
-project's capped request log.
+``report`` is one call of report.lua. The spend is the monthly spend hash decide.lua
+reserves in and report.lua settles; the queries of usage and logs are in
+engine/usage_queries.py.
 """
 
 from __future__ import annotations
 
 import enum
-import json
 import math
-import re
-import time
-from collections import defaultdict
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, NamedTuple, cast
+from dataclasses import dataclass
+from datetime import datetime
+from typing import NamedTuple, cast
 
 from redis.asyncio import Redis
 
-from ratelimitd.engine import keys
-from ratelimitd.engine.clock import Clock, server_time
+from ratelimitd.core import keys
+from ratelimitd.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from ratelimitd.core.retention import Retention
+from ratelimitd.core.scripts import ScriptRunner
+from ratelimitd.engine.clock import Clock, current_month, server_time
 from ratelimitd.engine.control import ControlPlane
-from ratelimitd.engine.decisions import Caller, Outcome
-from ratelimitd.engine.errors import FailedPrecondition, InvalidArgument, NotFound
+from ratelimitd.engine.decisions import Caller
 from ratelimitd.engine.limits import MAX_LIMIT, Dimensions, validate_model
-from ratelimitd.engine.retention import Retention
-from ratelimitd.engine.scripts import ScriptRunner, Scripts, configured
+from ratelimitd.engine.replies import decode_report
+from ratelimitd.engine.scripts import Scripts, configured
+from ratelimitd.engine.usage_queries import UsageQueries
 from ratelimitd.storage.redis import storage_errors
 
 # Percent of a spend limit at which an alert counts as crossed.
 ALERT_THRESHOLDS = (50, 75, 90, 100)
-MAX_BUCKETS_PER_QUERY = 10_000
 MAX_PRICE = 1_000_000.0  # USD per million tokens
-MAX_LOG_PAGE = 1000
-GRANULARITIES = {"minute": ("m", 60), "hour": ("h", 3600), "day": ("d", 86400)}
-GROUPS = ("project", "model", "key")
+MAX_SPEND_LIMIT_MICROS = 10**18  # 1e12 USD
 
 
 class ReportResult(enum.IntEnum):
@@ -57,52 +51,6 @@ class Report(NamedTuple):
     spend_usd: float
 
 
-@dataclass
-class UsageTotals:
-    requests: int = 0
-    refusals: dict[Outcome, int] = field(default_factory=dict)
-    reported: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cached_tokens: int = 0
-    spend_usd: float = 0.0
-
-    def add(self, counter: str, value: str) -> None:
-        if counter == "req":
-            self.requests += int(value)
-        elif counter.startswith("ref:"):
-            outcome = Outcome(int(counter[4:]))
-            self.refusals[outcome] = self.refusals.get(outcome, 0) + int(value)
-        elif counter == "rep":
-            self.reported += int(value)
-        elif counter == "in":
-            self.input_tokens += int(value)
-        elif counter == "out":
-            self.output_tokens += int(value)
-        elif counter == "cached":
-            self.cached_tokens += int(value)
-        elif counter == "spend":
-            self.spend_usd += float(value) / 1e6
-
-    def merge(self, other: UsageTotals) -> None:
-        self.requests += other.requests
-        for k, v in other.refusals.items():
-            self.refusals[k] = self.refusals.get(k, 0) + v
-        self.reported += other.reported
-        self.input_tokens += other.input_tokens
-        self.output_tokens += other.output_tokens
-        self.cached_tokens += other.cached_tokens
-        self.spend_usd += other.spend_usd
-
-
-class UsageRow(NamedTuple):
-    bucket_start_ms: int
-    project_id: str
-    model: str
-    key_id: str
-    totals: UsageTotals
-
-
 @dataclass(frozen=True)
 class SpendLine:
     project_id: str  # "" for the organization
@@ -120,21 +68,6 @@ class SpendLine:
     @property
     def blocked(self) -> bool:
         return self.limit_usd is not None and self.spend_usd >= self.limit_usd
-
-
-class LogEntry(NamedTuple):
-    request_id: str
-    time_ms: int
-    model: str
-    key_id: str
-    allowed: bool
-    reason: Outcome | None
-    input_tokens: int
-    output_tokens: int
-    cached_tokens: int
-    requested_tokens: int
-    status_code: int
-    latency_ms: int
 
 
 class Price(NamedTuple):
@@ -161,7 +94,9 @@ def _nonneg(what: str, value: int, limit: int = MAX_LIMIT) -> int:
     return value
 
 
-class Usage:
+class Usage(UsageQueries):
+    """Reports (report.lua), settings, prices, spend limits and spend; the queries are UsageQueries'."""
+
     def __init__(
         self,
         redis: Redis,
@@ -173,12 +108,9 @@ class Usage:
         *,
         clock: Clock = server_time,
     ) -> None:
-        self._redis = redis
+        super().__init__(redis, control, retention.minute_s, clock)
         self._connection = connection
         self._script = configured(scripts.report, dimensions, retention)
-        self._control = control
-        self._minute_retention_s = retention.minute_s
-        self._clock = clock
 
     # -- reporting (once per request) ------------------------------------
 
@@ -211,8 +143,10 @@ class Usage:
             kind, caller.key_hash, caller.project_id, request_id, model, input_tokens, output_tokens, cached_tokens,
             status_code, latency_ms, await self._clock(),
         ]  # fmt: skip
-        reply = await self._connection.evalsha(self._script, [org.state, subject, org.request(request_id)], args)
-        status = int(reply[0])
+        reply = decode_report(
+            await self._connection.evalsha(self._script, [org.state, subject, org.request(request_id)], args)
+        )
+        status = reply.status
         if status == 4:
             raise FailedPrecondition(
                 "the API key is unknown or does not match, or it is revoked (or its project deleted) and "
@@ -226,11 +160,16 @@ class Usage:
             raise FailedPrecondition(f"request {request_id} belongs to another project")
         if status == 8:
             raise FailedPrecondition(
-                f"the usage counter {reply[2]} of this project, model and key would pass 2^62 in its current "
+                f"the usage counter {reply.model} of this project, model and key would pass 2^62 in its current "
                 "minute, hour or day; the report was not recorded"
             )
         return Report(
-            ReportResult(status), str(reply[1]), str(reply[2]), int(reply[3]), int(reply[4]), float(reply[5]) / 1e6
+            ReportResult(status),
+            reply.project_id,
+            reply.model,
+            reply.counted_tokens,
+            reply.token_delta,
+            reply.spend_usd,
         )
 
     # -- settings, prices, limits ------------------------------------------
@@ -238,13 +177,13 @@ class Usage:
     async def set_cached_tokens_count(self, org_id: str, count: bool) -> bool:
         k = await self._control.require_organization(org_id)
         with storage_errors():
-            await self._redis.hset(k.prefix + "cfg", "cached", "1" if count else "0")
+            await self._redis.hset(k.usage_settings, "cached", "1" if count else "0")
         return count
 
     async def cached_tokens_count(self, org_id: str) -> bool:
         k = await self._control.require_organization(org_id)
         with storage_errors():
-            return bool(await self._redis.hget(k.prefix + "cfg", "cached") == "1")
+            return bool(await self._redis.hget(k.usage_settings, "cached") == "1")
 
     async def set_price(self, org_id: str, price: Price) -> Price:
         validate_model(price.model, wildcard=True)
@@ -254,7 +193,7 @@ class Usage:
         k = await self._control.require_organization(org_id)
         with storage_errors():
             async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hset(k.prefix + "price", price.model, ",".join(repr(float(v)) for v in price[1:]))
+                pipe.hset(k.prices, price.model, ",".join(repr(float(v)) for v in price[1:]))
                 keys.invalidate_decision_config(pipe, k)  # decisions reserve spend at the price
                 await pipe.execute()
         return price
@@ -262,259 +201,51 @@ class Usage:
     async def prices(self, org_id: str) -> list[Price]:
         k = await self._control.require_organization(org_id)
         with storage_errors():
-            raw = cast(dict[str, str], await self._redis.hgetall(k.prefix + "price"))
+            raw = cast(dict[str, str], await self._redis.hgetall(k.prices))
         return sorted(
             (Price(model, *(float(v) for v in value.split(","))) for model, value in raw.items()),
             key=lambda p: (p.model == "*", p.model),
         )
 
-    async def set_spend_limit(self, org_id: str, project_id: str, limit_usd: float | None) -> None:
-        if limit_usd is not None and (not math.isfinite(limit_usd) or limit_usd < 0 or limit_usd > 1e12):
-            raise InvalidArgument(f"spend limit {limit_usd} must be between 0 and 1e12 USD")
+    async def set_spend_limit(self, org_id: str, project_id: str, limit_usd_micros: int | None) -> None:
+        """``limit_usd_micros``: micro-dollars per month, or None to clear the limit."""
+        if limit_usd_micros is not None and not 0 <= limit_usd_micros <= MAX_SPEND_LIMIT_MICROS:
+            raise InvalidArgument(
+                f"limit_usd_micros is {limit_usd_micros}; it must be between 0 and {MAX_SPEND_LIMIT_MICROS} (1e12 USD)"
+            )
         if project_id:
             k = await self._control.require_project(org_id, project_id)
         else:
             k = await self._control.require_organization(org_id)
-        field_ = f"p:{project_id}" if project_id else "o"
+        field_ = keys.spend_field(project_id)
         with storage_errors():
             async with self._redis.pipeline(transaction=True) as pipe:
-                if limit_usd is None:
-                    pipe.hdel(k.prefix + "spendlim", field_)
+                if limit_usd_micros is None:
+                    pipe.hdel(k.spend_limits, field_)
                 else:
                     # stored in micro-USD, the unit report.lua adds spend in
-                    pipe.hset(k.prefix + "spendlim", field_, repr(limit_usd * 1e6))
+                    pipe.hset(k.spend_limits, field_, str(limit_usd_micros))
                 keys.invalidate_decision_config(pipe, k)
                 await pipe.execute()
-
-    async def _current_month(self) -> str:
-        """This month by the clock the scripts count spend with (storage's TIME), not ours."""
-        given = await self._clock()
-        with storage_errors():
-            now_s = int(given) / 1e6 if given else (await self._redis.time())[0]
-        return datetime.fromtimestamp(now_s, UTC).strftime("%Y-%m")
 
     async def spend(self, org_id: str, month: str = "") -> tuple[str, SpendLine, list[SpendLine]]:
         if month:
             _month_key(month)  # a malformed month is refused before anything is looked up
         k = await self._control.require_organization(org_id)
-        month = month or await self._current_month()
+        month = month or await current_month(self._clock, self._redis)
         month_key = _month_key(month)
         with storage_errors():
-            spent = cast(dict[str, str], await self._redis.hgetall(f"{k.prefix}spend:{month_key}"))
-            limits = cast(dict[str, str], await self._redis.hgetall(k.prefix + "spendlim"))
-        org = SpendLine("", float(spent.get("o", 0)) / 1e6, _usd(limits.get("o")))
-        project_ids = sorted({f[2:] for f in (*spent, *limits) if f.startswith("p:")})
-        projects = [SpendLine(p, float(spent.get(f"p:{p}", 0)) / 1e6, _usd(limits.get(f"p:{p}"))) for p in project_ids]
+            spent = cast(dict[str, str], await self._redis.hgetall(k.spend(month_key)))
+            limits = cast(dict[str, str], await self._redis.hgetall(k.spend_limits))
+        org_field = keys.spend_field("")
+        org = SpendLine("", float(spent.get(org_field, 0)) / 1e6, _usd(limits.get(org_field)))
+        project_ids = sorted({p for f in (*spent, *limits) if (p := keys.project_of_spend_field(f))})
+        projects = [
+            SpendLine(p, float(spent.get(keys.spend_field(p), 0)) / 1e6, _usd(limits.get(keys.spend_field(p))))
+            for p in project_ids
+        ]
         return month, org, projects
-
-    # -- queries -------------------------------------------------------------
-
-    async def query(
-        self,
-        org_id: str,
-        start_ms: int,
-        end_ms: int,
-        granularity: str,
-        group_by: Iterable[str] = (),
-        project_id: str = "",
-    ) -> tuple[list[UsageRow], UsageTotals]:
-        if granularity not in GRANULARITIES:
-            raise InvalidArgument(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
-        groups = set(group_by)
-        if unknown := groups - set(GROUPS):
-            raise InvalidArgument(f"group_by {sorted(unknown)[0]!r} is not one of {', '.join(GROUPS)}")
-        if start_ms < 0 or end_ms <= start_ms:
-            raise InvalidArgument(f"the range [{start_ms}, {end_ms}) is empty or negative")
-        res, width = GRANULARITIES[granularity]
-        first = start_ms // 1000 // width * width
-        starts = range(first, math.ceil(end_ms / 1000), width)
-        if len(starts) > MAX_BUCKETS_PER_QUERY:
-            raise InvalidArgument(
-                f"the range spans {len(starts)} {granularity} buckets, at most {MAX_BUCKETS_PER_QUERY} are allowed"
-            )
-        k = await self._control.require_organization(org_id)
-        with storage_errors():
-            buckets = await self._read_buckets(k, res, width, starts)
-            names = await self._usage_names(k, buckets)
-        rows: dict[tuple[int, str, str, str], UsageTotals] = defaultdict(UsageTotals)
-        total = UsageTotals()
-        for s, raw in buckets:
-            for name, packed in raw.items():
-                fields = _counters(name, packed, names)
-                if fields is None:
-                    continue
-                (project, model, key_id), counters = fields
-                if project_id and project != project_id:
-                    continue
-                row_key = (
-                    s * 1000,
-                    project if "project" in groups else "",
-                    model if "model" in groups else "",
-                    key_id if "key" in groups else "",
-                )
-                for counter, value in counters:
-                    rows[row_key].add(counter, value)
-                    total.add(counter, value)
-        return [UsageRow(*row_key, totals) for row_key, totals in sorted(rows.items())], total
-
-    async def _read_buckets(
-        self, k: keys.OrgKeys, res: str, width: int, starts: range
-    ) -> list[tuple[int, dict[str, str]]]:
-        """The counters of each bucket start, with the minutes not rolled up yet added to hours and days.
-
-        One transaction reads the rollup marker, the buckets and the minutes from the marker on, so
-        a rollup (rollup.lua) is seen whole or not at all; if the marker moved since it was first
-        read, the minutes read may be the wrong ones, and the read is made again."""
-        if res == "m":
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for s in starts:
-                    pipe.hgetall(k.usage("m", s))
-                return list(zip(starts, cast(list[dict[str, str]], await pipe.execute()), strict=True))
-        while True:
-            marker = cast(str | None, await self._redis.get(k.usage_rollup_marker))
-            minutes = await self._unrolled_minutes(marker, starts[0], starts[-1] + width)
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.get(k.usage_rollup_marker)
-                for s in starts:
-                    pipe.hgetall(k.usage(res, s))
-                for m in minutes:
-                    pipe.hgetall(k.usage("m", m))
-                replies = await pipe.execute()
-            if replies[0] != marker:
-                continue
-            raws = cast(list[dict[str, str]], replies[1:])
-            buckets = list(zip(starts, raws[: len(starts)], strict=True))
-            partial_minute, rolled_ids = _marker(marker)
-            for m, raw in zip(minutes, raws[len(starts) :], strict=True):
-                if m == partial_minute and rolled_ids:
-                    # the rollup is inside this minute: its ids up to rolled_ids are in the hours
-                    raw = {f: v for f, v in raw.items() if _unrolled(f, rolled_ids)}
-                if raw:
-                    buckets.append((m - m % width, raw))
-            return buckets
-
-    async def _unrolled_minutes(self, marker: str | None, start_s: int, end_s: int) -> range:
-        """Minute starts in [start_s, end_s) the rollup has not reached: from the marker (or the
-        oldest minute kept, when there is none yet) to the current minute."""
-        given = await self._clock()
-        now_s = int(given) // 1_000_000 if given else int((await self._redis.time())[0])
-        current = now_s - now_s % 60
-        first = _marker(marker)[0] or current - (self._minute_retention_s + 59) // 60 * 60 - 60
-        first = max(first, start_s - start_s % 60)
-        return range(first, min(current, end_s - 1) + 1, 60)
-
-    async def _usage_names(
-        self, k: keys.OrgKeys, buckets: list[tuple[int, dict[str, str]]]
-    ) -> dict[str, tuple[str, str, str]]:
-        """The (project, model, key) of every usage id in the buckets."""
-        ids = sorted({name.split("|", 1)[0] for _, raw in buckets for name in raw if _COMPACT_FIELD.match(name)})
-        if not ids:
-            return {}
-        triples = cast(list[str | None], await self._redis.hmget(k.usage_ids, [f"#{i}" for i in ids]))
-        return {
-            i: cast(tuple[str, str, str], tuple(t.split("|", 2)))
-            for i, t in zip(ids, triples, strict=True)
-            if t is not None
-        }
-
-    async def logs(
-        self,
-        org_id: str,
-        project_id: str,
-        *,
-        model: str = "",
-        key_id: str = "",
-        allowed: bool | None = None,
-        start_ms: int = 0,
-        end_ms: int = 0,
-        limit: int = 100,
-    ) -> list[LogEntry]:
-        if not 1 <= limit <= MAX_LOG_PAGE:
-            raise InvalidArgument(f"limit {limit} must be between 1 and {MAX_LOG_PAGE}")
-        k = await self._control.require_project(org_id, project_id, or_deleted=True)
-        with storage_errors():
-            raw = cast(list[str], await self._redis.lrange(f"{k.prefix}log:{project_id}", 0, -1))
-        end_ms = end_ms or int(time.time() * 1000) + 1
-        out = []
-        for line in raw:  # newest first already
-            e = _log_entry(json.loads(line))
-            if model and e.model != model:
-                continue
-            if key_id and e.key_id != key_id:
-                continue
-            if allowed is not None and e.allowed != allowed:
-                continue
-            if not start_ms <= e.time_ms < end_ms:
-                continue
-            out.append(e)
-            if len(out) == limit:
-                break
-        return out
-
-
-# Usage fields as lib.lua writes them: "<id>|r", "<id>|x<outcome>", "<id>|u" in minutes,
-# "<id>" in hours and days (the values are described there).
-_COMPACT_FIELD = re.compile(r"^(\d+)(?:\|([rxu])(\d*))?$")
-_REPORTED = ("rep", "in", "out", "cached", "spend")
-
-
-def _counters(
-    name: str, value: str, names: dict[str, tuple[str, str, str]]
-) -> tuple[tuple[str, str, str], list[tuple[str, str]]] | None:
-    """(project, model, key) and the counters (name, value) one usage field holds; None for an
-    unknown id. Fields "<project>|<model>|<key>|<counter>" are what versions before the rollup wrote."""
-    compact = _COMPACT_FIELD.match(name)
-    if compact is None:
-        project, model, key_id, counter = name.split("|", 3)
-        return (project, model, key_id), [(counter, value)]
-    who = names.get(compact[1])
-    if who is None:
-        return None
-    kind, outcome = compact[2], compact[3]
-    if kind == "r":
-        return who, [("req", value)]
-    if kind == "x":
-        return who, [(f"ref:{outcome}", value)]
-    parts = value.split(",")
-    if kind == "u":
-        return who, list(zip(_REPORTED, parts, strict=False))
-    counters = list(zip(("req", *_REPORTED), parts[:6], strict=False))
-    for refusal in parts[6:]:
-        counter, _, count = refusal.partition("=")
-        counters.append((f"ref:{counter[1:]}", count))
-    return who, counters
-
-
-def _marker(marker: str | None) -> tuple[int, int]:
-    """The rollup marker (rollup.lua): the first minute not wholly rolled up, and the last usage
-    id of it that is; (0, 0) for none."""
-    if not marker:
-        return 0, 0
-    minute, _, rolled_ids = marker.partition(":")
-    return int(minute), int(rolled_ids or 0)
-
-
-def _unrolled(field: str, rolled_ids: int) -> bool:
-    compact = _COMPACT_FIELD.match(field)
-    return compact is None or int(compact[1]) > rolled_ids
 
 
 def _usd(micro: str | None) -> float | None:
     return None if micro is None else float(micro) / 1e6
-
-
-def _log_entry(d: dict[str, Any]) -> LogEntry:
-    return LogEntry(
-        request_id=d.get("id", ""),
-        time_ms=int(d.get("t", 0)),
-        model=d.get("m", ""),
-        key_id=d.get("k", "-"),
-        allowed=bool(d.get("ok")),
-        reason=None if d.get("ok") else Outcome(int(d.get("r", 0))),
-        input_tokens=int(d.get("in", 0)),
-        output_tokens=int(d.get("out", 0)),
-        cached_tokens=int(d.get("cached", 0)),
-        requested_tokens=int(d.get("tok", 0)),
-        status_code=int(d.get("s", 0)),
-        latency_ms=int(d.get("lat", 0)),
-    )

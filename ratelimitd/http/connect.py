@@ -194,9 +194,11 @@ class Gateway:
         credential instead of the request's own header (the console's session, resolved by the auth path)."""
         rpc = self._unary.get(path)
         if rpc is None:
-            return self._not_here(request, path)
+            return self._not_here(path)
         if request.method != "POST":
-            return error(grpc.StatusCode.INVALID_ARGUMENT, f"{path} takes POST, not {request.method}", 405)
+            refused = error(grpc.StatusCode.INVALID_ARGUMENT, f"{path} takes POST, not {request.method}", 405)
+            refused.headers["Allow"] = "POST"
+            return refused
         try:
             content_type = encoding(request)
             deadline = timeout_s(request)
@@ -213,7 +215,7 @@ class Gateway:
             return web.Response(body=reply, content_type=PROTO)
         return web.Response(text=protobuf_to_json(reply, rpc), content_type=JSON)
 
-    def _not_here(self, request: web.Request, path: str) -> web.Response:
+    def _not_here(self, path: str) -> web.Response:
         # A bare 404 reads as "unimplemented" to Connect clients (its HTTP -> code table); the body says why.
         if path in self._streaming:
             return error(grpc.StatusCode.UNIMPLEMENTED, self._streaming[path], 404)

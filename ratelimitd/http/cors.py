@@ -16,7 +16,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # What Connect clients send (connect-web adds X-User-Agent), and the credential.
 ALLOWED_HEADERS = "Authorization, Content-Type, Connect-Protocol-Version, Connect-Timeout-Ms, X-User-Agent"
-ALLOWED_METHODS = "POST, GET"
+ALLOWED_METHODS = "POST"
 PREFLIGHT_MAX_AGE_S = "7200"
 
 

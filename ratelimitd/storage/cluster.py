@@ -38,12 +38,12 @@ from typing import Any
 import hiredis
 from redis.crc import key_slot
 
-from ratelimitd.engine import keys
-from ratelimitd.engine.errors import StorageUnavailable
-from ratelimitd.engine.scripts import LuaScript
+from ratelimitd.core import keys
+from ratelimitd.core.errors import StorageUnavailable
+from ratelimitd.core.scripts import LuaScript
+from ratelimitd.core.storage_url import Topology
 from ratelimitd.storage.pipelined import PipelinedConnection
 from ratelimitd.storage.redis import state_unavailable
-from ratelimitd.storage.topology import Topology
 
 SLOTS = 16384
 # Redirections one call follows: a slot moves once per migration, and a stale table
@@ -62,7 +62,7 @@ def slot_of(key: str) -> int:
 
 
 class ClusterConnection:
-    """engine/scripts.py's ScriptRunner (and the health probe's ``call``) over a cluster."""
+    """core/scripts.py's ScriptRunner (and the health probe's ``call``) over a cluster."""
 
     def __init__(self, topology: Topology, *, timeout_s: float, ssl_context: ssl.SSLContext | None = None) -> None:
         self._topology = topology
@@ -194,7 +194,7 @@ class ClusterConnection:
         if address not in self._probe_keys:
             owned = self._slots or []
             for n in itertools.count():
-                key = f"{keys.HEALTH_PROBE}:{{{n}}}"
+                key = keys.health_probe_on(n)
                 if owned[slot_of(key)] == address:
                     self._probe_keys[address] = key
                     break

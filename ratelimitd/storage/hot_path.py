@@ -6,10 +6,11 @@ none of them imports another's factory and the storage package has no import cyc
 
 from __future__ import annotations
 
+from ratelimitd.core.storage_url import StorageTls, Topology
 from ratelimitd.storage.cluster import ClusterConnection
 from ratelimitd.storage.pipelined import PipelinedConnection
 from ratelimitd.storage.sentinel import SentinelConnection
-from ratelimitd.storage.topology import HotPath, StorageTls, Topology
+from ratelimitd.storage.topology import HotPath
 
 
 def hot_path_connection(topology: Topology, *, timeout_s: float, tls: StorageTls) -> HotPath:

@@ -40,8 +40,8 @@ from typing import Any, cast
 import hiredis
 from redis.asyncio.connection import parse_url
 
-from ratelimitd.engine.errors import StorageOutcomeUnknown, StorageUnavailable
-from ratelimitd.engine.scripts import LuaScript
+from ratelimitd.core.errors import StorageOutcomeUnknown, StorageUnavailable
+from ratelimitd.core.scripts import LuaScript
 from ratelimitd.storage.redis import state_unavailable, storage_state
 
 # A watchdog this late was held up by a busy event loop, not by storage.

@@ -15,8 +15,9 @@ import redis.exceptions
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from ratelimitd.engine.errors import StorageUnavailable
-from ratelimitd.storage.topology import StorageTls, control_plane_client, parse
+from ratelimitd.core.errors import StorageUnavailable
+from ratelimitd.core.storage_url import StorageTls, parse
+from ratelimitd.storage.topology import control_plane_client
 
 # Error replies that describe the storage server's state rather than our command:
 # the same command succeeds once the state passes, so they are outages (the failure

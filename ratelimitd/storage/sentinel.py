@@ -14,14 +14,14 @@ import ssl
 from collections.abc import Sequence
 from typing import Any
 
-from ratelimitd.engine.errors import StorageUnavailable
-from ratelimitd.engine.scripts import LuaScript
+from ratelimitd.core.errors import StorageUnavailable
+from ratelimitd.core.scripts import LuaScript
+from ratelimitd.core.storage_url import Topology
 from ratelimitd.storage.pipelined import PipelinedConnection
-from ratelimitd.storage.topology import Topology
 
 
 class SentinelConnection:
-    """engine/scripts.py's ScriptRunner (and the health probe's ``call``) over Sentinel."""
+    """core/scripts.py's ScriptRunner (and the health probe's ``call``) over Sentinel."""
 
     def __init__(self, topology: Topology, *, timeout_s: float, ssl_context: ssl.SSLContext | None = None) -> None:
         self._topology = topology

@@ -12,7 +12,9 @@ has the table of who may call what. A member naming another organization
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
@@ -32,22 +34,30 @@ class _ModelAccess:
 
 class _ModelAccessEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelAccess.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
-    MODEL_ACCESS_UNRESTRICTED: _ModelAccess.ValueType  # 0
-    """Every model that has a limit (or a '*' limit) may be used."""
+    MODEL_ACCESS_UNSPECIFIED: _ModelAccess.ValueType  # 0
+    """Not set: never in a reply; SetModelPermissions refuses it (INVALID_ARGUMENT)."""
     MODEL_ACCESS_ALLOW_LIST: _ModelAccess.ValueType  # 1
     """Only the listed models."""
     MODEL_ACCESS_BLOCK_LIST: _ModelAccess.ValueType  # 2
     """Every model but the listed ones."""
+    MODEL_ACCESS_UNRESTRICTED: _ModelAccess.ValueType  # 3
+    """Every model that has a limit (or a '*' limit) may be used. What a
+    policy that was never set reads as.
+    """
 
 class ModelAccess(_ModelAccess, metaclass=_ModelAccessEnumTypeWrapper):
     """-- model permissions ---------------------------------------------------------"""
 
-MODEL_ACCESS_UNRESTRICTED: ModelAccess.ValueType  # 0
-"""Every model that has a limit (or a '*' limit) may be used."""
+MODEL_ACCESS_UNSPECIFIED: ModelAccess.ValueType  # 0
+"""Not set: never in a reply; SetModelPermissions refuses it (INVALID_ARGUMENT)."""
 MODEL_ACCESS_ALLOW_LIST: ModelAccess.ValueType  # 1
 """Only the listed models."""
 MODEL_ACCESS_BLOCK_LIST: ModelAccess.ValueType  # 2
 """Every model but the listed ones."""
+MODEL_ACCESS_UNRESTRICTED: ModelAccess.ValueType  # 3
+"""Every model that has a limit (or a '*' limit) may be used. What a
+policy that was never set reads as.
+"""
 Global___ModelAccess: _TypeAlias = ModelAccess  # noqa: Y015
 
 class _Role:
@@ -150,20 +160,21 @@ class Organization(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
-    CREATED_AT_MS_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
-    created_at_ms: _builtins.int
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
         name: _builtins.str = ...,
-        created_at_ms: _builtins.int = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_ms", b"created_at_ms", "id", b"id", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "id", b"id", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -177,12 +188,13 @@ class Project(_message.Message):
     ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
-    CREATED_AT_MS_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     organization_id: _builtins.str
     name: _builtins.str
     description: _builtins.str
-    created_at_ms: _builtins.int
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -190,11 +202,11 @@ class Project(_message.Message):
         organization_id: _builtins.str = ...,
         name: _builtins.str = ...,
         description: _builtins.str = ...,
-        created_at_ms: _builtins.int = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_ms", b"created_at_ms", "description", b"description", "id", b"id", "name", b"name", "organization_id", b"organization_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "id", b"id", "name", b"name", "organization_id", b"organization_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -208,18 +220,21 @@ class ApiKey(_message.Message):
     PROJECT_ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     PREFIX_FIELD_NUMBER: _builtins.int
-    CREATED_AT_MS_FIELD_NUMBER: _builtins.int
-    LAST_USED_AT_MS_FIELD_NUMBER: _builtins.int
     REVOKED_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    LAST_USE_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     project_id: _builtins.str
     name: _builtins.str
     prefix: _builtins.str
     """The first characters of the secret, to recognise a key in a list."""
-    created_at_ms: _builtins.int
-    last_used_at_ms: _builtins.int
-    """0 when the key was never used."""
     revoked: _builtins.bool
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def last_use_time(self) -> _timestamp_pb2.Timestamp:
+        """Absent when the key was never used."""
+
     def __init__(
         self,
         *,
@@ -227,13 +242,13 @@ class ApiKey(_message.Message):
         project_id: _builtins.str = ...,
         name: _builtins.str = ...,
         prefix: _builtins.str = ...,
-        created_at_ms: _builtins.int = ...,
-        last_used_at_ms: _builtins.int = ...,
         revoked: _builtins.bool = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        last_use_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "last_use_time", b"last_use_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_ms", b"created_at_ms", "id", b"id", "last_used_at_ms", b"last_used_at_ms", "name", b"name", "prefix", b"prefix", "project_id", b"project_id", "revoked", b"revoked"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "id", b"id", "last_use_time", b"last_use_time", "name", b"name", "prefix", b"prefix", "project_id", b"project_id", "revoked", b"revoked"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -546,37 +561,33 @@ Global___ListProjectsResponse: _TypeAlias = ListProjectsResponse  # noqa: Y015
 
 @_typing.final
 class UpdateProjectRequest(_message.Message):
+    """AIP-134: the resource and the fields to change."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
-    ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
-    PROJECT_ID_FIELD_NUMBER: _builtins.int
-    NAME_FIELD_NUMBER: _builtins.int
-    DESCRIPTION_FIELD_NUMBER: _builtins.int
-    organization_id: _builtins.str
-    project_id: _builtins.str
-    name: _builtins.str
-    """Only the fields set are changed; at least one must be."""
-    description: _builtins.str
+    PROJECT_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def project(self) -> Global___Project:
+        """Names the project with `organization_id` and `id`, and carries the new values."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """"name", "description" or "*" (both). Absent: every field set (non-empty)
+        in `project` among those two. Any other path is INVALID_ARGUMENT.
+        """
+
     def __init__(
         self,
         *,
-        organization_id: _builtins.str = ...,
-        project_id: _builtins.str = ...,
-        name: _builtins.str | None = ...,
-        description: _builtins.str | None = ...,
+        project: Global___Project | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "_name", b"_name", "description", b"description", "name", b"name"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["project", b"project", "update_mask", b"update_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "_name", b"_name", "description", b"description", "name", b"name", "organization_id", b"organization_id", "project_id", b"project_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["project", b"project", "update_mask", b"update_mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType__description: _TypeAlias = _typing.Literal["description"]  # noqa: Y015
-    _WhichOneofArgType__description: _TypeAlias = _typing.Literal["_description", b"_description"]  # noqa: Y015
-    _WhichOneofReturnType__name: _TypeAlias = _typing.Literal["name"]  # noqa: Y015
-    _WhichOneofArgType__name: _TypeAlias = _typing.Literal["_name", b"_name"]  # noqa: Y015
-    @_typing.overload
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__description) -> _WhichOneofReturnType__description | None: ...
-    @_typing.overload
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__name) -> _WhichOneofReturnType__name | None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpdateProjectRequest: _TypeAlias = UpdateProjectRequest  # noqa: Y015
 
@@ -749,17 +760,25 @@ class ListApiKeysRequest(_message.Message):
 
     ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
     PROJECT_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     organization_id: _builtins.str
     project_id: _builtins.str
+    page_size: _builtins.int
+    """0 means 50; at most 1000"""
+    page_token: _builtins.str
+    """next_page_token of the previous page"""
     def __init__(
         self,
         *,
         organization_id: _builtins.str = ...,
         project_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["organization_id", b"organization_id", "project_id", b"project_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["organization_id", b"organization_id", "page_size", b"page_size", "page_token", b"page_token", "project_id", b"project_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -770,16 +789,22 @@ class ListApiKeysResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     KEYS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """empty on the last page"""
     @_builtins.property
-    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApiKey]: ...
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApiKey]:
+        """oldest first"""
+
     def __init__(
         self,
         *,
         keys: _abc.Iterable[Global___ApiKey] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -922,13 +947,14 @@ class Member(_message.Message):
     ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
-    CREATED_AT_MS_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     organization_id: _builtins.str
     name: _builtins.str
     """Unique in the organization, e.g. an e-mail address."""
     role: Global___Role.ValueType
-    created_at_ms: _builtins.int
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -936,11 +962,11 @@ class Member(_message.Message):
         organization_id: _builtins.str = ...,
         name: _builtins.str = ...,
         role: Global___Role.ValueType = ...,
-        created_at_ms: _builtins.int = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_ms", b"created_at_ms", "id", b"id", "name", b"name", "organization_id", b"organization_id", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "id", b"id", "name", b"name", "organization_id", b"organization_id", "role", b"role"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1004,15 +1030,23 @@ class ListMembersRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     organization_id: _builtins.str
+    page_size: _builtins.int
+    """0 means 50; at most 1000"""
+    page_token: _builtins.str
+    """next_page_token of the previous page"""
     def __init__(
         self,
         *,
         organization_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["organization_id", b"organization_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["organization_id", b"organization_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1023,6 +1057,9 @@ class ListMembersResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MEMBERS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """empty on the last page"""
     @_builtins.property
     def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___Member]:
         """by name"""
@@ -1031,10 +1068,11 @@ class ListMembersResponse(_message.Message):
         self,
         *,
         members: _abc.Iterable[Global___Member] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["members", b"members"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["members", b"members", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1042,24 +1080,29 @@ Global___ListMembersResponse: _TypeAlias = ListMembersResponse  # noqa: Y015
 
 @_typing.final
 class UpdateMemberRequest(_message.Message):
+    """AIP-134: the resource and the fields to change."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
-    ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
-    MEMBER_ID_FIELD_NUMBER: _builtins.int
-    ROLE_FIELD_NUMBER: _builtins.int
-    organization_id: _builtins.str
-    member_id: _builtins.str
-    role: Global___Role.ValueType
+    MEMBER_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def member(self) -> Global___Member:
+        """Names the member with `organization_id` and `id`, and carries the new role."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """"role" (or "*"). Absent: "role" when it is set. Any other path is INVALID_ARGUMENT."""
+
     def __init__(
         self,
         *,
-        organization_id: _builtins.str = ...,
-        member_id: _builtins.str = ...,
-        role: Global___Role.ValueType = ...,
+        member: Global___Member | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["member", b"member", "update_mask", b"update_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["member_id", b"member_id", "organization_id", b"organization_id", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member", b"member", "update_mask", b"update_mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1096,31 +1139,32 @@ class Credential(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
-    CREATED_AT_MS_FIELD_NUMBER: _builtins.int
     ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
     MEMBER_ID_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     kind: _builtins.str
     """"operator" or "member" """
     name: _builtins.str
-    created_at_ms: _builtins.int
     organization_id: _builtins.str
     """members only"""
     member_id: _builtins.str
     """members only"""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
         kind: _builtins.str = ...,
         name: _builtins.str = ...,
-        created_at_ms: _builtins.int = ...,
         organization_id: _builtins.str = ...,
         member_id: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_ms", b"created_at_ms", "id", b"id", "kind", b"kind", "member_id", b"member_id", "name", b"name", "organization_id", b"organization_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "id", b"id", "kind", b"kind", "member_id", b"member_id", "name", b"name", "organization_id", b"organization_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1220,15 +1264,23 @@ class ListCredentialsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     organization_id: _builtins.str
+    page_size: _builtins.int
+    """0 means 50; at most 1000"""
+    page_token: _builtins.str
+    """next_page_token of the previous page"""
     def __init__(
         self,
         *,
         organization_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["organization_id", b"organization_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["organization_id", b"organization_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1239,6 +1291,9 @@ class ListCredentialsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CREDENTIALS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """empty on the last page"""
     @_builtins.property
     def credentials(self) -> _containers.RepeatedCompositeFieldContainer[Global___Credential]:
         """oldest first"""
@@ -1247,10 +1302,11 @@ class ListCredentialsResponse(_message.Message):
         self,
         *,
         credentials: _abc.Iterable[Global___Credential] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1300,33 +1356,36 @@ class ListAuditEventsRequest(_message.Message):
 
     ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
     PROJECT_ID_FIELD_NUMBER: _builtins.int
-    SINCE_MS_FIELD_NUMBER: _builtins.int
-    UNTIL_MS_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
     organization_id: _builtins.str
     project_id: _builtins.str
     """Only this project's events (it may have been deleted since)."""
-    since_ms: _builtins.int
-    """Inclusive bounds in Unix milliseconds; 0 leaves a side open."""
-    until_ms: _builtins.int
     page_size: _builtins.int
     """0 means 50; at most 1000"""
     page_token: _builtins.str
     """next_page_token of the previous page"""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Inclusive bounds (millisecond precision); absent leaves a side open."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
         organization_id: _builtins.str = ...,
         project_id: _builtins.str = ...,
-        since_ms: _builtins.int = ...,
-        until_ms: _builtins.int = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["organization_id", b"organization_id", "page_size", b"page_size", "page_token", b"page_token", "project_id", b"project_id", "since_ms", b"since_ms", "until_ms", b"until_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "organization_id", b"organization_id", "page_size", b"page_size", "page_token", b"page_token", "project_id", b"project_id", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1337,7 +1396,7 @@ class AuditEvent(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
-    TIME_MS_FIELD_NUMBER: _builtins.int
+    EVENT_TIME_FIELD_NUMBER: _builtins.int
     OPERATION_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
     PROJECT_ID_FIELD_NUMBER: _builtins.int
@@ -1346,7 +1405,6 @@ class AuditEvent(_message.Message):
     AFTER_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Unique and ordered: "<ms>-<sequence>" on the storage server's clock."""
-    time_ms: _builtins.int
     operation: _builtins.str
     """The RPC that made the change, e.g. "SetProjectLimits"."""
     project_id: _builtins.str
@@ -1357,12 +1415,14 @@ class AuditEvent(_message.Message):
     """JSON; "null" when the target did not exist before / no longer exists."""
     after: _builtins.str
     @_builtins.property
+    def event_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
     def actor(self) -> Global___Principal: ...
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
-        time_ms: _builtins.int = ...,
+        event_time: _timestamp_pb2.Timestamp | None = ...,
         operation: _builtins.str = ...,
         actor: Global___Principal | None = ...,
         project_id: _builtins.str = ...,
@@ -1370,9 +1430,9 @@ class AuditEvent(_message.Message):
         before: _builtins.str = ...,
         after: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "event_time", b"event_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "after", b"after", "before", b"before", "id", b"id", "operation", b"operation", "project_id", b"project_id", "target", b"target", "time_ms", b"time_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "after", b"after", "before", b"before", "event_time", b"event_time", "id", b"id", "operation", b"operation", "project_id", b"project_id", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

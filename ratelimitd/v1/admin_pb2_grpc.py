@@ -359,7 +359,8 @@ class ProjectServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateProject(self, request, context):
-        """Renames and/or changes the description.
+        """Renames and/or changes the description: the fields update_mask names
+        ("name", "description"; "*" for both; absent: those set in `project`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -921,7 +922,8 @@ class MemberServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateMember(self, request, context):
-        """Changes the role; effective at once in this server, within 2 s in others.
+        """Changes the role (update_mask "role"); effective at once in this server,
+        within 2 s in others.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -117,7 +117,9 @@ class ProjectServiceStub:
     ListProjects: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListProjectsRequest, _admin_pb2.ListProjectsResponse]
     """Ordered by name."""
     UpdateProject: _grpc.UnaryUnaryMultiCallable[_admin_pb2.UpdateProjectRequest, _admin_pb2.Project]
-    """Renames and/or changes the description."""
+    """Renames and/or changes the description: the fields update_mask names
+    ("name", "description"; "*" for both; absent: those set in `project`).
+    """
     DeleteProject: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DeleteProjectRequest, _admin_pb2.Project]
     """Its API keys stop working at the very next decision; its usage history
     stays readable; nothing else changes. Returns the deleted project.
@@ -145,7 +147,9 @@ class ProjectServiceAsyncStub(ProjectServiceStub):
     ListProjects: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListProjectsRequest, _admin_pb2.ListProjectsResponse]  # type: ignore[assignment]
     """Ordered by name."""
     UpdateProject: _aio.UnaryUnaryMultiCallable[_admin_pb2.UpdateProjectRequest, _admin_pb2.Project]  # type: ignore[assignment]
-    """Renames and/or changes the description."""
+    """Renames and/or changes the description: the fields update_mask names
+    ("name", "description"; "*" for both; absent: those set in `project`).
+    """
     DeleteProject: _aio.UnaryUnaryMultiCallable[_admin_pb2.DeleteProjectRequest, _admin_pb2.Project]  # type: ignore[assignment]
     """Its API keys stop working at the very next decision; its usage history
     stays readable; nothing else changes. Returns the deleted project.
@@ -194,7 +198,9 @@ class ProjectServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.UpdateProjectRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.Project, _abc.Awaitable[_admin_pb2.Project]]:
-        """Renames and/or changes the description."""
+        """Renames and/or changes the description: the fields update_mask names
+        ("name", "description"; "*" for both; absent: those set in `project`).
+        """
 
     @_abc_1.abstractmethod
     def DeleteProject(
@@ -319,7 +325,9 @@ class MemberServiceStub:
     """The reply carries the member's first credential token, once."""
     ListMembers: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListMembersRequest, _admin_pb2.ListMembersResponse]
     UpdateMember: _grpc.UnaryUnaryMultiCallable[_admin_pb2.UpdateMemberRequest, _admin_pb2.Member]
-    """Changes the role; effective at once in this server, within 2 s in others."""
+    """Changes the role (update_mask "role"); effective at once in this server,
+    within 2 s in others.
+    """
     RemoveMember: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RemoveMemberRequest, _admin_pb2.Member]
     """Also revokes every credential of the member."""
 
@@ -334,7 +342,9 @@ class MemberServiceAsyncStub(MemberServiceStub):
     """The reply carries the member's first credential token, once."""
     ListMembers: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListMembersRequest, _admin_pb2.ListMembersResponse]  # type: ignore[assignment]
     UpdateMember: _aio.UnaryUnaryMultiCallable[_admin_pb2.UpdateMemberRequest, _admin_pb2.Member]  # type: ignore[assignment]
-    """Changes the role; effective at once in this server, within 2 s in others."""
+    """Changes the role (update_mask "role"); effective at once in this server,
+    within 2 s in others.
+    """
     RemoveMember: _aio.UnaryUnaryMultiCallable[_admin_pb2.RemoveMemberRequest, _admin_pb2.Member]  # type: ignore[assignment]
     """Also revokes every credential of the member."""
 
@@ -364,7 +374,9 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.UpdateMemberRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.Member, _abc.Awaitable[_admin_pb2.Member]]:
-        """Changes the role; effective at once in this server, within 2 s in others."""
+        """Changes the role (update_mask "role"); effective at once in this server,
+        within 2 s in others.
+        """
 
     @_abc_1.abstractmethod
     def RemoveMember(

@@ -5,11 +5,18 @@ Usage, spend and request logs: what projects used and what it cost.
 
 Reads are open to every member of the organization (Reader included);
 prices, spend limits and settings are set by the operator or an Owner.
+
+Money is integer micro-dollars (`*_usd_micros`, 1 USD = 1,000,000): exact in
+every language, unlike a double, and simpler to read and build than
+google.type.Money for a service that only ever counts in USD.
 """
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
@@ -66,20 +73,23 @@ class GetUsageRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
-    START_MS_FIELD_NUMBER: _builtins.int
-    END_MS_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
     GRANULARITY_FIELD_NUMBER: _builtins.int
     GROUP_BY_FIELD_NUMBER: _builtins.int
     PROJECT_ID_FIELD_NUMBER: _builtins.int
     organization_id: _builtins.str
-    start_ms: _builtins.int
-    """[start, end) in milliseconds since the epoch; start is rounded down to the
-    granularity. At most 10,000 buckets per query.
-    """
-    end_ms: _builtins.int
     granularity: Global___Granularity.ValueType
     project_id: _builtins.str
     """Only this project (empty = all)."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """[start_time, end_time), millisecond precision; start_time is rounded down
+        to the granularity. At most 10,000 buckets per query.
+        """
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def group_by(self) -> _containers.RepeatedScalarFieldContainer[Global___GroupBy.ValueType]:
         """Any combination; empty = one row per time bucket."""
@@ -88,15 +98,15 @@ class GetUsageRequest(_message.Message):
         self,
         *,
         organization_id: _builtins.str = ...,
-        start_ms: _builtins.int = ...,
-        end_ms: _builtins.int = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
         granularity: Global___Granularity.ValueType = ...,
         group_by: _abc.Iterable[Global___GroupBy.ValueType] | None = ...,
         project_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_ms", b"end_ms", "granularity", b"granularity", "group_by", b"group_by", "organization_id", b"organization_id", "project_id", b"project_id", "start_ms", b"start_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "granularity", b"granularity", "group_by", b"group_by", "organization_id", b"organization_id", "project_id", b"project_id", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -126,7 +136,7 @@ class UsageRow(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-    BUCKET_START_MS_FIELD_NUMBER: _builtins.int
+    BUCKET_START_TIME_FIELD_NUMBER: _builtins.int
     PROJECT_ID_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     API_KEY_ID_FIELD_NUMBER: _builtins.int
@@ -136,8 +146,7 @@ class UsageRow(_message.Message):
     INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     CACHED_TOKENS_FIELD_NUMBER: _builtins.int
-    SPEND_USD_FIELD_NUMBER: _builtins.int
-    bucket_start_ms: _builtins.int
+    SPEND_USD_MICROS_FIELD_NUMBER: _builtins.int
     project_id: _builtins.str
     """Set when grouped by it; "-" for decisions made by project id (no key)."""
     model: _builtins.str
@@ -148,7 +157,12 @@ class UsageRow(_message.Message):
     input_tokens: _builtins.int
     output_tokens: _builtins.int
     cached_tokens: _builtins.int
-    spend_usd: _builtins.float
+    spend_usd_micros: _builtins.int
+    """Spend of the reported tokens at the organization's prices."""
+    @_builtins.property
+    def bucket_start_time(self) -> _timestamp_pb2.Timestamp:
+        """Absent in GetUsageResponse.total."""
+
     @_builtins.property
     def refusals(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Refused requests by reason name (e.g. "REASON_PROJECT_LIMIT")."""
@@ -156,7 +170,7 @@ class UsageRow(_message.Message):
     def __init__(
         self,
         *,
-        bucket_start_ms: _builtins.int = ...,
+        bucket_start_time: _timestamp_pb2.Timestamp | None = ...,
         project_id: _builtins.str = ...,
         model: _builtins.str = ...,
         api_key_id: _builtins.str = ...,
@@ -166,11 +180,11 @@ class UsageRow(_message.Message):
         input_tokens: _builtins.int = ...,
         output_tokens: _builtins.int = ...,
         cached_tokens: _builtins.int = ...,
-        spend_usd: _builtins.float = ...,
+        spend_usd_micros: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bucket_start_time", b"bucket_start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "bucket_start_ms", b"bucket_start_ms", "cached_tokens", b"cached_tokens", "input_tokens", b"input_tokens", "model", b"model", "output_tokens", b"output_tokens", "project_id", b"project_id", "refusals", b"refusals", "reported", b"reported", "requests", b"requests", "spend_usd", b"spend_usd"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "bucket_start_time", b"bucket_start_time", "cached_tokens", b"cached_tokens", "input_tokens", b"input_tokens", "model", b"model", "output_tokens", b"output_tokens", "project_id", b"project_id", "refusals", b"refusals", "reported", b"reported", "requests", b"requests", "spend_usd_micros", b"spend_usd_micros"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -228,14 +242,14 @@ class SpendLine(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PROJECT_ID_FIELD_NUMBER: _builtins.int
-    SPEND_USD_FIELD_NUMBER: _builtins.int
-    LIMIT_USD_FIELD_NUMBER: _builtins.int
+    SPEND_USD_MICROS_FIELD_NUMBER: _builtins.int
+    LIMIT_USD_MICROS_FIELD_NUMBER: _builtins.int
     THRESHOLDS_CROSSED_FIELD_NUMBER: _builtins.int
     BLOCKED_FIELD_NUMBER: _builtins.int
     project_id: _builtins.str
     """Empty for the organization line."""
-    spend_usd: _builtins.float
-    limit_usd: _builtins.float
+    spend_usd_micros: _builtins.int
+    limit_usd_micros: _builtins.int
     """Absent when there is no limit."""
     blocked: _builtins.bool
     @_builtins.property
@@ -246,18 +260,18 @@ class SpendLine(_message.Message):
         self,
         *,
         project_id: _builtins.str = ...,
-        spend_usd: _builtins.float = ...,
-        limit_usd: _builtins.float | None = ...,
+        spend_usd_micros: _builtins.int = ...,
+        limit_usd_micros: _builtins.int | None = ...,
         thresholds_crossed: _abc.Iterable[_builtins.int] | None = ...,
         blocked: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_limit_usd", b"_limit_usd", "limit_usd", b"limit_usd"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_limit_usd_micros", b"_limit_usd_micros", "limit_usd_micros", b"limit_usd_micros"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_limit_usd", b"_limit_usd", "blocked", b"blocked", "limit_usd", b"limit_usd", "project_id", b"project_id", "spend_usd", b"spend_usd", "thresholds_crossed", b"thresholds_crossed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_limit_usd_micros", b"_limit_usd_micros", "blocked", b"blocked", "limit_usd_micros", b"limit_usd_micros", "project_id", b"project_id", "spend_usd_micros", b"spend_usd_micros", "thresholds_crossed", b"thresholds_crossed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType__limit_usd: _TypeAlias = _typing.Literal["limit_usd"]  # noqa: Y015
-    _WhichOneofArgType__limit_usd: _TypeAlias = _typing.Literal["_limit_usd", b"_limit_usd"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__limit_usd) -> _WhichOneofReturnType__limit_usd | None: ...
+    _WhichOneofReturnType__limit_usd_micros: _TypeAlias = _typing.Literal["limit_usd_micros"]  # noqa: Y015
+    _WhichOneofArgType__limit_usd_micros: _TypeAlias = _typing.Literal["_limit_usd_micros", b"_limit_usd_micros"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__limit_usd_micros) -> _WhichOneofReturnType__limit_usd_micros | None: ...
 
 Global___SpendLine: _TypeAlias = SpendLine  # noqa: Y015
 
@@ -301,12 +315,14 @@ class ListRequestLogsRequest(_message.Message):
 
     class _OutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[ListRequestLogsRequest._Outcome.ValueType], _builtins.type):
         DESCRIPTOR: _descriptor.EnumDescriptor
-        OUTCOME_ANY: ListRequestLogsRequest._Outcome.ValueType  # 0
+        OUTCOME_UNSPECIFIED: ListRequestLogsRequest._Outcome.ValueType  # 0
+        """No filter: allowed and refused requests."""
         OUTCOME_ALLOWED: ListRequestLogsRequest._Outcome.ValueType  # 1
         OUTCOME_REFUSED: ListRequestLogsRequest._Outcome.ValueType  # 2
 
     class Outcome(_Outcome, metaclass=_OutcomeEnumTypeWrapper): ...
-    OUTCOME_ANY: ListRequestLogsRequest.Outcome.ValueType  # 0
+    OUTCOME_UNSPECIFIED: ListRequestLogsRequest.Outcome.ValueType  # 0
+    """No filter: allowed and refused requests."""
     OUTCOME_ALLOWED: ListRequestLogsRequest.Outcome.ValueType  # 1
     OUTCOME_REFUSED: ListRequestLogsRequest.Outcome.ValueType  # 2
 
@@ -315,19 +331,27 @@ class ListRequestLogsRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     API_KEY_ID_FIELD_NUMBER: _builtins.int
     OUTCOME_FIELD_NUMBER: _builtins.int
-    START_MS_FIELD_NUMBER: _builtins.int
-    END_MS_FIELD_NUMBER: _builtins.int
-    LIMIT_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     organization_id: _builtins.str
     project_id: _builtins.str
     model: _builtins.str
     api_key_id: _builtins.str
     outcome: Global___ListRequestLogsRequest.Outcome.ValueType
-    start_ms: _builtins.int
-    end_ms: _builtins.int
-    """0 = now"""
-    limit: _builtins.int
-    """default 100, at most 1000"""
+    page_size: _builtins.int
+    """0 means 50; at most 1000"""
+    page_token: _builtins.str
+    """next_page_token of the previous page"""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """[start_time, end_time), millisecond precision; absent start_time: the
+        oldest entry kept, absent end_time: now.
+        """
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -336,13 +360,14 @@ class ListRequestLogsRequest(_message.Message):
         model: _builtins.str = ...,
         api_key_id: _builtins.str = ...,
         outcome: Global___ListRequestLogsRequest.Outcome.ValueType = ...,
-        start_ms: _builtins.int = ...,
-        end_ms: _builtins.int = ...,
-        limit: _builtins.int = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "end_ms", b"end_ms", "limit", b"limit", "model", b"model", "organization_id", b"organization_id", "outcome", b"outcome", "project_id", b"project_id", "start_ms", b"start_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "end_time", b"end_time", "model", b"model", "organization_id", b"organization_id", "outcome", b"outcome", "page_size", b"page_size", "page_token", b"page_token", "project_id", b"project_id", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -353,7 +378,7 @@ class RequestLogEntry(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
-    TIME_MS_FIELD_NUMBER: _builtins.int
+    REQUEST_TIME_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     API_KEY_ID_FIELD_NUMBER: _builtins.int
     ALLOWED_FIELD_NUMBER: _builtins.int
@@ -363,9 +388,8 @@ class RequestLogEntry(_message.Message):
     CACHED_TOKENS_FIELD_NUMBER: _builtins.int
     REQUESTED_TOKENS_FIELD_NUMBER: _builtins.int
     STATUS_CODE_FIELD_NUMBER: _builtins.int
-    LATENCY_MS_FIELD_NUMBER: _builtins.int
+    LATENCY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    time_ms: _builtins.int
     model: _builtins.str
     api_key_id: _builtins.str
     allowed: _builtins.bool
@@ -377,12 +401,17 @@ class RequestLogEntry(_message.Message):
     requested_tokens: _builtins.int
     """Refusals: the tokens the request asked for."""
     status_code: _builtins.int
-    latency_ms: _builtins.int
+    @_builtins.property
+    def request_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def latency(self) -> _duration_pb2.Duration:
+        """As ReportUsage gave it; zero for a refusal."""
+
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
-        time_ms: _builtins.int = ...,
+        request_time: _timestamp_pb2.Timestamp | None = ...,
         model: _builtins.str = ...,
         api_key_id: _builtins.str = ...,
         allowed: _builtins.bool = ...,
@@ -392,11 +421,11 @@ class RequestLogEntry(_message.Message):
         cached_tokens: _builtins.int = ...,
         requested_tokens: _builtins.int = ...,
         status_code: _builtins.int = ...,
-        latency_ms: _builtins.int = ...,
+        latency: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency", "request_time", b"request_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "api_key_id", b"api_key_id", "cached_tokens", b"cached_tokens", "input_tokens", b"input_tokens", "latency_ms", b"latency_ms", "model", b"model", "output_tokens", b"output_tokens", "reason", b"reason", "request_id", b"request_id", "requested_tokens", b"requested_tokens", "status_code", b"status_code", "time_ms", b"time_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "api_key_id", b"api_key_id", "cached_tokens", b"cached_tokens", "input_tokens", b"input_tokens", "latency", b"latency", "model", b"model", "output_tokens", b"output_tokens", "reason", b"reason", "request_id", b"request_id", "request_time", b"request_time", "requested_tokens", b"requested_tokens", "status_code", b"status_code"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -407,6 +436,9 @@ class ListRequestLogsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ENTRIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """empty on the last page"""
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___RequestLogEntry]:
         """Newest first."""
@@ -415,10 +447,11 @@ class ListRequestLogsResponse(_message.Message):
         self,
         *,
         entries: _abc.Iterable[Global___RequestLogEntry] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -430,28 +463,28 @@ class Price(_message.Message):
 
     ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
-    INPUT_PER_MILLION_FIELD_NUMBER: _builtins.int
-    OUTPUT_PER_MILLION_FIELD_NUMBER: _builtins.int
-    CACHED_INPUT_PER_MILLION_FIELD_NUMBER: _builtins.int
+    INPUT_USD_MICROS_PER_MILLION_FIELD_NUMBER: _builtins.int
+    OUTPUT_USD_MICROS_PER_MILLION_FIELD_NUMBER: _builtins.int
+    CACHED_INPUT_USD_MICROS_PER_MILLION_FIELD_NUMBER: _builtins.int
     organization_id: _builtins.str
     model: _builtins.str
     """A model, or "*" for models without a price of their own."""
-    input_per_million: _builtins.float
-    """USD per million tokens."""
-    output_per_million: _builtins.float
-    cached_input_per_million: _builtins.float
+    input_usd_micros_per_million: _builtins.int
+    """Micro-dollars per million tokens: 590000 is $0.59 per million tokens."""
+    output_usd_micros_per_million: _builtins.int
+    cached_input_usd_micros_per_million: _builtins.int
     def __init__(
         self,
         *,
         organization_id: _builtins.str = ...,
         model: _builtins.str = ...,
-        input_per_million: _builtins.float = ...,
-        output_per_million: _builtins.float = ...,
-        cached_input_per_million: _builtins.float = ...,
+        input_usd_micros_per_million: _builtins.int = ...,
+        output_usd_micros_per_million: _builtins.int = ...,
+        cached_input_usd_micros_per_million: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_input_per_million", b"cached_input_per_million", "input_per_million", b"input_per_million", "model", b"model", "organization_id", b"organization_id", "output_per_million", b"output_per_million"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_input_usd_micros_per_million", b"cached_input_usd_micros_per_million", "input_usd_micros_per_million", b"input_usd_micros_per_million", "model", b"model", "organization_id", b"organization_id", "output_usd_micros_per_million", b"output_usd_micros_per_million"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -482,15 +515,23 @@ class ListPricesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     organization_id: _builtins.str
+    page_size: _builtins.int
+    """0 means 50; at most 1000"""
+    page_token: _builtins.str
+    """next_page_token of the previous page"""
     def __init__(
         self,
         *,
         organization_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["organization_id", b"organization_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["organization_id", b"organization_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -501,16 +542,22 @@ class ListPricesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PRICES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """empty on the last page"""
     @_builtins.property
-    def prices(self) -> _containers.RepeatedCompositeFieldContainer[Global___Price]: ...
+    def prices(self) -> _containers.RepeatedCompositeFieldContainer[Global___Price]:
+        """by model, "*" last"""
+
     def __init__(
         self,
         *,
         prices: _abc.Iterable[Global___Price] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["prices", b"prices"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "prices", b"prices"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -522,25 +569,25 @@ class SetSpendLimitRequest(_message.Message):
 
     ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
     PROJECT_ID_FIELD_NUMBER: _builtins.int
-    LIMIT_USD_FIELD_NUMBER: _builtins.int
+    LIMIT_USD_MICROS_FIELD_NUMBER: _builtins.int
     organization_id: _builtins.str
     project_id: _builtins.str
-    limit_usd: _builtins.float
-    """USD per calendar month (UTC). Absent clears the limit."""
+    limit_usd_micros: _builtins.int
+    """Micro-dollars per calendar month (UTC). Absent clears the limit."""
     def __init__(
         self,
         *,
         organization_id: _builtins.str = ...,
         project_id: _builtins.str = ...,
-        limit_usd: _builtins.float | None = ...,
+        limit_usd_micros: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_limit_usd", b"_limit_usd", "limit_usd", b"limit_usd"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_limit_usd_micros", b"_limit_usd_micros", "limit_usd_micros", b"limit_usd_micros"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_limit_usd", b"_limit_usd", "limit_usd", b"limit_usd", "organization_id", b"organization_id", "project_id", b"project_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_limit_usd_micros", b"_limit_usd_micros", "limit_usd_micros", b"limit_usd_micros", "organization_id", b"organization_id", "project_id", b"project_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType__limit_usd: _TypeAlias = _typing.Literal["limit_usd"]  # noqa: Y015
-    _WhichOneofArgType__limit_usd: _TypeAlias = _typing.Literal["_limit_usd", b"_limit_usd"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__limit_usd) -> _WhichOneofReturnType__limit_usd | None: ...
+    _WhichOneofReturnType__limit_usd_micros: _TypeAlias = _typing.Literal["limit_usd_micros"]  # noqa: Y015
+    _WhichOneofArgType__limit_usd_micros: _TypeAlias = _typing.Literal["_limit_usd_micros", b"_limit_usd_micros"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__limit_usd_micros) -> _WhichOneofReturnType__limit_usd_micros | None: ...
 
 Global___SetSpendLimitRequest: _TypeAlias = SetSpendLimitRequest  # noqa: Y015
 
@@ -562,6 +609,39 @@ class GetUsageSettingsRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetUsageSettingsRequest: _TypeAlias = GetUsageSettingsRequest  # noqa: Y015
+
+@_typing.final
+class SetUsageSettingsRequest(_message.Message):
+    """AIP-134: the settings and the fields to change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SETTINGS_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def settings(self) -> Global___UsageSettings:
+        """Names the organization and carries the new values."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """"cached_tokens_count_toward_limits" (or "*"). Absent: the fields that are
+        true in `settings` (so turning a setting off needs the mask). Any other
+        path is INVALID_ARGUMENT.
+        """
+
+    def __init__(
+        self,
+        *,
+        settings: Global___UsageSettings | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetUsageSettingsRequest: _TypeAlias = SetUsageSettingsRequest  # noqa: Y015
 
 @_typing.final
 class UsageSettings(_message.Message):
@@ -685,20 +765,22 @@ class GetLimitStateResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LIMITS_FIELD_NUMBER: _builtins.int
-    TIME_MS_FIELD_NUMBER: _builtins.int
-    time_ms: _builtins.int
-    """The time the buckets were read at (the server's clock), ms since the epoch."""
+    READ_TIME_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def limits(self) -> _containers.RepeatedCompositeFieldContainer[Global___LimitState]: ...
+    @_builtins.property
+    def read_time(self) -> _timestamp_pb2.Timestamp:
+        """The time the buckets were read at (the server's clock)."""
+
     def __init__(
         self,
         *,
         limits: _abc.Iterable[Global___LimitState] | None = ...,
-        time_ms: _builtins.int = ...,
+        read_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["read_time", b"read_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "time_ms", b"time_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "read_time", b"read_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -710,27 +792,30 @@ class GetRequestMetricsRequest(_message.Message):
 
     ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
     PROJECT_ID_FIELD_NUMBER: _builtins.int
-    START_MS_FIELD_NUMBER: _builtins.int
-    END_MS_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
     GRANULARITY_FIELD_NUMBER: _builtins.int
     organization_id: _builtins.str
     project_id: _builtins.str
-    start_ms: _builtins.int
-    """[start, end) in milliseconds since the epoch; end 0 = now."""
-    end_ms: _builtins.int
     granularity: Global___Granularity.ValueType
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """[start_time, end_time), millisecond precision; end_time absent = now."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
         organization_id: _builtins.str = ...,
         project_id: _builtins.str = ...,
-        start_ms: _builtins.int = ...,
-        end_ms: _builtins.int = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
         granularity: Global___Granularity.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_ms", b"end_ms", "granularity", b"granularity", "organization_id", b"organization_id", "project_id", b"project_id", "start_ms", b"start_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "granularity", b"granularity", "organization_id", b"organization_id", "project_id", b"project_id", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -760,22 +845,28 @@ class RequestMetricsRow(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-    BUCKET_START_MS_FIELD_NUMBER: _builtins.int
+    BUCKET_START_TIME_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     REPORTED_FIELD_NUMBER: _builtins.int
-    LATENCY_P50_MS_FIELD_NUMBER: _builtins.int
-    LATENCY_P95_MS_FIELD_NUMBER: _builtins.int
-    LATENCY_P99_MS_FIELD_NUMBER: _builtins.int
+    LATENCY_P50_FIELD_NUMBER: _builtins.int
+    LATENCY_P95_FIELD_NUMBER: _builtins.int
+    LATENCY_P99_FIELD_NUMBER: _builtins.int
     STATUS_CODES_FIELD_NUMBER: _builtins.int
-    bucket_start_ms: _builtins.int
-    """The bucket's start; in totals, the query's start."""
     model: _builtins.str
     reported: _builtins.int
     """Requests reported with a status code (ReportUsage) in the bucket."""
-    latency_p50_ms: _builtins.int
-    """Nearest-rank percentiles of the reported latencies."""
-    latency_p95_ms: _builtins.int
-    latency_p99_ms: _builtins.int
+    @_builtins.property
+    def bucket_start_time(self) -> _timestamp_pb2.Timestamp:
+        """The bucket's start; in totals, the query's start."""
+
+    @_builtins.property
+    def latency_p50(self) -> _duration_pb2.Duration:
+        """Nearest-rank percentiles of the reported latencies (millisecond precision)."""
+
+    @_builtins.property
+    def latency_p95(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def latency_p99(self) -> _duration_pb2.Duration: ...
     @_builtins.property
     def status_codes(self) -> _containers.ScalarMap[_builtins.int, _builtins.int]:
         """Reported requests by HTTP status code."""
@@ -783,17 +874,17 @@ class RequestMetricsRow(_message.Message):
     def __init__(
         self,
         *,
-        bucket_start_ms: _builtins.int = ...,
+        bucket_start_time: _timestamp_pb2.Timestamp | None = ...,
         model: _builtins.str = ...,
         reported: _builtins.int = ...,
-        latency_p50_ms: _builtins.int = ...,
-        latency_p95_ms: _builtins.int = ...,
-        latency_p99_ms: _builtins.int = ...,
+        latency_p50: _duration_pb2.Duration | None = ...,
+        latency_p95: _duration_pb2.Duration | None = ...,
+        latency_p99: _duration_pb2.Duration | None = ...,
         status_codes: _abc.Mapping[_builtins.int, _builtins.int] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bucket_start_time", b"bucket_start_time", "latency_p50", b"latency_p50", "latency_p95", b"latency_p95", "latency_p99", b"latency_p99"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket_start_ms", b"bucket_start_ms", "latency_p50_ms", b"latency_p50_ms", "latency_p95_ms", b"latency_p95_ms", "latency_p99_ms", b"latency_p99_ms", "model", b"model", "reported", b"reported", "status_codes", b"status_codes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket_start_time", b"bucket_start_time", "latency_p50", b"latency_p50", "latency_p95", b"latency_p95", "latency_p99", b"latency_p99", "model", b"model", "reported", b"reported", "status_codes", b"status_codes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

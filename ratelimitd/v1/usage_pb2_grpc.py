@@ -66,7 +66,7 @@ class UsageServiceStub:
                 _registered_method=True)
         self.SetUsageSettings = channel.unary_unary(
                 '/ratelimitd.v1.UsageService/SetUsageSettings',
-                request_serializer=ratelimitd_dot_v1_dot_usage__pb2.UsageSettings.SerializeToString,
+                request_serializer=ratelimitd_dot_v1_dot_usage__pb2.SetUsageSettingsRequest.SerializeToString,
                 response_deserializer=ratelimitd_dot_v1_dot_usage__pb2.UsageSettings.FromString,
                 _registered_method=True)
         self.GetUsageSettings = channel.unary_unary(
@@ -127,7 +127,8 @@ class UsageServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetUsageSettings(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Changes the fields update_mask names (AIP-134).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -190,7 +191,7 @@ def add_UsageServiceServicer_to_server(servicer, server):
             ),
             'SetUsageSettings': grpc.unary_unary_rpc_method_handler(
                     servicer.SetUsageSettings,
-                    request_deserializer=ratelimitd_dot_v1_dot_usage__pb2.UsageSettings.FromString,
+                    request_deserializer=ratelimitd_dot_v1_dot_usage__pb2.SetUsageSettingsRequest.FromString,
                     response_serializer=ratelimitd_dot_v1_dot_usage__pb2.UsageSettings.SerializeToString,
             ),
             'GetUsageSettings': grpc.unary_unary_rpc_method_handler(
@@ -396,7 +397,7 @@ class UsageService:
             request,
             target,
             '/ratelimitd.v1.UsageService/SetUsageSettings',
-            ratelimitd_dot_v1_dot_usage__pb2.UsageSettings.SerializeToString,
+            ratelimitd_dot_v1_dot_usage__pb2.SetUsageSettingsRequest.SerializeToString,
             ratelimitd_dot_v1_dot_usage__pb2.UsageSettings.FromString,
             options,
             channel_credentials,

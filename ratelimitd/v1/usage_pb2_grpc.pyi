@@ -5,6 +5,10 @@ Usage, spend and request logs: what projects used and what it cost.
 
 Reads are open to every member of the organization (Reader included);
 prices, spend limits and settings are set by the operator or an Owner.
+
+Money is integer micro-dollars (`*_usd_micros`, 1 USD = 1,000,000): exact in
+every language, unlike a double, and simpler to read and build than
+google.type.Money for a service that only ever counts in USD.
 """
 
 from collections import abc as _abc
@@ -42,7 +46,8 @@ class UsageServiceStub:
     ListPrices: _grpc.UnaryUnaryMultiCallable[_usage_pb2.ListPricesRequest, _usage_pb2.ListPricesResponse]
     SetSpendLimit: _grpc.UnaryUnaryMultiCallable[_usage_pb2.SetSpendLimitRequest, _usage_pb2.GetSpendResponse]
     """A monthly spend limit for the organization (project_id empty) or a project."""
-    SetUsageSettings: _grpc.UnaryUnaryMultiCallable[_usage_pb2.UsageSettings, _usage_pb2.UsageSettings]
+    SetUsageSettings: _grpc.UnaryUnaryMultiCallable[_usage_pb2.SetUsageSettingsRequest, _usage_pb2.UsageSettings]
+    """Changes the fields update_mask names (AIP-134)."""
     GetUsageSettings: _grpc.UnaryUnaryMultiCallable[_usage_pb2.GetUsageSettingsRequest, _usage_pb2.UsageSettings]
     GetLimitState: _grpc.UnaryUnaryMultiCallable[_usage_pb2.GetLimitStateRequest, _usage_pb2.GetLimitStateResponse]
     """What a project may still use now, per model, metric and window: its own
@@ -64,7 +69,8 @@ class UsageServiceAsyncStub(UsageServiceStub):
     ListPrices: _aio.UnaryUnaryMultiCallable[_usage_pb2.ListPricesRequest, _usage_pb2.ListPricesResponse]  # type: ignore[assignment]
     SetSpendLimit: _aio.UnaryUnaryMultiCallable[_usage_pb2.SetSpendLimitRequest, _usage_pb2.GetSpendResponse]  # type: ignore[assignment]
     """A monthly spend limit for the organization (project_id empty) or a project."""
-    SetUsageSettings: _aio.UnaryUnaryMultiCallable[_usage_pb2.UsageSettings, _usage_pb2.UsageSettings]  # type: ignore[assignment]
+    SetUsageSettings: _aio.UnaryUnaryMultiCallable[_usage_pb2.SetUsageSettingsRequest, _usage_pb2.UsageSettings]  # type: ignore[assignment]
+    """Changes the fields update_mask names (AIP-134)."""
     GetUsageSettings: _aio.UnaryUnaryMultiCallable[_usage_pb2.GetUsageSettingsRequest, _usage_pb2.UsageSettings]  # type: ignore[assignment]
     GetLimitState: _aio.UnaryUnaryMultiCallable[_usage_pb2.GetLimitStateRequest, _usage_pb2.GetLimitStateResponse]  # type: ignore[assignment]
     """What a project may still use now, per model, metric and window: its own
@@ -123,9 +129,10 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def SetUsageSettings(
         self,
-        request: _usage_pb2.UsageSettings,
+        request: _usage_pb2.SetUsageSettingsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_usage_pb2.UsageSettings, _abc.Awaitable[_usage_pb2.UsageSettings]]: ...
+    ) -> _typing.Union[_usage_pb2.UsageSettings, _abc.Awaitable[_usage_pb2.UsageSettings]]:
+        """Changes the fields update_mask names (AIP-134)."""
 
     @_abc_1.abstractmethod
     def GetUsageSettings(

@@ -62,6 +62,7 @@ def test_an_admitted_request_carries_the_rate_limit_headers() -> None:
         decision = client.check(KEY, fresh_model(), tokens=100)
     answer = decision.http()
     assert decision.allowed and answer.status == 200
+    assert decision.response.reason == pb.REASON_ALLOWED
     assert answer.headers["x-ratelimit-remaining-requests"] == "1"
     assert answer.headers["x-ratelimit-remaining-tokens"] == "900"
     assert decision.request_id.startswith("req_")

@@ -11,11 +11,11 @@ import { createGrpcTransport } from "@connectrpc/connect-node";
 import {
   CheckRequestSchema,
   CheckResponseSchema,
-  RateLimitService,
   ReportUsageRequestSchema,
   type CheckResponse,
   type ReportUsageResponse,
 } from "./gen/ratelimitd/v1/ratelimit_pb.js";
+import { RateLimitService } from "./gen/ratelimitd/v1/rate_limit_service_pb.js";
 
 export interface Options {
   /** Each attempt's deadline in ms (500). */

@@ -1,5 +1,5 @@
 // A decision as the HTTP answer an LLM API gives: docs/api.md "Refusal reasons", the server's
-// own table (ratelimitd/engine/refusals.py), so Envoy and this client answer alike.
+// own table (ratelimitd/engine/outcomes.py), so Envoy and this client answer alike.
 import type { IncomingMessage, ServerResponse } from "node:http";
 import { Reason } from "./gen/ratelimitd/v1/ratelimit_pb.js";
 import type { Decision, RateLimitClient } from "./client.js";

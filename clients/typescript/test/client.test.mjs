@@ -7,7 +7,7 @@ import { createServer } from "node:http";
 import { once } from "node:events";
 import { test } from "node:test";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { RateLimitClient, ReportUsageResponse_Result, decisionOf, httpAnswer, rateLimit } from "../dist/index.js";
+import { RateLimitClient, Reason, ReportUsageResponse_Result, decisionOf, httpAnswer, rateLimit } from "../dist/index.js";
 
 const address = process.env.RATELIMITD_TEST_ADDRESS;
 const key = process.env.RATELIMITD_TEST_KEY_TYPESCRIPT;
@@ -59,6 +59,7 @@ test("a lost answer is retried with the same request id and charged once", { ski
   const model = freshModel();
   const decision = await client.check({ apiKey: key, model });
   assert.equal(decision.allowed, true);
+  assert.equal(decision.response.reason, Reason.ALLOWED);
   assert.equal(decision.response.replayed, true);
   assert.deepEqual(ids, [decision.requestId, decision.requestId]);
   // charged once: of 2 requests, one more fits, then none

@@ -46,7 +46,20 @@ export async function signOut() {
   csrf = "";
 }
 
-// call("ratelimitd.v1.ProjectService", "ListProjects", {...}) -> the response message as JSON.
+// Every item of a List RPC, page after page (each List RPC pages: page_size at most 1000,
+// next_page_token until it is empty). ``field`` names the reply's list.
+export async function listAll(service, method, request, field) {
+  const items = [];
+  let pageToken = "";
+  do {
+    const reply = await call(service, method, { ...request, pageSize: 1000, pageToken });
+    items.push(...(reply[field] || []));
+    pageToken = reply.nextPageToken || "";
+  } while (pageToken);
+  return items;
+}
+
+// call("ProjectService", "GetProject", {...}) -> the response message as JSON.
 export async function call(service, method, request = {}) {
   const response = await fetch(`rpc/ratelimitd.v1.${service}/${method}`, {
     method: "POST",

@@ -1,7 +1,7 @@
 // The console's shell: sign-in, the organization and project chosen once (kept in this
 // browser across pages and visits), the navigation, and the page router (#/<page>).
 
-import { call, currentSession, signIn, signOut } from "./api.js";
+import { currentSession, listAll, signIn, signOut } from "./api.js";
 import { h, errorBox, field, select } from "./dom.js";
 import { roleName } from "./format.js";
 import { projectsPage } from "./page-projects.js";
@@ -53,14 +53,14 @@ function context() {
 
 async function loadProjects() {
   state.projects = state.org
-    ? (await call("ProjectService", "ListProjects", { organizationId: state.org })).projects || []
+    ? await listAll("ProjectService", "ListProjects", { organizationId: state.org }, "projects")
     : [];
   if (!state.projects.some((p) => p.id === state.project)) state.project = state.projects[0]?.id || "";
   remember();
 }
 
 async function loadOrganizations() {
-  state.orgs = (await call("OrganizationService", "ListOrganizations", {})).organizations || [];
+  state.orgs = await listAll("OrganizationService", "ListOrganizations", {}, "organizations");
   const saved = localStorage.getItem("rl.org");
   state.org = state.orgs.some((o) => o.id === saved) ? saved : state.orgs[0]?.id || "";
   state.project = localStorage.getItem("rl.project") || "";

@@ -1,6 +1,6 @@
 // API keys: create (the secret is shown once, with a copy button and a warning), list, revoke.
 
-import { call } from "./api.js";
+import { call, listAll } from "./api.js";
 import { confirmDialog, errorBox, field, h, table } from "./dom.js";
 import { when } from "./format.js";
 
@@ -37,12 +37,12 @@ function revokeControl(ctx, key, status) {
 
 export async function keysPage(ctx) {
   if (!ctx.project) return h("p", {}, "Choose or create a project first.");
-  const keys = (await call("ProjectService", "ListApiKeys", { organizationId: ctx.org, projectId: ctx.project })).keys || [];
+  const keys = await listAll("ProjectService", "ListApiKeys", { organizationId: ctx.org, projectId: ctx.project }, "keys");
   const status = h("div", { "aria-live": "polite" });
   const headers = ["Name", "Prefix", "Created", "Last used", "Status"];
   if (ctx.canWrite) headers.push("Actions");
   const rows = keys.map((k) => {
-    const cells = [k.name, h("code", {}, `${k.prefix}…`), when(k.createdAtMs), when(k.lastUsedAtMs),
+    const cells = [k.name, h("code", {}, `${k.prefix}…`), when(k.createTime), when(k.lastUseTime),
       k.revoked ? h("span", { class: "badge bad" }, "revoked") : h("span", { class: "badge ok" }, "active")];
     if (ctx.canWrite) cells.push(k.revoked ? "" : revokeControl(ctx, k, status));
     return cells;

@@ -3,7 +3,7 @@
 
 import { call } from "./api.js";
 import { h, table } from "./dom.js";
-import { clockTime, count } from "./format.js";
+import { clockTime, count, msOf, stampOf } from "./format.js";
 
 const REFRESH_MS = 5000;
 let timer = 0;
@@ -24,7 +24,7 @@ async function models(ctx) {
   const [limits, used] = await Promise.all([
     call("ProjectService", "GetProjectLimits", { organizationId: ctx.org, projectId: ctx.project }),
     call("UsageService", "GetUsage", { organizationId: ctx.org, projectId: ctx.project,
-      startMs: String(now - 86_400_000), endMs: String(now + 60_000), granularity: "GRANULARITY_HOUR",
+      startTime: stampOf(now - 86_400_000), endTime: stampOf(now + 60_000), granularity: "GRANULARITY_HOUR",
       groupBy: ["GROUP_BY_MODEL"] }),
   ]);
   const names = new Set((limits.effective || []).map((e) => e.model).filter((m) => m !== "*"));
@@ -41,7 +41,7 @@ async function render(ctx, body, names) {
       h("strong", {}, count(Math.floor(Number(s.remaining))))]);
   body.replaceChildren(
     h("p", { class: "muted", "aria-live": "off" },
-      `Read at ${clockTime(reply.timeMs)}; refreshed every ${REFRESH_MS / 1000} s while this page is open.`),
+      `Read at ${clockTime(msOf(reply.readTime))}; refreshed every ${REFRESH_MS / 1000} s while this page is open.`),
     table(`What ${ctx.projectName(ctx.project)} may still use now`,
       ["Model", "Metric", "Window", "Project bucket left", "Organization bucket left", "Left now"],
       rows, "No limits apply to this project's models."));

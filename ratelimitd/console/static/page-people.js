@@ -1,9 +1,10 @@
 // Members (add, change role, remove) and the organization's audit trail.
 
-import { call } from "./api.js";
+import { call, listAll } from "./api.js";
 import { confirmDialog, errorBox, field, h, select, table } from "./dom.js";
 import { roleName, when } from "./format.js";
 
+const AUDIT_PAGE = 200;
 const ROLES = [["ROLE_OWNER", "owner"], ["ROLE_DEVELOPER", "developer"], ["ROLE_READER", "reader"]];
 
 function roleControl(ctx, m, status) {
@@ -11,7 +12,8 @@ function roleControl(ctx, m, status) {
   wrap.classList.add("compact");
   el.addEventListener("change", async () => {
     try {
-      await call("MemberService", "UpdateMember", { organizationId: ctx.org, memberId: m.id, role: el.value });
+      await call("MemberService", "UpdateMember", {
+        member: { organizationId: ctx.org, id: m.id, role: el.value }, updateMask: "role" });
     } catch (e) { status.replaceChildren(errorBox(e)); }
   });
   return wrap;
@@ -50,12 +52,12 @@ function addForm(ctx, status) {
 }
 
 export async function membersPage(ctx) {
-  const members = (await call("MemberService", "ListMembers", { organizationId: ctx.org })).members || [];
+  const members = await listAll("MemberService", "ListMembers", { organizationId: ctx.org }, "members");
   const status = h("div", { "aria-live": "polite" });
   const headers = ["Name", "Role", "Added"];
   if (ctx.canGovern) headers.push("Actions");
   const rows = members.map((m) => {
-    const cells = [m.name, ctx.canGovern ? roleControl(ctx, m, status) : roleName(m.role), when(m.createdAtMs)];
+    const cells = [m.name, ctx.canGovern ? roleControl(ctx, m, status) : roleName(m.role), when(m.createTime)];
     if (ctx.canGovern) cells.push(removeControl(ctx, m, status));
     return cells;
   });
@@ -65,9 +67,10 @@ export async function membersPage(ctx) {
 
 export async function auditPage(ctx) {
   if (!ctx.canGovern) return h("p", { class: "muted" }, "The audit trail is for the organization's Owners.");
-  const events = (await call("AuditService", "ListAuditEvents", { organizationId: ctx.org })).events || [];
-  const rows = events.map((e) => [when(e.timeMs), e.operation,
+  // the newest page only: the trail can hold thousands of events
+  const events = (await call("AuditService", "ListAuditEvents", { organizationId: ctx.org, pageSize: AUDIT_PAGE })).events || [];
+  const rows = events.map((e) => [when(e.eventTime), e.operation,
     e.actor ? `${e.actor.name} (${e.actor.kind === "operator" ? "operator" : roleName(e.actor.role)})` : "—",
     e.projectId ? ctx.projectName(e.projectId) : "—", h("code", {}, e.target || "—")]);
-  return table("Audit events, newest first", ["Time", "Operation", "Actor", "Project", "Target"], rows, "No events.");
+  return table(`Audit events, the newest ${AUDIT_PAGE}`, ["Time", "Operation", "Actor", "Project", "Target"], rows, "No events.");
 }

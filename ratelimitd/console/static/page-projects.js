@@ -2,14 +2,14 @@
 
 import { call } from "./api.js";
 import { confirmDialog, errorBox, field, h, table } from "./dom.js";
-import { count, money, when } from "./format.js";
+import { count, money, stampOf, usdOf, when } from "./format.js";
 
 const DAY_MS = 86_400_000;
 
 async function usageByProject(org) {
   const now = Date.now();
   const rows = (await call("UsageService", "GetUsage", {
-    organizationId: org, startMs: String(now - DAY_MS), endMs: String(now + 60_000),
+    organizationId: org, startTime: stampOf(now - DAY_MS), endTime: stampOf(now + 60_000),
     granularity: "GRANULARITY_HOUR", groupBy: ["GROUP_BY_PROJECT"],
   })).rows || [];
   const totals = {};
@@ -18,7 +18,7 @@ async function usageByProject(org) {
     t.requests += Number(r.requests);
     t.refused += Object.values(r.refusals || {}).reduce((a, b) => a + Number(b), 0);
     t.tokens += Number(r.inputTokens) + Number(r.outputTokens);
-    t.spend += Number(r.spendUsd);
+    t.spend += usdOf(r.spendUsdMicros);
   }
   return totals;
 }
@@ -47,7 +47,8 @@ function renameControl(ctx, project, status) {
       const name = prompt(`New name for ${project.name}`, project.name);
       if (!name || name === project.name) return;
       try {
-        await call("ProjectService", "UpdateProject", { organizationId: ctx.org, projectId: project.id, name });
+        await call("ProjectService", "UpdateProject", {
+          project: { organizationId: ctx.org, id: project.id, name }, updateMask: "name" });
         await ctx.reloadProjects();
         window.dispatchEvent(new HashChangeEvent("hashchange"));
       } catch (e) { status.replaceChildren(errorBox(e)); }
@@ -82,7 +83,7 @@ export async function projectsPage(ctx) {
     const u = usage[p.id] || { requests: 0, refused: 0, tokens: 0, spend: 0 };
     const cells = [
       h("span", {}, h("strong", {}, p.name), h("br"), h("code", { class: "muted" }, p.id)),
-      when(p.createdAtMs), count(u.requests), count(u.refused), count(u.tokens), money(u.spend),
+      when(p.createTime), count(u.requests), count(u.refused), count(u.tokens), money(u.spend),
     ];
     if (ctx.canWrite) cells.push(h("span", { class: "actions" }, renameControl(ctx, p, status), deleteControl(ctx, p, status)));
     return cells;

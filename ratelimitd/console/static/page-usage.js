@@ -1,10 +1,10 @@
 // Usage (requests, tokens and refusals over time, by model and by key) and Metrics
 // (latency percentiles and status codes per model, from the request log).
 
-import { call } from "./api.js";
+import { call, listAll } from "./api.js";
 import { lines, stackedBars } from "./chart.js";
 import { h, select, table } from "./dom.js";
-import { clockTime, count, dayOf, money, zone } from "./format.js";
+import { clockTime, count, dayOf, durationMs, money, msOf, stampOf, usdOf, zone } from "./format.js";
 
 const RANGES = {
   hour: { title: "Last hour", span: 3_600_000, step: 60_000, granularity: "GRANULARITY_MINUTE", label: clockTime },
@@ -14,7 +14,7 @@ const RANGES = {
 
 // key id -> "name (prefix…)", so a chart's reader recognises the key
 export async function keyNames(ctx) {
-  const keys = (await call("ProjectService", "ListApiKeys", { organizationId: ctx.org, projectId: ctx.project })).keys || [];
+  const keys = await listAll("ProjectService", "ListApiKeys", { organizationId: ctx.org, projectId: ctx.project }, "keys");
   return new Map(keys.map((k) => [k.id, `${k.name} (${k.prefix}…)`]));
 }
 
@@ -36,14 +36,14 @@ function rangePicker() {
 async function usage(ctx, range, groupBy) {
   const end = Date.now() + range.step;
   return (await call("UsageService", "GetUsage", {
-    organizationId: ctx.org, projectId: ctx.project, startMs: String(end - range.span - range.step),
-    endMs: String(end), granularity: range.granularity, groupBy,
+    organizationId: ctx.org, projectId: ctx.project, startTime: stampOf(end - range.span - range.step),
+    endTime: stampOf(end), granularity: range.granularity, groupBy,
   })).rows || [];
 }
 
 function buckets(rows, range, valuesOf) {
   const byStart = new Map();
-  for (const r of rows) byStart.set(Number(r.bucketStartMs), valuesOf(r));
+  for (const r of rows) byStart.set(msOf(r.bucketStartTime), valuesOf(r));
   const first = Math.floor((Date.now() - range.span) / range.step) * range.step;
   const all = [];
   for (let t = first; t <= Date.now(); t += range.step) {
@@ -60,7 +60,7 @@ function totalsBy(rows, keyOf) {
     const t = totals.get(keyOf(r)) || { requests: 0, refused: 0, input: 0, output: 0, cached: 0, spend: 0 };
     t.requests += Number(r.requests); t.refused += refused(r);
     t.input += Number(r.inputTokens); t.output += Number(r.outputTokens); t.cached += Number(r.cachedTokens);
-    t.spend += Number(r.spendUsd);
+    t.spend += usdOf(r.spendUsdMicros);
     totals.set(keyOf(r), t);
   }
   return [...totals.entries()].map(([k, t]) => [k, count(t.requests), count(t.refused), count(t.input),
@@ -112,8 +112,8 @@ export async function metricsPage(ctx) {
   const [picker, range] = rangePicker();
   const end = Date.now() + range.step;
   const reply = await call("UsageService", "GetRequestMetrics", {
-    organizationId: ctx.org, projectId: ctx.project, startMs: String(end - range.span - range.step),
-    endMs: String(end), granularity: range.granularity });
+    organizationId: ctx.org, projectId: ctx.project, startTime: stampOf(end - range.span - range.step),
+    endTime: stampOf(end), granularity: range.granularity });
   const rows = reply.rows || [];
   const totals = reply.totals || [];
   const parts = [h("div", { class: "toolbar" }, picker, h("p", { class: "muted" },
@@ -124,7 +124,7 @@ export async function metricsPage(ctx) {
       id: `latency-${t.model}`, title: `Latency of ${t.model}`, unit: "ms", label: range.label,
       series: [{ name: "p50", cls: "s-a" }, { name: "p95", cls: "s-b" }, { name: "p99", cls: "s-c" }],
       points: buckets(mine, range, (r) => ({
-        p50: Number(r.latencyP50Ms), p95: Number(r.latencyP95Ms), p99: Number(r.latencyP99Ms) })),
+        p50: durationMs(r.latencyP50), p95: durationMs(r.latencyP95), p99: durationMs(r.latencyP99) })),
     }));
     parts.push(stackedBars({
       title: `Status codes of ${t.model}`, label: range.label,
@@ -138,8 +138,8 @@ export async function metricsPage(ctx) {
   }
   parts.push(table("Latency and status codes per model, whole range",
     ["Model", "Reported", "p50", "p95", "p99", "Status codes"],
-    totals.map((t) => [h("code", {}, t.model), count(t.reported), `${count(t.latencyP50Ms)} ms`,
-      `${count(t.latencyP95Ms)} ms`, `${count(t.latencyP99Ms)} ms`,
+    totals.map((t) => [h("code", {}, t.model), count(t.reported), `${count(durationMs(t.latencyP50))} ms`,
+      `${count(durationMs(t.latencyP95))} ms`, `${count(durationMs(t.latencyP99))} ms`,
       Object.entries(t.statusCodes || {}).map(([code, n]) => `${code}: ${count(n)}`).join(", ")]),
     "No reported requests in this range: ReportUsage records latency and status codes."));
   return parts;

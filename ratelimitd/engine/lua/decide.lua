@@ -88,51 +88,63 @@ local kind, key_hash = ARGV[1], ARGV[2]
 local project = kind == "p" and ARGV[3] or ""
 local request_id, remember, chosen_id = ARGV[4], ARGV[5] == "1", ARGV[5] ~= "0"
 local nitems = tonumber(ARGV[6])
-local items, asked, models, model_seen = {}, {}, {}, {}
+
+-- The models asked for, in order of first appearance, and what each item's cost
+-- adds to its model's buckets: items naming the same model share them. Parallel
+-- arrays and no table per item or bucket: allocations are much of a decision's
+-- cost in Valkey's Lua.
+local models, model_of, item_model, m_requests, m_tokens, nmodels = {}, {}, {}, {}, {}, 0
+local fingerprint -- what is asked, as a replay must match it: "<model>|<requests>|<tokens>,..."
 for j = 1, nitems do
   local base = 4 + 3 * j
-  local model, requests, tokens = ARGV[base], tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
-  items[j] = {model = model, requests = requests, tokens = tokens}
-  -- What is asked, as a replay must match it: every item's model, requests and tokens.
-  asked[j] = model .. "|" .. ARGV[base + 1] .. "|" .. ARGV[base + 2]
-  if not model_seen[model] then
-    model_seen[model] = true
-    models[#models + 1] = model
+  local model = ARGV[base]
+  local m = model_of[model]
+  if not m then
+    nmodels = nmodels + 1
+    m = nmodels
+    models[m], model_of[model], m_requests[m], m_tokens[m] = model, m, 0, 0
   end
+  item_model[j] = m
+  m_requests[m] = m_requests[m] + tonumber(ARGV[base + 1])
+  m_tokens[m] = m_tokens[m] + tonumber(ARGV[base + 2])
+  local asked = model .. "|" .. ARGV[base + 1] .. "|" .. ARGV[base + 2]
+  fingerprint = j == 1 and asked or fingerprint .. "," .. asked
 end
-local fingerprint = table.concat(asked, ",")
 
 local now = rl_now(ARGV[#ARGV])
 local key_id = "-"
 local reported_model = nil
 local reserved_spend, spend_month = nil, nil
-local usage_ids, new_usage_ids = {}, {} -- per model: the usage counters' id (lib.lua)
+local usage_ids, new_usage_ids = {}, nil -- per model: the usage counters' id (lib.lua)
 
 -- Only for an authenticated caller: counts the decision, logs a refusal, and
 -- remembers the answer (never over another caller's record: outcome 9).
 local function finish(reply)
   local outcome = reply[1]
-  local per_model = {}
-  for _, item in ipairs(items) do
-    local add = outcome == 0 and item.requests or 1
-    per_model[item.model] = (per_model[item.model] or 0) + add
-  end
-  local counter = outcome == 0 and "req" or "ref:" .. outcome
-  for _, model in ipairs(models) do
-    rl_count_one(prefix, now, usage_ids[model], counter, per_model[model])
-  end
-  if outcome ~= 0 then
-    rl_log(prefix, project, {id = request_id, t = math.floor(now / 1000), m = items[1].model, k = key_id,
-                             ok = false, r = outcome, tok = items[1].tokens}, RL_LOG_CAP, RL_LOG_TTL_S)
+  if outcome == 0 then
+    for m = 1, nmodels do
+      rl_count_one(prefix, now, usage_ids[m], "|r", m_requests[m])
+    end
+  else
+    -- one refusal per item
+    local refused = {}
+    for j = 1, nitems do
+      local m = item_model[j]
+      refused[m] = (refused[m] or 0) + 1
+    end
+    for m = 1, nmodels do
+      rl_count_one(prefix, now, usage_ids[m], "|x" .. outcome, refused[m])
+    end
+    rl_log(prefix, project, {id = request_id, t = math.floor(now / 1000), m = ARGV[7], k = key_id,
+                             ok = false, r = outcome, tok = tonumber(ARGV[9])}, RL_LOG_CAP, RL_LOG_TTL_S)
   end
   if outcome == 9 then return reply end
   if remember or outcome == 0 then
     -- the answer only where a replay may read it: turning ~40 numbers into text is
     -- a good part of a decision's cost
-    local record = {p = project, k = key_id, rm = reported_model, f = fingerprint, a = outcome == 0}
-    if remember then record.reply = reply end
-    if reserved_spend then record.e, record.em = table.concat(reserved_spend, ","), spend_month end
-    redis.call("SET", KEYS[3], rl_record_encode(record), "PX", RL_RECORD_TTL_MS)
+    redis.call("SET", KEYS[3], rl_record_encode(project, key_id, reported_model, fingerprint, outcome == 0,
+      reserved_spend and table.concat(reserved_spend, ","), reserved_spend and spend_month, remember and reply or nil),
+      "PX", RL_RECORD_TTL_MS)
   end
   return reply
 end
@@ -142,36 +154,33 @@ local function early(outcome, detail)
 end
 
 -- Who is asking. Unauthenticated: refused, and nothing written anywhere.
-local unauthenticated = {4, "", 0, 0, 0, 0, 0}
 local key_rec
 if kind == "k" then
   key_rec = redis.call("HMGET", KEYS[2], "h", "p", "r", "u")
   if not key_rec[1] or key_rec[1] ~= key_hash or key_rec[3] == "1" then
-    return unauthenticated
+    return {4, "", 0, 0, 0, 0, 0}
   end
   project, key_id = key_rec[2], ARGV[3]
 end
 
--- Configuration and buckets of every model asked for, in one read.
-local fields = {"v", "d", "x"}
-for _, model in ipairs(models) do
-  fields[#fields + 1] = "c:" .. project .. ":" .. model
-  fields[#fields + 1] = "o:" .. model
-  fields[#fields + 1] = "p:" .. project .. ":" .. model
-  fields[#fields + 1] = "u:" .. project .. ":" .. model .. ":" .. key_id
+-- Configuration and buckets of every model asked for, in one read: per model its
+-- configuration, organization state, project state and usage id (4 fields).
+local model = models[1]
+local fields = {"v", "d", "x", "c:" .. project .. ":" .. model, "o:" .. model, "p:" .. project .. ":" .. model,
+                "u:" .. project .. ":" .. model .. ":" .. key_id}
+for m = 2, nmodels do
+  model = models[m]
+  fields[4 * m], fields[4 * m + 1] = "c:" .. project .. ":" .. model, "o:" .. model
+  fields[4 * m + 2], fields[4 * m + 3] = "p:" .. project .. ":" .. model, "u:" .. project .. ":" .. model .. ":" .. key_id
 end
 local st = redis.call("HMGET", state_key, unpack(fields))
 local version, layout_ok, expiry = st[1] or "0", st[2] == RL_LAYOUT, tonumber(st[3])
-local configs, states, resolved, cached_any = {}, {}, {}, false
-for n, model in ipairs(models) do
-  local c = layout_ok and rl_config_decode(st[4 * n], version) or nil
+local configs, resolved, cached_any = {}, nil, false
+for m = 1, nmodels do
+  local c = layout_ok and rl_config_decode(st[4 * m], tonumber(version)) or nil
   if c then cached_any = true end
-  configs[model] = c
-  if layout_ok then
-    states["o:" .. model] = st[4 * n + 1]
-    states["p:" .. project .. ":" .. model] = st[4 * n + 2]
-  end
-  usage_ids[model] = st[4 * n + 3]
+  configs[m] = c
+  usage_ids[m] = st[4 * m + 3]
 end
 
 -- A cached configuration exists only for a project that existed when it was
@@ -179,15 +188,16 @@ end
 if not cached_any then
   local record = kind == "k" and prefix .. "p:" .. project or KEYS[2]
   if redis.call("EXISTS", record) == 0 then
-    if kind == "k" then return unauthenticated end
+    if kind == "k" then return {4, "", 0, 0, 0, 0, 0} end
     return {6, project, 0, 0, 0, 0, 0}
   end
 end
 -- The usage counters' id of (project, model, key), kept in the state hash too.
-for _, model in ipairs(models) do
-  if not usage_ids[model] then
-    usage_ids[model] = rl_usage_id(prefix, project, model, key_id)
-    new_usage_ids[model] = true
+for m = 1, nmodels do
+  if not usage_ids[m] then
+    usage_ids[m] = rl_usage_id(prefix, project, models[m], key_id)
+    new_usage_ids = new_usage_ids or {}
+    new_usage_ids[m] = true
   end
 end
 if kind == "k" then
@@ -219,92 +229,77 @@ if chosen_id then
   end
 end
 
-for _, model in ipairs(models) do
-  if not configs[model] then
-    configs[model] = rl_config_resolve(prefix, project, model)
-    resolved[model] = true
+for m = 1, nmodels do
+  if not configs[m] then
+    configs[m] = rl_config_resolve(prefix, version, project, models[m])
+    resolved = resolved or {}
+    resolved[m] = true
   end
 end
 
 -- Monthly spend limits: reached means refused until next month or a higher limit.
-local spend_cfg = configs[models[1]]
-local spend_limited = spend_cfg.spend_o or spend_cfg.spend_p
+local spend_cfg = configs[1]
+local spend_o, spend_p = spend_cfg[3], spend_cfg[4]
+local spend_limited = spend_o >= 0 or spend_p >= 0
 if spend_limited then
   spend_month = rl_month(now)
   local spent = redis.call("HMGET", prefix .. "spend:" .. spend_month, "o", "p:" .. project)
-  local limits = {spend_cfg.spend_o, spend_cfg.spend_p}
-  for scope = 1, 2 do
-    if limits[scope] and tonumber(spent[scope] or "0") >= limits[scope] then
-      return early(8, scope)
-    end
-  end
+  if spend_o >= 0 and tonumber(spent[1] or "0") >= spend_o then return early(8, 1) end
+  if spend_p >= 0 and tonumber(spent[2] or "0") >= spend_p then return early(8, 2) end
 end
 
--- Every applicable bucket, once, with its state drained to now. Buckets live
--- in groups, one state field per scope and model; items naming the same model
--- share them. Parallel arrays, not a table per bucket: this is the hot path.
-local nb, b_scope, b_dim, b_limit, b_cost, b_level, b_group = 0, {}, {}, {}, {}, {}, {}
-local ng, g_field, g_limits, g_levels, g_bucket = 0, {}, {}, {}, {}
-local group_of, item_buckets = {}, {}
-
-local function group(field, limits)
-  local g = group_of[field]
-  if not g then
-    ng = ng + 1
-    g = ng
-    group_of[field], g_field[g], g_limits[g], g_bucket[g] = g, field, limits, {}
-    g_levels[g] = rl_state_load(states[field], limits, now)
-  end
-  return g
-end
-
-local function bucket(g, scope, dim, cost)
-  local n = g_bucket[g][dim]
-  if not n then
-    nb = nb + 1
-    n = nb
-    g_bucket[g][dim] = n
-    b_scope[n], b_dim[n], b_limit[n], b_cost[n], b_level[n], b_group[n] = scope, dim, g_limits[g][dim], 0,
-      g_levels[g][dim], g
-  end
-  b_cost[n] = b_cost[n] + cost
-  return n
-end
-
+-- The first item (in order) whose model may not be used is the refusal's detail.
 for j = 1, nitems do
-  local item = items[j]
-  local model = item.model
-  local c = configs[model]
-  if c.verdict ~= 0 then
-    return early(c.verdict, j)
-  end
-  local mine, og, pg = {}, nil, nil
-  local org, proj = c.org, c.proj
+  local verdict = configs[item_model[j]][2]
+  if verdict ~= 0 then return early(verdict, j) end
+end
+
+-- Every applicable bucket, once, with its state drained to now: per model, per
+-- dimension, the organization's bucket then the project's, so a model's buckets
+-- are m_first[m] .. nb at its end. A bucket's five reply slots (from r0 + 1) hold
+-- its scope, dimension and limit, and until the reply is filled in, its group
+-- (groups[g]: the model's state of its scope, rl_state_read; 2m - 1 is model m's
+-- organization state, 2m its project's) and its cost: no table per bucket.
+local reply = {0, project, 0, 0, 0, 0, 0}
+local r0 = 7
+local nb, groups, m_first = 0, {}, {}
+for m = 1, nmodels do
+  m_first[m] = nb + 1
+  local c = configs[m]
+  local requests, tokens = m_requests[m], m_tokens[m]
+  local og, pg
   for i = 1, RL_NDIMS do
-    local cost = RL_METRIC_TOKENS[i] and item.tokens or item.requests
-    if org[i] then
-      og = og or group("o:" .. model, org)
-      mine[#mine + 1] = bucket(og, 1, i, cost)
-    end
-    if proj[i] then
-      pg = pg or group("p:" .. project .. ":" .. model, proj)
-      mine[#mine + 1] = bucket(pg, 2, i, cost)
+    local cost = RL_METRIC_TOKENS[i] and tokens or requests
+    for scope = 1, 2 do
+      local limit = c[(scope == 1 and RL_ORG or RL_PROJ) + i]
+      if limit >= 0 then
+        local g = 2 * m - 2 + scope
+        if not groups[g] then
+          local s = rl_state_read(layout_ok and st[4 * m + scope] or nil)
+          rl_state_drain(s, c, scope == 1 and RL_ORG or RL_PROJ, now)
+          groups[g] = s
+        end
+        nb = nb + 1
+        local r = r0 + 5 * nb
+        reply[r - 4], reply[r - 3], reply[r - 2], reply[r - 1], reply[r] = scope, i, limit, g, cost
+      end
     end
   end
-  item_buckets[j] = mine
 end
 
 -- Decide: "never passable" beats "not now"; among "not now" the bucket that
 -- frees up last binds, and its wait is the retry-after.
 local outcome, binding, wait = 0, 0, 0
 for n = 1, nb do
-  local limit, cost = b_limit[n], b_cost[n]
+  local r = r0 + 5 * n
+  local dim, limit, g, cost = reply[r - 3], reply[r - 2], reply[r - 1], reply[r]
+  local level = groups[g][dim + 1]
   if cost > limit then
     if outcome ~= 3 then outcome, binding, wait = 3, n, 0 end
-  elseif outcome ~= 3 and b_level[n] + cost > limit + 1e-9 then
-    local need = (b_level[n] + cost - limit) * RL_WINDOWS_US[b_dim[n]] / limit
+  elseif outcome ~= 3 and level + cost > limit + 1e-9 then
+    local need = (level + cost - limit) * RL_WINDOWS_US[dim] / limit
     if binding == 0 or need > wait then
-      outcome, binding, wait = b_scope[n] == 2 and 1 or 2, n, need
+      outcome, binding, wait = reply[r - 4] == 2 and 1 or 2, n, need
     end
   end
 end
@@ -314,27 +309,33 @@ if outcome == 0 then
   -- hash's layout and expiry when they need it.
   local charged = {}
   for n = 1, nb do
-    local cost = b_cost[n]
+    local r = r0 + 5 * n
+    local cost = reply[r]
     if cost > 0 then
-      local level = b_level[n] + cost
-      b_level[n] = level
-      g_levels[b_group[n]][b_dim[n]] = level
-      charged[b_group[n]] = true
+      local g, i = reply[r - 1], reply[r - 3] + 1
+      local s = groups[g]
+      s[i] = s[i] + cost
+      charged[g] = true
     end
   end
   local writes, w, longest = {}, 0, 0
-  for g = 1, ng do
+  for g = 1, 2 * nmodels do
     if charged[g] then
-      local packed, drain = rl_state_pack(g_levels[g], g_limits[g], now)
-      writes[w + 1], writes[w + 2], w = g_field[g], packed, w + 2
+      local m = math.ceil(g / 2)
+      local packed, drain = rl_state_pack(groups[g], configs[m], g % 2 == 1 and RL_ORG or RL_PROJ, now)
+      writes[w + 1], writes[w + 2], w = fields[4 * m + 2 - g % 2], packed, w + 2
       if drain > longest then longest = drain end
     end
   end
-  for model in pairs(resolved) do
-    writes[w + 1], writes[w + 2], w = "c:" .. project .. ":" .. model, rl_config_encode(version, configs[model]), w + 2
+  if resolved then
+    for m in pairs(resolved) do
+      writes[w + 1], writes[w + 2], w = fields[4 * m], rl_config_encode(configs[m]), w + 2
+    end
   end
-  for model in pairs(new_usage_ids) do
-    writes[w + 1], writes[w + 2], w = "u:" .. project .. ":" .. model .. ":" .. key_id, usage_ids[model], w + 2
+  if new_usage_ids then
+    for m in pairs(new_usage_ids) do
+      writes[w + 1], writes[w + 2], w = fields[4 * m + 3], usage_ids[m], w + 2
+    end
   end
   if not layout_ok then
     writes[w + 1], writes[w + 2], w = "d", RL_LAYOUT, w + 2
@@ -348,10 +349,12 @@ if outcome == 0 then
   if spend_limited then
     local total = 0
     reserved_spend = {}
-    for j, item in ipairs(items) do
-      local price = configs[item.model].price or 0
-      reserved_spend[j] = string.format("%.17g", item.tokens * price)
-      total = total + item.tokens * price
+    for j = 1, nitems do
+      local m = item_model[j]
+      local price, tokens = configs[m][5], tonumber(ARGV[6 + 3 * j])
+      if price < 0 then price = 0 end
+      reserved_spend[j] = string.format("%.17g", tokens * price)
+      total = total + tokens * price
     end
     if total > 0 then
       rl_add_spend(prefix, spend_month, project, total)
@@ -361,22 +364,27 @@ if outcome == 0 then
   end
 end
 
-local reply = {outcome, project, math.ceil(wait / 1000), binding, 0, 0, nb}
-local r = 7
+reply[1], reply[3], reply[4], reply[7] = outcome, math.ceil(wait / 1000), binding, nb
 for n = 1, nb do
-  local limit, level = b_limit[n], b_level[n]
+  local r = r0 + 5 * n
+  local dim, limit = reply[r - 3], reply[r - 2]
+  local level = groups[reply[r - 1]][dim + 1]
   local remaining = math.floor(limit - level + 1e-9)
   if remaining < 0 then remaining = 0 end
   local reset = 0
-  if limit > 0 then reset = math.ceil(level * RL_WINDOWS_US[b_dim[n]] / limit / 1000) end
-  reply[r + 1], reply[r + 2], reply[r + 3], reply[r + 4], reply[r + 5] = b_scope[n], b_dim[n], limit, remaining, reset
-  r = r + 5
+  if limit > 0 then reset = math.ceil(level * RL_WINDOWS_US[dim] / limit / 1000) end
+  reply[r - 1], reply[r] = remaining, reset
 end
+-- then each item: its model's buckets (k, then their indices)
+local r = r0 + 5 * nb
 for j = 1, nitems do
-  local mine = item_buckets[j]
+  local m = item_model[j]
+  local first, last = m_first[m], m < nmodels and m_first[m + 1] - 1 or nb
+  reply[r + 1] = last - first + 1
   r = r + 1
-  reply[r] = #mine
-  for k = 1, #mine do reply[r + k] = mine[k] end
-  r = r + #mine
+  for n = first, last do
+    r = r + 1
+    reply[r] = n
+  end
 end
 return finish(reply)

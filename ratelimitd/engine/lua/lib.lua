@@ -1,9 +1,11 @@
 --[[
-lib.lua: functions shared by the scripts that touch buckets and usage.
-scripts.py puts this text in front of decide.lua and report.lua (after the
-settings it bakes in as RL_* constants, see scripts.configured), so each is
-still one self-contained script (one EVALSHA), and the bucket arithmetic and
-limit resolution exist once.
+lib.lua: functions shared by the scripts that touch buckets, usage and limits.
+scripts.py puts this text in front of decide.lua, report.lua and rollup.lua
+(after the settings it bakes in as RL_* constants, see scripts.configured), and
+of set_project_limits.lua and effective_limits.lua (without them: those use only
+the limit resolution, which reads no RL_* setting), so each is still one
+self-contained script (one EVALSHA), and the bucket arithmetic and limit
+resolution exist once.
 
 Units: time in microseconds (from TIME, or the test clock in tests), window
 lengths in microseconds, levels in the metric's units, spend in micro-USD
@@ -22,8 +24,9 @@ them back in one HSET:
                           relative to now, as the test clock is not the server's), at
                           most about once per RL_EXPIRY_SLACK_MS, not on every call
   "c:<project>:<model>"   the resolved configuration of (project, model), valid
-                          while its version equals "v" (rl_config_encode)
-  "o:<model>"             the organization's buckets of the model (rl_state_*)
+                          while its version equals "v" (rl_config_*: packed doubles)
+  "o:<model>"             the organization's buckets of the model (rl_state_*:
+                          packed doubles)
   "p:<project>:<model>"   the project's buckets of the model
   "u:<project>:<model>:<key>"  the usage id of (project, model, key) ("ui", below),
                           so a decision finds it in the same read
@@ -42,46 +45,45 @@ local function rl_now(given)
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 
--- A group's buckets are stored as "<t_us>,<level 1>,...,<level d>" (one level per
--- dimension, 0 where the scope has no limit). Returns the levels drained to now
--- for the dimensions in limits (limits[i] = L or nil).
-local function rl_state_load(state, limits, now)
-  local levels = {}
-  local v = state and {string.match(state, RL_STATE_PATTERN)}
-  if not v or not v[1] then
-    for i = 1, RL_NDIMS do if limits[i] then levels[i] = 0 end end
-    return levels
-  end
-  local elapsed = now - tonumber(v[1])
-  for i = 1, RL_NDIMS do
-    local limit = limits[i]
-    if limit then
-      local l = tonumber(v[i + 1]) or 0
-      if l > 0 then
-        l = l - elapsed * limit / RL_WINDOWS_US[i]
-        if l < 0 then l = 0 end
-      end
-      levels[i] = l
-    end
-  end
-  return levels
+-- A group's buckets are stored as struct.pack(RL_STATE_FORMAT, t_us, level 1, ...,
+-- level d): one double per dimension (0 where the scope has no limit), read and
+-- written by one struct call each, several times cheaper in Valkey's Lua than
+-- text (string.match and tonumber per value, string.format per write).
+-- Returns {t_us, level 1, ..., level d, next}: RL_EMPTY_STATE (all zero) when
+-- there is no state or it has another size.
+local function rl_state_read(raw)
+  if not raw or #raw ~= RL_STATE_BYTES then raw = RL_EMPTY_STATE end
+  return {struct.unpack(RL_STATE_FORMAT, raw)}
 end
 
--- The state string of levels at now, and how long (ms) until the fullest drains.
-local function rl_state_pack(levels, limits, now)
-  local values, drain = {}, 0
+-- Drains a group's levels (rl_state_read) to now in place, with the limits of one
+-- scope in the configuration c (c[off + i]): the level of a dimension without a
+-- limit is dropped (0), as nothing charges it.
+local function rl_state_drain(s, c, off, now)
+  local elapsed = now - s[1]
   for i = 1, RL_NDIMS do
-    local l = levels[i]
-    if l and l > 0 then
-      values[i] = l
-      local d = l * RL_WINDOWS_US[i] / limits[i] / 1000
-      if d > drain then drain = d end
-    else
-      values[i] = 0
+    local limit, l = c[off + i], s[i + 1]
+    if limit < 0 then
+      s[i + 1] = 0
+    elseif l > 0 then
+      l = l - elapsed * limit / RL_WINDOWS_US[i]
+      if l < 0 then l = 0 end
+      s[i + 1] = l
     end
   end
-  -- one format call for the whole state: cheaper than one per level and a concat
-  return string.format(RL_STATE_FORMAT, now, unpack(values, 1, RL_NDIMS)), math.ceil(drain)
+end
+
+-- The state of drained levels s at now, and how long (ms) until the fullest drains.
+local function rl_state_pack(s, c, off, now)
+  local drain = 0
+  for i = 1, RL_NDIMS do
+    local l = s[i + 1]
+    if l > 0 then
+      local d = l * RL_WINDOWS_US[i] / c[off + i] / 1000
+      if d > drain then drain = d end
+    end
+  end
+  return struct.pack(RL_STATE_FORMAT, now, unpack(s, 2, RL_NDIMS + 1)), math.ceil(drain)
 end
 
 -- Adds the expiry to a state write (fields: a flat {field, value, ...} list for
@@ -96,37 +98,69 @@ local function rl_state_expiry(fields, expiry, need_ms)
   return at
 end
 
--- The configuration a decision needs for (project, model), resolved from the
--- source records (docs/control-plane.md): per dimension the organization's limit
--- (the model's own entries if it has any, else the "*" entries) and the
--- project's (the model's entry, else the project's "*" entry); the verdict
--- (0 may be used, 5 the organization has no limit for the model, 7 blocked by
--- the model permissions); the monthly spend limits (organization, project;
--- "" for none) and the price a token estimate is reserved at (the higher of the
--- model's input and output price, else the "*" price's; "" for none).
-local function rl_config_resolve(prefix, project, model)
-  local n, fields = RL_NDIMS, {}
+--[[ Limit resolution: the one place its rules are written (docs/control-plane.md).
+set_project_limits.lua checks a project limit against rl_org_limits; decide.lua
+and report.lua apply what rl_config_resolve makes of both. Neither function
+reads an RL_* setting, so set_project_limits.lua gets this library without them. ]]
+
+-- The organization's limits of a model, one per dimension name in dims (nil for
+-- none): the model's own entries when it has any, else the "*" entries; and
+-- whether there is any (else the model is not available).
+local function rl_org_limits(key, model, dims)
+  local n, fields = #dims, {}
   for i = 1, n do
-    fields[i] = model .. "|" .. RL_DIMS[i]
-    fields[n + i] = "*|" .. RL_DIMS[i]
+    fields[i] = model .. "|" .. dims[i]
+    fields[n + i] = "*|" .. dims[i]
   end
-  local org = redis.call("HMGET", prefix .. "lim:o", unpack(fields))
+  local v = redis.call("HMGET", key, unpack(fields))
   local offset = n
   for i = 1, n do
-    if org[i] then offset = 0 break end
+    if v[i] then offset = 0 break end
   end
-  local org_limits, proj_limits, any = {}, {}, false
+  local limits, any = {}, false
   for i = 1, n do
-    local v = org[offset + i]
-    if v then org_limits[i] = tonumber(v) any = true end
+    local x = v[offset + i]
+    if x then limits[i] = tonumber(x) any = true end
   end
+  return limits, any
+end
+
+-- A project's custom limits of a model, one per dimension name in dims (nil for
+-- none, where it inherits): per dimension the model's entry, else its "*" entry.
+local function rl_project_limits(key, model, dims)
+  local n, fields = #dims, {}
+  for i = 1, n do
+    fields[i] = model .. "|" .. dims[i]
+    fields[n + i] = "*|" .. dims[i]
+  end
+  local v = redis.call("HMGET", key, unpack(fields))
+  local limits = {}
+  for i = 1, n do
+    local x = v[i] or v[n + i]
+    if x then limits[i] = tonumber(x) end
+  end
+  return limits
+end
+
+--[[ The configuration a decision needs for (project, model), a flat array of
+numbers (RL_NONE, -1, where there is none), stored with struct.pack in the state
+hash's "c:<project>:<model>" while its version is the hash's "v":
+  [1] the configuration version it was resolved at
+  [2] the verdict: 0 may be used, 5 the organization has no limit for the model,
+      7 blocked by the model permissions
+  [3], [4] the monthly spend limits of the organization and of the project
+  [5] the price (micro-USD per token) a token estimate is reserved at: the higher
+      of the model's input and output price, else the "*" price's
+  [RL_ORG + i]  the limit of dimension i that applies to the organization's bucket
+  [RL_PROJ + i] the project's custom limit of dimension i ]]
+local RL_NONE = -1
+
+local function rl_config_resolve(prefix, version, project, model)
+  local n = RL_NDIMS
+  local org, any = rl_org_limits(prefix .. "lim:o", model, RL_DIMS)
+  local proj = rl_project_limits(prefix .. "lim:p:" .. project, model, RL_DIMS)
   local verdict = 0
   if not any then verdict = 5 end
-  local proj = redis.call("HMGET", prefix .. "lim:p:" .. project, unpack(fields))
-  for i = 1, n do
-    local v = proj[i] or proj[n + i]
-    if v then proj_limits[i] = tonumber(v) end
-  end
   if verdict == 0 then
     -- the organization's allow- or block-list, then the project's, which can only narrow it
     local mp = redis.call("HMGET", prefix .. "mp", "o", "o|" .. model, "p:" .. project, "p:" .. project .. "|" .. model)
@@ -135,44 +169,34 @@ local function rl_config_resolve(prefix, project, model)
     end
   end
   local spend = redis.call("HMGET", prefix .. "spendlim", "o", "p:" .. project)
-  local price = ""
+  local price = RL_NONE
   if spend[1] or spend[2] then
     local p = redis.call("HMGET", prefix .. "price", model, "*")
     local raw = p[1] or p[2]
     if raw then
       local p_in, p_out = string.match(raw, "^([^,]+),([^,]+),")
-      price = string.format("%.17g", math.max(tonumber(p_in), tonumber(p_out)))
+      price = math.max(tonumber(p_in), tonumber(p_out))
     end
   end
-  return {verdict = verdict, org = org_limits, proj = proj_limits,
-          spend_o = tonumber(spend[1] or ""), spend_p = tonumber(spend[2] or ""), price = tonumber(price)}
-end
-
--- "<version>;<verdict>;<org limits, comma-separated>;<project limits>;<spend o>;<spend p>;<price>"
-local function rl_config_encode(version, c)
-  local o, p = {}, {}
-  for i = 1, RL_NDIMS do
-    o[i] = c.org[i] and string.format("%.0f", c.org[i]) or ""
-    p[i] = c.proj[i] and string.format("%.0f", c.proj[i]) or ""
-  end
-  local function num(x) return x and string.format("%.17g", x) or "" end
-  return table.concat({version, c.verdict, table.concat(o, ","), table.concat(p, ","),
-                       num(c.spend_o), num(c.spend_p), num(c.price)}, ";")
-end
-
--- The cached configuration when it is of `version`, else nil.
-local function rl_config_decode(raw, version)
-  if not raw or string.sub(raw, 1, #version + 1) ~= version .. ";" then return nil end
-  local f = {string.match(raw, RL_CONFIG_PATTERN)}
-  if not f[1] then return nil end
-  local n = RL_NDIMS
-  local org, proj = {}, {}
+  local c = {tonumber(version), verdict, tonumber(spend[1] or "") or RL_NONE, tonumber(spend[2] or "") or RL_NONE,
+             price}
   for i = 1, n do
-    org[i] = tonumber(f[2 + i])
-    proj[i] = tonumber(f[2 + n + i])
+    c[RL_ORG + i] = org[i] or RL_NONE
+    c[RL_ORG + n + i] = proj[i] or RL_NONE
   end
-  return {verdict = tonumber(f[2]), org = org, proj = proj,
-          spend_o = tonumber(f[2 * n + 3]), spend_p = tonumber(f[2 * n + 4]), price = tonumber(f[2 * n + 5])}
+  return c
+end
+
+local function rl_config_encode(c)
+  return struct.pack(RL_CONFIG_FORMAT, unpack(c, 1, RL_CONFIG_SIZE))
+end
+
+-- The cached configuration when it is of `version` (a number), else nil.
+local function rl_config_decode(raw, version)
+  if not raw or #raw ~= RL_CONFIG_BYTES then return nil end
+  local c = {struct.unpack(RL_CONFIG_FORMAT, raw)}
+  if c[1] ~= version then return nil end
+  return c
 end
 
 -- "YYYYMM" of a time, UTC (days-to-civil, proleptic Gregorian).
@@ -208,9 +232,10 @@ end
 --   e   spend reserved per item (micro-USD, comma-separated, "" for none)
 --   em  the month the spend was reserved in ("YYYYMM")
 --   r   the answer, comma-separated ("" for none)
-local function rl_record_encode(r)
-  return table.concat({r.p or "", r.k or "", r.rm or "", r.f or "", r.a and "1" or "", r.e or "", r.em or "",
-                       r.reply and table.concat(r.reply, ",") or ""}, ";")
+local function rl_record_encode(p, k, rm, f, admitted, e, em, reply)
+  -- one concatenation: a single new string, no table
+  return (p or "") .. ";" .. (k or "") .. ";" .. (rm or "") .. ";" .. (f or "") .. ";" .. (admitted and "1" or "")
+    .. ";" .. (e or "") .. ";" .. (em or "") .. ";" .. (reply and table.concat(reply, ",") or "")
 end
 
 local function rl_record_decode(raw)
@@ -298,15 +323,14 @@ local function rl_usage_key(prefix, now, r)
   return prefix .. "u:" .. r[1] .. ":" .. start, start
 end
 
--- Adds a whole amount to a decision's counter ("req" or "ref:<outcome>") of one
--- (project, model, key) id in this minute.
-local function rl_count_one(prefix, now, id, name, amount)
+-- Adds a whole amount to a decision's counter of one (project, model, key) id in
+-- this minute: field suffix "|r" (requests admitted) or "|x<outcome>" (refusals).
+local function rl_count_one(prefix, now, id, suffix, amount)
   if amount == 0 then return end
   local now_s = math.floor(now / 1000000)
   local start = now_s - now_s % 60
   local key = prefix .. "u:m:" .. start
-  local field = id .. (name == "req" and "|r" or "|x" .. string.sub(name, 5))
-  if redis.call("HINCRBY", key, field, amount) == amount then
+  if redis.call("HINCRBY", key, id .. suffix, amount) == amount then
     -- a field just created (the key too, perhaps): only then set the expiry, relative
     -- to the scripts' clock, which in tests is not the server's
     redis.call("EXPIRE", key, start + 60 + RL_RESOLUTIONS[1][3] - now_s)

@@ -128,21 +128,22 @@ if delta ~= 0 then
   local org_field, proj_field = "o:" .. model, "p:" .. project .. ":" .. model
   local st = redis.call("HMGET", state_key, "v", "d", "x", "c:" .. project .. ":" .. model, org_field, proj_field)
   local layout_ok = st[2] == RL_LAYOUT
-  local config = layout_ok and rl_config_decode(st[4], st[1] or "0") or nil
-  if not config then config = rl_config_resolve(prefix, project, model) end
+  local config = layout_ok and rl_config_decode(st[4], tonumber(st[1] or "0")) or nil
+  if not config then config = rl_config_resolve(prefix, st[1] or "0", project, model) end
   local writes, longest = {}, 0
-  for n, s in ipairs({{config.org, org_field}, {config.proj, proj_field}}) do
-    local limits, field = s[1], s[2]
+  for scope = 1, 2 do
+    local off, field = scope == 1 and RL_ORG or RL_PROJ, scope == 1 and org_field or proj_field
     local touched = false
-    local levels = rl_state_load(layout_ok and st[4 + n] or nil, limits, now)
+    local s = rl_state_read(layout_ok and st[4 + scope] or nil)
+    rl_state_drain(s, config, off, now)
     for i = 1, RL_NDIMS do
-      if limits[i] and RL_METRIC_TOKENS[i] then
-        levels[i] = math.max(0, levels[i] + delta)
+      if config[off + i] >= 0 and RL_METRIC_TOKENS[i] then
+        s[i + 1] = math.max(0, s[i + 1] + delta)
         touched = true
       end
     end
     if touched then
-      local packed, drain = rl_state_pack(levels, limits, now)
+      local packed, drain = rl_state_pack(s, config, off, now)
       writes[#writes + 1] = field
       writes[#writes + 1] = packed
       if drain > longest then longest = drain end
@@ -181,8 +182,9 @@ rl_log(prefix, project, {id = request_id, t = math.floor(now / 1000), m = model,
 -- Remember the report: a repeat changes nothing.
 if record then
   record.rm = model
-  redis.call("SET", KEYS[3], rl_record_encode(record), "KEEPTTL")
+  redis.call("SET", KEYS[3], rl_record_encode(record.p, record.k, model, record.f, record.a, record.e, record.em,
+                                               record.reply), "KEEPTTL")
 else
-  redis.call("SET", KEYS[3], rl_record_encode({p = project, rm = model}), "PX", RL_RECORD_TTL_MS)
+  redis.call("SET", KEYS[3], rl_record_encode(project, nil, model), "PX", RL_RECORD_TTL_MS)
 end
 return {status, project, model, counted, delta, string.format("%.6f", spend)}

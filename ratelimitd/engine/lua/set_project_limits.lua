@@ -6,9 +6,10 @@ unless every value passes, and the project holds no more than its maximum
 number of limits afterwards (unless it held more before and shrinks). A change that alters anything appends its audit
 event (audit.py) in the same step, with the project's limits before and after.
 
-The organization's limit for (model, dimension) is its own entry when the
-organization has any entry for that model, else its "*" entry; absent means
-the organization sets no ceiling for that dimension.
+The organization's limit for (model, dimension) is resolved by lib.lua
+(rl_org_limits, prepended without the RL_* settings, which it does not read):
+its own entry when the organization has any entry for that model, else its "*"
+entry; absent means the organization sets no ceiling for that dimension.
 
 KEYS[1]  the organization's limits hash   rl:{org_x}:lim:o
 KEYS[2]  the project's limits hash        rl:{org_x}:lim:p:<project_id>
@@ -51,21 +52,19 @@ local function same(a, b)
   return true
 end
 
+-- The organization's limit of (model, dimension) and whether the model is
+-- available at all, resolved by lib.lua (rl_org_limits) as decisions resolve it,
+-- once per model named.
+local dim_index, org_of = {}, {}
+for i = 1, ndims do dim_index[dims[i]] = i end
 local function org_limit(model, dim)
-  if model ~= "*" then
-    local fields = {}
-    for i = 1, ndims do fields[i] = model .. "|" .. dims[i] end
-    local own = redis.call("HMGET", KEYS[1], unpack(fields))
-    for i = 1, ndims do
-      if own[i] then return redis.call("HGET", KEYS[1], model .. "|" .. dim), true end
-    end
+  local o = org_of[model]
+  if not o then
+    local limits, any = rl_org_limits(KEYS[1], model, dims)
+    o = {limits, any}
+    org_of[model] = o
   end
-  local fields = {}
-  for i = 1, ndims do fields[i] = "*|" .. dims[i] end
-  local star = redis.call("HMGET", KEYS[1], unpack(fields))
-  local any = false
-  for i = 1, ndims do if star[i] then any = true end end
-  return redis.call("HGET", KEYS[1], "*|" .. dim), any
+  return o[1][dim_index[dim]], o[2]
 end
 
 local pos = 6 + ndims
@@ -77,7 +76,7 @@ for i = 0, nset - 1 do
   if not available then
     return {"no_model", model}
   end
-  if ceiling and tonumber(value) > tonumber(ceiling) then
+  if ceiling and tonumber(value) > ceiling then
     return {"above", model, dim, value, ceiling}
   end
   writes[#writes + 1] = model .. "|" .. dim

@@ -24,9 +24,11 @@ from ratelimitd_client._gen import ratelimit_pb2 as pb
 CheckResponse = pb.CheckResponse
 ReportUsageResponse = pb.ReportUsageResponse
 
-_SERVICE = pb.DESCRIPTOR.services_by_name["RateLimitService"]
-_CHECK = f"/{_SERVICE.full_name}/CheckAndConsume"
-_REPORT = f"/{_SERVICE.full_name}/ReportUsage"
+# The service is declared in rate_limit_service.proto, which this package does not ship (it
+# imports the management API); ratelimit.proto's messages are all the calls need.
+_SERVICE = "ratelimitd.v1.RateLimitService"
+_CHECK = f"/{_SERVICE}/CheckAndConsume"
+_REPORT = f"/{_SERVICE}/ReportUsage"
 # Both mean the answer did not arrive; the call may or may not have been applied, and a retry
 # with the same request id is exact either way.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})

@@ -1,6 +1,6 @@
 """A decision as the HTTP answer an LLM API gives (docs/api.md "Refusal reasons").
 
-The statuses, error types and codes are the server's own table (ratelimitd/engine/refusals.py),
+The statuses, error types and codes are the server's own table (ratelimitd/engine/outcomes.py),
 so a platform answers the same whether Envoy or this client stands at its edge.
 """
 

@@ -17,6 +17,8 @@ package ratelimitdv1
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	fieldmaskpb "google.golang.org/protobuf/types/known/fieldmaskpb"
+	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
 	unsafe "unsafe"
@@ -32,25 +34,30 @@ const (
 type ModelAccess int32
 
 const (
-	// Every model that has a limit (or a '*' limit) may be used.
-	ModelAccess_MODEL_ACCESS_UNRESTRICTED ModelAccess = 0
+	// Not set: never in a reply; SetModelPermissions refuses it (INVALID_ARGUMENT).
+	ModelAccess_MODEL_ACCESS_UNSPECIFIED ModelAccess = 0
 	// Only the listed models.
 	ModelAccess_MODEL_ACCESS_ALLOW_LIST ModelAccess = 1
 	// Every model but the listed ones.
 	ModelAccess_MODEL_ACCESS_BLOCK_LIST ModelAccess = 2
+	// Every model that has a limit (or a '*' limit) may be used. What a
+	// policy that was never set reads as.
+	ModelAccess_MODEL_ACCESS_UNRESTRICTED ModelAccess = 3
 )
 
 // Enum value maps for ModelAccess.
 var (
 	ModelAccess_name = map[int32]string{
-		0: "MODEL_ACCESS_UNRESTRICTED",
+		0: "MODEL_ACCESS_UNSPECIFIED",
 		1: "MODEL_ACCESS_ALLOW_LIST",
 		2: "MODEL_ACCESS_BLOCK_LIST",
+		3: "MODEL_ACCESS_UNRESTRICTED",
 	}
 	ModelAccess_value = map[string]int32{
-		"MODEL_ACCESS_UNRESTRICTED": 0,
+		"MODEL_ACCESS_UNSPECIFIED":  0,
 		"MODEL_ACCESS_ALLOW_LIST":   1,
 		"MODEL_ACCESS_BLOCK_LIST":   2,
+		"MODEL_ACCESS_UNRESTRICTED": 3,
 	}
 )
 
@@ -273,7 +280,7 @@ type Organization struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	Name          string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
-	CreatedAtMs   int64                  `protobuf:"varint,3,opt,name=created_at_ms,json=createdAtMs,proto3" json:"created_at_ms,omitempty"`
+	CreateTime    *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -322,11 +329,11 @@ func (x *Organization) GetName() string {
 	return ""
 }
 
-func (x *Organization) GetCreatedAtMs() int64 {
+func (x *Organization) GetCreateTime() *timestamppb.Timestamp {
 	if x != nil {
-		return x.CreatedAtMs
+		return x.CreateTime
 	}
-	return 0
+	return nil
 }
 
 type Project struct {
@@ -335,7 +342,7 @@ type Project struct {
 	OrganizationId string                 `protobuf:"bytes,2,opt,name=organization_id,json=organizationId,proto3" json:"organization_id,omitempty"`
 	Name           string                 `protobuf:"bytes,3,opt,name=name,proto3" json:"name,omitempty"`
 	Description    string                 `protobuf:"bytes,4,opt,name=description,proto3" json:"description,omitempty"`
-	CreatedAtMs    int64                  `protobuf:"varint,5,opt,name=created_at_ms,json=createdAtMs,proto3" json:"created_at_ms,omitempty"`
+	CreateTime     *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache
 }
@@ -398,11 +405,11 @@ func (x *Project) GetDescription() string {
 	return ""
 }
 
-func (x *Project) GetCreatedAtMs() int64 {
+func (x *Project) GetCreateTime() *timestamppb.Timestamp {
 	if x != nil {
-		return x.CreatedAtMs
+		return x.CreateTime
 	}
-	return 0
+	return nil
 }
 
 type ApiKey struct {
@@ -411,11 +418,11 @@ type ApiKey struct {
 	ProjectId string                 `protobuf:"bytes,2,opt,name=project_id,json=projectId,proto3" json:"project_id,omitempty"`
 	Name      string                 `protobuf:"bytes,3,opt,name=name,proto3" json:"name,omitempty"`
 	// The first characters of the secret, to recognise a key in a list.
-	Prefix      string `protobuf:"bytes,4,opt,name=prefix,proto3" json:"prefix,omitempty"`
-	CreatedAtMs int64  `protobuf:"varint,5,opt,name=created_at_ms,json=createdAtMs,proto3" json:"created_at_ms,omitempty"`
-	// 0 when the key was never used.
-	LastUsedAtMs  int64 `protobuf:"varint,6,opt,name=last_used_at_ms,json=lastUsedAtMs,proto3" json:"last_used_at_ms,omitempty"`
-	Revoked       bool  `protobuf:"varint,7,opt,name=revoked,proto3" json:"revoked,omitempty"`
+	Prefix     string                 `protobuf:"bytes,4,opt,name=prefix,proto3" json:"prefix,omitempty"`
+	Revoked    bool                   `protobuf:"varint,7,opt,name=revoked,proto3" json:"revoked,omitempty"`
+	CreateTime *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	// Absent when the key was never used.
+	LastUseTime   *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=last_use_time,json=lastUseTime,proto3" json:"last_use_time,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -478,25 +485,25 @@ func (x *ApiKey) GetPrefix() string {
 	return ""
 }
 
-func (x *ApiKey) GetCreatedAtMs() int64 {
-	if x != nil {
-		return x.CreatedAtMs
-	}
-	return 0
-}
-
-func (x *ApiKey) GetLastUsedAtMs() int64 {
-	if x != nil {
-		return x.LastUsedAtMs
-	}
-	return 0
-}
-
 func (x *ApiKey) GetRevoked() bool {
 	if x != nil {
 		return x.Revoked
 	}
 	return false
+}
+
+func (x *ApiKey) GetCreateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreateTime
+	}
+	return nil
+}
+
+func (x *ApiKey) GetLastUseTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastUseTime
+	}
+	return nil
 }
 
 // A project's limit on one model, metric and window as decisions see it.
@@ -1169,13 +1176,14 @@ func (x *ListProjectsResponse) GetNextPageToken() string {
 	return ""
 }
 
+// AIP-134: the resource and the fields to change.
 type UpdateProjectRequest struct {
-	state          protoimpl.MessageState `protogen:"open.v1"`
-	OrganizationId string                 `protobuf:"bytes,1,opt,name=organization_id,json=organizationId,proto3" json:"organization_id,omitempty"`
-	ProjectId      string                 `protobuf:"bytes,2,opt,name=project_id,json=projectId,proto3" json:"project_id,omitempty"`
-	// Only the fields set are changed; at least one must be.
-	Name          *string `protobuf:"bytes,3,opt,name=name,proto3,oneof" json:"name,omitempty"`
-	Description   *string `protobuf:"bytes,4,opt,name=description,proto3,oneof" json:"description,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Names the project with `organization_id` and `id`, and carries the new values.
+	Project *Project `protobuf:"bytes,5,opt,name=project,proto3" json:"project,omitempty"`
+	// "name", "description" or "*" (both). Absent: every field set (non-empty)
+	// in `project` among those two. Any other path is INVALID_ARGUMENT.
+	UpdateMask    *fieldmaskpb.FieldMask `protobuf:"bytes,6,opt,name=update_mask,json=updateMask,proto3" json:"update_mask,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1210,32 +1218,18 @@ func (*UpdateProjectRequest) Descriptor() ([]byte, []int) {
 	return file_ratelimitd_v1_admin_proto_rawDescGZIP(), []int{17}
 }
 
-func (x *UpdateProjectRequest) GetOrganizationId() string {
+func (x *UpdateProjectRequest) GetProject() *Project {
 	if x != nil {
-		return x.OrganizationId
+		return x.Project
 	}
-	return ""
+	return nil
 }
 
-func (x *UpdateProjectRequest) GetProjectId() string {
+func (x *UpdateProjectRequest) GetUpdateMask() *fieldmaskpb.FieldMask {
 	if x != nil {
-		return x.ProjectId
+		return x.UpdateMask
 	}
-	return ""
-}
-
-func (x *UpdateProjectRequest) GetName() string {
-	if x != nil && x.Name != nil {
-		return *x.Name
-	}
-	return ""
-}
-
-func (x *UpdateProjectRequest) GetDescription() string {
-	if x != nil && x.Description != nil {
-		return *x.Description
-	}
-	return ""
+	return nil
 }
 
 type DeleteProjectRequest struct {
@@ -1606,6 +1600,8 @@ type ListApiKeysRequest struct {
 	state          protoimpl.MessageState `protogen:"open.v1"`
 	OrganizationId string                 `protobuf:"bytes,1,opt,name=organization_id,json=organizationId,proto3" json:"organization_id,omitempty"`
 	ProjectId      string                 `protobuf:"bytes,2,opt,name=project_id,json=projectId,proto3" json:"project_id,omitempty"`
+	PageSize       int32                  `protobuf:"varint,3,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`   // 0 means 50; at most 1000
+	PageToken      string                 `protobuf:"bytes,4,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"` // next_page_token of the previous page
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache
 }
@@ -1654,9 +1650,24 @@ func (x *ListApiKeysRequest) GetProjectId() string {
 	return ""
 }
 
+func (x *ListApiKeysRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListApiKeysRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
 type ListApiKeysResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Keys          []*ApiKey              `protobuf:"bytes,1,rep,name=keys,proto3" json:"keys,omitempty"`
+	Keys          []*ApiKey              `protobuf:"bytes,1,rep,name=keys,proto3" json:"keys,omitempty"`                                          // oldest first
+	NextPageToken string                 `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"` // empty on the last page
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1696,6 +1707,13 @@ func (x *ListApiKeysResponse) GetKeys() []*ApiKey {
 		return x.Keys
 	}
 	return nil
+}
+
+func (x *ListApiKeysResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
 }
 
 type RevokeApiKeyRequest struct {
@@ -1793,7 +1811,7 @@ func (x *ModelPolicy) GetAccess() ModelAccess {
 	if x != nil {
 		return x.Access
 	}
-	return ModelAccess_MODEL_ACCESS_UNRESTRICTED
+	return ModelAccess_MODEL_ACCESS_UNSPECIFIED
 }
 
 func (x *ModelPolicy) GetModels() []string {
@@ -1991,9 +2009,9 @@ type Member struct {
 	Id             string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	OrganizationId string                 `protobuf:"bytes,2,opt,name=organization_id,json=organizationId,proto3" json:"organization_id,omitempty"`
 	// Unique in the organization, e.g. an e-mail address.
-	Name          string `protobuf:"bytes,3,opt,name=name,proto3" json:"name,omitempty"`
-	Role          Role   `protobuf:"varint,4,opt,name=role,proto3,enum=ratelimitd.v1.Role" json:"role,omitempty"`
-	CreatedAtMs   int64  `protobuf:"varint,5,opt,name=created_at_ms,json=createdAtMs,proto3" json:"created_at_ms,omitempty"`
+	Name          string                 `protobuf:"bytes,3,opt,name=name,proto3" json:"name,omitempty"`
+	Role          Role                   `protobuf:"varint,4,opt,name=role,proto3,enum=ratelimitd.v1.Role" json:"role,omitempty"`
+	CreateTime    *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2056,11 +2074,11 @@ func (x *Member) GetRole() Role {
 	return Role_ROLE_UNSPECIFIED
 }
 
-func (x *Member) GetCreatedAtMs() int64 {
+func (x *Member) GetCreateTime() *timestamppb.Timestamp {
 	if x != nil {
-		return x.CreatedAtMs
+		return x.CreateTime
 	}
-	return 0
+	return nil
 }
 
 type AddMemberRequest struct {
@@ -2187,6 +2205,8 @@ func (x *AddMemberResponse) GetToken() string {
 type ListMembersRequest struct {
 	state          protoimpl.MessageState `protogen:"open.v1"`
 	OrganizationId string                 `protobuf:"bytes,1,opt,name=organization_id,json=organizationId,proto3" json:"organization_id,omitempty"`
+	PageSize       int32                  `protobuf:"varint,2,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`   // 0 means 50; at most 1000
+	PageToken      string                 `protobuf:"bytes,3,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"` // next_page_token of the previous page
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache
 }
@@ -2228,9 +2248,24 @@ func (x *ListMembersRequest) GetOrganizationId() string {
 	return ""
 }
 
+func (x *ListMembersRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListMembersRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
 type ListMembersResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Members       []*Member              `protobuf:"bytes,1,rep,name=members,proto3" json:"members,omitempty"` // by name
+	Members       []*Member              `protobuf:"bytes,1,rep,name=members,proto3" json:"members,omitempty"`                                    // by name
+	NextPageToken string                 `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"` // empty on the last page
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2272,13 +2307,22 @@ func (x *ListMembersResponse) GetMembers() []*Member {
 	return nil
 }
 
+func (x *ListMembersResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
+}
+
+// AIP-134: the resource and the fields to change.
 type UpdateMemberRequest struct {
-	state          protoimpl.MessageState `protogen:"open.v1"`
-	OrganizationId string                 `protobuf:"bytes,1,opt,name=organization_id,json=organizationId,proto3" json:"organization_id,omitempty"`
-	MemberId       string                 `protobuf:"bytes,2,opt,name=member_id,json=memberId,proto3" json:"member_id,omitempty"`
-	Role           Role                   `protobuf:"varint,3,opt,name=role,proto3,enum=ratelimitd.v1.Role" json:"role,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Names the member with `organization_id` and `id`, and carries the new role.
+	Member *Member `protobuf:"bytes,4,opt,name=member,proto3" json:"member,omitempty"`
+	// "role" (or "*"). Absent: "role" when it is set. Any other path is INVALID_ARGUMENT.
+	UpdateMask    *fieldmaskpb.FieldMask `protobuf:"bytes,5,opt,name=update_mask,json=updateMask,proto3" json:"update_mask,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *UpdateMemberRequest) Reset() {
@@ -2311,25 +2355,18 @@ func (*UpdateMemberRequest) Descriptor() ([]byte, []int) {
 	return file_ratelimitd_v1_admin_proto_rawDescGZIP(), []int{36}
 }
 
-func (x *UpdateMemberRequest) GetOrganizationId() string {
+func (x *UpdateMemberRequest) GetMember() *Member {
 	if x != nil {
-		return x.OrganizationId
+		return x.Member
 	}
-	return ""
+	return nil
 }
 
-func (x *UpdateMemberRequest) GetMemberId() string {
+func (x *UpdateMemberRequest) GetUpdateMask() *fieldmaskpb.FieldMask {
 	if x != nil {
-		return x.MemberId
+		return x.UpdateMask
 	}
-	return ""
-}
-
-func (x *UpdateMemberRequest) GetRole() Role {
-	if x != nil {
-		return x.Role
-	}
-	return Role_ROLE_UNSPECIFIED
+	return nil
 }
 
 type RemoveMemberRequest struct {
@@ -2390,9 +2427,9 @@ type Credential struct {
 	Id             string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	Kind           string                 `protobuf:"bytes,2,opt,name=kind,proto3" json:"kind,omitempty"` // "operator" or "member"
 	Name           string                 `protobuf:"bytes,3,opt,name=name,proto3" json:"name,omitempty"`
-	CreatedAtMs    int64                  `protobuf:"varint,4,opt,name=created_at_ms,json=createdAtMs,proto3" json:"created_at_ms,omitempty"`
 	OrganizationId string                 `protobuf:"bytes,5,opt,name=organization_id,json=organizationId,proto3" json:"organization_id,omitempty"` // members only
 	MemberId       string                 `protobuf:"bytes,6,opt,name=member_id,json=memberId,proto3" json:"member_id,omitempty"`                   // members only
+	CreateTime     *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache
 }
@@ -2448,13 +2485,6 @@ func (x *Credential) GetName() string {
 	return ""
 }
 
-func (x *Credential) GetCreatedAtMs() int64 {
-	if x != nil {
-		return x.CreatedAtMs
-	}
-	return 0
-}
-
 func (x *Credential) GetOrganizationId() string {
 	if x != nil {
 		return x.OrganizationId
@@ -2467,6 +2497,13 @@ func (x *Credential) GetMemberId() string {
 		return x.MemberId
 	}
 	return ""
+}
+
+func (x *Credential) GetCreateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreateTime
+	}
+	return nil
 }
 
 // Who a credential speaks for.
@@ -2670,6 +2707,8 @@ func (x *CreateCredentialResponse) GetToken() string {
 type ListCredentialsRequest struct {
 	state          protoimpl.MessageState `protogen:"open.v1"`
 	OrganizationId string                 `protobuf:"bytes,1,opt,name=organization_id,json=organizationId,proto3" json:"organization_id,omitempty"`
+	PageSize       int32                  `protobuf:"varint,2,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`   // 0 means 50; at most 1000
+	PageToken      string                 `protobuf:"bytes,3,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"` // next_page_token of the previous page
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache
 }
@@ -2711,9 +2750,24 @@ func (x *ListCredentialsRequest) GetOrganizationId() string {
 	return ""
 }
 
+func (x *ListCredentialsRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListCredentialsRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
 type ListCredentialsResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Credentials   []*Credential          `protobuf:"bytes,1,rep,name=credentials,proto3" json:"credentials,omitempty"` // oldest first
+	Credentials   []*Credential          `protobuf:"bytes,1,rep,name=credentials,proto3" json:"credentials,omitempty"`                            // oldest first
+	NextPageToken string                 `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"` // empty on the last page
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2753,6 +2807,13 @@ func (x *ListCredentialsResponse) GetCredentials() []*Credential {
 		return x.Credentials
 	}
 	return nil
+}
+
+func (x *ListCredentialsResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
 }
 
 type RevokeCredentialRequest struct {
@@ -2848,11 +2909,11 @@ type ListAuditEventsRequest struct {
 	OrganizationId string                 `protobuf:"bytes,1,opt,name=organization_id,json=organizationId,proto3" json:"organization_id,omitempty"`
 	// Only this project's events (it may have been deleted since).
 	ProjectId string `protobuf:"bytes,2,opt,name=project_id,json=projectId,proto3" json:"project_id,omitempty"`
-	// Inclusive bounds in Unix milliseconds; 0 leaves a side open.
-	SinceMs       int64  `protobuf:"varint,3,opt,name=since_ms,json=sinceMs,proto3" json:"since_ms,omitempty"`
-	UntilMs       int64  `protobuf:"varint,4,opt,name=until_ms,json=untilMs,proto3" json:"until_ms,omitempty"`
-	PageSize      int32  `protobuf:"varint,5,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`   // 0 means 50; at most 1000
-	PageToken     string `protobuf:"bytes,6,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"` // next_page_token of the previous page
+	PageSize  int32  `protobuf:"varint,5,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`   // 0 means 50; at most 1000
+	PageToken string `protobuf:"bytes,6,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"` // next_page_token of the previous page
+	// Inclusive bounds (millisecond precision); absent leaves a side open.
+	StartTime     *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
+	EndTime       *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=end_time,json=endTime,proto3" json:"end_time,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2901,20 +2962,6 @@ func (x *ListAuditEventsRequest) GetProjectId() string {
 	return ""
 }
 
-func (x *ListAuditEventsRequest) GetSinceMs() int64 {
-	if x != nil {
-		return x.SinceMs
-	}
-	return 0
-}
-
-func (x *ListAuditEventsRequest) GetUntilMs() int64 {
-	if x != nil {
-		return x.UntilMs
-	}
-	return 0
-}
-
 func (x *ListAuditEventsRequest) GetPageSize() int32 {
 	if x != nil {
 		return x.PageSize
@@ -2929,11 +2976,25 @@ func (x *ListAuditEventsRequest) GetPageToken() string {
 	return ""
 }
 
+func (x *ListAuditEventsRequest) GetStartTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.StartTime
+	}
+	return nil
+}
+
+func (x *ListAuditEventsRequest) GetEndTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.EndTime
+	}
+	return nil
+}
+
 type AuditEvent struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Unique and ordered: "<ms>-<sequence>" on the storage server's clock.
-	Id     string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	TimeMs int64  `protobuf:"varint,2,opt,name=time_ms,json=timeMs,proto3" json:"time_ms,omitempty"`
+	Id        string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	EventTime *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=event_time,json=eventTime,proto3" json:"event_time,omitempty"`
 	// The RPC that made the change, e.g. "SetProjectLimits".
 	Operation string     `protobuf:"bytes,3,opt,name=operation,proto3" json:"operation,omitempty"`
 	Actor     *Principal `protobuf:"bytes,4,opt,name=actor,proto3" json:"actor,omitempty"`
@@ -2985,11 +3046,11 @@ func (x *AuditEvent) GetId() string {
 	return ""
 }
 
-func (x *AuditEvent) GetTimeMs() int64 {
+func (x *AuditEvent) GetEventTime() *timestamppb.Timestamp {
 	if x != nil {
-		return x.TimeMs
+		return x.EventTime
 	}
-	return 0
+	return nil
 }
 
 func (x *AuditEvent) GetOperation() string {
@@ -3090,7 +3151,7 @@ var File_ratelimitd_v1_admin_proto protoreflect.FileDescriptor
 
 const file_ratelimitd_v1_admin_proto_rawDesc = "" +
 	"\n" +
-	"\x19ratelimitd/v1/admin.proto\x12\rratelimitd.v1\"c\n" +
+	"\x19ratelimitd/v1/admin.proto\x12\rratelimitd.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"c\n" +
 	"\x05Limit\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x16\n" +
 	"\x06metric\x18\x02 \x01(\tR\x06metric\x12\x16\n" +
@@ -3099,26 +3160,29 @@ const file_ratelimitd_v1_admin_proto_rawDesc = "" +
 	"\bLimitKey\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x16\n" +
 	"\x06metric\x18\x02 \x01(\tR\x06metric\x12\x16\n" +
-	"\x06window\x18\x03 \x01(\tR\x06window\"V\n" +
+	"\x06window\x18\x03 \x01(\tR\x06window\"\x84\x01\n" +
 	"\fOrganization\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
-	"\x04name\x18\x02 \x01(\tR\x04name\x12\"\n" +
-	"\rcreated_at_ms\x18\x03 \x01(\x03R\vcreatedAtMs\"\x9c\x01\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12;\n" +
+	"\vcreate_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"createTimeJ\x04\b\x03\x10\x04R\rcreated_at_ms\"\xca\x01\n" +
 	"\aProject\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12'\n" +
 	"\x0forganization_id\x18\x02 \x01(\tR\x0eorganizationId\x12\x12\n" +
 	"\x04name\x18\x03 \x01(\tR\x04name\x12 \n" +
-	"\vdescription\x18\x04 \x01(\tR\vdescription\x12\"\n" +
-	"\rcreated_at_ms\x18\x05 \x01(\x03R\vcreatedAtMs\"\xc8\x01\n" +
+	"\vdescription\x18\x04 \x01(\tR\vdescription\x12;\n" +
+	"\vcreate_time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"createTimeJ\x04\b\x05\x10\x06R\rcreated_at_ms\"\xa6\x02\n" +
 	"\x06ApiKey\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1d\n" +
 	"\n" +
 	"project_id\x18\x02 \x01(\tR\tprojectId\x12\x12\n" +
 	"\x04name\x18\x03 \x01(\tR\x04name\x12\x16\n" +
-	"\x06prefix\x18\x04 \x01(\tR\x06prefix\x12\"\n" +
-	"\rcreated_at_ms\x18\x05 \x01(\x03R\vcreatedAtMs\x12%\n" +
-	"\x0flast_used_at_ms\x18\x06 \x01(\x03R\flastUsedAtMs\x12\x18\n" +
-	"\arevoked\x18\a \x01(\bR\arevoked\"\xd6\x01\n" +
+	"\x06prefix\x18\x04 \x01(\tR\x06prefix\x12\x18\n" +
+	"\arevoked\x18\a \x01(\bR\arevoked\x12;\n" +
+	"\vcreate_time\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"createTime\x12>\n" +
+	"\rlast_use_time\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\vlastUseTimeJ\x04\b\x05\x10\x06J\x04\b\x06\x10\aR\rcreated_at_msR\x0flast_used_at_ms\"\xd6\x01\n" +
 	"\x0eEffectiveLimit\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x16\n" +
 	"\x06metric\x18\x02 \x01(\tR\x06metric\x12\x16\n" +
@@ -3164,15 +3228,12 @@ const file_ratelimitd_v1_admin_proto_rawDesc = "" +
 	"page_token\x18\x03 \x01(\tR\tpageToken\"r\n" +
 	"\x14ListProjectsResponse\x122\n" +
 	"\bprojects\x18\x01 \x03(\v2\x16.ratelimitd.v1.ProjectR\bprojects\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\xb7\x01\n" +
-	"\x14UpdateProjectRequest\x12'\n" +
-	"\x0forganization_id\x18\x01 \x01(\tR\x0eorganizationId\x12\x1d\n" +
-	"\n" +
-	"project_id\x18\x02 \x01(\tR\tprojectId\x12\x17\n" +
-	"\x04name\x18\x03 \x01(\tH\x00R\x04name\x88\x01\x01\x12%\n" +
-	"\vdescription\x18\x04 \x01(\tH\x01R\vdescription\x88\x01\x01B\a\n" +
-	"\x05_nameB\x0e\n" +
-	"\f_description\"^\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\xbb\x01\n" +
+	"\x14UpdateProjectRequest\x120\n" +
+	"\aproject\x18\x05 \x01(\v2\x16.ratelimitd.v1.ProjectR\aproject\x12;\n" +
+	"\vupdate_mask\x18\x06 \x01(\v2\x1a.google.protobuf.FieldMaskR\n" +
+	"updateMaskJ\x04\b\x01\x10\x05R\x0forganization_idR\n" +
+	"project_idR\x04nameR\vdescription\"^\n" +
 	"\x14DeleteProjectRequest\x12'\n" +
 	"\x0forganization_id\x18\x01 \x01(\tR\x0eorganizationId\x12\x1d\n" +
 	"\n" +
@@ -3201,13 +3262,17 @@ const file_ratelimitd_v1_admin_proto_rawDesc = "" +
 	"\x04name\x18\x03 \x01(\tR\x04name\"W\n" +
 	"\x14CreateApiKeyResponse\x12'\n" +
 	"\x03key\x18\x01 \x01(\v2\x15.ratelimitd.v1.ApiKeyR\x03key\x12\x16\n" +
-	"\x06secret\x18\x02 \x01(\tR\x06secret\"\\\n" +
+	"\x06secret\x18\x02 \x01(\tR\x06secret\"\x98\x01\n" +
 	"\x12ListApiKeysRequest\x12'\n" +
 	"\x0forganization_id\x18\x01 \x01(\tR\x0eorganizationId\x12\x1d\n" +
 	"\n" +
-	"project_id\x18\x02 \x01(\tR\tprojectId\"@\n" +
+	"project_id\x18\x02 \x01(\tR\tprojectId\x12\x1b\n" +
+	"\tpage_size\x18\x03 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x04 \x01(\tR\tpageToken\"h\n" +
 	"\x13ListApiKeysResponse\x12)\n" +
-	"\x04keys\x18\x01 \x03(\v2\x15.ratelimitd.v1.ApiKeyR\x04keys\"U\n" +
+	"\x04keys\x18\x01 \x03(\v2\x15.ratelimitd.v1.ApiKeyR\x04keys\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"U\n" +
 	"\x13RevokeApiKeyRequest\x12'\n" +
 	"\x0forganization_id\x18\x01 \x01(\tR\x0eorganizationId\x12\x15\n" +
 	"\x06key_id\x18\x02 \x01(\tR\x05keyId\"Y\n" +
@@ -3228,13 +3293,14 @@ const file_ratelimitd_v1_admin_proto_rawDesc = "" +
 	"\n" +
 	"project_id\x18\x02 \x01(\tR\tprojectId\x12>\n" +
 	"\forganization\x18\x03 \x01(\v2\x1a.ratelimitd.v1.ModelPolicyR\forganization\x124\n" +
-	"\aproject\x18\x04 \x01(\v2\x1a.ratelimitd.v1.ModelPolicyR\aproject\"\xa2\x01\n" +
+	"\aproject\x18\x04 \x01(\v2\x1a.ratelimitd.v1.ModelPolicyR\aproject\"\xd0\x01\n" +
 	"\x06Member\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12'\n" +
 	"\x0forganization_id\x18\x02 \x01(\tR\x0eorganizationId\x12\x12\n" +
 	"\x04name\x18\x03 \x01(\tR\x04name\x12'\n" +
-	"\x04role\x18\x04 \x01(\x0e2\x13.ratelimitd.v1.RoleR\x04role\x12\"\n" +
-	"\rcreated_at_ms\x18\x05 \x01(\x03R\vcreatedAtMs\"x\n" +
+	"\x04role\x18\x04 \x01(\x0e2\x13.ratelimitd.v1.RoleR\x04role\x12;\n" +
+	"\vcreate_time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"createTimeJ\x04\b\x05\x10\x06R\rcreated_at_ms\"x\n" +
 	"\x10AddMemberRequest\x12'\n" +
 	"\x0forganization_id\x18\x01 \x01(\tR\x0eorganizationId\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12'\n" +
@@ -3244,26 +3310,31 @@ const file_ratelimitd_v1_admin_proto_rawDesc = "" +
 	"\n" +
 	"credential\x18\x02 \x01(\v2\x19.ratelimitd.v1.CredentialR\n" +
 	"credential\x12\x14\n" +
-	"\x05token\x18\x03 \x01(\tR\x05token\"=\n" +
+	"\x05token\x18\x03 \x01(\tR\x05token\"y\n" +
 	"\x12ListMembersRequest\x12'\n" +
-	"\x0forganization_id\x18\x01 \x01(\tR\x0eorganizationId\"F\n" +
-	"\x13ListMembersResponse\x12/\n" +
-	"\amembers\x18\x01 \x03(\v2\x15.ratelimitd.v1.MemberR\amembers\"\x84\x01\n" +
-	"\x13UpdateMemberRequest\x12'\n" +
 	"\x0forganization_id\x18\x01 \x01(\tR\x0eorganizationId\x12\x1b\n" +
-	"\tmember_id\x18\x02 \x01(\tR\bmemberId\x12'\n" +
-	"\x04role\x18\x03 \x01(\x0e2\x13.ratelimitd.v1.RoleR\x04role\"[\n" +
+	"\tpage_size\x18\x02 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x03 \x01(\tR\tpageToken\"n\n" +
+	"\x13ListMembersResponse\x12/\n" +
+	"\amembers\x18\x01 \x03(\v2\x15.ratelimitd.v1.MemberR\amembers\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\xa9\x01\n" +
+	"\x13UpdateMemberRequest\x12-\n" +
+	"\x06member\x18\x04 \x01(\v2\x15.ratelimitd.v1.MemberR\x06member\x12;\n" +
+	"\vupdate_mask\x18\x05 \x01(\v2\x1a.google.protobuf.FieldMaskR\n" +
+	"updateMaskJ\x04\b\x01\x10\x04R\x0forganization_idR\tmember_idR\x04role\"[\n" +
 	"\x13RemoveMemberRequest\x12'\n" +
 	"\x0forganization_id\x18\x01 \x01(\tR\x0eorganizationId\x12\x1b\n" +
-	"\tmember_id\x18\x02 \x01(\tR\bmemberId\"\xae\x01\n" +
+	"\tmember_id\x18\x02 \x01(\tR\bmemberId\"\xdc\x01\n" +
 	"\n" +
 	"Credential\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04kind\x18\x02 \x01(\tR\x04kind\x12\x12\n" +
-	"\x04name\x18\x03 \x01(\tR\x04name\x12\"\n" +
-	"\rcreated_at_ms\x18\x04 \x01(\x03R\vcreatedAtMs\x12'\n" +
+	"\x04name\x18\x03 \x01(\tR\x04name\x12'\n" +
 	"\x0forganization_id\x18\x05 \x01(\tR\x0eorganizationId\x12\x1b\n" +
-	"\tmember_id\x18\x06 \x01(\tR\bmemberId\"\xc7\x01\n" +
+	"\tmember_id\x18\x06 \x01(\tR\bmemberId\x12;\n" +
+	"\vcreate_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"createTimeJ\x04\b\x04\x10\x05R\rcreated_at_ms\"\xc7\x01\n" +
 	"\tPrincipal\x12#\n" +
 	"\rcredential_id\x18\x01 \x01(\tR\fcredentialId\x12\x12\n" +
 	"\x04kind\x18\x02 \x01(\tR\x04kind\x12\x12\n" +
@@ -3279,42 +3350,49 @@ const file_ratelimitd_v1_admin_proto_rawDesc = "" +
 	"\n" +
 	"credential\x18\x01 \x01(\v2\x19.ratelimitd.v1.CredentialR\n" +
 	"credential\x12\x14\n" +
-	"\x05token\x18\x02 \x01(\tR\x05token\"A\n" +
+	"\x05token\x18\x02 \x01(\tR\x05token\"}\n" +
 	"\x16ListCredentialsRequest\x12'\n" +
-	"\x0forganization_id\x18\x01 \x01(\tR\x0eorganizationId\"V\n" +
+	"\x0forganization_id\x18\x01 \x01(\tR\x0eorganizationId\x12\x1b\n" +
+	"\tpage_size\x18\x02 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x03 \x01(\tR\tpageToken\"~\n" +
 	"\x17ListCredentialsResponse\x12;\n" +
-	"\vcredentials\x18\x01 \x03(\v2\x19.ratelimitd.v1.CredentialR\vcredentials\"g\n" +
+	"\vcredentials\x18\x01 \x03(\v2\x19.ratelimitd.v1.CredentialR\vcredentials\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"g\n" +
 	"\x17RevokeCredentialRequest\x12'\n" +
 	"\x0forganization_id\x18\x01 \x01(\tR\x0eorganizationId\x12#\n" +
 	"\rcredential_id\x18\x02 \x01(\tR\fcredentialId\"\x0f\n" +
-	"\rWhoAmIRequest\"\xd2\x01\n" +
+	"\rWhoAmIRequest\"\xae\x02\n" +
 	"\x16ListAuditEventsRequest\x12'\n" +
 	"\x0forganization_id\x18\x01 \x01(\tR\x0eorganizationId\x12\x1d\n" +
 	"\n" +
-	"project_id\x18\x02 \x01(\tR\tprojectId\x12\x19\n" +
-	"\bsince_ms\x18\x03 \x01(\x03R\asinceMs\x12\x19\n" +
-	"\buntil_ms\x18\x04 \x01(\x03R\auntilMs\x12\x1b\n" +
+	"project_id\x18\x02 \x01(\tR\tprojectId\x12\x1b\n" +
 	"\tpage_size\x18\x05 \x01(\x05R\bpageSize\x12\x1d\n" +
 	"\n" +
-	"page_token\x18\x06 \x01(\tR\tpageToken\"\xe8\x01\n" +
+	"page_token\x18\x06 \x01(\tR\tpageToken\x129\n" +
+	"\n" +
+	"start_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tstartTime\x125\n" +
+	"\bend_time\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\aendTimeJ\x04\b\x03\x10\x04J\x04\b\x04\x10\x05R\bsince_msR\buntil_ms\"\x99\x02\n" +
 	"\n" +
 	"AuditEvent\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\x12\x17\n" +
-	"\atime_ms\x18\x02 \x01(\x03R\x06timeMs\x12\x1c\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x129\n" +
+	"\n" +
+	"event_time\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\teventTime\x12\x1c\n" +
 	"\toperation\x18\x03 \x01(\tR\toperation\x12.\n" +
 	"\x05actor\x18\x04 \x01(\v2\x18.ratelimitd.v1.PrincipalR\x05actor\x12\x1d\n" +
 	"\n" +
 	"project_id\x18\x05 \x01(\tR\tprojectId\x12\x16\n" +
 	"\x06target\x18\x06 \x01(\tR\x06target\x12\x16\n" +
 	"\x06before\x18\a \x01(\tR\x06before\x12\x14\n" +
-	"\x05after\x18\b \x01(\tR\x05after\"t\n" +
+	"\x05after\x18\b \x01(\tR\x05afterJ\x04\b\x02\x10\x03R\atime_ms\"t\n" +
 	"\x17ListAuditEventsResponse\x121\n" +
 	"\x06events\x18\x01 \x03(\v2\x19.ratelimitd.v1.AuditEventR\x06events\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken*f\n" +
-	"\vModelAccess\x12\x1d\n" +
-	"\x19MODEL_ACCESS_UNRESTRICTED\x10\x00\x12\x1b\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken*\x84\x01\n" +
+	"\vModelAccess\x12\x1c\n" +
+	"\x18MODEL_ACCESS_UNSPECIFIED\x10\x00\x12\x1b\n" +
 	"\x17MODEL_ACCESS_ALLOW_LIST\x10\x01\x12\x1b\n" +
-	"\x17MODEL_ACCESS_BLOCK_LIST\x10\x02*Q\n" +
+	"\x17MODEL_ACCESS_BLOCK_LIST\x10\x02\x12\x1d\n" +
+	"\x19MODEL_ACCESS_UNRESTRICTED\x10\x03*Q\n" +
 	"\x04Role\x12\x14\n" +
 	"\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n" +
 	"\n" +
@@ -3423,91 +3501,105 @@ var file_ratelimitd_v1_admin_proto_goTypes = []any{
 	(*ListAuditEventsRequest)(nil),       // 48: ratelimitd.v1.ListAuditEventsRequest
 	(*AuditEvent)(nil),                   // 49: ratelimitd.v1.AuditEvent
 	(*ListAuditEventsResponse)(nil),      // 50: ratelimitd.v1.ListAuditEventsResponse
+	(*timestamppb.Timestamp)(nil),        // 51: google.protobuf.Timestamp
+	(*fieldmaskpb.FieldMask)(nil),        // 52: google.protobuf.FieldMask
 }
 var file_ratelimitd_v1_admin_proto_depIdxs = []int32{
-	4,  // 0: ratelimitd.v1.ListOrganizationsResponse.organizations:type_name -> ratelimitd.v1.Organization
-	2,  // 1: ratelimitd.v1.SetOrganizationLimitsRequest.set:type_name -> ratelimitd.v1.Limit
-	3,  // 2: ratelimitd.v1.SetOrganizationLimitsRequest.clear:type_name -> ratelimitd.v1.LimitKey
-	2,  // 3: ratelimitd.v1.OrganizationLimits.limits:type_name -> ratelimitd.v1.Limit
-	5,  // 4: ratelimitd.v1.ListProjectsResponse.projects:type_name -> ratelimitd.v1.Project
-	2,  // 5: ratelimitd.v1.SetProjectLimitsRequest.set:type_name -> ratelimitd.v1.Limit
-	3,  // 6: ratelimitd.v1.SetProjectLimitsRequest.clear:type_name -> ratelimitd.v1.LimitKey
-	2,  // 7: ratelimitd.v1.ProjectLimits.custom:type_name -> ratelimitd.v1.Limit
-	7,  // 8: ratelimitd.v1.ProjectLimits.effective:type_name -> ratelimitd.v1.EffectiveLimit
-	6,  // 9: ratelimitd.v1.CreateApiKeyResponse.key:type_name -> ratelimitd.v1.ApiKey
-	6,  // 10: ratelimitd.v1.ListApiKeysResponse.keys:type_name -> ratelimitd.v1.ApiKey
-	0,  // 11: ratelimitd.v1.ModelPolicy.access:type_name -> ratelimitd.v1.ModelAccess
-	29, // 12: ratelimitd.v1.SetModelPermissionsRequest.policy:type_name -> ratelimitd.v1.ModelPolicy
-	29, // 13: ratelimitd.v1.ModelPermissions.organization:type_name -> ratelimitd.v1.ModelPolicy
-	29, // 14: ratelimitd.v1.ModelPermissions.project:type_name -> ratelimitd.v1.ModelPolicy
-	1,  // 15: ratelimitd.v1.Member.role:type_name -> ratelimitd.v1.Role
-	1,  // 16: ratelimitd.v1.AddMemberRequest.role:type_name -> ratelimitd.v1.Role
-	33, // 17: ratelimitd.v1.AddMemberResponse.member:type_name -> ratelimitd.v1.Member
-	40, // 18: ratelimitd.v1.AddMemberResponse.credential:type_name -> ratelimitd.v1.Credential
-	33, // 19: ratelimitd.v1.ListMembersResponse.members:type_name -> ratelimitd.v1.Member
-	1,  // 20: ratelimitd.v1.UpdateMemberRequest.role:type_name -> ratelimitd.v1.Role
-	1,  // 21: ratelimitd.v1.Principal.role:type_name -> ratelimitd.v1.Role
-	40, // 22: ratelimitd.v1.CreateCredentialResponse.credential:type_name -> ratelimitd.v1.Credential
-	40, // 23: ratelimitd.v1.ListCredentialsResponse.credentials:type_name -> ratelimitd.v1.Credential
-	41, // 24: ratelimitd.v1.AuditEvent.actor:type_name -> ratelimitd.v1.Principal
-	49, // 25: ratelimitd.v1.ListAuditEventsResponse.events:type_name -> ratelimitd.v1.AuditEvent
-	8,  // 26: ratelimitd.v1.OrganizationService.CreateOrganization:input_type -> ratelimitd.v1.CreateOrganizationRequest
-	9,  // 27: ratelimitd.v1.OrganizationService.GetOrganization:input_type -> ratelimitd.v1.GetOrganizationRequest
-	10, // 28: ratelimitd.v1.OrganizationService.ListOrganizations:input_type -> ratelimitd.v1.ListOrganizationsRequest
-	12, // 29: ratelimitd.v1.OrganizationService.SetOrganizationLimits:input_type -> ratelimitd.v1.SetOrganizationLimitsRequest
-	13, // 30: ratelimitd.v1.OrganizationService.GetOrganizationLimits:input_type -> ratelimitd.v1.GetOrganizationLimitsRequest
-	15, // 31: ratelimitd.v1.ProjectService.CreateProject:input_type -> ratelimitd.v1.CreateProjectRequest
-	16, // 32: ratelimitd.v1.ProjectService.GetProject:input_type -> ratelimitd.v1.GetProjectRequest
-	17, // 33: ratelimitd.v1.ProjectService.ListProjects:input_type -> ratelimitd.v1.ListProjectsRequest
-	19, // 34: ratelimitd.v1.ProjectService.UpdateProject:input_type -> ratelimitd.v1.UpdateProjectRequest
-	20, // 35: ratelimitd.v1.ProjectService.DeleteProject:input_type -> ratelimitd.v1.DeleteProjectRequest
-	21, // 36: ratelimitd.v1.ProjectService.SetProjectLimits:input_type -> ratelimitd.v1.SetProjectLimitsRequest
-	22, // 37: ratelimitd.v1.ProjectService.GetProjectLimits:input_type -> ratelimitd.v1.GetProjectLimitsRequest
-	24, // 38: ratelimitd.v1.ProjectService.CreateApiKey:input_type -> ratelimitd.v1.CreateApiKeyRequest
-	26, // 39: ratelimitd.v1.ProjectService.ListApiKeys:input_type -> ratelimitd.v1.ListApiKeysRequest
-	28, // 40: ratelimitd.v1.ProjectService.RevokeApiKey:input_type -> ratelimitd.v1.RevokeApiKeyRequest
-	30, // 41: ratelimitd.v1.ModelPermissionService.GetModelPermissions:input_type -> ratelimitd.v1.GetModelPermissionsRequest
-	31, // 42: ratelimitd.v1.ModelPermissionService.SetModelPermissions:input_type -> ratelimitd.v1.SetModelPermissionsRequest
-	34, // 43: ratelimitd.v1.MemberService.AddMember:input_type -> ratelimitd.v1.AddMemberRequest
-	36, // 44: ratelimitd.v1.MemberService.ListMembers:input_type -> ratelimitd.v1.ListMembersRequest
-	38, // 45: ratelimitd.v1.MemberService.UpdateMember:input_type -> ratelimitd.v1.UpdateMemberRequest
-	39, // 46: ratelimitd.v1.MemberService.RemoveMember:input_type -> ratelimitd.v1.RemoveMemberRequest
-	42, // 47: ratelimitd.v1.CredentialService.CreateCredential:input_type -> ratelimitd.v1.CreateCredentialRequest
-	44, // 48: ratelimitd.v1.CredentialService.ListCredentials:input_type -> ratelimitd.v1.ListCredentialsRequest
-	46, // 49: ratelimitd.v1.CredentialService.RevokeCredential:input_type -> ratelimitd.v1.RevokeCredentialRequest
-	47, // 50: ratelimitd.v1.CredentialService.WhoAmI:input_type -> ratelimitd.v1.WhoAmIRequest
-	48, // 51: ratelimitd.v1.AuditService.ListAuditEvents:input_type -> ratelimitd.v1.ListAuditEventsRequest
-	4,  // 52: ratelimitd.v1.OrganizationService.CreateOrganization:output_type -> ratelimitd.v1.Organization
-	4,  // 53: ratelimitd.v1.OrganizationService.GetOrganization:output_type -> ratelimitd.v1.Organization
-	11, // 54: ratelimitd.v1.OrganizationService.ListOrganizations:output_type -> ratelimitd.v1.ListOrganizationsResponse
-	14, // 55: ratelimitd.v1.OrganizationService.SetOrganizationLimits:output_type -> ratelimitd.v1.OrganizationLimits
-	14, // 56: ratelimitd.v1.OrganizationService.GetOrganizationLimits:output_type -> ratelimitd.v1.OrganizationLimits
-	5,  // 57: ratelimitd.v1.ProjectService.CreateProject:output_type -> ratelimitd.v1.Project
-	5,  // 58: ratelimitd.v1.ProjectService.GetProject:output_type -> ratelimitd.v1.Project
-	18, // 59: ratelimitd.v1.ProjectService.ListProjects:output_type -> ratelimitd.v1.ListProjectsResponse
-	5,  // 60: ratelimitd.v1.ProjectService.UpdateProject:output_type -> ratelimitd.v1.Project
-	5,  // 61: ratelimitd.v1.ProjectService.DeleteProject:output_type -> ratelimitd.v1.Project
-	23, // 62: ratelimitd.v1.ProjectService.SetProjectLimits:output_type -> ratelimitd.v1.ProjectLimits
-	23, // 63: ratelimitd.v1.ProjectService.GetProjectLimits:output_type -> ratelimitd.v1.ProjectLimits
-	25, // 64: ratelimitd.v1.ProjectService.CreateApiKey:output_type -> ratelimitd.v1.CreateApiKeyResponse
-	27, // 65: ratelimitd.v1.ProjectService.ListApiKeys:output_type -> ratelimitd.v1.ListApiKeysResponse
-	6,  // 66: ratelimitd.v1.ProjectService.RevokeApiKey:output_type -> ratelimitd.v1.ApiKey
-	32, // 67: ratelimitd.v1.ModelPermissionService.GetModelPermissions:output_type -> ratelimitd.v1.ModelPermissions
-	32, // 68: ratelimitd.v1.ModelPermissionService.SetModelPermissions:output_type -> ratelimitd.v1.ModelPermissions
-	35, // 69: ratelimitd.v1.MemberService.AddMember:output_type -> ratelimitd.v1.AddMemberResponse
-	37, // 70: ratelimitd.v1.MemberService.ListMembers:output_type -> ratelimitd.v1.ListMembersResponse
-	33, // 71: ratelimitd.v1.MemberService.UpdateMember:output_type -> ratelimitd.v1.Member
-	33, // 72: ratelimitd.v1.MemberService.RemoveMember:output_type -> ratelimitd.v1.Member
-	43, // 73: ratelimitd.v1.CredentialService.CreateCredential:output_type -> ratelimitd.v1.CreateCredentialResponse
-	45, // 74: ratelimitd.v1.CredentialService.ListCredentials:output_type -> ratelimitd.v1.ListCredentialsResponse
-	40, // 75: ratelimitd.v1.CredentialService.RevokeCredential:output_type -> ratelimitd.v1.Credential
-	41, // 76: ratelimitd.v1.CredentialService.WhoAmI:output_type -> ratelimitd.v1.Principal
-	50, // 77: ratelimitd.v1.AuditService.ListAuditEvents:output_type -> ratelimitd.v1.ListAuditEventsResponse
-	52, // [52:78] is the sub-list for method output_type
-	26, // [26:52] is the sub-list for method input_type
-	26, // [26:26] is the sub-list for extension type_name
-	26, // [26:26] is the sub-list for extension extendee
-	0,  // [0:26] is the sub-list for field type_name
+	51, // 0: ratelimitd.v1.Organization.create_time:type_name -> google.protobuf.Timestamp
+	51, // 1: ratelimitd.v1.Project.create_time:type_name -> google.protobuf.Timestamp
+	51, // 2: ratelimitd.v1.ApiKey.create_time:type_name -> google.protobuf.Timestamp
+	51, // 3: ratelimitd.v1.ApiKey.last_use_time:type_name -> google.protobuf.Timestamp
+	4,  // 4: ratelimitd.v1.ListOrganizationsResponse.organizations:type_name -> ratelimitd.v1.Organization
+	2,  // 5: ratelimitd.v1.SetOrganizationLimitsRequest.set:type_name -> ratelimitd.v1.Limit
+	3,  // 6: ratelimitd.v1.SetOrganizationLimitsRequest.clear:type_name -> ratelimitd.v1.LimitKey
+	2,  // 7: ratelimitd.v1.OrganizationLimits.limits:type_name -> ratelimitd.v1.Limit
+	5,  // 8: ratelimitd.v1.ListProjectsResponse.projects:type_name -> ratelimitd.v1.Project
+	5,  // 9: ratelimitd.v1.UpdateProjectRequest.project:type_name -> ratelimitd.v1.Project
+	52, // 10: ratelimitd.v1.UpdateProjectRequest.update_mask:type_name -> google.protobuf.FieldMask
+	2,  // 11: ratelimitd.v1.SetProjectLimitsRequest.set:type_name -> ratelimitd.v1.Limit
+	3,  // 12: ratelimitd.v1.SetProjectLimitsRequest.clear:type_name -> ratelimitd.v1.LimitKey
+	2,  // 13: ratelimitd.v1.ProjectLimits.custom:type_name -> ratelimitd.v1.Limit
+	7,  // 14: ratelimitd.v1.ProjectLimits.effective:type_name -> ratelimitd.v1.EffectiveLimit
+	6,  // 15: ratelimitd.v1.CreateApiKeyResponse.key:type_name -> ratelimitd.v1.ApiKey
+	6,  // 16: ratelimitd.v1.ListApiKeysResponse.keys:type_name -> ratelimitd.v1.ApiKey
+	0,  // 17: ratelimitd.v1.ModelPolicy.access:type_name -> ratelimitd.v1.ModelAccess
+	29, // 18: ratelimitd.v1.SetModelPermissionsRequest.policy:type_name -> ratelimitd.v1.ModelPolicy
+	29, // 19: ratelimitd.v1.ModelPermissions.organization:type_name -> ratelimitd.v1.ModelPolicy
+	29, // 20: ratelimitd.v1.ModelPermissions.project:type_name -> ratelimitd.v1.ModelPolicy
+	1,  // 21: ratelimitd.v1.Member.role:type_name -> ratelimitd.v1.Role
+	51, // 22: ratelimitd.v1.Member.create_time:type_name -> google.protobuf.Timestamp
+	1,  // 23: ratelimitd.v1.AddMemberRequest.role:type_name -> ratelimitd.v1.Role
+	33, // 24: ratelimitd.v1.AddMemberResponse.member:type_name -> ratelimitd.v1.Member
+	40, // 25: ratelimitd.v1.AddMemberResponse.credential:type_name -> ratelimitd.v1.Credential
+	33, // 26: ratelimitd.v1.ListMembersResponse.members:type_name -> ratelimitd.v1.Member
+	33, // 27: ratelimitd.v1.UpdateMemberRequest.member:type_name -> ratelimitd.v1.Member
+	52, // 28: ratelimitd.v1.UpdateMemberRequest.update_mask:type_name -> google.protobuf.FieldMask
+	51, // 29: ratelimitd.v1.Credential.create_time:type_name -> google.protobuf.Timestamp
+	1,  // 30: ratelimitd.v1.Principal.role:type_name -> ratelimitd.v1.Role
+	40, // 31: ratelimitd.v1.CreateCredentialResponse.credential:type_name -> ratelimitd.v1.Credential
+	40, // 32: ratelimitd.v1.ListCredentialsResponse.credentials:type_name -> ratelimitd.v1.Credential
+	51, // 33: ratelimitd.v1.ListAuditEventsRequest.start_time:type_name -> google.protobuf.Timestamp
+	51, // 34: ratelimitd.v1.ListAuditEventsRequest.end_time:type_name -> google.protobuf.Timestamp
+	51, // 35: ratelimitd.v1.AuditEvent.event_time:type_name -> google.protobuf.Timestamp
+	41, // 36: ratelimitd.v1.AuditEvent.actor:type_name -> ratelimitd.v1.Principal
+	49, // 37: ratelimitd.v1.ListAuditEventsResponse.events:type_name -> ratelimitd.v1.AuditEvent
+	8,  // 38: ratelimitd.v1.OrganizationService.CreateOrganization:input_type -> ratelimitd.v1.CreateOrganizationRequest
+	9,  // 39: ratelimitd.v1.OrganizationService.GetOrganization:input_type -> ratelimitd.v1.GetOrganizationRequest
+	10, // 40: ratelimitd.v1.OrganizationService.ListOrganizations:input_type -> ratelimitd.v1.ListOrganizationsRequest
+	12, // 41: ratelimitd.v1.OrganizationService.SetOrganizationLimits:input_type -> ratelimitd.v1.SetOrganizationLimitsRequest
+	13, // 42: ratelimitd.v1.OrganizationService.GetOrganizationLimits:input_type -> ratelimitd.v1.GetOrganizationLimitsRequest
+	15, // 43: ratelimitd.v1.ProjectService.CreateProject:input_type -> ratelimitd.v1.CreateProjectRequest
+	16, // 44: ratelimitd.v1.ProjectService.GetProject:input_type -> ratelimitd.v1.GetProjectRequest
+	17, // 45: ratelimitd.v1.ProjectService.ListProjects:input_type -> ratelimitd.v1.ListProjectsRequest
+	19, // 46: ratelimitd.v1.ProjectService.UpdateProject:input_type -> ratelimitd.v1.UpdateProjectRequest
+	20, // 47: ratelimitd.v1.ProjectService.DeleteProject:input_type -> ratelimitd.v1.DeleteProjectRequest
+	21, // 48: ratelimitd.v1.ProjectService.SetProjectLimits:input_type -> ratelimitd.v1.SetProjectLimitsRequest
+	22, // 49: ratelimitd.v1.ProjectService.GetProjectLimits:input_type -> ratelimitd.v1.GetProjectLimitsRequest
+	24, // 50: ratelimitd.v1.ProjectService.CreateApiKey:input_type -> ratelimitd.v1.CreateApiKeyRequest
+	26, // 51: ratelimitd.v1.ProjectService.ListApiKeys:input_type -> ratelimitd.v1.ListApiKeysRequest
+	28, // 52: ratelimitd.v1.ProjectService.RevokeApiKey:input_type -> ratelimitd.v1.RevokeApiKeyRequest
+	30, // 53: ratelimitd.v1.ModelPermissionService.GetModelPermissions:input_type -> ratelimitd.v1.GetModelPermissionsRequest
+	31, // 54: ratelimitd.v1.ModelPermissionService.SetModelPermissions:input_type -> ratelimitd.v1.SetModelPermissionsRequest
+	34, // 55: ratelimitd.v1.MemberService.AddMember:input_type -> ratelimitd.v1.AddMemberRequest
+	36, // 56: ratelimitd.v1.MemberService.ListMembers:input_type -> ratelimitd.v1.ListMembersRequest
+	38, // 57: ratelimitd.v1.MemberService.UpdateMember:input_type -> ratelimitd.v1.UpdateMemberRequest
+	39, // 58: ratelimitd.v1.MemberService.RemoveMember:input_type -> ratelimitd.v1.RemoveMemberRequest
+	42, // 59: ratelimitd.v1.CredentialService.CreateCredential:input_type -> ratelimitd.v1.CreateCredentialRequest
+	44, // 60: ratelimitd.v1.CredentialService.ListCredentials:input_type -> ratelimitd.v1.ListCredentialsRequest
+	46, // 61: ratelimitd.v1.CredentialService.RevokeCredential:input_type -> ratelimitd.v1.RevokeCredentialRequest
+	47, // 62: ratelimitd.v1.CredentialService.WhoAmI:input_type -> ratelimitd.v1.WhoAmIRequest
+	48, // 63: ratelimitd.v1.AuditService.ListAuditEvents:input_type -> ratelimitd.v1.ListAuditEventsRequest
+	4,  // 64: ratelimitd.v1.OrganizationService.CreateOrganization:output_type -> ratelimitd.v1.Organization
+	4,  // 65: ratelimitd.v1.OrganizationService.GetOrganization:output_type -> ratelimitd.v1.Organization
+	11, // 66: ratelimitd.v1.OrganizationService.ListOrganizations:output_type -> ratelimitd.v1.ListOrganizationsResponse
+	14, // 67: ratelimitd.v1.OrganizationService.SetOrganizationLimits:output_type -> ratelimitd.v1.OrganizationLimits
+	14, // 68: ratelimitd.v1.OrganizationService.GetOrganizationLimits:output_type -> ratelimitd.v1.OrganizationLimits
+	5,  // 69: ratelimitd.v1.ProjectService.CreateProject:output_type -> ratelimitd.v1.Project
+	5,  // 70: ratelimitd.v1.ProjectService.GetProject:output_type -> ratelimitd.v1.Project
+	18, // 71: ratelimitd.v1.ProjectService.ListProjects:output_type -> ratelimitd.v1.ListProjectsResponse
+	5,  // 72: ratelimitd.v1.ProjectService.UpdateProject:output_type -> ratelimitd.v1.Project
+	5,  // 73: ratelimitd.v1.ProjectService.DeleteProject:output_type -> ratelimitd.v1.Project
+	23, // 74: ratelimitd.v1.ProjectService.SetProjectLimits:output_type -> ratelimitd.v1.ProjectLimits
+	23, // 75: ratelimitd.v1.ProjectService.GetProjectLimits:output_type -> ratelimitd.v1.ProjectLimits
+	25, // 76: ratelimitd.v1.ProjectService.CreateApiKey:output_type -> ratelimitd.v1.CreateApiKeyResponse
+	27, // 77: ratelimitd.v1.ProjectService.ListApiKeys:output_type -> ratelimitd.v1.ListApiKeysResponse
+	6,  // 78: ratelimitd.v1.ProjectService.RevokeApiKey:output_type -> ratelimitd.v1.ApiKey
+	32, // 79: ratelimitd.v1.ModelPermissionService.GetModelPermissions:output_type -> ratelimitd.v1.ModelPermissions
+	32, // 80: ratelimitd.v1.ModelPermissionService.SetModelPermissions:output_type -> ratelimitd.v1.ModelPermissions
+	35, // 81: ratelimitd.v1.MemberService.AddMember:output_type -> ratelimitd.v1.AddMemberResponse
+	37, // 82: ratelimitd.v1.MemberService.ListMembers:output_type -> ratelimitd.v1.ListMembersResponse
+	33, // 83: ratelimitd.v1.MemberService.UpdateMember:output_type -> ratelimitd.v1.Member
+	33, // 84: ratelimitd.v1.MemberService.RemoveMember:output_type -> ratelimitd.v1.Member
+	43, // 85: ratelimitd.v1.CredentialService.CreateCredential:output_type -> ratelimitd.v1.CreateCredentialResponse
+	45, // 86: ratelimitd.v1.CredentialService.ListCredentials:output_type -> ratelimitd.v1.ListCredentialsResponse
+	40, // 87: ratelimitd.v1.CredentialService.RevokeCredential:output_type -> ratelimitd.v1.Credential
+	41, // 88: ratelimitd.v1.CredentialService.WhoAmI:output_type -> ratelimitd.v1.Principal
+	50, // 89: ratelimitd.v1.AuditService.ListAuditEvents:output_type -> ratelimitd.v1.ListAuditEventsResponse
+	64, // [64:90] is the sub-list for method output_type
+	38, // [38:64] is the sub-list for method input_type
+	38, // [38:38] is the sub-list for extension type_name
+	38, // [38:38] is the sub-list for extension extendee
+	0,  // [0:38] is the sub-list for field type_name
 }
 
 func init() { file_ratelimitd_v1_admin_proto_init() }
@@ -3516,7 +3608,6 @@ func file_ratelimitd_v1_admin_proto_init() {
 		return
 	}
 	file_ratelimitd_v1_admin_proto_msgTypes[5].OneofWrappers = []any{}
-	file_ratelimitd_v1_admin_proto_msgTypes[17].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{

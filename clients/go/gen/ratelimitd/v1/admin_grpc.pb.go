@@ -310,7 +310,8 @@ type ProjectServiceClient interface {
 	GetProject(ctx context.Context, in *GetProjectRequest, opts ...grpc.CallOption) (*Project, error)
 	// Ordered by name.
 	ListProjects(ctx context.Context, in *ListProjectsRequest, opts ...grpc.CallOption) (*ListProjectsResponse, error)
-	// Renames and/or changes the description.
+	// Renames and/or changes the description: the fields update_mask names
+	// ("name", "description"; "*" for both; absent: those set in `project`).
 	UpdateProject(ctx context.Context, in *UpdateProjectRequest, opts ...grpc.CallOption) (*Project, error)
 	// Its API keys stop working at the very next decision; its usage history
 	// stays readable; nothing else changes. Returns the deleted project.
@@ -445,7 +446,8 @@ type ProjectServiceServer interface {
 	GetProject(context.Context, *GetProjectRequest) (*Project, error)
 	// Ordered by name.
 	ListProjects(context.Context, *ListProjectsRequest) (*ListProjectsResponse, error)
-	// Renames and/or changes the description.
+	// Renames and/or changes the description: the fields update_mask names
+	// ("name", "description"; "*" for both; absent: those set in `project`).
 	UpdateProject(context.Context, *UpdateProjectRequest) (*Project, error)
 	// Its API keys stop working at the very next decision; its usage history
 	// stays readable; nothing else changes. Returns the deleted project.
@@ -924,7 +926,8 @@ type MemberServiceClient interface {
 	// The reply carries the member's first credential token, once.
 	AddMember(ctx context.Context, in *AddMemberRequest, opts ...grpc.CallOption) (*AddMemberResponse, error)
 	ListMembers(ctx context.Context, in *ListMembersRequest, opts ...grpc.CallOption) (*ListMembersResponse, error)
-	// Changes the role; effective at once in this server, within 2 s in others.
+	// Changes the role (update_mask "role"); effective at once in this server,
+	// within 2 s in others.
 	UpdateMember(ctx context.Context, in *UpdateMemberRequest, opts ...grpc.CallOption) (*Member, error)
 	// Also revokes every credential of the member.
 	RemoveMember(ctx context.Context, in *RemoveMemberRequest, opts ...grpc.CallOption) (*Member, error)
@@ -988,7 +991,8 @@ type MemberServiceServer interface {
 	// The reply carries the member's first credential token, once.
 	AddMember(context.Context, *AddMemberRequest) (*AddMemberResponse, error)
 	ListMembers(context.Context, *ListMembersRequest) (*ListMembersResponse, error)
-	// Changes the role; effective at once in this server, within 2 s in others.
+	// Changes the role (update_mask "role"); effective at once in this server,
+	// within 2 s in others.
 	UpdateMember(context.Context, *UpdateMemberRequest) (*Member, error)
 	// Also revokes every credential of the member.
 	RemoveMember(context.Context, *RemoveMemberRequest) (*Member, error)

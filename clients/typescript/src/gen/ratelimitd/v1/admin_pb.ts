@@ -12,13 +12,15 @@
 
 import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { FieldMask, Timestamp } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_field_mask, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file ratelimitd/v1/admin.proto.
  */
 export const file_ratelimitd_v1_admin: GenFile = /*@__PURE__*/
-  fileDesc("ChlyYXRlbGltaXRkL3YxL2FkbWluLnByb3RvEg1yYXRlbGltaXRkLnYxIkUKBUxpbWl0Eg0KBW1vZGVsGAEgASgJEg4KBm1ldHJpYxgCIAEoCRIOCgZ3aW5kb3cYAyABKAkSDQoFbGltaXQYBCABKAMiOQoITGltaXRLZXkSDQoFbW9kZWwYASABKAkSDgoGbWV0cmljGAIgASgJEg4KBndpbmRvdxgDIAEoCSI/CgxPcmdhbml6YXRpb24SCgoCaWQYASABKAkSDAoEbmFtZRgCIAEoCRIVCg1jcmVhdGVkX2F0X21zGAMgASgDImgKB1Byb2plY3QSCgoCaWQYASABKAkSFwoPb3JnYW5pemF0aW9uX2lkGAIgASgJEgwKBG5hbWUYAyABKAkSEwoLZGVzY3JpcHRpb24YBCABKAkSFQoNY3JlYXRlZF9hdF9tcxgFIAEoAyKHAQoGQXBpS2V5EgoKAmlkGAEgASgJEhIKCnByb2plY3RfaWQYAiABKAkSDAoEbmFtZRgDIAEoCRIOCgZwcmVmaXgYBCABKAkSFQoNY3JlYXRlZF9hdF9tcxgFIAEoAxIXCg9sYXN0X3VzZWRfYXRfbXMYBiABKAMSDwoHcmV2b2tlZBgHIAEoCCKeAQoORWZmZWN0aXZlTGltaXQSDQoFbW9kZWwYASABKAkSDgoGbWV0cmljGAIgASgJEg4KBndpbmRvdxgDIAEoCRITCgZjdXN0b20YBCABKANIAIgBARIZCgxvcmdhbml6YXRpb24YBSABKANIAYgBARIRCgllZmZlY3RpdmUYBiABKANCCQoHX2N1c3RvbUIPCg1fb3JnYW5pemF0aW9uIikKGUNyZWF0ZU9yZ2FuaXphdGlvblJlcXVlc3QSDAoEbmFtZRgBIAEoCSIxChZHZXRPcmdhbml6YXRpb25SZXF1ZXN0EhcKD29yZ2FuaXphdGlvbl9pZBgBIAEoCSJBChhMaXN0T3JnYW5pemF0aW9uc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkiaAoZTGlzdE9yZ2FuaXphdGlvbnNSZXNwb25zZRIyCg1vcmdhbml6YXRpb25zGAEgAygLMhsucmF0ZWxpbWl0ZC52MS5Pcmdhbml6YXRpb24SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIoIBChxTZXRPcmdhbml6YXRpb25MaW1pdHNSZXF1ZXN0EhcKD29yZ2FuaXphdGlvbl9pZBgBIAEoCRIhCgNzZXQYAiADKAsyFC5yYXRlbGltaXRkLnYxLkxpbWl0EiYKBWNsZWFyGAMgAygLMhcucmF0ZWxpbWl0ZC52MS5MaW1pdEtleSI3ChxHZXRPcmdhbml6YXRpb25MaW1pdHNSZXF1ZXN0EhcKD29yZ2FuaXphdGlvbl9pZBgBIAEoCSJTChJPcmdhbml6YXRpb25MaW1pdHMSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEiQKBmxpbWl0cxgCIAMoCzIULnJhdGVsaW1pdGQudjEuTGltaXQiUgoUQ3JlYXRlUHJvamVjdFJlcXVlc3QSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEgwKBG5hbWUYAiABKAkSEwoLZGVzY3JpcHRpb24YAyABKAkiTgoRR2V0UHJvamVjdFJlcXVlc3QSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEhIKCnByb2plY3RfaWQYAiABKAkSDAoEbmFtZRgDIAEoCSJVChNMaXN0UHJvamVjdHNSZXF1ZXN0EhcKD29yZ2FuaXphdGlvbl9pZBgBIAEoCRIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJZChRMaXN0UHJvamVjdHNSZXNwb25zZRIoCghwcm9qZWN0cxgBIAMoCzIWLnJhdGVsaW1pdGQudjEuUHJvamVjdBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiiQEKFFVwZGF0ZVByb2plY3RSZXF1ZXN0EhcKD29yZ2FuaXphdGlvbl9pZBgBIAEoCRISCgpwcm9qZWN0X2lkGAIgASgJEhEKBG5hbWUYAyABKAlIAIgBARIYCgtkZXNjcmlwdGlvbhgEIAEoCUgBiAEBQgcKBV9uYW1lQg4KDF9kZXNjcmlwdGlvbiJDChREZWxldGVQcm9qZWN0UmVxdWVzdBIXCg9vcmdhbml6YXRpb25faWQYASABKAkSEgoKcHJvamVjdF9pZBgCIAEoCSKRAQoXU2V0UHJvamVjdExpbWl0c1JlcXVlc3QSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEhIKCnByb2plY3RfaWQYAiABKAkSIQoDc2V0GAMgAygLMhQucmF0ZWxpbWl0ZC52MS5MaW1pdBImCgVjbGVhchgEIAMoCzIXLnJhdGVsaW1pdGQudjEuTGltaXRLZXkiVgoXR2V0UHJvamVjdExpbWl0c1JlcXVlc3QSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEhIKCnByb2plY3RfaWQYAiABKAkSDgoGbW9kZWxzGAMgAygJIpQBCg1Qcm9qZWN0TGltaXRzEhcKD29yZ2FuaXphdGlvbl9pZBgBIAEoCRISCgpwcm9qZWN0X2lkGAIgASgJEiQKBmN1c3RvbRgDIAMoCzIULnJhdGVsaW1pdGQudjEuTGltaXQSMAoJZWZmZWN0aXZlGAQgAygLMh0ucmF0ZWxpbWl0ZC52MS5FZmZlY3RpdmVMaW1pdCJQChNDcmVhdGVBcGlLZXlSZXF1ZXN0EhcKD29yZ2FuaXphdGlvbl9pZBgBIAEoCRISCgpwcm9qZWN0X2lkGAIgASgJEgwKBG5hbWUYAyABKAkiSgoUQ3JlYXRlQXBpS2V5UmVzcG9uc2USIgoDa2V5GAEgASgLMhUucmF0ZWxpbWl0ZC52MS5BcGlLZXkSDgoGc2VjcmV0GAIgASgJIkEKEkxpc3RBcGlLZXlzUmVxdWVzdBIXCg9vcmdhbml6YXRpb25faWQYASABKAkSEgoKcHJvamVjdF9pZBgCIAEoCSI6ChNMaXN0QXBpS2V5c1Jlc3BvbnNlEiMKBGtleXMYASADKAsyFS5yYXRlbGltaXRkLnYxLkFwaUtleSI+ChNSZXZva2VBcGlLZXlSZXF1ZXN0EhcKD29yZ2FuaXphdGlvbl9pZBgBIAEoCRIOCgZrZXlfaWQYAiABKAkiSQoLTW9kZWxQb2xpY3kSKgoGYWNjZXNzGAEgASgOMhoucmF0ZWxpbWl0ZC52MS5Nb2RlbEFjY2VzcxIOCgZtb2RlbHMYAiADKAkiSQoaR2V0TW9kZWxQZXJtaXNzaW9uc1JlcXVlc3QSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEhIKCnByb2plY3RfaWQYAiABKAkidQoaU2V0TW9kZWxQZXJtaXNzaW9uc1JlcXVlc3QSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEhIKCnByb2plY3RfaWQYAiABKAkSKgoGcG9saWN5GAMgASgLMhoucmF0ZWxpbWl0ZC52MS5Nb2RlbFBvbGljeSKeAQoQTW9kZWxQZXJtaXNzaW9ucxIXCg9vcmdhbml6YXRpb25faWQYASABKAkSEgoKcHJvamVjdF9pZBgCIAEoCRIwCgxvcmdhbml6YXRpb24YAyABKAsyGi5yYXRlbGltaXRkLnYxLk1vZGVsUG9saWN5EisKB3Byb2plY3QYBCABKAsyGi5yYXRlbGltaXRkLnYxLk1vZGVsUG9saWN5InUKBk1lbWJlchIKCgJpZBgBIAEoCRIXCg9vcmdhbml6YXRpb25faWQYAiABKAkSDAoEbmFtZRgDIAEoCRIhCgRyb2xlGAQgASgOMhMucmF0ZWxpbWl0ZC52MS5Sb2xlEhUKDWNyZWF0ZWRfYXRfbXMYBSABKAMiXAoQQWRkTWVtYmVyUmVxdWVzdBIXCg9vcmdhbml6YXRpb25faWQYASABKAkSDAoEbmFtZRgCIAEoCRIhCgRyb2xlGAMgASgOMhMucmF0ZWxpbWl0ZC52MS5Sb2xlIngKEUFkZE1lbWJlclJlc3BvbnNlEiUKBm1lbWJlchgBIAEoCzIVLnJhdGVsaW1pdGQudjEuTWVtYmVyEi0KCmNyZWRlbnRpYWwYAiABKAsyGS5yYXRlbGltaXRkLnYxLkNyZWRlbnRpYWwSDQoFdG9rZW4YAyABKAkiLQoSTGlzdE1lbWJlcnNSZXF1ZXN0EhcKD29yZ2FuaXphdGlvbl9pZBgBIAEoCSI9ChNMaXN0TWVtYmVyc1Jlc3BvbnNlEiYKB21lbWJlcnMYASADKAsyFS5yYXRlbGltaXRkLnYxLk1lbWJlciJkChNVcGRhdGVNZW1iZXJSZXF1ZXN0EhcKD29yZ2FuaXphdGlvbl9pZBgBIAEoCRIRCgltZW1iZXJfaWQYAiABKAkSIQoEcm9sZRgDIAEoDjITLnJhdGVsaW1pdGQudjEuUm9sZSJBChNSZW1vdmVNZW1iZXJSZXF1ZXN0EhcKD29yZ2FuaXphdGlvbl9pZBgBIAEoCRIRCgltZW1iZXJfaWQYAiABKAkidwoKQ3JlZGVudGlhbBIKCgJpZBgBIAEoCRIMCgRraW5kGAIgASgJEgwKBG5hbWUYAyABKAkSFQoNY3JlYXRlZF9hdF9tcxgEIAEoAxIXCg9vcmdhbml6YXRpb25faWQYBSABKAkSEQoJbWVtYmVyX2lkGAYgASgJIo0BCglQcmluY2lwYWwSFQoNY3JlZGVudGlhbF9pZBgBIAEoCRIMCgRraW5kGAIgASgJEgwKBG5hbWUYAyABKAkSFwoPb3JnYW5pemF0aW9uX2lkGAQgASgJEhEKCW1lbWJlcl9pZBgFIAEoCRIhCgRyb2xlGAYgASgOMhMucmF0ZWxpbWl0ZC52MS5Sb2xlIlMKF0NyZWF0ZUNyZWRlbnRpYWxSZXF1ZXN0EhcKD29yZ2FuaXphdGlvbl9pZBgBIAEoCRIRCgltZW1iZXJfaWQYAiABKAkSDAoEbmFtZRgDIAEoCSJYChhDcmVhdGVDcmVkZW50aWFsUmVzcG9uc2USLQoKY3JlZGVudGlhbBgBIAEoCzIZLnJhdGVsaW1pdGQudjEuQ3JlZGVudGlhbBINCgV0b2tlbhgCIAEoCSIxChZMaXN0Q3JlZGVudGlhbHNSZXF1ZXN0EhcKD29yZ2FuaXphdGlvbl9pZBgBIAEoCSJJChdMaXN0Q3JlZGVudGlhbHNSZXNwb25zZRIuCgtjcmVkZW50aWFscxgBIAMoCzIZLnJhdGVsaW1pdGQudjEuQ3JlZGVudGlhbCJJChdSZXZva2VDcmVkZW50aWFsUmVxdWVzdBIXCg9vcmdhbml6YXRpb25faWQYASABKAkSFQoNY3JlZGVudGlhbF9pZBgCIAEoCSIPCg1XaG9BbUlSZXF1ZXN0IpABChZMaXN0QXVkaXRFdmVudHNSZXF1ZXN0EhcKD29yZ2FuaXphdGlvbl9pZBgBIAEoCRISCgpwcm9qZWN0X2lkGAIgASgJEhAKCHNpbmNlX21zGAMgASgDEhAKCHVudGlsX21zGAQgASgDEhEKCXBhZ2Vfc2l6ZRgFIAEoBRISCgpwYWdlX3Rva2VuGAYgASgJIqgBCgpBdWRpdEV2ZW50EgoKAmlkGAEgASgJEg8KB3RpbWVfbXMYAiABKAMSEQoJb3BlcmF0aW9uGAMgASgJEicKBWFjdG9yGAQgASgLMhgucmF0ZWxpbWl0ZC52MS5QcmluY2lwYWwSEgoKcHJvamVjdF9pZBgFIAEoCRIOCgZ0YXJnZXQYBiABKAkSDgoGYmVmb3JlGAcgASgJEg0KBWFmdGVyGAggASgJIl0KF0xpc3RBdWRpdEV2ZW50c1Jlc3BvbnNlEikKBmV2ZW50cxgBIAMoCzIZLnJhdGVsaW1pdGQudjEuQXVkaXRFdmVudBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkqZgoLTW9kZWxBY2Nlc3MSHQoZTU9ERUxfQUNDRVNTX1VOUkVTVFJJQ1RFRBAAEhsKF01PREVMX0FDQ0VTU19BTExPV19MSVNUEAESGwoXTU9ERUxfQUNDRVNTX0JMT0NLX0xJU1QQAipRCgRSb2xlEhQKEFJPTEVfVU5TUEVDSUZJRUQQABIOCgpST0xFX09XTkVSEAESEgoOUk9MRV9ERVZFTE9QRVIQAhIPCgtST0xFX1JFQURFUhADMoMEChNPcmdhbml6YXRpb25TZXJ2aWNlElsKEkNyZWF0ZU9yZ2FuaXphdGlvbhIoLnJhdGVsaW1pdGQudjEuQ3JlYXRlT3JnYW5pemF0aW9uUmVxdWVzdBobLnJhdGVsaW1pdGQudjEuT3JnYW5pemF0aW9uElUKD0dldE9yZ2FuaXphdGlvbhIlLnJhdGVsaW1pdGQudjEuR2V0T3JnYW5pemF0aW9uUmVxdWVzdBobLnJhdGVsaW1pdGQudjEuT3JnYW5pemF0aW9uEmYKEUxpc3RPcmdhbml6YXRpb25zEicucmF0ZWxpbWl0ZC52MS5MaXN0T3JnYW5pemF0aW9uc1JlcXVlc3QaKC5yYXRlbGltaXRkLnYxLkxpc3RPcmdhbml6YXRpb25zUmVzcG9uc2USZwoVU2V0T3JnYW5pemF0aW9uTGltaXRzEisucmF0ZWxpbWl0ZC52MS5TZXRPcmdhbml6YXRpb25MaW1pdHNSZXF1ZXN0GiEucmF0ZWxpbWl0ZC52MS5Pcmdhbml6YXRpb25MaW1pdHMSZwoVR2V0T3JnYW5pemF0aW9uTGltaXRzEisucmF0ZWxpbWl0ZC52MS5HZXRPcmdhbml6YXRpb25MaW1pdHNSZXF1ZXN0GiEucmF0ZWxpbWl0ZC52MS5Pcmdhbml6YXRpb25MaW1pdHMyyQYKDlByb2plY3RTZXJ2aWNlEkwKDUNyZWF0ZVByb2plY3QSIy5yYXRlbGltaXRkLnYxLkNyZWF0ZVByb2plY3RSZXF1ZXN0GhYucmF0ZWxpbWl0ZC52MS5Qcm9qZWN0EkYKCkdldFByb2plY3QSIC5yYXRlbGltaXRkLnYxLkdldFByb2plY3RSZXF1ZXN0GhYucmF0ZWxpbWl0ZC52MS5Qcm9qZWN0ElcKDExpc3RQcm9qZWN0cxIiLnJhdGVsaW1pdGQudjEuTGlzdFByb2plY3RzUmVxdWVzdBojLnJhdGVsaW1pdGQudjEuTGlzdFByb2plY3RzUmVzcG9uc2USTAoNVXBkYXRlUHJvamVjdBIjLnJhdGVsaW1pdGQudjEuVXBkYXRlUHJvamVjdFJlcXVlc3QaFi5yYXRlbGltaXRkLnYxLlByb2plY3QSTAoNRGVsZXRlUHJvamVjdBIjLnJhdGVsaW1pdGQudjEuRGVsZXRlUHJvamVjdFJlcXVlc3QaFi5yYXRlbGltaXRkLnYxLlByb2plY3QSWAoQU2V0UHJvamVjdExpbWl0cxImLnJhdGVsaW1pdGQudjEuU2V0UHJvamVjdExpbWl0c1JlcXVlc3QaHC5yYXRlbGltaXRkLnYxLlByb2plY3RMaW1pdHMSWAoQR2V0UHJvamVjdExpbWl0cxImLnJhdGVsaW1pdGQudjEuR2V0UHJvamVjdExpbWl0c1JlcXVlc3QaHC5yYXRlbGltaXRkLnYxLlByb2plY3RMaW1pdHMSVwoMQ3JlYXRlQXBpS2V5EiIucmF0ZWxpbWl0ZC52MS5DcmVhdGVBcGlLZXlSZXF1ZXN0GiMucmF0ZWxpbWl0ZC52MS5DcmVhdGVBcGlLZXlSZXNwb25zZRJUCgtMaXN0QXBpS2V5cxIhLnJhdGVsaW1pdGQudjEuTGlzdEFwaUtleXNSZXF1ZXN0GiIucmF0ZWxpbWl0ZC52MS5MaXN0QXBpS2V5c1Jlc3BvbnNlEkkKDFJldm9rZUFwaUtleRIiLnJhdGVsaW1pdGQudjEuUmV2b2tlQXBpS2V5UmVxdWVzdBoVLnJhdGVsaW1pdGQudjEuQXBpS2V5Mt4BChZNb2RlbFBlcm1pc3Npb25TZXJ2aWNlEmEKE0dldE1vZGVsUGVybWlzc2lvbnMSKS5yYXRlbGltaXRkLnYxLkdldE1vZGVsUGVybWlzc2lvbnNSZXF1ZXN0Gh8ucmF0ZWxpbWl0ZC52MS5Nb2RlbFBlcm1pc3Npb25zEmEKE1NldE1vZGVsUGVybWlzc2lvbnMSKS5yYXRlbGltaXRkLnYxLlNldE1vZGVsUGVybWlzc2lvbnNSZXF1ZXN0Gh8ucmF0ZWxpbWl0ZC52MS5Nb2RlbFBlcm1pc3Npb25zMssCCg1NZW1iZXJTZXJ2aWNlEk4KCUFkZE1lbWJlchIfLnJhdGVsaW1pdGQudjEuQWRkTWVtYmVyUmVxdWVzdBogLnJhdGVsaW1pdGQudjEuQWRkTWVtYmVyUmVzcG9uc2USVAoLTGlzdE1lbWJlcnMSIS5yYXRlbGltaXRkLnYxLkxpc3RNZW1iZXJzUmVxdWVzdBoiLnJhdGVsaW1pdGQudjEuTGlzdE1lbWJlcnNSZXNwb25zZRJJCgxVcGRhdGVNZW1iZXISIi5yYXRlbGltaXRkLnYxLlVwZGF0ZU1lbWJlclJlcXVlc3QaFS5yYXRlbGltaXRkLnYxLk1lbWJlchJJCgxSZW1vdmVNZW1iZXISIi5yYXRlbGltaXRkLnYxLlJlbW92ZU1lbWJlclJlcXVlc3QaFS5yYXRlbGltaXRkLnYxLk1lbWJlcjLzAgoRQ3JlZGVudGlhbFNlcnZpY2USYwoQQ3JlYXRlQ3JlZGVudGlhbBImLnJhdGVsaW1pdGQudjEuQ3JlYXRlQ3JlZGVudGlhbFJlcXVlc3QaJy5yYXRlbGltaXRkLnYxLkNyZWF0ZUNyZWRlbnRpYWxSZXNwb25zZRJgCg9MaXN0Q3JlZGVudGlhbHMSJS5yYXRlbGltaXRkLnYxLkxpc3RDcmVkZW50aWFsc1JlcXVlc3QaJi5yYXRlbGltaXRkLnYxLkxpc3RDcmVkZW50aWFsc1Jlc3BvbnNlElUKEFJldm9rZUNyZWRlbnRpYWwSJi5yYXRlbGltaXRkLnYxLlJldm9rZUNyZWRlbnRpYWxSZXF1ZXN0GhkucmF0ZWxpbWl0ZC52MS5DcmVkZW50aWFsEkAKBldob0FtSRIcLnJhdGVsaW1pdGQudjEuV2hvQW1JUmVxdWVzdBoYLnJhdGVsaW1pdGQudjEuUHJpbmNpcGFsMnAKDEF1ZGl0U2VydmljZRJgCg9MaXN0QXVkaXRFdmVudHMSJS5yYXRlbGltaXRkLnYxLkxpc3RBdWRpdEV2ZW50c1JlcXVlc3QaJi5yYXRlbGltaXRkLnYxLkxpc3RBdWRpdEV2ZW50c1Jlc3BvbnNlQqQBChFjb20ucmF0ZWxpbWl0ZC52MUIKQWRtaW5Qcm90b1ABWkpnaXRodWIuY29tL3JhdGVsaW1pdGQvcmF0ZWxpbWl0ZC9jbGllbnRzL2dvL2dlbi9yYXRlbGltaXRkL3YxO3JhdGVsaW1pdGR2MaICA1JMWKoCDVJhdGVsaW1pdGQuVjHKAg1SYXRlbGltaXRkXFYx6gIOUmF0ZWxpbWl0ZDo6VjFiBnByb3RvMw");
+  fileDesc("ChlyYXRlbGltaXRkL3YxL2FkbWluLnByb3RvEg1yYXRlbGltaXRkLnYxIkUKBUxpbWl0Eg0KBW1vZGVsGAEgASgJEg4KBm1ldHJpYxgCIAEoCRIOCgZ3aW5kb3cYAyABKAkSDQoFbGltaXQYBCABKAMiOQoITGltaXRLZXkSDQoFbW9kZWwYASABKAkSDgoGbWV0cmljGAIgASgJEg4KBndpbmRvdxgDIAEoCSJuCgxPcmdhbml6YXRpb24SCgoCaWQYASABKAkSDAoEbmFtZRgCIAEoCRIvCgtjcmVhdGVfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBKBAgDEARSDWNyZWF0ZWRfYXRfbXMilwEKB1Byb2plY3QSCgoCaWQYASABKAkSFwoPb3JnYW5pemF0aW9uX2lkGAIgASgJEgwKBG5hbWUYAyABKAkSEwoLZGVzY3JpcHRpb24YBCABKAkSLwoLY3JlYXRlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wSgQIBRAGUg1jcmVhdGVkX2F0X21zIucBCgZBcGlLZXkSCgoCaWQYASABKAkSEgoKcHJvamVjdF9pZBgCIAEoCRIMCgRuYW1lGAMgASgJEg4KBnByZWZpeBgEIAEoCRIPCgdyZXZva2VkGAcgASgIEi8KC2NyZWF0ZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIxCg1sYXN0X3VzZV90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEoECAUQBkoECAYQB1INY3JlYXRlZF9hdF9tc1IPbGFzdF91c2VkX2F0X21zIp4BCg5FZmZlY3RpdmVMaW1pdBINCgVtb2RlbBgBIAEoCRIOCgZtZXRyaWMYAiABKAkSDgoGd2luZG93GAMgASgJEhMKBmN1c3RvbRgEIAEoA0gAiAEBEhkKDG9yZ2FuaXphdGlvbhgFIAEoA0gBiAEBEhEKCWVmZmVjdGl2ZRgGIAEoA0IJCgdfY3VzdG9tQg8KDV9vcmdhbml6YXRpb24iKQoZQ3JlYXRlT3JnYW5pemF0aW9uUmVxdWVzdBIMCgRuYW1lGAEgASgJIjEKFkdldE9yZ2FuaXphdGlvblJlcXVlc3QSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJIkEKGExpc3RPcmdhbml6YXRpb25zUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCSJoChlMaXN0T3JnYW5pemF0aW9uc1Jlc3BvbnNlEjIKDW9yZ2FuaXphdGlvbnMYASADKAsyGy5yYXRlbGltaXRkLnYxLk9yZ2FuaXphdGlvbhIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiggEKHFNldE9yZ2FuaXphdGlvbkxpbWl0c1JlcXVlc3QSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEiEKA3NldBgCIAMoCzIULnJhdGVsaW1pdGQudjEuTGltaXQSJgoFY2xlYXIYAyADKAsyFy5yYXRlbGltaXRkLnYxLkxpbWl0S2V5IjcKHEdldE9yZ2FuaXphdGlvbkxpbWl0c1JlcXVlc3QSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJIlMKEk9yZ2FuaXphdGlvbkxpbWl0cxIXCg9vcmdhbml6YXRpb25faWQYASABKAkSJAoGbGltaXRzGAIgAygLMhQucmF0ZWxpbWl0ZC52MS5MaW1pdCJSChRDcmVhdGVQcm9qZWN0UmVxdWVzdBIXCg9vcmdhbml6YXRpb25faWQYASABKAkSDAoEbmFtZRgCIAEoCRITCgtkZXNjcmlwdGlvbhgDIAEoCSJOChFHZXRQcm9qZWN0UmVxdWVzdBIXCg9vcmdhbml6YXRpb25faWQYASABKAkSEgoKcHJvamVjdF9pZBgCIAEoCRIMCgRuYW1lGAMgASgJIlUKE0xpc3RQcm9qZWN0c1JlcXVlc3QSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIlkKFExpc3RQcm9qZWN0c1Jlc3BvbnNlEigKCHByb2plY3RzGAEgAygLMhYucmF0ZWxpbWl0ZC52MS5Qcm9qZWN0EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSKmAQoUVXBkYXRlUHJvamVjdFJlcXVlc3QSJwoHcHJvamVjdBgFIAEoCzIWLnJhdGVsaW1pdGQudjEuUHJvamVjdBIvCgt1cGRhdGVfbWFzaxgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE1hc2tKBAgBEAVSD29yZ2FuaXphdGlvbl9pZFIKcHJvamVjdF9pZFIEbmFtZVILZGVzY3JpcHRpb24iQwoURGVsZXRlUHJvamVjdFJlcXVlc3QSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEhIKCnByb2plY3RfaWQYAiABKAkikQEKF1NldFByb2plY3RMaW1pdHNSZXF1ZXN0EhcKD29yZ2FuaXphdGlvbl9pZBgBIAEoCRISCgpwcm9qZWN0X2lkGAIgASgJEiEKA3NldBgDIAMoCzIULnJhdGVsaW1pdGQudjEuTGltaXQSJgoFY2xlYXIYBCADKAsyFy5yYXRlbGltaXRkLnYxLkxpbWl0S2V5IlYKF0dldFByb2plY3RMaW1pdHNSZXF1ZXN0EhcKD29yZ2FuaXphdGlvbl9pZBgBIAEoCRISCgpwcm9qZWN0X2lkGAIgASgJEg4KBm1vZGVscxgDIAMoCSKUAQoNUHJvamVjdExpbWl0cxIXCg9vcmdhbml6YXRpb25faWQYASABKAkSEgoKcHJvamVjdF9pZBgCIAEoCRIkCgZjdXN0b20YAyADKAsyFC5yYXRlbGltaXRkLnYxLkxpbWl0EjAKCWVmZmVjdGl2ZRgEIAMoCzIdLnJhdGVsaW1pdGQudjEuRWZmZWN0aXZlTGltaXQiUAoTQ3JlYXRlQXBpS2V5UmVxdWVzdBIXCg9vcmdhbml6YXRpb25faWQYASABKAkSEgoKcHJvamVjdF9pZBgCIAEoCRIMCgRuYW1lGAMgASgJIkoKFENyZWF0ZUFwaUtleVJlc3BvbnNlEiIKA2tleRgBIAEoCzIVLnJhdGVsaW1pdGQudjEuQXBpS2V5Eg4KBnNlY3JldBgCIAEoCSJoChJMaXN0QXBpS2V5c1JlcXVlc3QSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEhIKCnByb2plY3RfaWQYAiABKAkSEQoJcGFnZV9zaXplGAMgASgFEhIKCnBhZ2VfdG9rZW4YBCABKAkiUwoTTGlzdEFwaUtleXNSZXNwb25zZRIjCgRrZXlzGAEgAygLMhUucmF0ZWxpbWl0ZC52MS5BcGlLZXkSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIj4KE1Jldm9rZUFwaUtleVJlcXVlc3QSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEg4KBmtleV9pZBgCIAEoCSJJCgtNb2RlbFBvbGljeRIqCgZhY2Nlc3MYASABKA4yGi5yYXRlbGltaXRkLnYxLk1vZGVsQWNjZXNzEg4KBm1vZGVscxgCIAMoCSJJChpHZXRNb2RlbFBlcm1pc3Npb25zUmVxdWVzdBIXCg9vcmdhbml6YXRpb25faWQYASABKAkSEgoKcHJvamVjdF9pZBgCIAEoCSJ1ChpTZXRNb2RlbFBlcm1pc3Npb25zUmVxdWVzdBIXCg9vcmdhbml6YXRpb25faWQYASABKAkSEgoKcHJvamVjdF9pZBgCIAEoCRIqCgZwb2xpY3kYAyABKAsyGi5yYXRlbGltaXRkLnYxLk1vZGVsUG9saWN5Ip4BChBNb2RlbFBlcm1pc3Npb25zEhcKD29yZ2FuaXphdGlvbl9pZBgBIAEoCRISCgpwcm9qZWN0X2lkGAIgASgJEjAKDG9yZ2FuaXphdGlvbhgDIAEoCzIaLnJhdGVsaW1pdGQudjEuTW9kZWxQb2xpY3kSKwoHcHJvamVjdBgEIAEoCzIaLnJhdGVsaW1pdGQudjEuTW9kZWxQb2xpY3kipAEKBk1lbWJlchIKCgJpZBgBIAEoCRIXCg9vcmdhbml6YXRpb25faWQYAiABKAkSDAoEbmFtZRgDIAEoCRIhCgRyb2xlGAQgASgOMhMucmF0ZWxpbWl0ZC52MS5Sb2xlEi8KC2NyZWF0ZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEoECAUQBlINY3JlYXRlZF9hdF9tcyJcChBBZGRNZW1iZXJSZXF1ZXN0EhcKD29yZ2FuaXphdGlvbl9pZBgBIAEoCRIMCgRuYW1lGAIgASgJEiEKBHJvbGUYAyABKA4yEy5yYXRlbGltaXRkLnYxLlJvbGUieAoRQWRkTWVtYmVyUmVzcG9uc2USJQoGbWVtYmVyGAEgASgLMhUucmF0ZWxpbWl0ZC52MS5NZW1iZXISLQoKY3JlZGVudGlhbBgCIAEoCzIZLnJhdGVsaW1pdGQudjEuQ3JlZGVudGlhbBINCgV0b2tlbhgDIAEoCSJUChJMaXN0TWVtYmVyc1JlcXVlc3QSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIlYKE0xpc3RNZW1iZXJzUmVzcG9uc2USJgoHbWVtYmVycxgBIAMoCzIVLnJhdGVsaW1pdGQudjEuTWVtYmVyEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSKVAQoTVXBkYXRlTWVtYmVyUmVxdWVzdBIlCgZtZW1iZXIYBCABKAsyFS5yYXRlbGltaXRkLnYxLk1lbWJlchIvCgt1cGRhdGVfbWFzaxgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE1hc2tKBAgBEARSD29yZ2FuaXphdGlvbl9pZFIJbWVtYmVyX2lkUgRyb2xlIkEKE1JlbW92ZU1lbWJlclJlcXVlc3QSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEhEKCW1lbWJlcl9pZBgCIAEoCSKmAQoKQ3JlZGVudGlhbBIKCgJpZBgBIAEoCRIMCgRraW5kGAIgASgJEgwKBG5hbWUYAyABKAkSFwoPb3JnYW5pemF0aW9uX2lkGAUgASgJEhEKCW1lbWJlcl9pZBgGIAEoCRIvCgtjcmVhdGVfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBKBAgEEAVSDWNyZWF0ZWRfYXRfbXMijQEKCVByaW5jaXBhbBIVCg1jcmVkZW50aWFsX2lkGAEgASgJEgwKBGtpbmQYAiABKAkSDAoEbmFtZRgDIAEoCRIXCg9vcmdhbml6YXRpb25faWQYBCABKAkSEQoJbWVtYmVyX2lkGAUgASgJEiEKBHJvbGUYBiABKA4yEy5yYXRlbGltaXRkLnYxLlJvbGUiUwoXQ3JlYXRlQ3JlZGVudGlhbFJlcXVlc3QSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEhEKCW1lbWJlcl9pZBgCIAEoCRIMCgRuYW1lGAMgASgJIlgKGENyZWF0ZUNyZWRlbnRpYWxSZXNwb25zZRItCgpjcmVkZW50aWFsGAEgASgLMhkucmF0ZWxpbWl0ZC52MS5DcmVkZW50aWFsEg0KBXRva2VuGAIgASgJIlgKFkxpc3RDcmVkZW50aWFsc1JlcXVlc3QSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJImIKF0xpc3RDcmVkZW50aWFsc1Jlc3BvbnNlEi4KC2NyZWRlbnRpYWxzGAEgAygLMhkucmF0ZWxpbWl0ZC52MS5DcmVkZW50aWFsEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJJChdSZXZva2VDcmVkZW50aWFsUmVxdWVzdBIXCg9vcmdhbml6YXRpb25faWQYASABKAkSFQoNY3JlZGVudGlhbF9pZBgCIAEoCSIPCg1XaG9BbUlSZXF1ZXN0IuoBChZMaXN0QXVkaXRFdmVudHNSZXF1ZXN0EhcKD29yZ2FuaXphdGlvbl9pZBgBIAEoCRISCgpwcm9qZWN0X2lkGAIgASgJEhEKCXBhZ2Vfc2l6ZRgFIAEoBRISCgpwYWdlX3Rva2VuGAYgASgJEi4KCnN0YXJ0X3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEoECAMQBEoECAQQBVIIc2luY2VfbXNSCHVudGlsX21zItYBCgpBdWRpdEV2ZW50EgoKAmlkGAEgASgJEi4KCmV2ZW50X3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCW9wZXJhdGlvbhgDIAEoCRInCgVhY3RvchgEIAEoCzIYLnJhdGVsaW1pdGQudjEuUHJpbmNpcGFsEhIKCnByb2plY3RfaWQYBSABKAkSDgoGdGFyZ2V0GAYgASgJEg4KBmJlZm9yZRgHIAEoCRINCgVhZnRlchgIIAEoCUoECAIQA1IHdGltZV9tcyJdChdMaXN0QXVkaXRFdmVudHNSZXNwb25zZRIpCgZldmVudHMYASADKAsyGS5yYXRlbGltaXRkLnYxLkF1ZGl0RXZlbnQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJKoQBCgtNb2RlbEFjY2VzcxIcChhNT0RFTF9BQ0NFU1NfVU5TUEVDSUZJRUQQABIbChdNT0RFTF9BQ0NFU1NfQUxMT1dfTElTVBABEhsKF01PREVMX0FDQ0VTU19CTE9DS19MSVNUEAISHQoZTU9ERUxfQUNDRVNTX1VOUkVTVFJJQ1RFRBADKlEKBFJvbGUSFAoQUk9MRV9VTlNQRUNJRklFRBAAEg4KClJPTEVfT1dORVIQARISCg5ST0xFX0RFVkVMT1BFUhACEg8KC1JPTEVfUkVBREVSEAMygwQKE09yZ2FuaXphdGlvblNlcnZpY2USWwoSQ3JlYXRlT3JnYW5pemF0aW9uEigucmF0ZWxpbWl0ZC52MS5DcmVhdGVPcmdhbml6YXRpb25SZXF1ZXN0GhsucmF0ZWxpbWl0ZC52MS5Pcmdhbml6YXRpb24SVQoPR2V0T3JnYW5pemF0aW9uEiUucmF0ZWxpbWl0ZC52MS5HZXRPcmdhbml6YXRpb25SZXF1ZXN0GhsucmF0ZWxpbWl0ZC52MS5Pcmdhbml6YXRpb24SZgoRTGlzdE9yZ2FuaXphdGlvbnMSJy5yYXRlbGltaXRkLnYxLkxpc3RPcmdhbml6YXRpb25zUmVxdWVzdBooLnJhdGVsaW1pdGQudjEuTGlzdE9yZ2FuaXphdGlvbnNSZXNwb25zZRJnChVTZXRPcmdhbml6YXRpb25MaW1pdHMSKy5yYXRlbGltaXRkLnYxLlNldE9yZ2FuaXphdGlvbkxpbWl0c1JlcXVlc3QaIS5yYXRlbGltaXRkLnYxLk9yZ2FuaXphdGlvbkxpbWl0cxJnChVHZXRPcmdhbml6YXRpb25MaW1pdHMSKy5yYXRlbGltaXRkLnYxLkdldE9yZ2FuaXphdGlvbkxpbWl0c1JlcXVlc3QaIS5yYXRlbGltaXRkLnYxLk9yZ2FuaXphdGlvbkxpbWl0czLJBgoOUHJvamVjdFNlcnZpY2USTAoNQ3JlYXRlUHJvamVjdBIjLnJhdGVsaW1pdGQudjEuQ3JlYXRlUHJvamVjdFJlcXVlc3QaFi5yYXRlbGltaXRkLnYxLlByb2plY3QSRgoKR2V0UHJvamVjdBIgLnJhdGVsaW1pdGQudjEuR2V0UHJvamVjdFJlcXVlc3QaFi5yYXRlbGltaXRkLnYxLlByb2plY3QSVwoMTGlzdFByb2plY3RzEiIucmF0ZWxpbWl0ZC52MS5MaXN0UHJvamVjdHNSZXF1ZXN0GiMucmF0ZWxpbWl0ZC52MS5MaXN0UHJvamVjdHNSZXNwb25zZRJMCg1VcGRhdGVQcm9qZWN0EiMucmF0ZWxpbWl0ZC52MS5VcGRhdGVQcm9qZWN0UmVxdWVzdBoWLnJhdGVsaW1pdGQudjEuUHJvamVjdBJMCg1EZWxldGVQcm9qZWN0EiMucmF0ZWxpbWl0ZC52MS5EZWxldGVQcm9qZWN0UmVxdWVzdBoWLnJhdGVsaW1pdGQudjEuUHJvamVjdBJYChBTZXRQcm9qZWN0TGltaXRzEiYucmF0ZWxpbWl0ZC52MS5TZXRQcm9qZWN0TGltaXRzUmVxdWVzdBocLnJhdGVsaW1pdGQudjEuUHJvamVjdExpbWl0cxJYChBHZXRQcm9qZWN0TGltaXRzEiYucmF0ZWxpbWl0ZC52MS5HZXRQcm9qZWN0TGltaXRzUmVxdWVzdBocLnJhdGVsaW1pdGQudjEuUHJvamVjdExpbWl0cxJXCgxDcmVhdGVBcGlLZXkSIi5yYXRlbGltaXRkLnYxLkNyZWF0ZUFwaUtleVJlcXVlc3QaIy5yYXRlbGltaXRkLnYxLkNyZWF0ZUFwaUtleVJlc3BvbnNlElQKC0xpc3RBcGlLZXlzEiEucmF0ZWxpbWl0ZC52MS5MaXN0QXBpS2V5c1JlcXVlc3QaIi5yYXRlbGltaXRkLnYxLkxpc3RBcGlLZXlzUmVzcG9uc2USSQoMUmV2b2tlQXBpS2V5EiIucmF0ZWxpbWl0ZC52MS5SZXZva2VBcGlLZXlSZXF1ZXN0GhUucmF0ZWxpbWl0ZC52MS5BcGlLZXky3gEKFk1vZGVsUGVybWlzc2lvblNlcnZpY2USYQoTR2V0TW9kZWxQZXJtaXNzaW9ucxIpLnJhdGVsaW1pdGQudjEuR2V0TW9kZWxQZXJtaXNzaW9uc1JlcXVlc3QaHy5yYXRlbGltaXRkLnYxLk1vZGVsUGVybWlzc2lvbnMSYQoTU2V0TW9kZWxQZXJtaXNzaW9ucxIpLnJhdGVsaW1pdGQudjEuU2V0TW9kZWxQZXJtaXNzaW9uc1JlcXVlc3QaHy5yYXRlbGltaXRkLnYxLk1vZGVsUGVybWlzc2lvbnMyywIKDU1lbWJlclNlcnZpY2USTgoJQWRkTWVtYmVyEh8ucmF0ZWxpbWl0ZC52MS5BZGRNZW1iZXJSZXF1ZXN0GiAucmF0ZWxpbWl0ZC52MS5BZGRNZW1iZXJSZXNwb25zZRJUCgtMaXN0TWVtYmVycxIhLnJhdGVsaW1pdGQudjEuTGlzdE1lbWJlcnNSZXF1ZXN0GiIucmF0ZWxpbWl0ZC52MS5MaXN0TWVtYmVyc1Jlc3BvbnNlEkkKDFVwZGF0ZU1lbWJlchIiLnJhdGVsaW1pdGQudjEuVXBkYXRlTWVtYmVyUmVxdWVzdBoVLnJhdGVsaW1pdGQudjEuTWVtYmVyEkkKDFJlbW92ZU1lbWJlchIiLnJhdGVsaW1pdGQudjEuUmVtb3ZlTWVtYmVyUmVxdWVzdBoVLnJhdGVsaW1pdGQudjEuTWVtYmVyMvMCChFDcmVkZW50aWFsU2VydmljZRJjChBDcmVhdGVDcmVkZW50aWFsEiYucmF0ZWxpbWl0ZC52MS5DcmVhdGVDcmVkZW50aWFsUmVxdWVzdBonLnJhdGVsaW1pdGQudjEuQ3JlYXRlQ3JlZGVudGlhbFJlc3BvbnNlEmAKD0xpc3RDcmVkZW50aWFscxIlLnJhdGVsaW1pdGQudjEuTGlzdENyZWRlbnRpYWxzUmVxdWVzdBomLnJhdGVsaW1pdGQudjEuTGlzdENyZWRlbnRpYWxzUmVzcG9uc2USVQoQUmV2b2tlQ3JlZGVudGlhbBImLnJhdGVsaW1pdGQudjEuUmV2b2tlQ3JlZGVudGlhbFJlcXVlc3QaGS5yYXRlbGltaXRkLnYxLkNyZWRlbnRpYWwSQAoGV2hvQW1JEhwucmF0ZWxpbWl0ZC52MS5XaG9BbUlSZXF1ZXN0GhgucmF0ZWxpbWl0ZC52MS5QcmluY2lwYWwycAoMQXVkaXRTZXJ2aWNlEmAKD0xpc3RBdWRpdEV2ZW50cxIlLnJhdGVsaW1pdGQudjEuTGlzdEF1ZGl0RXZlbnRzUmVxdWVzdBomLnJhdGVsaW1pdGQudjEuTGlzdEF1ZGl0RXZlbnRzUmVzcG9uc2VCpAEKEWNvbS5yYXRlbGltaXRkLnYxQgpBZG1pblByb3RvUAFaSmdpdGh1Yi5jb20vcmF0ZWxpbWl0ZC9yYXRlbGltaXRkL2NsaWVudHMvZ28vZ2VuL3JhdGVsaW1pdGQvdjE7cmF0ZWxpbWl0ZHYxogIDUkxYqgINUmF0ZWxpbWl0ZC5WMcoCDVJhdGVsaW1pdGRcVjHqAg5SYXRlbGltaXRkOjpWMWIGcHJvdG8z", [file_google_protobuf_field_mask, file_google_protobuf_timestamp]);
 
 /**
  * A limit on one model, metric and window. `model` may be "*": the default
@@ -105,9 +107,9 @@ export type Organization = Message<"ratelimitd.v1.Organization"> & {
   name: string;
 
   /**
-   * @generated from field: int64 created_at_ms = 3;
+   * @generated from field: google.protobuf.Timestamp create_time = 4;
    */
-  createdAtMs: bigint;
+  createTime?: Timestamp;
 };
 
 /**
@@ -142,9 +144,9 @@ export type Project = Message<"ratelimitd.v1.Project"> & {
   description: string;
 
   /**
-   * @generated from field: int64 created_at_ms = 5;
+   * @generated from field: google.protobuf.Timestamp create_time = 6;
    */
-  createdAtMs: bigint;
+  createTime?: Timestamp;
 };
 
 /**
@@ -181,21 +183,21 @@ export type ApiKey = Message<"ratelimitd.v1.ApiKey"> & {
   prefix: string;
 
   /**
-   * @generated from field: int64 created_at_ms = 5;
-   */
-  createdAtMs: bigint;
-
-  /**
-   * 0 when the key was never used.
-   *
-   * @generated from field: int64 last_used_at_ms = 6;
-   */
-  lastUsedAtMs: bigint;
-
-  /**
    * @generated from field: bool revoked = 7;
    */
   revoked: boolean;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp create_time = 8;
+   */
+  createTime?: Timestamp;
+
+  /**
+   * Absent when the key was never used.
+   *
+   * @generated from field: google.protobuf.Timestamp last_use_time = 9;
+   */
+  lastUseTime?: Timestamp;
 };
 
 /**
@@ -518,30 +520,25 @@ export const ListProjectsResponseSchema: GenMessage<ListProjectsResponse> = /*@_
   messageDesc(file_ratelimitd_v1_admin, 16);
 
 /**
+ * AIP-134: the resource and the fields to change.
+ *
  * @generated from message ratelimitd.v1.UpdateProjectRequest
  */
 export type UpdateProjectRequest = Message<"ratelimitd.v1.UpdateProjectRequest"> & {
   /**
-   * @generated from field: string organization_id = 1;
-   */
-  organizationId: string;
-
-  /**
-   * @generated from field: string project_id = 2;
-   */
-  projectId: string;
-
-  /**
-   * Only the fields set are changed; at least one must be.
+   * Names the project with `organization_id` and `id`, and carries the new values.
    *
-   * @generated from field: optional string name = 3;
+   * @generated from field: ratelimitd.v1.Project project = 5;
    */
-  name?: string;
+  project?: Project;
 
   /**
-   * @generated from field: optional string description = 4;
+   * "name", "description" or "*" (both). Absent: every field set (non-empty)
+   * in `project` among those two. Any other path is INVALID_ARGUMENT.
+   *
+   * @generated from field: google.protobuf.FieldMask update_mask = 6;
    */
-  description?: string;
+  updateMask?: FieldMask;
 };
 
 /**
@@ -734,6 +731,20 @@ export type ListApiKeysRequest = Message<"ratelimitd.v1.ListApiKeysRequest"> & {
    * @generated from field: string project_id = 2;
    */
   projectId: string;
+
+  /**
+   * 0 means 50; at most 1000
+   *
+   * @generated from field: int32 page_size = 3;
+   */
+  pageSize: number;
+
+  /**
+   * next_page_token of the previous page
+   *
+   * @generated from field: string page_token = 4;
+   */
+  pageToken: string;
 };
 
 /**
@@ -748,9 +759,18 @@ export const ListApiKeysRequestSchema: GenMessage<ListApiKeysRequest> = /*@__PUR
  */
 export type ListApiKeysResponse = Message<"ratelimitd.v1.ListApiKeysResponse"> & {
   /**
+   * oldest first
+   *
    * @generated from field: repeated ratelimitd.v1.ApiKey keys = 1;
    */
   keys: ApiKey[];
+
+  /**
+   * empty on the last page
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
 };
 
 /**
@@ -920,9 +940,9 @@ export type Member = Message<"ratelimitd.v1.Member"> & {
   role: Role;
 
   /**
-   * @generated from field: int64 created_at_ms = 5;
+   * @generated from field: google.protobuf.Timestamp create_time = 6;
    */
-  createdAtMs: bigint;
+  createTime?: Timestamp;
 };
 
 /**
@@ -996,6 +1016,20 @@ export type ListMembersRequest = Message<"ratelimitd.v1.ListMembersRequest"> & {
    * @generated from field: string organization_id = 1;
    */
   organizationId: string;
+
+  /**
+   * 0 means 50; at most 1000
+   *
+   * @generated from field: int32 page_size = 2;
+   */
+  pageSize: number;
+
+  /**
+   * next_page_token of the previous page
+   *
+   * @generated from field: string page_token = 3;
+   */
+  pageToken: string;
 };
 
 /**
@@ -1015,6 +1049,13 @@ export type ListMembersResponse = Message<"ratelimitd.v1.ListMembersResponse"> &
    * @generated from field: repeated ratelimitd.v1.Member members = 1;
    */
   members: Member[];
+
+  /**
+   * empty on the last page
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
 };
 
 /**
@@ -1025,23 +1066,24 @@ export const ListMembersResponseSchema: GenMessage<ListMembersResponse> = /*@__P
   messageDesc(file_ratelimitd_v1_admin, 35);
 
 /**
+ * AIP-134: the resource and the fields to change.
+ *
  * @generated from message ratelimitd.v1.UpdateMemberRequest
  */
 export type UpdateMemberRequest = Message<"ratelimitd.v1.UpdateMemberRequest"> & {
   /**
-   * @generated from field: string organization_id = 1;
+   * Names the member with `organization_id` and `id`, and carries the new role.
+   *
+   * @generated from field: ratelimitd.v1.Member member = 4;
    */
-  organizationId: string;
+  member?: Member;
 
   /**
-   * @generated from field: string member_id = 2;
+   * "role" (or "*"). Absent: "role" when it is set. Any other path is INVALID_ARGUMENT.
+   *
+   * @generated from field: google.protobuf.FieldMask update_mask = 5;
    */
-  memberId: string;
-
-  /**
-   * @generated from field: ratelimitd.v1.Role role = 3;
-   */
-  role: Role;
+  updateMask?: FieldMask;
 };
 
 /**
@@ -1097,11 +1139,6 @@ export type Credential = Message<"ratelimitd.v1.Credential"> & {
   name: string;
 
   /**
-   * @generated from field: int64 created_at_ms = 4;
-   */
-  createdAtMs: bigint;
-
-  /**
    * members only
    *
    * @generated from field: string organization_id = 5;
@@ -1114,6 +1151,11 @@ export type Credential = Message<"ratelimitd.v1.Credential"> & {
    * @generated from field: string member_id = 6;
    */
   memberId: string;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp create_time = 7;
+   */
+  createTime?: Timestamp;
 };
 
 /**
@@ -1234,6 +1276,20 @@ export type ListCredentialsRequest = Message<"ratelimitd.v1.ListCredentialsReque
    * @generated from field: string organization_id = 1;
    */
   organizationId: string;
+
+  /**
+   * 0 means 50; at most 1000
+   *
+   * @generated from field: int32 page_size = 2;
+   */
+  pageSize: number;
+
+  /**
+   * next_page_token of the previous page
+   *
+   * @generated from field: string page_token = 3;
+   */
+  pageToken: string;
 };
 
 /**
@@ -1253,6 +1309,13 @@ export type ListCredentialsResponse = Message<"ratelimitd.v1.ListCredentialsResp
    * @generated from field: repeated ratelimitd.v1.Credential credentials = 1;
    */
   credentials: Credential[];
+
+  /**
+   * empty on the last page
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
 };
 
 /**
@@ -1316,18 +1379,6 @@ export type ListAuditEventsRequest = Message<"ratelimitd.v1.ListAuditEventsReque
   projectId: string;
 
   /**
-   * Inclusive bounds in Unix milliseconds; 0 leaves a side open.
-   *
-   * @generated from field: int64 since_ms = 3;
-   */
-  sinceMs: bigint;
-
-  /**
-   * @generated from field: int64 until_ms = 4;
-   */
-  untilMs: bigint;
-
-  /**
    * 0 means 50; at most 1000
    *
    * @generated from field: int32 page_size = 5;
@@ -1340,6 +1391,18 @@ export type ListAuditEventsRequest = Message<"ratelimitd.v1.ListAuditEventsReque
    * @generated from field: string page_token = 6;
    */
   pageToken: string;
+
+  /**
+   * Inclusive bounds (millisecond precision); absent leaves a side open.
+   *
+   * @generated from field: google.protobuf.Timestamp start_time = 7;
+   */
+  startTime?: Timestamp;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp end_time = 8;
+   */
+  endTime?: Timestamp;
 };
 
 /**
@@ -1361,9 +1424,9 @@ export type AuditEvent = Message<"ratelimitd.v1.AuditEvent"> & {
   id: string;
 
   /**
-   * @generated from field: int64 time_ms = 2;
+   * @generated from field: google.protobuf.Timestamp event_time = 9;
    */
-  timeMs: bigint;
+  eventTime?: Timestamp;
 
   /**
    * The RPC that made the change, e.g. "SetProjectLimits".
@@ -1440,11 +1503,11 @@ export const ListAuditEventsResponseSchema: GenMessage<ListAuditEventsResponse> 
  */
 export enum ModelAccess {
   /**
-   * Every model that has a limit (or a '*' limit) may be used.
+   * Not set: never in a reply; SetModelPermissions refuses it (INVALID_ARGUMENT).
    *
-   * @generated from enum value: MODEL_ACCESS_UNRESTRICTED = 0;
+   * @generated from enum value: MODEL_ACCESS_UNSPECIFIED = 0;
    */
-  UNRESTRICTED = 0,
+  UNSPECIFIED = 0,
 
   /**
    * Only the listed models.
@@ -1459,6 +1522,14 @@ export enum ModelAccess {
    * @generated from enum value: MODEL_ACCESS_BLOCK_LIST = 2;
    */
   BLOCK_LIST = 2,
+
+  /**
+   * Every model that has a limit (or a '*' limit) may be used. What a
+   * policy that was never set reads as.
+   *
+   * @generated from enum value: MODEL_ACCESS_UNRESTRICTED = 3;
+   */
+  UNRESTRICTED = 3,
 }
 
 /**
@@ -1594,7 +1665,8 @@ export const ProjectService: GenService<{
     output: typeof ListProjectsResponseSchema;
   },
   /**
-   * Renames and/or changes the description.
+   * Renames and/or changes the description: the fields update_mask names
+   * ("name", "description"; "*" for both; absent: those set in `project`).
    *
    * @generated from rpc ratelimitd.v1.ProjectService.UpdateProject
    */
@@ -1721,7 +1793,8 @@ export const MemberService: GenService<{
     output: typeof ListMembersResponseSchema;
   },
   /**
-   * Changes the role; effective at once in this server, within 2 s in others.
+   * Changes the role (update_mask "role"); effective at once in this server,
+   * within 2 s in others.
    *
    * @generated from rpc ratelimitd.v1.MemberService.UpdateMember
    */

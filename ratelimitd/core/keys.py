@@ -1,4 +1,5 @@
-"""Every Redis key ratelimitd writes, built in one place.
+"""Every Redis key ratelimitd writes, built in one place (LAYOUT at the end describes them
+all as patterns, with how long each lives; tests/test_key_layout.py holds a full flow to it).
 
 All keys of one organization start with ``rl:{<org_id>}:``. The braces are a
 Redis Cluster hash tag: only the text inside them picks the slot, so a decision
@@ -27,8 +28,20 @@ Layout below one organization prefix::
     s                      hash   decision state: every bucket of the organization and its
                                   projects ("o:<model>", "p:<project>:<model>"), the resolved
                                   configuration of each (project, model) ("c:<project>:<model>"),
-                                  and the configuration version "v" (lib.lua); expires once
+                                  both binary (packed doubles), and the configuration
+                                  version "v" (lib.lua); expires once
                                   every bucket would have drained
+
+Usage, spend and the request log (engine/usage.py, decide.lua, report.lua)::
+
+    cfg                    hash   usage settings ("cached": "1" when cached tokens count)
+    price                  hash   model -> "<input>,<output>,<cached input>" USD per million
+    spendlim               hash   spend limits, micro-USD: "o" the organization's,
+                                  "p:<project_id>" a project's (spend_field)
+    spend:<YYYYMM>         hash   the month's spend, micro-USD, same fields; expires
+    log:<project_id>       list   request log, newest first, capped, expires after the newest
+    sa:<YYYYMM>            hash   spend alerts claimed in the month, "<field>|<percent>" -> "1"
+                                  (spend_alerts.lua, engine/spend_alerts.py); expires after the month
 
 Added by the control plane (docs/control-plane.md)::
 
@@ -49,7 +62,9 @@ Added by the control plane (docs/control-plane.md)::
 
 from __future__ import annotations
 
-from typing import Any
+import enum
+import re
+from typing import Any, NamedTuple
 
 ROOT = "rl:"
 ORGANIZATIONS = "rl:orgs"  # hash org id -> name
@@ -62,12 +77,21 @@ HEALTH_PROBE = "rl:health"
 # the whole name of CREDENTIALS, so a credential change and its event share one
 # slot and can be written in one transaction.
 PLATFORM_AUDIT = "rl:{rl:creds}:audit"
+# Console sign-ins (engine/sessions.py): "rl:session:<sha256 of the session id>", a
+# string that expires with the session; outside every organization like CREDENTIALS.
+CONSOLE_SESSION_PREFIX = "rl:session:"
+
+
+def health_probe_on(n: int) -> str:
+    """A health probe key with a hash tag of its own: on a cluster, the ``n`` that puts it
+    on a given primary is searched for (storage/cluster.py)."""
+    return f"{HEALTH_PROBE}:{{{n}}}"
 
 
 def console_session(session_digest: str) -> str:
-    """A console session (sessions.py), by the sha256 of its id: a copy of the database
+    """A console session (engine/sessions.py), by the sha256 of its id: a copy of the database
     holds nothing a browser could present. Outside every organization, like CREDENTIALS."""
-    return "rl:session:" + session_digest
+    return CONSOLE_SESSION_PREFIX + session_digest
 
 
 def org_prefix(org_id: str) -> str:
@@ -132,6 +156,9 @@ class OrgKeys:
     def request(self, request_id: str) -> str:
         return self.prefix + "r:" + request_id
 
+    def spend_alerts(self, month_key: str) -> str:
+        return f"{self.prefix}sa:{month_key}"
+
     @property
     def state(self) -> str:
         return self.prefix + "s"
@@ -147,6 +174,47 @@ class OrgKeys:
     def usage(self, resolution: str, start_s: int) -> str:
         return f"{self.prefix}u:{resolution}:{start_s}"
 
+    @property
+    def usage_settings(self) -> str:
+        return self.prefix + "cfg"
+
+    @property
+    def prices(self) -> str:
+        return self.prefix + "price"
+
+    @property
+    def spend_limits(self) -> str:
+        return self.prefix + "spendlim"
+
+    def spend(self, month_key: str) -> str:
+        """Spend of one month (``YYYYMM``), field ``spend_field``, micro-USD."""
+        return f"{self.prefix}spend:{month_key}"
+
+    def request_log(self, project_id: str) -> str:
+        return self.prefix + "log:" + project_id
+
+
+def spend_field(project_id: str) -> str:
+    """The field of a spend or spend-limit hash: the organization's, or one project's."""
+    return f"p:{project_id}" if project_id else "o"
+
+
+def project_of_spend_field(field: str) -> str:
+    """The project a spend field is for ("" for the organization's)."""
+    return field.removeprefix("p:") if field.startswith("p:") else ""
+
+
+# Every organization's record key, for SCAN (the organization index may miss one a failed
+# create left behind).
+ORGANIZATION_RECORDS = org_prefix("org_*") + "org"
+
+
+def organization_of_record(key: str) -> str:
+    """What the hash tag of an organization record key holds ("" for any other key); the
+    caller checks that it is an organization id."""
+    org_id = key.removeprefix("rl:{").removesuffix("}:org")
+    return org_id if key == OrgKeys(org_id).record else ""
+
 
 # Fields of the decision state hash (OrgKeys.state); lib.lua builds the same.
 CONFIG_VERSION = "v"
@@ -159,13 +227,47 @@ def invalidate_decision_config(pipe: Any, k: OrgKeys) -> None:
     pipe.hincrby(k.state, CONFIG_VERSION, 1)
 
 
-def org_buckets_field(model: str) -> str:
-    return "o:" + model
+# -- the layout as data: what every key ratelimitd writes looks like, and how long it lives
 
 
-def project_buckets_field(project_id: str, model: str) -> str:
-    return f"p:{project_id}:{model}"
+class Lifetime(enum.Enum):
+    EXPIRES = "expires"  # carries a TTL, set by whoever writes it
+    BOUNDED = "bounded"  # no TTL: one per organization or per (project, model, key), or capped
+    CONFIGURED = "configured"  # what users configured: kept until they delete it
 
 
-def limit_field(model: str, dimension: str) -> str:
-    return f"{model}|{dimension}"
+class KeyKind(NamedTuple):
+    pattern: re.Pattern[str]
+    lifetime: Lifetime
+    organization: bool  # carries its organization's hash tag: rl:{org_<id>}:
+
+
+_ID = r"[a-z0-9]+"
+_ORG_TAG = r"rl:\{org_" + _ID + r"\}:"
+_ORGANIZATION_KEYS = {
+    "org": Lifetime.CONFIGURED, "lim:o": Lifetime.CONFIGURED, f"lim:p:proj_{_ID}": Lifetime.CONFIGURED,
+    f"p:proj_{_ID}": Lifetime.CONFIGURED, "pn": Lifetime.CONFIGURED, f"k:key_{_ID}": Lifetime.CONFIGURED,
+    f"pk:proj_{_ID}": Lifetime.CONFIGURED, f"pd:proj_{_ID}": Lifetime.CONFIGURED, "m": Lifetime.CONFIGURED,
+    "mn": Lifetime.CONFIGURED, "c": Lifetime.CONFIGURED, "mp": Lifetime.CONFIGURED, "cfg": Lifetime.CONFIGURED,
+    "price": Lifetime.CONFIGURED, "spendlim": Lifetime.CONFIGURED,
+    "audit": Lifetime.BOUNDED, "ui": Lifetime.BOUNDED, "u:r": Lifetime.BOUNDED,
+    r"r:[\x21-\x7e]+": Lifetime.EXPIRES, "s": Lifetime.EXPIRES, r"u:[mhd]:\d+": Lifetime.EXPIRES,
+    r"spend:\d{6}": Lifetime.EXPIRES, r"sa:\d{6}": Lifetime.EXPIRES, f"log:proj_{_ID}": Lifetime.EXPIRES,
+}  # fmt: skip
+_PLATFORM_KEYS = {
+    re.escape(ORGANIZATIONS): Lifetime.CONFIGURED,
+    re.escape(CREDENTIALS): Lifetime.CONFIGURED,
+    re.escape(MANUAL_CLOCK): Lifetime.CONFIGURED,  # tests and the private demo only
+    re.escape(PLATFORM_AUDIT): Lifetime.BOUNDED,
+    re.escape(HEALTH_PROBE) + r"(:\{\d+\})?": Lifetime.EXPIRES,
+    re.escape(CONSOLE_SESSION_PREFIX) + "[0-9a-f]{64}": Lifetime.EXPIRES,
+}
+LAYOUT: tuple[KeyKind, ...] = (
+    *(KeyKind(re.compile(_ORG_TAG + suffix + "$"), life, True) for suffix, life in _ORGANIZATION_KEYS.items()),
+    *(KeyKind(re.compile(pattern + "$"), life, False) for pattern, life in _PLATFORM_KEYS.items()),
+)
+
+
+def kind_of(key: str) -> KeyKind | None:
+    """The layout entry a key written by ratelimitd matches (None: not one of ours)."""
+    return next((kind for kind in LAYOUT if kind.pattern.match(key)), None)

@@ -8,6 +8,9 @@
   ``log_ttl_s`` after its newest one;
 - monthly spend after 400 days.
 
+An organization's audit stream keeps about ``DEFAULT_MAX_EVENTS`` events (the
+setting RATELIMITD_AUDIT_MAX_EVENTS changes it).
+
 Organizations, projects, keys, limits, prices and credentials stay until
 deleted: they are what users configured.
 """
@@ -15,6 +18,8 @@ deleted: they are what users configured.
 from __future__ import annotations
 
 from typing import NamedTuple
+
+DEFAULT_MAX_EVENTS = 10_000
 
 
 class Retention(NamedTuple):

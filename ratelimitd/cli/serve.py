@@ -1,52 +1,40 @@
-"""The ``ratelimitd`` command: serve, demo, check, and a few management verbs."""
+"""``serve``: run the gRPC server (app.py), or with --workers several (workers.py).
+
+What configures the server from the command line: flags here, over the environment,
+over a config file (config_file.py, settings.py); ``config show`` (config.py) prints
+the settings they make.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ast
 import asyncio
 import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from ratelimitd import __version__
+from ratelimitd import __version__, config_file
+from ratelimitd.cli.command import SubParsers, run_async
+from ratelimitd.core import logs
 from ratelimitd.settings import Settings, parse_pairs, parse_windows, setting_descriptions
 
 log = logging.getLogger("ratelimitd")
 
 
-def run_async(coro: Coroutine[Any, Any, int]) -> int:
-    try:
-        import uvloop
-
-        return uvloop.run(coro)
-    except ImportError:  # pragma: no cover - platforms without uvloop
-        return asyncio.run(coro)
+# Flags whose value is the setting's as it is; the others need converting.
+_AS_GIVEN = (
+    "listen", "redis_url", "on_storage_error", "workers", "metrics_listen", "tls_cert", "tls_key", "tls_client_ca",
+    "redis_tls_ca", "redis_tls_cert", "redis_tls_key", "http_listen", "log_format",
+)  # fmt: skip
 
 
 def serve(args: argparse.Namespace) -> int:
-    settings = Settings.load(
-        listen=args.listen,
-        redis_url=args.redis_url,
-        data_dir=Path(args.data_dir) if args.data_dir else None,
-        on_storage_error=args.on_storage_error,
-        windows=parse_windows(args.windows) if args.windows else None,
-        header_windows=parse_pairs(args.header_windows, "header_windows") if args.header_windows else None,
-        manual_clock=True if args.manual_clock else None,
-        workers=args.workers,
-        metrics_listen=args.metrics_listen,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        tls_client_ca=args.tls_client_ca,
-        redis_tls_ca=args.redis_tls_ca,
-        redis_tls_cert=args.redis_tls_cert,
-        redis_tls_key=args.redis_tls_key,
-        http_listen=args.http_listen,
-        http_cors_origins=_origins(args.http_cors_origins),
-    )
+    settings = config_file.resolve(args.config, os.environ, setting_flags(args)).settings
+    logs.configure(settings.log_format, settings.log_level, settings.log_repeat_interval_s)
     if args.worker:
         return run_async(_serve_worker(settings))
     if settings.workers > 1:
@@ -54,8 +42,30 @@ def serve(args: argparse.Namespace) -> int:
     return run_async(_serve(settings))
 
 
+def setting_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the flags of ``serve`` (and ``config show``) set; None: not given."""
+    return {
+        "data_dir": Path(args.data_dir) if args.data_dir else None,
+        "windows": parse_windows(args.windows) if args.windows else None,
+        "header_windows": parse_pairs(args.header_windows, "header_windows") if args.header_windows else None,
+        "manual_clock": True if args.manual_clock else None,
+        **{name: getattr(args, name) for name in _AS_GIVEN},
+        "http_cors_origins": _origins(args.http_cors_origins),
+    }
+
+
 def _origins(flag: str | None) -> tuple[str, ...] | None:
     return tuple(filter(None, (o.strip() for o in flag.split(",")))) if flag else None
+
+
+def _say(settings: Settings, text: str, level: int = logging.INFO) -> None:
+    """A line for the operator: printed (warnings on stderr), or with --log-format json one log event, so
+    every line a collector reads is JSON. Only a new credential is printed in either format: it is
+    shown once and is no log event."""
+    if settings.log_format == "json":
+        log.log(level, text.removeprefix("ratelimitd: "))
+    else:
+        print(text, file=sys.stderr if level >= logging.WARNING else sys.stdout, flush=True)
 
 
 def _stop_event() -> asyncio.Event:
@@ -78,21 +88,25 @@ def _greet(
     storage = f"embedded Valkey, data in {settings.data_dir}" if embedded else settings.describe()
     processes = f", {workers} worker processes" if workers > 1 else ""
     transport = {"TLS": " over TLS", "mTLS": " over TLS, client certificates required"}.get(settings.tls, "")
-    print(
+    banner = (
         f"ratelimitd {__version__} listening on {address}{transport} "
         f"(gRPC: decisions, management, health, reflection{processes})"
     )
-    print(f"storage: {storage}")
+    lines = [banner, f"storage: {storage}"]
     if http:
-        print(f"JSON over HTTP (Connect protocol) on http://{http}/ (description: /openapi.json)")
+        lines.append(f"JSON over HTTP (Connect protocol) on http://{http}/ (description: /openapi.json)")
         if settings.console:
-            print(f"console on http://{http}/console/ (sign in with a member credential or the operator's)")
+            lines.append(f"console on http://{http}/console/ (sign in with a member credential or the operator's)")
+    if settings.log_format == "json":
+        _say(settings, "; ".join(lines))
+    else:
+        print("\n".join(lines))
     if not storage_up:
         _storage_unreachable_warning(settings)
     elif token:
         _show_new_credential(token, address)
     elif not settings.operator_token:
-        print("operator credential: created on first start (set RATELIMITD_TOKEN to use the CLI)")
+        _say(settings, "operator credential: created on first start (set RATELIMITD_TOKEN to use the CLI)")
     sys.stdout.flush()
 
 
@@ -102,13 +116,16 @@ def _storage_unreachable_warning(settings: Settings) -> None:
         "allow": "decisions are allowed unchecked (--on-storage-error allow), other calls answered UNAVAILABLE",
         "deny": "decisions are refused (--on-storage-error deny), other calls answered UNAVAILABLE",
     }[settings.on_storage_error]
-    print(
-        f"WARNING: storage is unreachable. Health is NOT_SERVING and {policy} until it answers; "
-        "ratelimitd keeps trying and recovers by itself.",
-        file=sys.stderr,
+    warning = (
+        f"storage is unreachable. Health is NOT_SERVING and {policy} until it answers; "
+        "ratelimitd keeps trying and recovers by itself."
     )
+    _say(settings, warning if settings.log_format == "json" else f"WARNING: {warning}", logging.WARNING)
     if not settings.operator_token:
-        print("operator credential: none yet; one is created and shown here once storage answers (if none exists)")
+        _say(
+            settings,
+            "operator credential: none yet; one is created and shown here once storage answers (if none exists)",
+        )
 
 
 def _show_new_credential(token: str, address: str) -> None:
@@ -129,7 +146,7 @@ async def _serve(settings: Settings) -> int:
     try:
         await app.start()
     except Exception as e:  # noqa: BLE001 - start-up failures end in one clear line
-        print(f"ratelimitd: cannot start: {e}", file=sys.stderr)
+        _say(settings, f"ratelimitd: cannot start: {e}", logging.ERROR)
         await app.stop(0)
         return 1
     stop = _stop_event()
@@ -142,7 +159,7 @@ async def _serve(settings: Settings) -> int:
         http=f"{settings.http_listen.rpartition(':')[0]}:{app.http_port}" if app.http else "",
     )
     await stop.wait()
-    print("ratelimitd: shutting down (a second signal ends the drain early)", flush=True)
+    _say(settings, "ratelimitd: shutting down (a second signal ends the drain early)")
     stop.clear()
     await app.drain(settings.drain_s, settings.shutdown_grace_s, hurry=stop)
     return 0
@@ -169,7 +186,7 @@ async def _serve_supervised(settings: Settings) -> int:
     try:
         await supervisor.start()
     except Exception as e:  # noqa: BLE001 - start-up failures end in one clear line
-        print(f"ratelimitd: cannot start: {e}", file=sys.stderr)
+        _say(settings, f"ratelimitd: cannot start: {e}", logging.ERROR)
         await supervisor.stop()
         return 1
     stop = _stop_event()
@@ -184,25 +201,52 @@ async def _serve_supervised(settings: Settings) -> int:
     )
     failure = await supervisor.wait(stop)
     if failure:
-        print(f"ratelimitd: {failure}; stopping", file=sys.stderr, flush=True)
+        _say(settings, f"ratelimitd: {failure}; stopping", logging.ERROR)
     else:
-        print("ratelimitd: shutting down (a second signal ends the drain early)", flush=True)
+        _say(settings, "ratelimitd: shutting down (a second signal ends the drain early)")
     stop.clear()
     await supervisor.stop(hurry=stop)
     return 1 if failure else 0
 
 
-def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    env_help = "\n".join(
-        f"  {name:<34} {desc} (default: {default or 'unset'})" for name, default, desc in setting_descriptions()
+def readable_default(default: str) -> str:
+    """A setting's default as a person would write it in the environment."""
+    if default in ("", "None"):
+        return "unset"
+    if default in ("True", "False"):
+        return {"True": "on", "False": "off"}[default]
+    if default.startswith("{"):
+        pairs: dict[str, object] = ast.literal_eval(default)
+        return ",".join(f"{k}={v}" for k, v in pairs.items())
+    return default
+
+
+def environment_help() -> str:
+    # Settings that exist for the test suite (their description says so) are not for users.
+    rows = [(name, readable_default(default), desc) for name, default, desc in setting_descriptions()]
+    return "\n".join(
+        f"  {name}\n      {desc} (default: {default})"
+        for name, default, desc in rows
+        if not desc.startswith("tests only")
     )
+
+
+def add_parsers(sub: SubParsers) -> None:
     p = sub.add_parser(
         "serve",
         help="run the gRPC server",
         description="Run the gRPC server. Without --redis-url it runs a private Valkey in the data directory.",
-        epilog="Environment (flags win):\n" + env_help,
+        epilog="Environment (over --config's file; flags win):\n" + environment_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_setting_flags(p)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=serve)
+
+
+def add_setting_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of every setting (serve, config show)."""
+    p.add_argument("--config", help="a TOML (or .yaml) settings file, under environment and flags; $RATELIMITD_CONFIG")
     p.add_argument("--listen", help="host:port (default 127.0.0.1:50051)")
     p.add_argument(
         "--redis-url",
@@ -213,9 +257,13 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--redis-tls-cert", help="PEM client certificate for storage (rediss schemes, with --redis-tls-key)")
     p.add_argument("--redis-tls-key", help="PEM private key of --redis-tls-cert")
     p.add_argument("--data-dir", help="data directory of the embedded Valkey")
-    p.add_argument("--on-storage-error", choices=["unavailable", "allow", "deny"])
-    p.add_argument("--windows", help="limit windows, e.g. minute=60,day=86400")
-    p.add_argument("--header-windows", help="e.g. requests=day,tokens=minute")
+    p.add_argument(
+        "--on-storage-error",
+        choices=["unavailable", "allow", "deny"],
+        help="what decisions answer while storage is unreachable (default unavailable)",
+    )
+    p.add_argument("--windows", help="limit windows, e.g. minute=60,day=86400 (the default)")
+    p.add_argument("--header-windows", help="e.g. requests=day,tokens=minute (the default)")
     p.add_argument("--workers", type=int, help="server processes sharing the port (default 1)")
     p.add_argument("--metrics-listen", help="host:port for Prometheus metrics (/metrics); default off")
     p.add_argument("--http-listen", help="host:port serving every RPC as JSON over HTTP (Connect); default off")
@@ -223,49 +271,5 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--tls-cert", help="PEM certificate of the gRPC port: TLS only (with --tls-key)")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--tls-client-ca", help="PEM CA: clients must present a certificate it issued (mTLS)")
+    p.add_argument("--log-format", choices=["text", "json"], help="log lines on stderr (default text)")
     p.add_argument("--manual-clock", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.set_defaults(func=serve)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    # gRPC's core logs each failed TLS handshake at INFO, on either side: a CLI error would grow a
-    # second line, and every stray plaintext connection would write one to the server's log.
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    try:
-        try:
-            return _main(argv)
-        finally:
-            # Inside the try: a reader that has gone away is noticed here, not in the interpreter's last flush.
-            sys.stdout.flush()
-    except BrokenPipeError:
-        return _reader_gone()
-
-
-def _reader_gone() -> int:
-    """stdout's reader has gone (``ratelimitd … | head -1``): exit quietly, as a command killed by SIGPIPE."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())  # the interpreter flushes stdout once more on exit
-    return 128 + signal.SIGPIPE
-
-
-def _main(argv: Sequence[str] | None) -> int:
-    logging.basicConfig(
-        level=os.environ.get("RATELIMITD_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    parser = argparse.ArgumentParser(prog="ratelimitd", description="Exact hierarchical rate limits for LLM APIs.")
-    parser.add_argument("--version", action="version", version=f"ratelimitd {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _serve_parser(sub)
-    from ratelimitd import client_cli, usage_cli
-
-    client_cli.add_parsers(sub)
-    usage_cli.add_parsers(sub)
-    args = parser.parse_args(argv)
-    func: Callable[[argparse.Namespace], int] = args.func
-    try:
-        return func(args)
-    except ValueError as e:
-        print(f"ratelimitd: {e}", file=sys.stderr)
-        return 2
