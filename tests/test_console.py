@@ -279,6 +279,38 @@ def test_an_owner_renames_a_project_and_deletes_it_only_once_confirmed(page: Pag
     assert "scratch-2" not in [q.name for q in listed.projects]
 
 
+def test_an_owner_sets_a_spend_limit_and_a_role_through_the_new_api_shapes(page: Page, live: Live) -> None:
+    """Money goes out as micro-dollars, and an update as the resource with its field mask."""
+    with grpc.insecure_channel(live.grpc_address) as channel:
+        admin_pb2_grpc.MemberServiceStub(channel).AddMember(
+            apb.AddMemberRequest(organization_id=live.org_id, name="mona", role=apb.ROLE_READER), metadata=AUTH
+        )
+    p = page
+    sign_in(p, live, live.owner_token)
+    visit(p, live, "spend")
+    limit = p.get_by_label("Spend limit in USD for seeded")
+    limit.fill("12.5")
+    with p.expect_response(lambda r: r.url.endswith("/SetSpendLimit")) as saved:
+        limit.press("Enter")
+    assert saved.value.ok
+    expect(p.get_by_label("Spend limit in USD for seeded")).to_have_value("12.5")  # read back from micros
+    visit(p, live, "members")
+    with p.expect_response(lambda r: r.url.endswith("/UpdateMember")) as updated:
+        p.get_by_label("Role of mona").select_option(label="developer")
+    assert updated.value.ok
+    expect(p.get_by_role("alert")).to_have_count(0)
+    with grpc.insecure_channel(live.grpc_address) as channel:
+        spend = usage_pb2_grpc.UsageServiceStub(channel).GetSpend(
+            upb.GetSpendRequest(organization_id=live.org_id), metadata=AUTH
+        )
+        seeded = [line for line in spend.projects if line.limit_usd_micros == 12_500_000]
+        assert len(seeded) == 1
+        members = admin_pb2_grpc.MemberServiceStub(channel).ListMembers(
+            apb.ListMembersRequest(organization_id=live.org_id), metadata=AUTH
+        )
+    assert {m.name: m.role for m in members.members}["mona"] == apb.ROLE_DEVELOPER
+
+
 def test_a_reader_finds_no_write_control_on_any_page(page: Page, live: Live) -> None:
     p = page
     # by keyboard alone: the credential field has the focus, Enter submits
