@@ -31,6 +31,7 @@ from ratelimitd.api.manage import ProjectManager
 from ratelimitd.api.metrics import Metrics
 from ratelimitd.api.usage import UsageServicer
 from ratelimitd.api.wire import Guard, served_methods
+from ratelimitd.console import server as console
 from ratelimitd.core.errors import StorageUnavailable
 from ratelimitd.core.storage_url import parse
 from ratelimitd.engine.audit import Audit
@@ -39,10 +40,12 @@ from ratelimitd.engine.control import ControlPlane
 from ratelimitd.engine.credentials import Credentials
 from ratelimitd.engine.decisions import Decider
 from ratelimitd.engine.limits import Dimensions
+from ratelimitd.engine.live import LiveState
 from ratelimitd.engine.members import Members
 from ratelimitd.engine.permissions import ModelPermissions
 from ratelimitd.engine.rollup import UsageRollup
 from ratelimitd.engine.scripts import Scripts
+from ratelimitd.engine.sessions import Sessions
 from ratelimitd.engine.spend_alerts import SpendAlerts
 from ratelimitd.engine.usage import Usage
 from ratelimitd.settings import Settings
@@ -142,15 +145,18 @@ class App:
         dims = Dimensions(s.windows)
         audit = Audit(self.redis, s.audit_max_events)
         self.control = ControlPlane(self.redis, scripts, dims, audit)
-        self.credentials = Credentials(self.redis, audit)
+        clock = manual_clock(self.redis) if s.manual_clock else server_time
+        sessions = Sessions(self.redis, s.console_session_ttl_s, clock)
+        self.credentials = Credentials(self.redis, audit, sessions=sessions)
         self.gate.open(self.credentials, self.storage_failed)
+        if self.http is not None and s.console:
+            self.http.mounts.append(console.mount(self.credentials, sessions))
         management = Management(
             self.control,
             self.credentials,
             Members(self.redis, self.control, self.credentials, audit),
             ModelPermissions(self.redis, self.control, audit),
         )
-        clock = manual_clock(self.redis) if s.manual_clock else server_time
         # Tracing off: the engine gets the connection itself, so the hot path makes no span.
         scripts_runner = self.tracing.storage(self.pipeline) if self.tracing else self.pipeline
         self.decider = Decider(scripts_runner, scripts, dims, s.retention, clock=clock, shadow_all=s.shadow_all)
@@ -182,7 +188,14 @@ class App:
             ),
             server,
         )
-        usage_pb2_grpc.add_UsageServiceServicer_to_server(UsageServicer(self.usage, self.storage_failed), server)
+        usage_pb2_grpc.add_UsageServiceServicer_to_server(
+            UsageServicer(
+                self.usage,
+                self.storage_failed,
+                LiveState(self.redis, scripts, dims, s.retention, self.control, clock),
+            ),
+            server,
+        )
         admin_pb2_grpc.add_OrganizationServiceServicer_to_server(OrganizationServicer(management, failed), server)
         admin_pb2_grpc.add_ProjectServiceServicer_to_server(ProjectServicer(management, failed), server)
         admin_pb2_grpc.add_ModelPermissionServiceServicer_to_server(ModelPermissionServicer(management, failed), server)

@@ -117,6 +117,8 @@ class Settings:
     http_cors_origins: tuple[str, ...] = _field(
         (), "JSON over HTTP: browser origins allowed to call it (CORS), comma-separated, or * for any; empty: none"
     )
+    console: bool = _field(True, "serve the web console at /console/ on the HTTP port (http_listen); docs/console.md")
+    console_session_ttl_s: int = _field(8 * 3600, "a console sign-in lasts this long, then the browser signs in again")
     drain_s: float = _field(
         5.0,
         "on SIGTERM/SIGINT: report NOT_SERVING but keep answering this long, so load balancers move away; 0: no drain",

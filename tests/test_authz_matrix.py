@@ -80,6 +80,8 @@ MATRIX: list[tuple[str, Call, tuple[grpc.StatusCode, grpc.StatusCode, grpc.Statu
     ("ListRequestLogs", lambda c, w, md: usage(c).ListRequestLogs(upb.ListRequestLogsRequest(organization_id=w.org, project_id=w.proj), metadata=md), (OK, OK, OK, OK)),
     ("ListPrices", lambda c, w, md: usage(c).ListPrices(upb.ListPricesRequest(organization_id=w.org), metadata=md), (OK, OK, OK, OK)),
     ("GetUsageSettings", lambda c, w, md: usage(c).GetUsageSettings(upb.GetUsageSettingsRequest(organization_id=w.org), metadata=md), (OK, OK, OK, OK)),
+    ("GetLimitState", lambda c, w, md: usage(c).GetLimitState(upb.GetLimitStateRequest(organization_id=w.org, project_id=w.proj), metadata=md), (OK, OK, OK, OK)),
+    ("GetRequestMetrics", lambda c, w, md: usage(c).GetRequestMetrics(upb.GetRequestMetricsRequest(organization_id=w.org, project_id=w.proj, granularity=upb.GRANULARITY_HOUR), metadata=md), (OK, OK, OK, OK)),
     ("SetSpendLimit", lambda c, w, md: usage(c).SetSpendLimit(upb.SetSpendLimitRequest(organization_id=w.org, project_id=w.proj, limit_usd_micros=usd(10)), metadata=md), (OK, OK, OK, DENIED)),
     ("SetPrice", lambda c, w, md: usage(c).SetPrice(upb.SetPriceRequest(price=upb.Price(organization_id=w.org, model=M, input_usd_micros_per_million=usd(1))), metadata=md), (OK, OK, OK, DENIED)),
     ("SetUsageSettings", lambda c, w, md: usage(c).SetUsageSettings(upb.SetUsageSettingsRequest(settings=upb.UsageSettings(organization_id=w.org, cached_tokens_count_toward_limits=True)), metadata=md), (OK, DENIED, DENIED, DENIED)),

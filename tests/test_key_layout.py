@@ -17,7 +17,7 @@ from ratelimitd.v1 import admin_pb2 as apb
 from ratelimitd.v1 import ratelimit_pb2 as pb
 from ratelimitd.v1 import usage_pb2 as upb
 from ratelimitd.v1 import usage_pb2_grpc
-from tests.conftest import AUTH, Client, Clock
+from tests.conftest import AUTH, OPERATOR_TOKEN, Client, Clock
 
 M = "llama-3.1-8b-instant"
 
@@ -71,6 +71,9 @@ async def full_flow(client: Client, app: App, clock: Clock) -> str:
     # a spend limit the report above passed: its alerts are claimed (engine/spend_alerts.py)
     await usage.SetSpendLimit(upb.SetSpendLimitRequest(organization_id=org, limit_usd_micros=10), metadata=AUTH)
     assert await SpendAlerts(app.redis, Audit(app.redis, 100), clock=manual_clock(app.redis)).claim(org)
+    # a console sign-in: a platform key of its own, which must expire (engine/sessions.py)
+    assert app.credentials.sessions is not None
+    await app.credentials.sessions.create(OPERATOR_TOKEN)
     await clock.advance(120)  # the minutes above are finished: they roll up into hours and days
     await app.rollup.roll(org)
     return org
@@ -93,3 +96,4 @@ async def test_every_key_written_is_in_the_layout(
     # the flow reached every kind of organization key the layout names
     reached = {kind.pattern.pattern for kind in kinds.values() if kind is not None}
     assert {k.pattern.pattern for k in keys.LAYOUT if k.organization} <= reached
+    assert any(name.startswith(keys.CONSOLE_SESSION_PREFIX) for name in expiring)

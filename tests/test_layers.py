@@ -21,6 +21,10 @@ MAY_IMPORT = {
     "engine": {"core", "storage"},
     "api": {"core", "engine", "v1"},
     "http": {"core", "v1"},  # JSON over HTTP: forwards to the gRPC server, decides nothing
+    # The web console: an adapter like http, on top of it (its RPCs go through http's gateway
+    # to the gRPC server's gate); it signs in itself, so it also reaches the engine's
+    # credentials and sessions, and api's error-to-status table for the sign-in's answers.
+    "console": {"core", "engine", "api", "http"},
     "settings": {"core"},
     "v1": set(),  # generated from proto/
 }

@@ -19,6 +19,8 @@ from ratelimitd.api.wellknown import (
     update_paths,
 )
 from ratelimitd.core.errors import InvalidArgument
+from ratelimitd.engine.live import LimitState, LiveState
+from ratelimitd.engine.request_metrics import RequestMetrics, request_metrics
 from ratelimitd.engine.usage import Price, SpendLine, Usage
 from ratelimitd.engine.usage_queries import LogEntry, UsageTotals
 from ratelimitd.v1 import usage_pb2 as pb
@@ -71,6 +73,22 @@ def _log_entry(e: LogEntry) -> pb.RequestLogEntry:
     )  # fmt: skip
 
 
+def _limit_state(s: LimitState) -> pb.LimitState:
+    return pb.LimitState(
+        model=s.model, metric=s.metric, window=s.window, organization_limit=s.organization_limit,
+        organization_remaining=s.organization_remaining, project_limit=s.project_limit,
+        project_remaining=s.project_remaining, remaining=s.remaining,
+    )  # fmt: skip
+
+
+def _metrics_row(m: RequestMetrics) -> pb.RequestMetricsRow:
+    return pb.RequestMetricsRow(
+        bucket_start_time=timestamp(m.bucket_start_ms), model=m.model, reported=m.reported,
+        latency_p50=duration(m.p50_ms), latency_p95=duration(m.p95_ms), latency_p99=duration(m.p99_ms),
+        status_codes=m.status_codes,
+    )  # fmt: skip
+
+
 def _price(org_id: str, p: Price) -> pb.Price:
     return pb.Price(
         organization_id=org_id, model=p.model, input_usd_micros_per_million=micros(p.input_per_million),
@@ -82,9 +100,10 @@ def _price(org_id: str, p: Price) -> pb.Price:
 class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
     """api/gate.py has authorized every call before its method runs."""
 
-    def __init__(self, usage: Usage, storage_failed: Callable[[], None]) -> None:
+    def __init__(self, usage: Usage, storage_failed: Callable[[], None], live: LiveState) -> None:
         self.usage = usage
         self.storage_failed = storage_failed
+        self.live = live
 
     @rpc
     async def GetUsage(self, request: pb.GetUsageRequest, context: Context) -> pb.GetUsageResponse:
@@ -173,3 +192,24 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
     async def GetUsageSettings(self, request: pb.GetUsageSettingsRequest, context: Context) -> pb.UsageSettings:
         count = await self.usage.cached_tokens_count(request.organization_id)
         return pb.UsageSettings(organization_id=request.organization_id, cached_tokens_count_toward_limits=count)
+
+    @rpc
+    async def GetLimitState(self, request: pb.GetLimitStateRequest, context: Context) -> pb.GetLimitStateResponse:
+        now_ms, states = await self.live.read(request.organization_id, request.project_id, list(request.models))
+        return pb.GetLimitStateResponse(limits=[_limit_state(s) for s in states], read_time=timestamp(now_ms))
+
+    @rpc
+    async def GetRequestMetrics(
+        self, request: pb.GetRequestMetricsRequest, context: Context
+    ) -> pb.GetRequestMetricsResponse:
+        if request.granularity not in _GRANULARITY:
+            raise InvalidArgument("granularity must be MINUTE, HOUR or DAY")
+        rows, totals = await request_metrics(
+            self.usage, request.organization_id, request.project_id,
+            milliseconds("start_time", request.start_time, request.HasField("start_time")),
+            milliseconds("end_time", request.end_time, request.HasField("end_time")),
+            _GRANULARITY[request.granularity],
+        )  # fmt: skip
+        return pb.GetRequestMetricsResponse(
+            rows=[_metrics_row(r) for r in rows], totals=[_metrics_row(t) for t in totals]
+        )

@@ -96,6 +96,8 @@ def _greet(
     lines = [banner, f"storage: {storage}"]
     if http:
         lines.append(f"JSON over HTTP (Connect protocol) on http://{http}/ (description: /openapi.json)")
+        if settings.console:
+            lines.append(f"console on http://{http}/console/ (sign in with a member credential or the operator's)")
     if settings.log_format == "json":
         _say(settings, "; ".join(lines))
     else:

@@ -77,12 +77,21 @@ HEALTH_PROBE = "rl:health"
 # the whole name of CREDENTIALS, so a credential change and its event share one
 # slot and can be written in one transaction.
 PLATFORM_AUDIT = "rl:{rl:creds}:audit"
+# Console sign-ins (engine/sessions.py): "rl:session:<sha256 of the session id>", a
+# string that expires with the session; outside every organization like CREDENTIALS.
+CONSOLE_SESSION_PREFIX = "rl:session:"
 
 
 def health_probe_on(n: int) -> str:
     """A health probe key with a hash tag of its own: on a cluster, the ``n`` that puts it
     on a given primary is searched for (storage/cluster.py)."""
     return f"{HEALTH_PROBE}:{{{n}}}"
+
+
+def console_session(session_digest: str) -> str:
+    """A console session (engine/sessions.py), by the sha256 of its id: a copy of the database
+    holds nothing a browser could present. Outside every organization, like CREDENTIALS."""
+    return CONSOLE_SESSION_PREFIX + session_digest
 
 
 def org_prefix(org_id: str) -> str:
@@ -251,6 +260,7 @@ _PLATFORM_KEYS = {
     re.escape(MANUAL_CLOCK): Lifetime.CONFIGURED,  # tests and the private demo only
     re.escape(PLATFORM_AUDIT): Lifetime.BOUNDED,
     re.escape(HEALTH_PROBE) + r"(:\{\d+\})?": Lifetime.EXPIRES,
+    re.escape(CONSOLE_SESSION_PREFIX) + "[0-9a-f]{64}": Lifetime.EXPIRES,
 }
 LAYOUT: tuple[KeyKind, ...] = (
     *(KeyKind(re.compile(_ORG_TAG + suffix + "$"), life, True) for suffix, life in _ORGANIZATION_KEYS.items()),

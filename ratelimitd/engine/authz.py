@@ -107,6 +107,8 @@ POLICY: Mapping[str, frozenset[Role]] = {
     "ListRequestLogs": _ANYONE,
     "ListPrices": _ANYONE,
     "GetUsageSettings": _ANYONE,
+    "GetLimitState": _ANYONE,
+    "GetRequestMetrics": _ANYONE,
     "SetSpendLimit": _OWNERS,
     "SetPrice": _OWNERS,
     "SetUsageSettings": _OPERATOR_ONLY,

@@ -35,6 +35,7 @@ from ratelimitd.engine import ids
 from ratelimitd.engine.audit import Audit
 from ratelimitd.engine.authz import INTERNAL, MEMBER, OPERATOR, Principal, Role
 from ratelimitd.engine.organizations import validate_name
+from ratelimitd.engine.sessions import Sessions, is_session_token
 from ratelimitd.storage.redis import begin_writes, storage_errors, transaction
 
 _CACHE_LIMIT = 10_000
@@ -58,8 +59,11 @@ def _operator_info(raw: str) -> CredentialInfo:
 
 
 class Credentials:
-    def __init__(self, redis: Redis, audit: Audit | None = None, cache_ttl_s: float = 2.0) -> None:
+    def __init__(
+        self, redis: Redis, audit: Audit | None = None, cache_ttl_s: float = 2.0, sessions: Sessions | None = None
+    ) -> None:
         self._redis = redis
+        self.sessions = sessions
         self._audit = audit or Audit(redis, DEFAULT_MAX_EVENTS)
         self._ttl = cache_ttl_s
         self._cache: dict[str, tuple[float, Principal | None]] = {}
@@ -100,6 +104,8 @@ class Credentials:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise Unauthenticated("authorization metadata must be 'Bearer <token>'")
+        if is_session_token(token):
+            return await self._session(token)
         digest = ids.sha256_hex(token)
         now = time.monotonic()
         cached = self._cache.get(digest)
@@ -114,6 +120,24 @@ class Credentials:
             self._cache[digest] = (now + self._ttl, principal)
         if principal is None:
             raise Unauthenticated("the credential is unknown or revoked")
+        return principal
+
+    async def _session(self, session_id: str) -> Principal:
+        """A console session, resolved to its credential on every call (never cached), so a
+        revoked credential or a removed member ends it at once (sessions.py)."""
+        record = await self.sessions.find(session_id) if self.sessions is not None else None
+        if record is None:
+            raise Unauthenticated("the console session is unknown, expired or signed out; sign in again")
+        with storage_errors():
+            if record.kind == OPERATOR:
+                principal = await self._operator(record.digest)
+            else:
+                member = ids.ParsedMemberToken(record.member_id, record.organization_id, record.digest)
+                principal = await self._member(member)
+        if principal is None:
+            assert self.sessions is not None
+            await self.sessions.delete(session_id)
+            raise Unauthenticated("the credential this console session signed in with was revoked; sign in again")
         return principal
 
     async def _operator(self, digest: str) -> Principal | None:

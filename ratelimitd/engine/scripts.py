@@ -20,7 +20,7 @@ from ratelimitd.engine.limits import Dimensions
 
 # Scripts that evaluate buckets or resolve limits get lib.lua in front: one
 # EVALSHA each, one copy of the shared arithmetic and of limit resolution.
-_WITH_LIB = ("decide", "report", "rollup", "set_project_limits", "effective_limits")
+_WITH_LIB = ("decide", "report", "rollup", "set_project_limits", "effective_limits", "limit_state")
 
 
 def read_script(name: str) -> str:
@@ -116,6 +116,7 @@ class Scripts:
         self.decide = load("decide")
         self.report = load("report")
         self.rollup = load("rollup")
+        self.limit_state = load("limit_state")  # the console's live view, through redis-py
         # control-plane scripts run through redis-py
         self.set_project_limits: AsyncScript = redis.register_script(read_script("set_project_limits"))
         self.effective_limits: AsyncScript = redis.register_script(read_script("effective_limits"))

@@ -187,7 +187,11 @@ class Gateway:
         self._max_body = max_body
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        path = request.path
+        return await self.forward(request, request.path, None)
+
+    async def forward(self, request: web.Request, path: str, authorization: str | None) -> web.StreamResponse:
+        """Calls the RPC at ``path`` with ``request``'s body; ``authorization``, when given, is the
+        credential instead of the request's own header (the console's session, resolved by the auth path)."""
         rpc = self._unary.get(path)
         if rpc is None:
             return self._not_here(path)
@@ -198,7 +202,7 @@ class Gateway:
         try:
             content_type = encoding(request)
             deadline = timeout_s(request)
-            credential = metadata(request)
+            credential = metadata(request) if authorization is None else (("authorization", authorization),)
             body = await self._read(request)
             data = json_to_protobuf(body, rpc) if content_type == JSON else body
         except BadRequest as e:

@@ -9,7 +9,8 @@ Life cycle, driven by app.py around the gRPC server's own:
 3. ``start()``, once the gRPC server runs: the RPC routes, /openapi.json, then serving;
 4. ``stop(grace_s)``: no new connections, calls in flight get ``grace_s``.
 
-Routes for something else (a console) are added to ``web`` before ``start()``.
+Routes for something else (a console) are added to ``web`` before ``start()``, or by a
+function in ``mounts``, which ``start()`` calls with the application and the RPC gateway.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import importlib.resources
 import shutil
 import socket
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -46,6 +47,7 @@ class HttpServer:
         self._loopback_dir: str | None = None
         self._channel: grpc.aio.Channel | None = None
         self._runner: web.AppRunner | None = None
+        self.mounts: list[Callable[[web.Application, connect.Gateway], None]] = []
 
     def bind(self) -> int:
         host, _, port = self.listen.rpartition(":")
@@ -80,6 +82,8 @@ class HttpServer:
 
         self.web.router.add_get(OPENAPI_PATH, openapi)
         self.web.router.add_route("*", connect.RPC_PATH, gateway.handle)
+        for mount in self.mounts:
+            mount(self.web, gateway)
         # No access log: one line per decision would be the busiest thing in the log.
         self._runner = web.AppRunner(self.web, access_log=None, handle_signals=False, shutdown_timeout=grace_s)
         await self._runner.setup()

@@ -701,3 +701,253 @@ class UsageSettings(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UsageSettings: _TypeAlias = UsageSettings  # noqa: Y015
+
+@_typing.final
+class GetLimitStateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
+    organization_id: _builtins.str
+    project_id: _builtins.str
+    @_builtins.property
+    def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Models to read (at most 100); empty = every model the organization or the
+        project names in a limit (not "*": a model limited by "*" must be named).
+        """
+
+    def __init__(
+        self,
+        *,
+        organization_id: _builtins.str = ...,
+        project_id: _builtins.str = ...,
+        models: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models", "organization_id", b"organization_id", "project_id", b"project_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetLimitStateRequest: _TypeAlias = GetLimitStateRequest  # noqa: Y015
+
+@_typing.final
+class LimitState(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    ORGANIZATION_LIMIT_FIELD_NUMBER: _builtins.int
+    ORGANIZATION_REMAINING_FIELD_NUMBER: _builtins.int
+    PROJECT_LIMIT_FIELD_NUMBER: _builtins.int
+    PROJECT_REMAINING_FIELD_NUMBER: _builtins.int
+    REMAINING_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    metric: _builtins.str
+    """"requests" or "tokens" """
+    window: _builtins.str
+    """"minute", "day", ..."""
+    organization_limit: _builtins.int
+    """The organization's limit and what is left of it now (shared by every
+    project); absent when the organization has no limit for this dimension.
+    """
+    organization_remaining: _builtins.float
+    project_limit: _builtins.int
+    """The project's own limit and what is left of it; absent when it inherits."""
+    project_remaining: _builtins.float
+    remaining: _builtins.float
+    """What the project may still use now: the smaller of the two remainders."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        metric: _builtins.str = ...,
+        window: _builtins.str = ...,
+        organization_limit: _builtins.int | None = ...,
+        organization_remaining: _builtins.float | None = ...,
+        project_limit: _builtins.int | None = ...,
+        project_remaining: _builtins.float | None = ...,
+        remaining: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_organization_limit", b"_organization_limit", "_organization_remaining", b"_organization_remaining", "_project_limit", b"_project_limit", "_project_remaining", b"_project_remaining", "organization_limit", b"organization_limit", "organization_remaining", b"organization_remaining", "project_limit", b"project_limit", "project_remaining", b"project_remaining"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_organization_limit", b"_organization_limit", "_organization_remaining", b"_organization_remaining", "_project_limit", b"_project_limit", "_project_remaining", b"_project_remaining", "metric", b"metric", "model", b"model", "organization_limit", b"organization_limit", "organization_remaining", b"organization_remaining", "project_limit", b"project_limit", "project_remaining", b"project_remaining", "remaining", b"remaining", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__organization_limit: _TypeAlias = _typing.Literal["organization_limit"]  # noqa: Y015
+    _WhichOneofArgType__organization_limit: _TypeAlias = _typing.Literal["_organization_limit", b"_organization_limit"]  # noqa: Y015
+    _WhichOneofReturnType__organization_remaining: _TypeAlias = _typing.Literal["organization_remaining"]  # noqa: Y015
+    _WhichOneofArgType__organization_remaining: _TypeAlias = _typing.Literal["_organization_remaining", b"_organization_remaining"]  # noqa: Y015
+    _WhichOneofReturnType__project_limit: _TypeAlias = _typing.Literal["project_limit"]  # noqa: Y015
+    _WhichOneofArgType__project_limit: _TypeAlias = _typing.Literal["_project_limit", b"_project_limit"]  # noqa: Y015
+    _WhichOneofReturnType__project_remaining: _TypeAlias = _typing.Literal["project_remaining"]  # noqa: Y015
+    _WhichOneofArgType__project_remaining: _TypeAlias = _typing.Literal["_project_remaining", b"_project_remaining"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__organization_limit) -> _WhichOneofReturnType__organization_limit | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__organization_remaining) -> _WhichOneofReturnType__organization_remaining | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__project_limit) -> _WhichOneofReturnType__project_limit | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__project_remaining) -> _WhichOneofReturnType__project_remaining | None: ...
+
+Global___LimitState: _TypeAlias = LimitState  # noqa: Y015
+
+@_typing.final
+class GetLimitStateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMITS_FIELD_NUMBER: _builtins.int
+    READ_TIME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def limits(self) -> _containers.RepeatedCompositeFieldContainer[Global___LimitState]: ...
+    @_builtins.property
+    def read_time(self) -> _timestamp_pb2.Timestamp:
+        """The time the buckets were read at (the server's clock)."""
+
+    def __init__(
+        self,
+        *,
+        limits: _abc.Iterable[Global___LimitState] | None = ...,
+        read_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["read_time", b"read_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "read_time", b"read_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetLimitStateResponse: _TypeAlias = GetLimitStateResponse  # noqa: Y015
+
+@_typing.final
+class GetRequestMetricsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    GRANULARITY_FIELD_NUMBER: _builtins.int
+    organization_id: _builtins.str
+    project_id: _builtins.str
+    granularity: Global___Granularity.ValueType
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """[start_time, end_time), millisecond precision; end_time absent = now."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        organization_id: _builtins.str = ...,
+        project_id: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        granularity: Global___Granularity.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "granularity", b"granularity", "organization_id", b"organization_id", "project_id", b"project_id", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRequestMetricsRequest: _TypeAlias = GetRequestMetricsRequest  # noqa: Y015
+
+@_typing.final
+class RequestMetricsRow(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class StatusCodesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    BUCKET_START_TIME_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    REPORTED_FIELD_NUMBER: _builtins.int
+    LATENCY_P50_FIELD_NUMBER: _builtins.int
+    LATENCY_P95_FIELD_NUMBER: _builtins.int
+    LATENCY_P99_FIELD_NUMBER: _builtins.int
+    STATUS_CODES_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    reported: _builtins.int
+    """Requests reported with a status code (ReportUsage) in the bucket."""
+    @_builtins.property
+    def bucket_start_time(self) -> _timestamp_pb2.Timestamp:
+        """The bucket's start; in totals, the query's start."""
+
+    @_builtins.property
+    def latency_p50(self) -> _duration_pb2.Duration:
+        """Nearest-rank percentiles of the reported latencies (millisecond precision)."""
+
+    @_builtins.property
+    def latency_p95(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def latency_p99(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def status_codes(self) -> _containers.ScalarMap[_builtins.int, _builtins.int]:
+        """Reported requests by HTTP status code."""
+
+    def __init__(
+        self,
+        *,
+        bucket_start_time: _timestamp_pb2.Timestamp | None = ...,
+        model: _builtins.str = ...,
+        reported: _builtins.int = ...,
+        latency_p50: _duration_pb2.Duration | None = ...,
+        latency_p95: _duration_pb2.Duration | None = ...,
+        latency_p99: _duration_pb2.Duration | None = ...,
+        status_codes: _abc.Mapping[_builtins.int, _builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bucket_start_time", b"bucket_start_time", "latency_p50", b"latency_p50", "latency_p95", b"latency_p95", "latency_p99", b"latency_p99"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket_start_time", b"bucket_start_time", "latency_p50", b"latency_p50", "latency_p95", b"latency_p95", "latency_p99", b"latency_p99", "model", b"model", "reported", b"reported", "status_codes", b"status_codes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestMetricsRow: _TypeAlias = RequestMetricsRow  # noqa: Y015
+
+@_typing.final
+class GetRequestMetricsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROWS_FIELD_NUMBER: _builtins.int
+    TOTALS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___RequestMetricsRow]:
+        """Per time bucket and model, oldest first."""
+
+    @_builtins.property
+    def totals(self) -> _containers.RepeatedCompositeFieldContainer[Global___RequestMetricsRow]:
+        """Per model over the whole range."""
+
+    def __init__(
+        self,
+        *,
+        rows: _abc.Iterable[Global___RequestMetricsRow] | None = ...,
+        totals: _abc.Iterable[Global___RequestMetricsRow] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rows", b"rows", "totals", b"totals"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRequestMetricsResponse: _TypeAlias = GetRequestMetricsResponse  # noqa: Y015

@@ -74,6 +74,16 @@ class UsageServiceStub:
                 request_serializer=ratelimitd_dot_v1_dot_usage__pb2.GetUsageSettingsRequest.SerializeToString,
                 response_deserializer=ratelimitd_dot_v1_dot_usage__pb2.UsageSettings.FromString,
                 _registered_method=True)
+        self.GetLimitState = channel.unary_unary(
+                '/ratelimitd.v1.UsageService/GetLimitState',
+                request_serializer=ratelimitd_dot_v1_dot_usage__pb2.GetLimitStateRequest.SerializeToString,
+                response_deserializer=ratelimitd_dot_v1_dot_usage__pb2.GetLimitStateResponse.FromString,
+                _registered_method=True)
+        self.GetRequestMetrics = channel.unary_unary(
+                '/ratelimitd.v1.UsageService/GetRequestMetrics',
+                request_serializer=ratelimitd_dot_v1_dot_usage__pb2.GetRequestMetricsRequest.SerializeToString,
+                response_deserializer=ratelimitd_dot_v1_dot_usage__pb2.GetRequestMetricsResponse.FromString,
+                _registered_method=True)
 
 
 class UsageServiceServicer:
@@ -129,6 +139,23 @@ class UsageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLimitState(self, request, context):
+        """What a project may still use now, per model, metric and window: its own
+        buckets and the organization's, drained to now. Reads only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRequestMetrics(self, request, context):
+        """Latency percentiles and status codes per model and time bucket, from what
+        ReportUsage recorded in the project's request log (its newest
+        RATELIMITD_LOG_ENTRIES entries, docs/usage.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UsageServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -171,6 +198,16 @@ def add_UsageServiceServicer_to_server(servicer, server):
                     servicer.GetUsageSettings,
                     request_deserializer=ratelimitd_dot_v1_dot_usage__pb2.GetUsageSettingsRequest.FromString,
                     response_serializer=ratelimitd_dot_v1_dot_usage__pb2.UsageSettings.SerializeToString,
+            ),
+            'GetLimitState': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLimitState,
+                    request_deserializer=ratelimitd_dot_v1_dot_usage__pb2.GetLimitStateRequest.FromString,
+                    response_serializer=ratelimitd_dot_v1_dot_usage__pb2.GetLimitStateResponse.SerializeToString,
+            ),
+            'GetRequestMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRequestMetrics,
+                    request_deserializer=ratelimitd_dot_v1_dot_usage__pb2.GetRequestMetricsRequest.FromString,
+                    response_serializer=ratelimitd_dot_v1_dot_usage__pb2.GetRequestMetricsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -389,6 +426,60 @@ class UsageService:
             '/ratelimitd.v1.UsageService/GetUsageSettings',
             ratelimitd_dot_v1_dot_usage__pb2.GetUsageSettingsRequest.SerializeToString,
             ratelimitd_dot_v1_dot_usage__pb2.UsageSettings.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLimitState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ratelimitd.v1.UsageService/GetLimitState',
+            ratelimitd_dot_v1_dot_usage__pb2.GetLimitStateRequest.SerializeToString,
+            ratelimitd_dot_v1_dot_usage__pb2.GetLimitStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRequestMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ratelimitd.v1.UsageService/GetRequestMetrics',
+            ratelimitd_dot_v1_dot_usage__pb2.GetRequestMetricsRequest.SerializeToString,
+            ratelimitd_dot_v1_dot_usage__pb2.GetRequestMetricsResponse.FromString,
             options,
             channel_credentials,
             insecure,

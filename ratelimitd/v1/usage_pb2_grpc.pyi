@@ -49,6 +49,15 @@ class UsageServiceStub:
     SetUsageSettings: _grpc.UnaryUnaryMultiCallable[_usage_pb2.SetUsageSettingsRequest, _usage_pb2.UsageSettings]
     """Changes the fields update_mask names (AIP-134)."""
     GetUsageSettings: _grpc.UnaryUnaryMultiCallable[_usage_pb2.GetUsageSettingsRequest, _usage_pb2.UsageSettings]
+    GetLimitState: _grpc.UnaryUnaryMultiCallable[_usage_pb2.GetLimitStateRequest, _usage_pb2.GetLimitStateResponse]
+    """What a project may still use now, per model, metric and window: its own
+    buckets and the organization's, drained to now. Reads only.
+    """
+    GetRequestMetrics: _grpc.UnaryUnaryMultiCallable[_usage_pb2.GetRequestMetricsRequest, _usage_pb2.GetRequestMetricsResponse]
+    """Latency percentiles and status codes per model and time bucket, from what
+    ReportUsage recorded in the project's request log (its newest
+    RATELIMITD_LOG_ENTRIES entries, docs/usage.md).
+    """
 
 @_typing.type_check_only
 class UsageServiceAsyncStub(UsageServiceStub):
@@ -63,6 +72,15 @@ class UsageServiceAsyncStub(UsageServiceStub):
     SetUsageSettings: _aio.UnaryUnaryMultiCallable[_usage_pb2.SetUsageSettingsRequest, _usage_pb2.UsageSettings]  # type: ignore[assignment]
     """Changes the fields update_mask names (AIP-134)."""
     GetUsageSettings: _aio.UnaryUnaryMultiCallable[_usage_pb2.GetUsageSettingsRequest, _usage_pb2.UsageSettings]  # type: ignore[assignment]
+    GetLimitState: _aio.UnaryUnaryMultiCallable[_usage_pb2.GetLimitStateRequest, _usage_pb2.GetLimitStateResponse]  # type: ignore[assignment]
+    """What a project may still use now, per model, metric and window: its own
+    buckets and the organization's, drained to now. Reads only.
+    """
+    GetRequestMetrics: _aio.UnaryUnaryMultiCallable[_usage_pb2.GetRequestMetricsRequest, _usage_pb2.GetRequestMetricsResponse]  # type: ignore[assignment]
+    """Latency percentiles and status codes per model and time bucket, from what
+    ReportUsage recorded in the project's request log (its newest
+    RATELIMITD_LOG_ENTRIES entries, docs/usage.md).
+    """
 
 class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -122,5 +140,26 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _usage_pb2.GetUsageSettingsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_usage_pb2.UsageSettings, _abc.Awaitable[_usage_pb2.UsageSettings]]: ...
+
+    @_abc_1.abstractmethod
+    def GetLimitState(
+        self,
+        request: _usage_pb2.GetLimitStateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_pb2.GetLimitStateResponse, _abc.Awaitable[_usage_pb2.GetLimitStateResponse]]:
+        """What a project may still use now, per model, metric and window: its own
+        buckets and the organization's, drained to now. Reads only.
+        """
+
+    @_abc_1.abstractmethod
+    def GetRequestMetrics(
+        self,
+        request: _usage_pb2.GetRequestMetricsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_pb2.GetRequestMetricsResponse, _abc.Awaitable[_usage_pb2.GetRequestMetricsResponse]]:
+        """Latency percentiles and status codes per model and time bucket, from what
+        ReportUsage recorded in the project's request log (its newest
+        RATELIMITD_LOG_ENTRIES entries, docs/usage.md).
+        """
 
 def add_UsageServiceServicer_to_server(servicer: UsageServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1424,6 +1424,452 @@ func (x *UsageSettings) GetCachedTokensCountTowardLimits() bool {
 	return false
 }
 
+type GetLimitStateRequest struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	OrganizationId string                 `protobuf:"bytes,1,opt,name=organization_id,json=organizationId,proto3" json:"organization_id,omitempty"`
+	ProjectId      string                 `protobuf:"bytes,2,opt,name=project_id,json=projectId,proto3" json:"project_id,omitempty"`
+	// Models to read (at most 100); empty = every model the organization or the
+	// project names in a limit (not "*": a model limited by "*" must be named).
+	Models        []string `protobuf:"bytes,3,rep,name=models,proto3" json:"models,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetLimitStateRequest) Reset() {
+	*x = GetLimitStateRequest{}
+	mi := &file_ratelimitd_v1_usage_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetLimitStateRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetLimitStateRequest) ProtoMessage() {}
+
+func (x *GetLimitStateRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_ratelimitd_v1_usage_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetLimitStateRequest.ProtoReflect.Descriptor instead.
+func (*GetLimitStateRequest) Descriptor() ([]byte, []int) {
+	return file_ratelimitd_v1_usage_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *GetLimitStateRequest) GetOrganizationId() string {
+	if x != nil {
+		return x.OrganizationId
+	}
+	return ""
+}
+
+func (x *GetLimitStateRequest) GetProjectId() string {
+	if x != nil {
+		return x.ProjectId
+	}
+	return ""
+}
+
+func (x *GetLimitStateRequest) GetModels() []string {
+	if x != nil {
+		return x.Models
+	}
+	return nil
+}
+
+type LimitState struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Model  string                 `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
+	Metric string                 `protobuf:"bytes,2,opt,name=metric,proto3" json:"metric,omitempty"` // "requests" or "tokens"
+	Window string                 `protobuf:"bytes,3,opt,name=window,proto3" json:"window,omitempty"` // "minute", "day", ...
+	// The organization's limit and what is left of it now (shared by every
+	// project); absent when the organization has no limit for this dimension.
+	OrganizationLimit     *int64   `protobuf:"varint,4,opt,name=organization_limit,json=organizationLimit,proto3,oneof" json:"organization_limit,omitempty"`
+	OrganizationRemaining *float64 `protobuf:"fixed64,5,opt,name=organization_remaining,json=organizationRemaining,proto3,oneof" json:"organization_remaining,omitempty"`
+	// The project's own limit and what is left of it; absent when it inherits.
+	ProjectLimit     *int64   `protobuf:"varint,6,opt,name=project_limit,json=projectLimit,proto3,oneof" json:"project_limit,omitempty"`
+	ProjectRemaining *float64 `protobuf:"fixed64,7,opt,name=project_remaining,json=projectRemaining,proto3,oneof" json:"project_remaining,omitempty"`
+	// What the project may still use now: the smaller of the two remainders.
+	Remaining     float64 `protobuf:"fixed64,8,opt,name=remaining,proto3" json:"remaining,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LimitState) Reset() {
+	*x = LimitState{}
+	mi := &file_ratelimitd_v1_usage_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LimitState) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LimitState) ProtoMessage() {}
+
+func (x *LimitState) ProtoReflect() protoreflect.Message {
+	mi := &file_ratelimitd_v1_usage_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LimitState.ProtoReflect.Descriptor instead.
+func (*LimitState) Descriptor() ([]byte, []int) {
+	return file_ratelimitd_v1_usage_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *LimitState) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *LimitState) GetMetric() string {
+	if x != nil {
+		return x.Metric
+	}
+	return ""
+}
+
+func (x *LimitState) GetWindow() string {
+	if x != nil {
+		return x.Window
+	}
+	return ""
+}
+
+func (x *LimitState) GetOrganizationLimit() int64 {
+	if x != nil && x.OrganizationLimit != nil {
+		return *x.OrganizationLimit
+	}
+	return 0
+}
+
+func (x *LimitState) GetOrganizationRemaining() float64 {
+	if x != nil && x.OrganizationRemaining != nil {
+		return *x.OrganizationRemaining
+	}
+	return 0
+}
+
+func (x *LimitState) GetProjectLimit() int64 {
+	if x != nil && x.ProjectLimit != nil {
+		return *x.ProjectLimit
+	}
+	return 0
+}
+
+func (x *LimitState) GetProjectRemaining() float64 {
+	if x != nil && x.ProjectRemaining != nil {
+		return *x.ProjectRemaining
+	}
+	return 0
+}
+
+func (x *LimitState) GetRemaining() float64 {
+	if x != nil {
+		return x.Remaining
+	}
+	return 0
+}
+
+type GetLimitStateResponse struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Limits []*LimitState          `protobuf:"bytes,1,rep,name=limits,proto3" json:"limits,omitempty"`
+	// The time the buckets were read at (the server's clock).
+	ReadTime      *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=read_time,json=readTime,proto3" json:"read_time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetLimitStateResponse) Reset() {
+	*x = GetLimitStateResponse{}
+	mi := &file_ratelimitd_v1_usage_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetLimitStateResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetLimitStateResponse) ProtoMessage() {}
+
+func (x *GetLimitStateResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_ratelimitd_v1_usage_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetLimitStateResponse.ProtoReflect.Descriptor instead.
+func (*GetLimitStateResponse) Descriptor() ([]byte, []int) {
+	return file_ratelimitd_v1_usage_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *GetLimitStateResponse) GetLimits() []*LimitState {
+	if x != nil {
+		return x.Limits
+	}
+	return nil
+}
+
+func (x *GetLimitStateResponse) GetReadTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ReadTime
+	}
+	return nil
+}
+
+type GetRequestMetricsRequest struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	OrganizationId string                 `protobuf:"bytes,1,opt,name=organization_id,json=organizationId,proto3" json:"organization_id,omitempty"`
+	ProjectId      string                 `protobuf:"bytes,2,opt,name=project_id,json=projectId,proto3" json:"project_id,omitempty"`
+	// [start_time, end_time), millisecond precision; end_time absent = now.
+	StartTime     *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
+	EndTime       *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=end_time,json=endTime,proto3" json:"end_time,omitempty"`
+	Granularity   Granularity            `protobuf:"varint,5,opt,name=granularity,proto3,enum=ratelimitd.v1.Granularity" json:"granularity,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetRequestMetricsRequest) Reset() {
+	*x = GetRequestMetricsRequest{}
+	mi := &file_ratelimitd_v1_usage_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetRequestMetricsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetRequestMetricsRequest) ProtoMessage() {}
+
+func (x *GetRequestMetricsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_ratelimitd_v1_usage_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetRequestMetricsRequest.ProtoReflect.Descriptor instead.
+func (*GetRequestMetricsRequest) Descriptor() ([]byte, []int) {
+	return file_ratelimitd_v1_usage_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *GetRequestMetricsRequest) GetOrganizationId() string {
+	if x != nil {
+		return x.OrganizationId
+	}
+	return ""
+}
+
+func (x *GetRequestMetricsRequest) GetProjectId() string {
+	if x != nil {
+		return x.ProjectId
+	}
+	return ""
+}
+
+func (x *GetRequestMetricsRequest) GetStartTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.StartTime
+	}
+	return nil
+}
+
+func (x *GetRequestMetricsRequest) GetEndTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.EndTime
+	}
+	return nil
+}
+
+func (x *GetRequestMetricsRequest) GetGranularity() Granularity {
+	if x != nil {
+		return x.Granularity
+	}
+	return Granularity_GRANULARITY_UNSPECIFIED
+}
+
+type RequestMetricsRow struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The bucket's start; in totals, the query's start.
+	BucketStartTime *timestamppb.Timestamp `protobuf:"bytes,1,opt,name=bucket_start_time,json=bucketStartTime,proto3" json:"bucket_start_time,omitempty"`
+	Model           string                 `protobuf:"bytes,2,opt,name=model,proto3" json:"model,omitempty"`
+	// Requests reported with a status code (ReportUsage) in the bucket.
+	Reported int64 `protobuf:"varint,3,opt,name=reported,proto3" json:"reported,omitempty"`
+	// Nearest-rank percentiles of the reported latencies (millisecond precision).
+	LatencyP50 *durationpb.Duration `protobuf:"bytes,4,opt,name=latency_p50,json=latencyP50,proto3" json:"latency_p50,omitempty"`
+	LatencyP95 *durationpb.Duration `protobuf:"bytes,5,opt,name=latency_p95,json=latencyP95,proto3" json:"latency_p95,omitempty"`
+	LatencyP99 *durationpb.Duration `protobuf:"bytes,6,opt,name=latency_p99,json=latencyP99,proto3" json:"latency_p99,omitempty"`
+	// Reported requests by HTTP status code.
+	StatusCodes   map[int32]int64 `protobuf:"bytes,7,rep,name=status_codes,json=statusCodes,proto3" json:"status_codes,omitempty" protobuf_key:"varint,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RequestMetricsRow) Reset() {
+	*x = RequestMetricsRow{}
+	mi := &file_ratelimitd_v1_usage_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RequestMetricsRow) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RequestMetricsRow) ProtoMessage() {}
+
+func (x *RequestMetricsRow) ProtoReflect() protoreflect.Message {
+	mi := &file_ratelimitd_v1_usage_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RequestMetricsRow.ProtoReflect.Descriptor instead.
+func (*RequestMetricsRow) Descriptor() ([]byte, []int) {
+	return file_ratelimitd_v1_usage_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *RequestMetricsRow) GetBucketStartTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.BucketStartTime
+	}
+	return nil
+}
+
+func (x *RequestMetricsRow) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *RequestMetricsRow) GetReported() int64 {
+	if x != nil {
+		return x.Reported
+	}
+	return 0
+}
+
+func (x *RequestMetricsRow) GetLatencyP50() *durationpb.Duration {
+	if x != nil {
+		return x.LatencyP50
+	}
+	return nil
+}
+
+func (x *RequestMetricsRow) GetLatencyP95() *durationpb.Duration {
+	if x != nil {
+		return x.LatencyP95
+	}
+	return nil
+}
+
+func (x *RequestMetricsRow) GetLatencyP99() *durationpb.Duration {
+	if x != nil {
+		return x.LatencyP99
+	}
+	return nil
+}
+
+func (x *RequestMetricsRow) GetStatusCodes() map[int32]int64 {
+	if x != nil {
+		return x.StatusCodes
+	}
+	return nil
+}
+
+type GetRequestMetricsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Per time bucket and model, oldest first.
+	Rows []*RequestMetricsRow `protobuf:"bytes,1,rep,name=rows,proto3" json:"rows,omitempty"`
+	// Per model over the whole range.
+	Totals        []*RequestMetricsRow `protobuf:"bytes,2,rep,name=totals,proto3" json:"totals,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetRequestMetricsResponse) Reset() {
+	*x = GetRequestMetricsResponse{}
+	mi := &file_ratelimitd_v1_usage_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetRequestMetricsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetRequestMetricsResponse) ProtoMessage() {}
+
+func (x *GetRequestMetricsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_ratelimitd_v1_usage_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetRequestMetricsResponse.ProtoReflect.Descriptor instead.
+func (*GetRequestMetricsResponse) Descriptor() ([]byte, []int) {
+	return file_ratelimitd_v1_usage_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *GetRequestMetricsResponse) GetRows() []*RequestMetricsRow {
+	if x != nil {
+		return x.Rows
+	}
+	return nil
+}
+
+func (x *GetRequestMetricsResponse) GetTotals() []*RequestMetricsRow {
+	if x != nil {
+		return x.Totals
+	}
+	return nil
+}
+
 var File_ratelimitd_v1_usage_proto protoreflect.FileDescriptor
 
 const file_ratelimitd_v1_usage_proto_rawDesc = "" +
@@ -1550,7 +1996,54 @@ const file_ratelimitd_v1_usage_proto_rawDesc = "" +
 	"updateMask\"\x82\x01\n" +
 	"\rUsageSettings\x12'\n" +
 	"\x0forganization_id\x18\x01 \x01(\tR\x0eorganizationId\x12H\n" +
-	"!cached_tokens_count_toward_limits\x18\x02 \x01(\bR\x1dcachedTokensCountTowardLimits*m\n" +
+	"!cached_tokens_count_toward_limits\x18\x02 \x01(\bR\x1dcachedTokensCountTowardLimits\"v\n" +
+	"\x14GetLimitStateRequest\x12'\n" +
+	"\x0forganization_id\x18\x01 \x01(\tR\x0eorganizationId\x12\x1d\n" +
+	"\n" +
+	"project_id\x18\x02 \x01(\tR\tprojectId\x12\x16\n" +
+	"\x06models\x18\x03 \x03(\tR\x06models\"\x96\x03\n" +
+	"\n" +
+	"LimitState\x12\x14\n" +
+	"\x05model\x18\x01 \x01(\tR\x05model\x12\x16\n" +
+	"\x06metric\x18\x02 \x01(\tR\x06metric\x12\x16\n" +
+	"\x06window\x18\x03 \x01(\tR\x06window\x122\n" +
+	"\x12organization_limit\x18\x04 \x01(\x03H\x00R\x11organizationLimit\x88\x01\x01\x12:\n" +
+	"\x16organization_remaining\x18\x05 \x01(\x01H\x01R\x15organizationRemaining\x88\x01\x01\x12(\n" +
+	"\rproject_limit\x18\x06 \x01(\x03H\x02R\fprojectLimit\x88\x01\x01\x120\n" +
+	"\x11project_remaining\x18\a \x01(\x01H\x03R\x10projectRemaining\x88\x01\x01\x12\x1c\n" +
+	"\tremaining\x18\b \x01(\x01R\tremainingB\x15\n" +
+	"\x13_organization_limitB\x19\n" +
+	"\x17_organization_remainingB\x10\n" +
+	"\x0e_project_limitB\x14\n" +
+	"\x12_project_remaining\"\x83\x01\n" +
+	"\x15GetLimitStateResponse\x121\n" +
+	"\x06limits\x18\x01 \x03(\v2\x19.ratelimitd.v1.LimitStateR\x06limits\x127\n" +
+	"\tread_time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\breadTime\"\x92\x02\n" +
+	"\x18GetRequestMetricsRequest\x12'\n" +
+	"\x0forganization_id\x18\x01 \x01(\tR\x0eorganizationId\x12\x1d\n" +
+	"\n" +
+	"project_id\x18\x02 \x01(\tR\tprojectId\x129\n" +
+	"\n" +
+	"start_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\tstartTime\x125\n" +
+	"\bend_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\aendTime\x12<\n" +
+	"\vgranularity\x18\x05 \x01(\x0e2\x1a.ratelimitd.v1.GranularityR\vgranularity\"\xd7\x03\n" +
+	"\x11RequestMetricsRow\x12F\n" +
+	"\x11bucket_start_time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x0fbucketStartTime\x12\x14\n" +
+	"\x05model\x18\x02 \x01(\tR\x05model\x12\x1a\n" +
+	"\breported\x18\x03 \x01(\x03R\breported\x12:\n" +
+	"\vlatency_p50\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\n" +
+	"latencyP50\x12:\n" +
+	"\vlatency_p95\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\n" +
+	"latencyP95\x12:\n" +
+	"\vlatency_p99\x18\x06 \x01(\v2\x19.google.protobuf.DurationR\n" +
+	"latencyP99\x12T\n" +
+	"\fstatus_codes\x18\a \x03(\v21.ratelimitd.v1.RequestMetricsRow.StatusCodesEntryR\vstatusCodes\x1a>\n" +
+	"\x10StatusCodesEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\x05R\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"\x8b\x01\n" +
+	"\x19GetRequestMetricsResponse\x124\n" +
+	"\x04rows\x18\x01 \x03(\v2 .ratelimitd.v1.RequestMetricsRowR\x04rows\x128\n" +
+	"\x06totals\x18\x02 \x03(\v2 .ratelimitd.v1.RequestMetricsRowR\x06totals*m\n" +
 	"\vGranularity\x12\x1b\n" +
 	"\x17GRANULARITY_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12GRANULARITY_MINUTE\x10\x01\x12\x14\n" +
@@ -1560,7 +2053,7 @@ const file_ratelimitd_v1_usage_proto_rawDesc = "" +
 	"\x14GROUP_BY_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10GROUP_BY_PROJECT\x10\x01\x12\x12\n" +
 	"\x0eGROUP_BY_MODEL\x10\x02\x12\x14\n" +
-	"\x10GROUP_BY_API_KEY\x10\x032\xaa\x05\n" +
+	"\x10GROUP_BY_API_KEY\x10\x032\xee\x06\n" +
 	"\fUsageService\x12K\n" +
 	"\bGetUsage\x12\x1e.ratelimitd.v1.GetUsageRequest\x1a\x1f.ratelimitd.v1.GetUsageResponse\x12K\n" +
 	"\bGetSpend\x12\x1e.ratelimitd.v1.GetSpendRequest\x1a\x1f.ratelimitd.v1.GetSpendResponse\x12`\n" +
@@ -1570,7 +2063,9 @@ const file_ratelimitd_v1_usage_proto_rawDesc = "" +
 	"ListPrices\x12 .ratelimitd.v1.ListPricesRequest\x1a!.ratelimitd.v1.ListPricesResponse\x12U\n" +
 	"\rSetSpendLimit\x12#.ratelimitd.v1.SetSpendLimitRequest\x1a\x1f.ratelimitd.v1.GetSpendResponse\x12X\n" +
 	"\x10SetUsageSettings\x12&.ratelimitd.v1.SetUsageSettingsRequest\x1a\x1c.ratelimitd.v1.UsageSettings\x12X\n" +
-	"\x10GetUsageSettings\x12&.ratelimitd.v1.GetUsageSettingsRequest\x1a\x1c.ratelimitd.v1.UsageSettingsB\xa4\x01\n" +
+	"\x10GetUsageSettings\x12&.ratelimitd.v1.GetUsageSettingsRequest\x1a\x1c.ratelimitd.v1.UsageSettings\x12Z\n" +
+	"\rGetLimitState\x12#.ratelimitd.v1.GetLimitStateRequest\x1a$.ratelimitd.v1.GetLimitStateResponse\x12f\n" +
+	"\x11GetRequestMetrics\x12'.ratelimitd.v1.GetRequestMetricsRequest\x1a(.ratelimitd.v1.GetRequestMetricsResponseB\xa4\x01\n" +
 	"\x11com.ratelimitd.v1B\n" +
 	"UsageProtoP\x01ZJgithub.com/ratelimitd/ratelimitd/clients/go/gen/ratelimitd/v1;ratelimitdv1\xa2\x02\x03RLX\xaa\x02\rRatelimitd.V1\xca\x02\rRatelimitd\\V1\xea\x02\x0eRatelimitd::V1b\x06proto3"
 
@@ -1587,7 +2082,7 @@ func file_ratelimitd_v1_usage_proto_rawDescGZIP() []byte {
 }
 
 var file_ratelimitd_v1_usage_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_ratelimitd_v1_usage_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
+var file_ratelimitd_v1_usage_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
 var file_ratelimitd_v1_usage_proto_goTypes = []any{
 	(Granularity)(0),                    // 0: ratelimitd.v1.Granularity
 	(GroupBy)(0),                        // 1: ratelimitd.v1.GroupBy
@@ -1609,55 +2104,78 @@ var file_ratelimitd_v1_usage_proto_goTypes = []any{
 	(*GetUsageSettingsRequest)(nil),     // 17: ratelimitd.v1.GetUsageSettingsRequest
 	(*SetUsageSettingsRequest)(nil),     // 18: ratelimitd.v1.SetUsageSettingsRequest
 	(*UsageSettings)(nil),               // 19: ratelimitd.v1.UsageSettings
-	nil,                                 // 20: ratelimitd.v1.UsageRow.RefusalsEntry
-	nil,                                 // 21: ratelimitd.v1.UsageRow.ShadowRefusalsEntry
-	(*timestamppb.Timestamp)(nil),       // 22: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),         // 23: google.protobuf.Duration
-	(*fieldmaskpb.FieldMask)(nil),       // 24: google.protobuf.FieldMask
+	(*GetLimitStateRequest)(nil),        // 20: ratelimitd.v1.GetLimitStateRequest
+	(*LimitState)(nil),                  // 21: ratelimitd.v1.LimitState
+	(*GetLimitStateResponse)(nil),       // 22: ratelimitd.v1.GetLimitStateResponse
+	(*GetRequestMetricsRequest)(nil),    // 23: ratelimitd.v1.GetRequestMetricsRequest
+	(*RequestMetricsRow)(nil),           // 24: ratelimitd.v1.RequestMetricsRow
+	(*GetRequestMetricsResponse)(nil),   // 25: ratelimitd.v1.GetRequestMetricsResponse
+	nil,                                 // 26: ratelimitd.v1.UsageRow.RefusalsEntry
+	nil,                                 // 27: ratelimitd.v1.UsageRow.ShadowRefusalsEntry
+	nil,                                 // 28: ratelimitd.v1.RequestMetricsRow.StatusCodesEntry
+	(*timestamppb.Timestamp)(nil),       // 29: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),         // 30: google.protobuf.Duration
+	(*fieldmaskpb.FieldMask)(nil),       // 31: google.protobuf.FieldMask
 }
 var file_ratelimitd_v1_usage_proto_depIdxs = []int32{
-	22, // 0: ratelimitd.v1.GetUsageRequest.start_time:type_name -> google.protobuf.Timestamp
-	22, // 1: ratelimitd.v1.GetUsageRequest.end_time:type_name -> google.protobuf.Timestamp
+	29, // 0: ratelimitd.v1.GetUsageRequest.start_time:type_name -> google.protobuf.Timestamp
+	29, // 1: ratelimitd.v1.GetUsageRequest.end_time:type_name -> google.protobuf.Timestamp
 	0,  // 2: ratelimitd.v1.GetUsageRequest.granularity:type_name -> ratelimitd.v1.Granularity
 	1,  // 3: ratelimitd.v1.GetUsageRequest.group_by:type_name -> ratelimitd.v1.GroupBy
-	22, // 4: ratelimitd.v1.UsageRow.bucket_start_time:type_name -> google.protobuf.Timestamp
-	20, // 5: ratelimitd.v1.UsageRow.refusals:type_name -> ratelimitd.v1.UsageRow.RefusalsEntry
-	21, // 6: ratelimitd.v1.UsageRow.shadow_refusals:type_name -> ratelimitd.v1.UsageRow.ShadowRefusalsEntry
+	29, // 4: ratelimitd.v1.UsageRow.bucket_start_time:type_name -> google.protobuf.Timestamp
+	26, // 5: ratelimitd.v1.UsageRow.refusals:type_name -> ratelimitd.v1.UsageRow.RefusalsEntry
+	27, // 6: ratelimitd.v1.UsageRow.shadow_refusals:type_name -> ratelimitd.v1.UsageRow.ShadowRefusalsEntry
 	4,  // 7: ratelimitd.v1.GetUsageResponse.rows:type_name -> ratelimitd.v1.UsageRow
 	4,  // 8: ratelimitd.v1.GetUsageResponse.total:type_name -> ratelimitd.v1.UsageRow
 	7,  // 9: ratelimitd.v1.GetSpendResponse.organization:type_name -> ratelimitd.v1.SpendLine
 	7,  // 10: ratelimitd.v1.GetSpendResponse.projects:type_name -> ratelimitd.v1.SpendLine
 	2,  // 11: ratelimitd.v1.ListRequestLogsRequest.outcome:type_name -> ratelimitd.v1.ListRequestLogsRequest.Outcome
-	22, // 12: ratelimitd.v1.ListRequestLogsRequest.start_time:type_name -> google.protobuf.Timestamp
-	22, // 13: ratelimitd.v1.ListRequestLogsRequest.end_time:type_name -> google.protobuf.Timestamp
-	22, // 14: ratelimitd.v1.RequestLogEntry.request_time:type_name -> google.protobuf.Timestamp
-	23, // 15: ratelimitd.v1.RequestLogEntry.latency:type_name -> google.protobuf.Duration
+	29, // 12: ratelimitd.v1.ListRequestLogsRequest.start_time:type_name -> google.protobuf.Timestamp
+	29, // 13: ratelimitd.v1.ListRequestLogsRequest.end_time:type_name -> google.protobuf.Timestamp
+	29, // 14: ratelimitd.v1.RequestLogEntry.request_time:type_name -> google.protobuf.Timestamp
+	30, // 15: ratelimitd.v1.RequestLogEntry.latency:type_name -> google.protobuf.Duration
 	10, // 16: ratelimitd.v1.ListRequestLogsResponse.entries:type_name -> ratelimitd.v1.RequestLogEntry
 	12, // 17: ratelimitd.v1.SetPriceRequest.price:type_name -> ratelimitd.v1.Price
 	12, // 18: ratelimitd.v1.ListPricesResponse.prices:type_name -> ratelimitd.v1.Price
 	19, // 19: ratelimitd.v1.SetUsageSettingsRequest.settings:type_name -> ratelimitd.v1.UsageSettings
-	24, // 20: ratelimitd.v1.SetUsageSettingsRequest.update_mask:type_name -> google.protobuf.FieldMask
-	3,  // 21: ratelimitd.v1.UsageService.GetUsage:input_type -> ratelimitd.v1.GetUsageRequest
-	6,  // 22: ratelimitd.v1.UsageService.GetSpend:input_type -> ratelimitd.v1.GetSpendRequest
-	9,  // 23: ratelimitd.v1.UsageService.ListRequestLogs:input_type -> ratelimitd.v1.ListRequestLogsRequest
-	13, // 24: ratelimitd.v1.UsageService.SetPrice:input_type -> ratelimitd.v1.SetPriceRequest
-	14, // 25: ratelimitd.v1.UsageService.ListPrices:input_type -> ratelimitd.v1.ListPricesRequest
-	16, // 26: ratelimitd.v1.UsageService.SetSpendLimit:input_type -> ratelimitd.v1.SetSpendLimitRequest
-	18, // 27: ratelimitd.v1.UsageService.SetUsageSettings:input_type -> ratelimitd.v1.SetUsageSettingsRequest
-	17, // 28: ratelimitd.v1.UsageService.GetUsageSettings:input_type -> ratelimitd.v1.GetUsageSettingsRequest
-	5,  // 29: ratelimitd.v1.UsageService.GetUsage:output_type -> ratelimitd.v1.GetUsageResponse
-	8,  // 30: ratelimitd.v1.UsageService.GetSpend:output_type -> ratelimitd.v1.GetSpendResponse
-	11, // 31: ratelimitd.v1.UsageService.ListRequestLogs:output_type -> ratelimitd.v1.ListRequestLogsResponse
-	12, // 32: ratelimitd.v1.UsageService.SetPrice:output_type -> ratelimitd.v1.Price
-	15, // 33: ratelimitd.v1.UsageService.ListPrices:output_type -> ratelimitd.v1.ListPricesResponse
-	8,  // 34: ratelimitd.v1.UsageService.SetSpendLimit:output_type -> ratelimitd.v1.GetSpendResponse
-	19, // 35: ratelimitd.v1.UsageService.SetUsageSettings:output_type -> ratelimitd.v1.UsageSettings
-	19, // 36: ratelimitd.v1.UsageService.GetUsageSettings:output_type -> ratelimitd.v1.UsageSettings
-	29, // [29:37] is the sub-list for method output_type
-	21, // [21:29] is the sub-list for method input_type
-	21, // [21:21] is the sub-list for extension type_name
-	21, // [21:21] is the sub-list for extension extendee
-	0,  // [0:21] is the sub-list for field type_name
+	31, // 20: ratelimitd.v1.SetUsageSettingsRequest.update_mask:type_name -> google.protobuf.FieldMask
+	21, // 21: ratelimitd.v1.GetLimitStateResponse.limits:type_name -> ratelimitd.v1.LimitState
+	29, // 22: ratelimitd.v1.GetLimitStateResponse.read_time:type_name -> google.protobuf.Timestamp
+	29, // 23: ratelimitd.v1.GetRequestMetricsRequest.start_time:type_name -> google.protobuf.Timestamp
+	29, // 24: ratelimitd.v1.GetRequestMetricsRequest.end_time:type_name -> google.protobuf.Timestamp
+	0,  // 25: ratelimitd.v1.GetRequestMetricsRequest.granularity:type_name -> ratelimitd.v1.Granularity
+	29, // 26: ratelimitd.v1.RequestMetricsRow.bucket_start_time:type_name -> google.protobuf.Timestamp
+	30, // 27: ratelimitd.v1.RequestMetricsRow.latency_p50:type_name -> google.protobuf.Duration
+	30, // 28: ratelimitd.v1.RequestMetricsRow.latency_p95:type_name -> google.protobuf.Duration
+	30, // 29: ratelimitd.v1.RequestMetricsRow.latency_p99:type_name -> google.protobuf.Duration
+	28, // 30: ratelimitd.v1.RequestMetricsRow.status_codes:type_name -> ratelimitd.v1.RequestMetricsRow.StatusCodesEntry
+	24, // 31: ratelimitd.v1.GetRequestMetricsResponse.rows:type_name -> ratelimitd.v1.RequestMetricsRow
+	24, // 32: ratelimitd.v1.GetRequestMetricsResponse.totals:type_name -> ratelimitd.v1.RequestMetricsRow
+	3,  // 33: ratelimitd.v1.UsageService.GetUsage:input_type -> ratelimitd.v1.GetUsageRequest
+	6,  // 34: ratelimitd.v1.UsageService.GetSpend:input_type -> ratelimitd.v1.GetSpendRequest
+	9,  // 35: ratelimitd.v1.UsageService.ListRequestLogs:input_type -> ratelimitd.v1.ListRequestLogsRequest
+	13, // 36: ratelimitd.v1.UsageService.SetPrice:input_type -> ratelimitd.v1.SetPriceRequest
+	14, // 37: ratelimitd.v1.UsageService.ListPrices:input_type -> ratelimitd.v1.ListPricesRequest
+	16, // 38: ratelimitd.v1.UsageService.SetSpendLimit:input_type -> ratelimitd.v1.SetSpendLimitRequest
+	18, // 39: ratelimitd.v1.UsageService.SetUsageSettings:input_type -> ratelimitd.v1.SetUsageSettingsRequest
+	17, // 40: ratelimitd.v1.UsageService.GetUsageSettings:input_type -> ratelimitd.v1.GetUsageSettingsRequest
+	20, // 41: ratelimitd.v1.UsageService.GetLimitState:input_type -> ratelimitd.v1.GetLimitStateRequest
+	23, // 42: ratelimitd.v1.UsageService.GetRequestMetrics:input_type -> ratelimitd.v1.GetRequestMetricsRequest
+	5,  // 43: ratelimitd.v1.UsageService.GetUsage:output_type -> ratelimitd.v1.GetUsageResponse
+	8,  // 44: ratelimitd.v1.UsageService.GetSpend:output_type -> ratelimitd.v1.GetSpendResponse
+	11, // 45: ratelimitd.v1.UsageService.ListRequestLogs:output_type -> ratelimitd.v1.ListRequestLogsResponse
+	12, // 46: ratelimitd.v1.UsageService.SetPrice:output_type -> ratelimitd.v1.Price
+	15, // 47: ratelimitd.v1.UsageService.ListPrices:output_type -> ratelimitd.v1.ListPricesResponse
+	8,  // 48: ratelimitd.v1.UsageService.SetSpendLimit:output_type -> ratelimitd.v1.GetSpendResponse
+	19, // 49: ratelimitd.v1.UsageService.SetUsageSettings:output_type -> ratelimitd.v1.UsageSettings
+	19, // 50: ratelimitd.v1.UsageService.GetUsageSettings:output_type -> ratelimitd.v1.UsageSettings
+	22, // 51: ratelimitd.v1.UsageService.GetLimitState:output_type -> ratelimitd.v1.GetLimitStateResponse
+	25, // 52: ratelimitd.v1.UsageService.GetRequestMetrics:output_type -> ratelimitd.v1.GetRequestMetricsResponse
+	43, // [43:53] is the sub-list for method output_type
+	33, // [33:43] is the sub-list for method input_type
+	33, // [33:33] is the sub-list for extension type_name
+	33, // [33:33] is the sub-list for extension extendee
+	0,  // [0:33] is the sub-list for field type_name
 }
 
 func init() { file_ratelimitd_v1_usage_proto_init() }
@@ -1667,13 +2185,14 @@ func file_ratelimitd_v1_usage_proto_init() {
 	}
 	file_ratelimitd_v1_usage_proto_msgTypes[4].OneofWrappers = []any{}
 	file_ratelimitd_v1_usage_proto_msgTypes[13].OneofWrappers = []any{}
+	file_ratelimitd_v1_usage_proto_msgTypes[18].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ratelimitd_v1_usage_proto_rawDesc), len(file_ratelimitd_v1_usage_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   19,
+			NumMessages:   26,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -28,14 +28,16 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	UsageService_GetUsage_FullMethodName         = "/ratelimitd.v1.UsageService/GetUsage"
-	UsageService_GetSpend_FullMethodName         = "/ratelimitd.v1.UsageService/GetSpend"
-	UsageService_ListRequestLogs_FullMethodName  = "/ratelimitd.v1.UsageService/ListRequestLogs"
-	UsageService_SetPrice_FullMethodName         = "/ratelimitd.v1.UsageService/SetPrice"
-	UsageService_ListPrices_FullMethodName       = "/ratelimitd.v1.UsageService/ListPrices"
-	UsageService_SetSpendLimit_FullMethodName    = "/ratelimitd.v1.UsageService/SetSpendLimit"
-	UsageService_SetUsageSettings_FullMethodName = "/ratelimitd.v1.UsageService/SetUsageSettings"
-	UsageService_GetUsageSettings_FullMethodName = "/ratelimitd.v1.UsageService/GetUsageSettings"
+	UsageService_GetUsage_FullMethodName          = "/ratelimitd.v1.UsageService/GetUsage"
+	UsageService_GetSpend_FullMethodName          = "/ratelimitd.v1.UsageService/GetSpend"
+	UsageService_ListRequestLogs_FullMethodName   = "/ratelimitd.v1.UsageService/ListRequestLogs"
+	UsageService_SetPrice_FullMethodName          = "/ratelimitd.v1.UsageService/SetPrice"
+	UsageService_ListPrices_FullMethodName        = "/ratelimitd.v1.UsageService/ListPrices"
+	UsageService_SetSpendLimit_FullMethodName     = "/ratelimitd.v1.UsageService/SetSpendLimit"
+	UsageService_SetUsageSettings_FullMethodName  = "/ratelimitd.v1.UsageService/SetUsageSettings"
+	UsageService_GetUsageSettings_FullMethodName  = "/ratelimitd.v1.UsageService/GetUsageSettings"
+	UsageService_GetLimitState_FullMethodName     = "/ratelimitd.v1.UsageService/GetLimitState"
+	UsageService_GetRequestMetrics_FullMethodName = "/ratelimitd.v1.UsageService/GetRequestMetrics"
 )
 
 // UsageServiceClient is the client API for UsageService service.
@@ -52,6 +54,13 @@ type UsageServiceClient interface {
 	// Changes the fields update_mask names (AIP-134).
 	SetUsageSettings(ctx context.Context, in *SetUsageSettingsRequest, opts ...grpc.CallOption) (*UsageSettings, error)
 	GetUsageSettings(ctx context.Context, in *GetUsageSettingsRequest, opts ...grpc.CallOption) (*UsageSettings, error)
+	// What a project may still use now, per model, metric and window: its own
+	// buckets and the organization's, drained to now. Reads only.
+	GetLimitState(ctx context.Context, in *GetLimitStateRequest, opts ...grpc.CallOption) (*GetLimitStateResponse, error)
+	// Latency percentiles and status codes per model and time bucket, from what
+	// ReportUsage recorded in the project's request log (its newest
+	// RATELIMITD_LOG_ENTRIES entries, docs/usage.md).
+	GetRequestMetrics(ctx context.Context, in *GetRequestMetricsRequest, opts ...grpc.CallOption) (*GetRequestMetricsResponse, error)
 }
 
 type usageServiceClient struct {
@@ -142,6 +151,26 @@ func (c *usageServiceClient) GetUsageSettings(ctx context.Context, in *GetUsageS
 	return out, nil
 }
 
+func (c *usageServiceClient) GetLimitState(ctx context.Context, in *GetLimitStateRequest, opts ...grpc.CallOption) (*GetLimitStateResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetLimitStateResponse)
+	err := c.cc.Invoke(ctx, UsageService_GetLimitState_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *usageServiceClient) GetRequestMetrics(ctx context.Context, in *GetRequestMetricsRequest, opts ...grpc.CallOption) (*GetRequestMetricsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetRequestMetricsResponse)
+	err := c.cc.Invoke(ctx, UsageService_GetRequestMetrics_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // UsageServiceServer is the server API for UsageService service.
 // All implementations must embed UnimplementedUsageServiceServer
 // for forward compatibility.
@@ -156,6 +185,13 @@ type UsageServiceServer interface {
 	// Changes the fields update_mask names (AIP-134).
 	SetUsageSettings(context.Context, *SetUsageSettingsRequest) (*UsageSettings, error)
 	GetUsageSettings(context.Context, *GetUsageSettingsRequest) (*UsageSettings, error)
+	// What a project may still use now, per model, metric and window: its own
+	// buckets and the organization's, drained to now. Reads only.
+	GetLimitState(context.Context, *GetLimitStateRequest) (*GetLimitStateResponse, error)
+	// Latency percentiles and status codes per model and time bucket, from what
+	// ReportUsage recorded in the project's request log (its newest
+	// RATELIMITD_LOG_ENTRIES entries, docs/usage.md).
+	GetRequestMetrics(context.Context, *GetRequestMetricsRequest) (*GetRequestMetricsResponse, error)
 	mustEmbedUnimplementedUsageServiceServer()
 }
 
@@ -189,6 +225,12 @@ func (UnimplementedUsageServiceServer) SetUsageSettings(context.Context, *SetUsa
 }
 func (UnimplementedUsageServiceServer) GetUsageSettings(context.Context, *GetUsageSettingsRequest) (*UsageSettings, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetUsageSettings not implemented")
+}
+func (UnimplementedUsageServiceServer) GetLimitState(context.Context, *GetLimitStateRequest) (*GetLimitStateResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetLimitState not implemented")
+}
+func (UnimplementedUsageServiceServer) GetRequestMetrics(context.Context, *GetRequestMetricsRequest) (*GetRequestMetricsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetRequestMetrics not implemented")
 }
 func (UnimplementedUsageServiceServer) mustEmbedUnimplementedUsageServiceServer() {}
 func (UnimplementedUsageServiceServer) testEmbeddedByValue()                      {}
@@ -355,6 +397,42 @@ func _UsageService_GetUsageSettings_Handler(srv interface{}, ctx context.Context
 	return interceptor(ctx, in, info, handler)
 }
 
+func _UsageService_GetLimitState_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetLimitStateRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UsageServiceServer).GetLimitState(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: UsageService_GetLimitState_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UsageServiceServer).GetLimitState(ctx, req.(*GetLimitStateRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _UsageService_GetRequestMetrics_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetRequestMetricsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UsageServiceServer).GetRequestMetrics(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: UsageService_GetRequestMetrics_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UsageServiceServer).GetRequestMetrics(ctx, req.(*GetRequestMetricsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // UsageService_ServiceDesc is the grpc.ServiceDesc for UsageService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -393,6 +471,14 @@ var UsageService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetUsageSettings",
 			Handler:    _UsageService_GetUsageSettings_Handler,
+		},
+		{
+			MethodName: "GetLimitState",
+			Handler:    _UsageService_GetLimitState_Handler,
+		},
+		{
+			MethodName: "GetRequestMetrics",
+			Handler:    _UsageService_GetRequestMetrics_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

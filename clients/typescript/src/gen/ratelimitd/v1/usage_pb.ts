@@ -21,7 +21,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file ratelimitd/v1/usage.proto.
  */
 export const file_ratelimitd_v1_usage: GenFile = /*@__PURE__*/
-  fileDesc("ChlyYXRlbGltaXRkL3YxL3VzYWdlLnByb3RvEg1yYXRlbGltaXRkLnYxIpUCCg9HZXRVc2FnZVJlcXVlc3QSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEi4KCnN0YXJ0X3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtncmFudWxhcml0eRgEIAEoDjIaLnJhdGVsaW1pdGQudjEuR3JhbnVsYXJpdHkSKAoIZ3JvdXBfYnkYBSADKA4yFi5yYXRlbGltaXRkLnYxLkdyb3VwQnkSEgoKcHJvamVjdF9pZBgGIAEoCUoECAIQA0oECAMQBFIIc3RhcnRfbXNSBmVuZF9tcyKJBAoIVXNhZ2VSb3cSNQoRYnVja2V0X3N0YXJ0X3RpbWUYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhIKCnByb2plY3RfaWQYAiABKAkSDQoFbW9kZWwYAyABKAkSEgoKYXBpX2tleV9pZBgEIAEoCRIQCghyZXF1ZXN0cxgFIAEoAxI3CghyZWZ1c2FscxgGIAMoCzIlLnJhdGVsaW1pdGQudjEuVXNhZ2VSb3cuUmVmdXNhbHNFbnRyeRIQCghyZXBvcnRlZBgHIAEoAxIUCgxpbnB1dF90b2tlbnMYCCABKAMSFQoNb3V0cHV0X3Rva2VucxgJIAEoAxIVCg1jYWNoZWRfdG9rZW5zGAogASgDEhgKEHNwZW5kX3VzZF9taWNyb3MYDSABKAMSRAoPc2hhZG93X3JlZnVzYWxzGA4gAygLMisucmF0ZWxpbWl0ZC52MS5Vc2FnZVJvdy5TaGFkb3dSZWZ1c2Fsc0VudHJ5Gi8KDVJlZnVzYWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgDOgI4ARo1ChNTaGFkb3dSZWZ1c2Fsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoAzoCOAFKBAgBEAJKBAgLEAxSD2J1Y2tldF9zdGFydF9tc1IJc3BlbmRfdXNkImEKEEdldFVzYWdlUmVzcG9uc2USJQoEcm93cxgBIAMoCzIXLnJhdGVsaW1pdGQudjEuVXNhZ2VSb3cSJgoFdG90YWwYAiABKAsyFy5yYXRlbGltaXRkLnYxLlVzYWdlUm93IjkKD0dldFNwZW5kUmVxdWVzdBIXCg9vcmdhbml6YXRpb25faWQYASABKAkSDQoFbW9udGgYAiABKAkivAEKCVNwZW5kTGluZRISCgpwcm9qZWN0X2lkGAEgASgJEhgKEHNwZW5kX3VzZF9taWNyb3MYBiABKAMSHQoQbGltaXRfdXNkX21pY3JvcxgHIAEoA0gAiAEBEhoKEnRocmVzaG9sZHNfY3Jvc3NlZBgEIAMoBRIPCgdibG9ja2VkGAUgASgIQhMKEV9saW1pdF91c2RfbWljcm9zSgQIAhADSgQIAxAEUglzcGVuZF91c2RSCWxpbWl0X3VzZCKWAQoQR2V0U3BlbmRSZXNwb25zZRIXCg9vcmdhbml6YXRpb25faWQYASABKAkSDQoFbW9udGgYAiABKAkSLgoMb3JnYW5pemF0aW9uGAMgASgLMhgucmF0ZWxpbWl0ZC52MS5TcGVuZExpbmUSKgoIcHJvamVjdHMYBCADKAsyGC5yYXRlbGltaXRkLnYxLlNwZW5kTGluZSKaAwoWTGlzdFJlcXVlc3RMb2dzUmVxdWVzdBIXCg9vcmdhbml6YXRpb25faWQYASABKAkSEgoKcHJvamVjdF9pZBgCIAEoCRINCgVtb2RlbBgDIAEoCRISCgphcGlfa2V5X2lkGAQgASgJEj4KB291dGNvbWUYBSABKA4yLS5yYXRlbGltaXRkLnYxLkxpc3RSZXF1ZXN0TG9nc1JlcXVlc3QuT3V0Y29tZRIuCgpzdGFydF90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJcGFnZV9zaXplGAsgASgFEhIKCnBhZ2VfdG9rZW4YDCABKAkiTAoHT3V0Y29tZRIXChNPVVRDT01FX1VOU1BFQ0lGSUVEEAASEwoPT1VUQ09NRV9BTExPV0VEEAESEwoPT1VUQ09NRV9SRUZVU0VEEAJKBAgGEAlSCHN0YXJ0X21zUgZlbmRfbXNSBWxpbWl0IvICCg9SZXF1ZXN0TG9nRW50cnkSEgoKcmVxdWVzdF9pZBgBIAEoCRIwCgxyZXF1ZXN0X3RpbWUYDSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBW1vZGVsGAMgASgJEhIKCmFwaV9rZXlfaWQYBCABKAkSDwoHYWxsb3dlZBgFIAEoCBIOCgZyZWFzb24YBiABKAkSFAoMaW5wdXRfdG9rZW5zGAcgASgDEhUKDW91dHB1dF90b2tlbnMYCCABKAMSFQoNY2FjaGVkX3Rva2VucxgJIAEoAxIYChByZXF1ZXN0ZWRfdG9rZW5zGAogASgDEhMKC3N0YXR1c19jb2RlGAsgASgFEioKB2xhdGVuY3kYDiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SFQoNc2hhZG93X3JlYXNvbhgPIAEoCUoECAIQA0oECAwQDVIHdGltZV9tc1IKbGF0ZW5jeV9tcyJjChdMaXN0UmVxdWVzdExvZ3NSZXNwb25zZRIvCgdlbnRyaWVzGAEgAygLMh4ucmF0ZWxpbWl0ZC52MS5SZXF1ZXN0TG9nRW50cnkSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIvABCgVQcmljZRIXCg9vcmdhbml6YXRpb25faWQYASABKAkSDQoFbW9kZWwYAiABKAkSJAocaW5wdXRfdXNkX21pY3Jvc19wZXJfbWlsbGlvbhgGIAEoAxIlCh1vdXRwdXRfdXNkX21pY3Jvc19wZXJfbWlsbGlvbhgHIAEoAxIrCiNjYWNoZWRfaW5wdXRfdXNkX21pY3Jvc19wZXJfbWlsbGlvbhgIIAEoA0oECAMQBlIRaW5wdXRfcGVyX21pbGxpb25SEm91dHB1dF9wZXJfbWlsbGlvblIYY2FjaGVkX2lucHV0X3Blcl9taWxsaW9uIjYKD1NldFByaWNlUmVxdWVzdBIjCgVwcmljZRgBIAEoCzIULnJhdGVsaW1pdGQudjEuUHJpY2UiUwoRTGlzdFByaWNlc1JlcXVlc3QSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIlMKEkxpc3RQcmljZXNSZXNwb25zZRIkCgZwcmljZXMYASADKAsyFC5yYXRlbGltaXRkLnYxLlByaWNlEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSKIAQoUU2V0U3BlbmRMaW1pdFJlcXVlc3QSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEhIKCnByb2plY3RfaWQYAiABKAkSHQoQbGltaXRfdXNkX21pY3JvcxgEIAEoA0gAiAEBQhMKEV9saW1pdF91c2RfbWljcm9zSgQIAxAEUglsaW1pdF91c2QiMgoXR2V0VXNhZ2VTZXR0aW5nc1JlcXVlc3QSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJInoKF1NldFVzYWdlU2V0dGluZ3NSZXF1ZXN0Ei4KCHNldHRpbmdzGAEgASgLMhwucmF0ZWxpbWl0ZC52MS5Vc2FnZVNldHRpbmdzEi8KC3VwZGF0ZV9tYXNrGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLkZpZWxkTWFzayJTCg1Vc2FnZVNldHRpbmdzEhcKD29yZ2FuaXphdGlvbl9pZBgBIAEoCRIpCiFjYWNoZWRfdG9rZW5zX2NvdW50X3Rvd2FyZF9saW1pdHMYAiABKAgqbQoLR3JhbnVsYXJpdHkSGwoXR1JBTlVMQVJJVFlfVU5TUEVDSUZJRUQQABIWChJHUkFOVUxBUklUWV9NSU5VVEUQARIUChBHUkFOVUxBUklUWV9IT1VSEAISEwoPR1JBTlVMQVJJVFlfREFZEAMqYwoHR3JvdXBCeRIYChRHUk9VUF9CWV9VTlNQRUNJRklFRBAAEhQKEEdST1VQX0JZX1BST0pFQ1QQARISCg5HUk9VUF9CWV9NT0RFTBACEhQKEEdST1VQX0JZX0FQSV9LRVkQAzKqBQoMVXNhZ2VTZXJ2aWNlEksKCEdldFVzYWdlEh4ucmF0ZWxpbWl0ZC52MS5HZXRVc2FnZVJlcXVlc3QaHy5yYXRlbGltaXRkLnYxLkdldFVzYWdlUmVzcG9uc2USSwoIR2V0U3BlbmQSHi5yYXRlbGltaXRkLnYxLkdldFNwZW5kUmVxdWVzdBofLnJhdGVsaW1pdGQudjEuR2V0U3BlbmRSZXNwb25zZRJgCg9MaXN0UmVxdWVzdExvZ3MSJS5yYXRlbGltaXRkLnYxLkxpc3RSZXF1ZXN0TG9nc1JlcXVlc3QaJi5yYXRlbGltaXRkLnYxLkxpc3RSZXF1ZXN0TG9nc1Jlc3BvbnNlEkAKCFNldFByaWNlEh4ucmF0ZWxpbWl0ZC52MS5TZXRQcmljZVJlcXVlc3QaFC5yYXRlbGltaXRkLnYxLlByaWNlElEKCkxpc3RQcmljZXMSIC5yYXRlbGltaXRkLnYxLkxpc3RQcmljZXNSZXF1ZXN0GiEucmF0ZWxpbWl0ZC52MS5MaXN0UHJpY2VzUmVzcG9uc2USVQoNU2V0U3BlbmRMaW1pdBIjLnJhdGVsaW1pdGQudjEuU2V0U3BlbmRMaW1pdFJlcXVlc3QaHy5yYXRlbGltaXRkLnYxLkdldFNwZW5kUmVzcG9uc2USWAoQU2V0VXNhZ2VTZXR0aW5ncxImLnJhdGVsaW1pdGQudjEuU2V0VXNhZ2VTZXR0aW5nc1JlcXVlc3QaHC5yYXRlbGltaXRkLnYxLlVzYWdlU2V0dGluZ3MSWAoQR2V0VXNhZ2VTZXR0aW5ncxImLnJhdGVsaW1pdGQudjEuR2V0VXNhZ2VTZXR0aW5nc1JlcXVlc3QaHC5yYXRlbGltaXRkLnYxLlVzYWdlU2V0dGluZ3NCpAEKEWNvbS5yYXRlbGltaXRkLnYxQgpVc2FnZVByb3RvUAFaSmdpdGh1Yi5jb20vcmF0ZWxpbWl0ZC9yYXRlbGltaXRkL2NsaWVudHMvZ28vZ2VuL3JhdGVsaW1pdGQvdjE7cmF0ZWxpbWl0ZHYxogIDUkxYqgINUmF0ZWxpbWl0ZC5WMcoCDVJhdGVsaW1pdGRcVjHqAg5SYXRlbGltaXRkOjpWMWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_field_mask, file_google_protobuf_timestamp]);
+  fileDesc("ChlyYXRlbGltaXRkL3YxL3VzYWdlLnByb3RvEg1yYXRlbGltaXRkLnYxIpUCCg9HZXRVc2FnZVJlcXVlc3QSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEi4KCnN0YXJ0X3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtncmFudWxhcml0eRgEIAEoDjIaLnJhdGVsaW1pdGQudjEuR3JhbnVsYXJpdHkSKAoIZ3JvdXBfYnkYBSADKA4yFi5yYXRlbGltaXRkLnYxLkdyb3VwQnkSEgoKcHJvamVjdF9pZBgGIAEoCUoECAIQA0oECAMQBFIIc3RhcnRfbXNSBmVuZF9tcyKJBAoIVXNhZ2VSb3cSNQoRYnVja2V0X3N0YXJ0X3RpbWUYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhIKCnByb2plY3RfaWQYAiABKAkSDQoFbW9kZWwYAyABKAkSEgoKYXBpX2tleV9pZBgEIAEoCRIQCghyZXF1ZXN0cxgFIAEoAxI3CghyZWZ1c2FscxgGIAMoCzIlLnJhdGVsaW1pdGQudjEuVXNhZ2VSb3cuUmVmdXNhbHNFbnRyeRIQCghyZXBvcnRlZBgHIAEoAxIUCgxpbnB1dF90b2tlbnMYCCABKAMSFQoNb3V0cHV0X3Rva2VucxgJIAEoAxIVCg1jYWNoZWRfdG9rZW5zGAogASgDEhgKEHNwZW5kX3VzZF9taWNyb3MYDSABKAMSRAoPc2hhZG93X3JlZnVzYWxzGA4gAygLMisucmF0ZWxpbWl0ZC52MS5Vc2FnZVJvdy5TaGFkb3dSZWZ1c2Fsc0VudHJ5Gi8KDVJlZnVzYWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgDOgI4ARo1ChNTaGFkb3dSZWZ1c2Fsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoAzoCOAFKBAgBEAJKBAgLEAxSD2J1Y2tldF9zdGFydF9tc1IJc3BlbmRfdXNkImEKEEdldFVzYWdlUmVzcG9uc2USJQoEcm93cxgBIAMoCzIXLnJhdGVsaW1pdGQudjEuVXNhZ2VSb3cSJgoFdG90YWwYAiABKAsyFy5yYXRlbGltaXRkLnYxLlVzYWdlUm93IjkKD0dldFNwZW5kUmVxdWVzdBIXCg9vcmdhbml6YXRpb25faWQYASABKAkSDQoFbW9udGgYAiABKAkivAEKCVNwZW5kTGluZRISCgpwcm9qZWN0X2lkGAEgASgJEhgKEHNwZW5kX3VzZF9taWNyb3MYBiABKAMSHQoQbGltaXRfdXNkX21pY3JvcxgHIAEoA0gAiAEBEhoKEnRocmVzaG9sZHNfY3Jvc3NlZBgEIAMoBRIPCgdibG9ja2VkGAUgASgIQhMKEV9saW1pdF91c2RfbWljcm9zSgQIAhADSgQIAxAEUglzcGVuZF91c2RSCWxpbWl0X3VzZCKWAQoQR2V0U3BlbmRSZXNwb25zZRIXCg9vcmdhbml6YXRpb25faWQYASABKAkSDQoFbW9udGgYAiABKAkSLgoMb3JnYW5pemF0aW9uGAMgASgLMhgucmF0ZWxpbWl0ZC52MS5TcGVuZExpbmUSKgoIcHJvamVjdHMYBCADKAsyGC5yYXRlbGltaXRkLnYxLlNwZW5kTGluZSKaAwoWTGlzdFJlcXVlc3RMb2dzUmVxdWVzdBIXCg9vcmdhbml6YXRpb25faWQYASABKAkSEgoKcHJvamVjdF9pZBgCIAEoCRINCgVtb2RlbBgDIAEoCRISCgphcGlfa2V5X2lkGAQgASgJEj4KB291dGNvbWUYBSABKA4yLS5yYXRlbGltaXRkLnYxLkxpc3RSZXF1ZXN0TG9nc1JlcXVlc3QuT3V0Y29tZRIuCgpzdGFydF90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJcGFnZV9zaXplGAsgASgFEhIKCnBhZ2VfdG9rZW4YDCABKAkiTAoHT3V0Y29tZRIXChNPVVRDT01FX1VOU1BFQ0lGSUVEEAASEwoPT1VUQ09NRV9BTExPV0VEEAESEwoPT1VUQ09NRV9SRUZVU0VEEAJKBAgGEAlSCHN0YXJ0X21zUgZlbmRfbXNSBWxpbWl0IvICCg9SZXF1ZXN0TG9nRW50cnkSEgoKcmVxdWVzdF9pZBgBIAEoCRIwCgxyZXF1ZXN0X3RpbWUYDSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBW1vZGVsGAMgASgJEhIKCmFwaV9rZXlfaWQYBCABKAkSDwoHYWxsb3dlZBgFIAEoCBIOCgZyZWFzb24YBiABKAkSFAoMaW5wdXRfdG9rZW5zGAcgASgDEhUKDW91dHB1dF90b2tlbnMYCCABKAMSFQoNY2FjaGVkX3Rva2VucxgJIAEoAxIYChByZXF1ZXN0ZWRfdG9rZW5zGAogASgDEhMKC3N0YXR1c19jb2RlGAsgASgFEioKB2xhdGVuY3kYDiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SFQoNc2hhZG93X3JlYXNvbhgPIAEoCUoECAIQA0oECAwQDVIHdGltZV9tc1IKbGF0ZW5jeV9tcyJjChdMaXN0UmVxdWVzdExvZ3NSZXNwb25zZRIvCgdlbnRyaWVzGAEgAygLMh4ucmF0ZWxpbWl0ZC52MS5SZXF1ZXN0TG9nRW50cnkSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIvABCgVQcmljZRIXCg9vcmdhbml6YXRpb25faWQYASABKAkSDQoFbW9kZWwYAiABKAkSJAocaW5wdXRfdXNkX21pY3Jvc19wZXJfbWlsbGlvbhgGIAEoAxIlCh1vdXRwdXRfdXNkX21pY3Jvc19wZXJfbWlsbGlvbhgHIAEoAxIrCiNjYWNoZWRfaW5wdXRfdXNkX21pY3Jvc19wZXJfbWlsbGlvbhgIIAEoA0oECAMQBlIRaW5wdXRfcGVyX21pbGxpb25SEm91dHB1dF9wZXJfbWlsbGlvblIYY2FjaGVkX2lucHV0X3Blcl9taWxsaW9uIjYKD1NldFByaWNlUmVxdWVzdBIjCgVwcmljZRgBIAEoCzIULnJhdGVsaW1pdGQudjEuUHJpY2UiUwoRTGlzdFByaWNlc1JlcXVlc3QSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIlMKEkxpc3RQcmljZXNSZXNwb25zZRIkCgZwcmljZXMYASADKAsyFC5yYXRlbGltaXRkLnYxLlByaWNlEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSKIAQoUU2V0U3BlbmRMaW1pdFJlcXVlc3QSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEhIKCnByb2plY3RfaWQYAiABKAkSHQoQbGltaXRfdXNkX21pY3JvcxgEIAEoA0gAiAEBQhMKEV9saW1pdF91c2RfbWljcm9zSgQIAxAEUglsaW1pdF91c2QiMgoXR2V0VXNhZ2VTZXR0aW5nc1JlcXVlc3QSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJInoKF1NldFVzYWdlU2V0dGluZ3NSZXF1ZXN0Ei4KCHNldHRpbmdzGAEgASgLMhwucmF0ZWxpbWl0ZC52MS5Vc2FnZVNldHRpbmdzEi8KC3VwZGF0ZV9tYXNrGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLkZpZWxkTWFzayJTCg1Vc2FnZVNldHRpbmdzEhcKD29yZ2FuaXphdGlvbl9pZBgBIAEoCRIpCiFjYWNoZWRfdG9rZW5zX2NvdW50X3Rvd2FyZF9saW1pdHMYAiABKAgiUwoUR2V0TGltaXRTdGF0ZVJlcXVlc3QSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEhIKCnByb2plY3RfaWQYAiABKAkSDgoGbW9kZWxzGAMgAygJIqoCCgpMaW1pdFN0YXRlEg0KBW1vZGVsGAEgASgJEg4KBm1ldHJpYxgCIAEoCRIOCgZ3aW5kb3cYAyABKAkSHwoSb3JnYW5pemF0aW9uX2xpbWl0GAQgASgDSACIAQESIwoWb3JnYW5pemF0aW9uX3JlbWFpbmluZxgFIAEoAUgBiAEBEhoKDXByb2plY3RfbGltaXQYBiABKANIAogBARIeChFwcm9qZWN0X3JlbWFpbmluZxgHIAEoAUgDiAEBEhEKCXJlbWFpbmluZxgIIAEoAUIVChNfb3JnYW5pemF0aW9uX2xpbWl0QhkKF19vcmdhbml6YXRpb25fcmVtYWluaW5nQhAKDl9wcm9qZWN0X2xpbWl0QhQKEl9wcm9qZWN0X3JlbWFpbmluZyJxChVHZXRMaW1pdFN0YXRlUmVzcG9uc2USKQoGbGltaXRzGAEgAygLMhkucmF0ZWxpbWl0ZC52MS5MaW1pdFN0YXRlEi0KCXJlYWRfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAi1gEKGEdldFJlcXVlc3RNZXRyaWNzUmVxdWVzdBIXCg9vcmdhbml6YXRpb25faWQYASABKAkSEgoKcHJvamVjdF9pZBgCIAEoCRIuCgpzdGFydF90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZ3JhbnVsYXJpdHkYBSABKA4yGi5yYXRlbGltaXRkLnYxLkdyYW51bGFyaXR5IvgCChFSZXF1ZXN0TWV0cmljc1JvdxI1ChFidWNrZXRfc3RhcnRfdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFbW9kZWwYAiABKAkSEAoIcmVwb3J0ZWQYAyABKAMSLgoLbGF0ZW5jeV9wNTAYBCABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SLgoLbGF0ZW5jeV9wOTUYBSABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SLgoLbGF0ZW5jeV9wOTkYBiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SRwoMc3RhdHVzX2NvZGVzGAcgAygLMjEucmF0ZWxpbWl0ZC52MS5SZXF1ZXN0TWV0cmljc1Jvdy5TdGF0dXNDb2Rlc0VudHJ5GjIKEFN0YXR1c0NvZGVzRW50cnkSCwoDa2V5GAEgASgFEg0KBXZhbHVlGAIgASgDOgI4ASJ9ChlHZXRSZXF1ZXN0TWV0cmljc1Jlc3BvbnNlEi4KBHJvd3MYASADKAsyIC5yYXRlbGltaXRkLnYxLlJlcXVlc3RNZXRyaWNzUm93EjAKBnRvdGFscxgCIAMoCzIgLnJhdGVsaW1pdGQudjEuUmVxdWVzdE1ldHJpY3NSb3cqbQoLR3JhbnVsYXJpdHkSGwoXR1JBTlVMQVJJVFlfVU5TUEVDSUZJRUQQABIWChJHUkFOVUxBUklUWV9NSU5VVEUQARIUChBHUkFOVUxBUklUWV9IT1VSEAISEwoPR1JBTlVMQVJJVFlfREFZEAMqYwoHR3JvdXBCeRIYChRHUk9VUF9CWV9VTlNQRUNJRklFRBAAEhQKEEdST1VQX0JZX1BST0pFQ1QQARISCg5HUk9VUF9CWV9NT0RFTBACEhQKEEdST1VQX0JZX0FQSV9LRVkQAzLuBgoMVXNhZ2VTZXJ2aWNlEksKCEdldFVzYWdlEh4ucmF0ZWxpbWl0ZC52MS5HZXRVc2FnZVJlcXVlc3QaHy5yYXRlbGltaXRkLnYxLkdldFVzYWdlUmVzcG9uc2USSwoIR2V0U3BlbmQSHi5yYXRlbGltaXRkLnYxLkdldFNwZW5kUmVxdWVzdBofLnJhdGVsaW1pdGQudjEuR2V0U3BlbmRSZXNwb25zZRJgCg9MaXN0UmVxdWVzdExvZ3MSJS5yYXRlbGltaXRkLnYxLkxpc3RSZXF1ZXN0TG9nc1JlcXVlc3QaJi5yYXRlbGltaXRkLnYxLkxpc3RSZXF1ZXN0TG9nc1Jlc3BvbnNlEkAKCFNldFByaWNlEh4ucmF0ZWxpbWl0ZC52MS5TZXRQcmljZVJlcXVlc3QaFC5yYXRlbGltaXRkLnYxLlByaWNlElEKCkxpc3RQcmljZXMSIC5yYXRlbGltaXRkLnYxLkxpc3RQcmljZXNSZXF1ZXN0GiEucmF0ZWxpbWl0ZC52MS5MaXN0UHJpY2VzUmVzcG9uc2USVQoNU2V0U3BlbmRMaW1pdBIjLnJhdGVsaW1pdGQudjEuU2V0U3BlbmRMaW1pdFJlcXVlc3QaHy5yYXRlbGltaXRkLnYxLkdldFNwZW5kUmVzcG9uc2USWAoQU2V0VXNhZ2VTZXR0aW5ncxImLnJhdGVsaW1pdGQudjEuU2V0VXNhZ2VTZXR0aW5nc1JlcXVlc3QaHC5yYXRlbGltaXRkLnYxLlVzYWdlU2V0dGluZ3MSWAoQR2V0VXNhZ2VTZXR0aW5ncxImLnJhdGVsaW1pdGQudjEuR2V0VXNhZ2VTZXR0aW5nc1JlcXVlc3QaHC5yYXRlbGltaXRkLnYxLlVzYWdlU2V0dGluZ3MSWgoNR2V0TGltaXRTdGF0ZRIjLnJhdGVsaW1pdGQudjEuR2V0TGltaXRTdGF0ZVJlcXVlc3QaJC5yYXRlbGltaXRkLnYxLkdldExpbWl0U3RhdGVSZXNwb25zZRJmChFHZXRSZXF1ZXN0TWV0cmljcxInLnJhdGVsaW1pdGQudjEuR2V0UmVxdWVzdE1ldHJpY3NSZXF1ZXN0GigucmF0ZWxpbWl0ZC52MS5HZXRSZXF1ZXN0TWV0cmljc1Jlc3BvbnNlQqQBChFjb20ucmF0ZWxpbWl0ZC52MUIKVXNhZ2VQcm90b1ABWkpnaXRodWIuY29tL3JhdGVsaW1pdGQvcmF0ZWxpbWl0ZC9jbGllbnRzL2dvL2dlbi9yYXRlbGltaXRkL3YxO3JhdGVsaW1pdGR2MaICA1JMWKoCDVJhdGVsaW1pdGQuVjHKAg1SYXRlbGltaXRkXFYx6gIOUmF0ZWxpbWl0ZDo6VjFiBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_field_mask, file_google_protobuf_timestamp]);
 
 /**
  * @generated from message ratelimitd.v1.GetUsageRequest
@@ -699,6 +699,243 @@ export const UsageSettingsSchema: GenMessage<UsageSettings> = /*@__PURE__*/
   messageDesc(file_ratelimitd_v1_usage, 16);
 
 /**
+ * @generated from message ratelimitd.v1.GetLimitStateRequest
+ */
+export type GetLimitStateRequest = Message<"ratelimitd.v1.GetLimitStateRequest"> & {
+  /**
+   * @generated from field: string organization_id = 1;
+   */
+  organizationId: string;
+
+  /**
+   * @generated from field: string project_id = 2;
+   */
+  projectId: string;
+
+  /**
+   * Models to read (at most 100); empty = every model the organization or the
+   * project names in a limit (not "*": a model limited by "*" must be named).
+   *
+   * @generated from field: repeated string models = 3;
+   */
+  models: string[];
+};
+
+/**
+ * Describes the message ratelimitd.v1.GetLimitStateRequest.
+ * Use `create(GetLimitStateRequestSchema)` to create a new message.
+ */
+export const GetLimitStateRequestSchema: GenMessage<GetLimitStateRequest> = /*@__PURE__*/
+  messageDesc(file_ratelimitd_v1_usage, 17);
+
+/**
+ * @generated from message ratelimitd.v1.LimitState
+ */
+export type LimitState = Message<"ratelimitd.v1.LimitState"> & {
+  /**
+   * @generated from field: string model = 1;
+   */
+  model: string;
+
+  /**
+   * "requests" or "tokens"
+   *
+   * @generated from field: string metric = 2;
+   */
+  metric: string;
+
+  /**
+   * "minute", "day", ...
+   *
+   * @generated from field: string window = 3;
+   */
+  window: string;
+
+  /**
+   * The organization's limit and what is left of it now (shared by every
+   * project); absent when the organization has no limit for this dimension.
+   *
+   * @generated from field: optional int64 organization_limit = 4;
+   */
+  organizationLimit?: bigint;
+
+  /**
+   * @generated from field: optional double organization_remaining = 5;
+   */
+  organizationRemaining?: number;
+
+  /**
+   * The project's own limit and what is left of it; absent when it inherits.
+   *
+   * @generated from field: optional int64 project_limit = 6;
+   */
+  projectLimit?: bigint;
+
+  /**
+   * @generated from field: optional double project_remaining = 7;
+   */
+  projectRemaining?: number;
+
+  /**
+   * What the project may still use now: the smaller of the two remainders.
+   *
+   * @generated from field: double remaining = 8;
+   */
+  remaining: number;
+};
+
+/**
+ * Describes the message ratelimitd.v1.LimitState.
+ * Use `create(LimitStateSchema)` to create a new message.
+ */
+export const LimitStateSchema: GenMessage<LimitState> = /*@__PURE__*/
+  messageDesc(file_ratelimitd_v1_usage, 18);
+
+/**
+ * @generated from message ratelimitd.v1.GetLimitStateResponse
+ */
+export type GetLimitStateResponse = Message<"ratelimitd.v1.GetLimitStateResponse"> & {
+  /**
+   * @generated from field: repeated ratelimitd.v1.LimitState limits = 1;
+   */
+  limits: LimitState[];
+
+  /**
+   * The time the buckets were read at (the server's clock).
+   *
+   * @generated from field: google.protobuf.Timestamp read_time = 2;
+   */
+  readTime?: Timestamp;
+};
+
+/**
+ * Describes the message ratelimitd.v1.GetLimitStateResponse.
+ * Use `create(GetLimitStateResponseSchema)` to create a new message.
+ */
+export const GetLimitStateResponseSchema: GenMessage<GetLimitStateResponse> = /*@__PURE__*/
+  messageDesc(file_ratelimitd_v1_usage, 19);
+
+/**
+ * @generated from message ratelimitd.v1.GetRequestMetricsRequest
+ */
+export type GetRequestMetricsRequest = Message<"ratelimitd.v1.GetRequestMetricsRequest"> & {
+  /**
+   * @generated from field: string organization_id = 1;
+   */
+  organizationId: string;
+
+  /**
+   * @generated from field: string project_id = 2;
+   */
+  projectId: string;
+
+  /**
+   * [start_time, end_time), millisecond precision; end_time absent = now.
+   *
+   * @generated from field: google.protobuf.Timestamp start_time = 3;
+   */
+  startTime?: Timestamp;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp end_time = 4;
+   */
+  endTime?: Timestamp;
+
+  /**
+   * @generated from field: ratelimitd.v1.Granularity granularity = 5;
+   */
+  granularity: Granularity;
+};
+
+/**
+ * Describes the message ratelimitd.v1.GetRequestMetricsRequest.
+ * Use `create(GetRequestMetricsRequestSchema)` to create a new message.
+ */
+export const GetRequestMetricsRequestSchema: GenMessage<GetRequestMetricsRequest> = /*@__PURE__*/
+  messageDesc(file_ratelimitd_v1_usage, 20);
+
+/**
+ * @generated from message ratelimitd.v1.RequestMetricsRow
+ */
+export type RequestMetricsRow = Message<"ratelimitd.v1.RequestMetricsRow"> & {
+  /**
+   * The bucket's start; in totals, the query's start.
+   *
+   * @generated from field: google.protobuf.Timestamp bucket_start_time = 1;
+   */
+  bucketStartTime?: Timestamp;
+
+  /**
+   * @generated from field: string model = 2;
+   */
+  model: string;
+
+  /**
+   * Requests reported with a status code (ReportUsage) in the bucket.
+   *
+   * @generated from field: int64 reported = 3;
+   */
+  reported: bigint;
+
+  /**
+   * Nearest-rank percentiles of the reported latencies (millisecond precision).
+   *
+   * @generated from field: google.protobuf.Duration latency_p50 = 4;
+   */
+  latencyP50?: Duration;
+
+  /**
+   * @generated from field: google.protobuf.Duration latency_p95 = 5;
+   */
+  latencyP95?: Duration;
+
+  /**
+   * @generated from field: google.protobuf.Duration latency_p99 = 6;
+   */
+  latencyP99?: Duration;
+
+  /**
+   * Reported requests by HTTP status code.
+   *
+   * @generated from field: map<int32, int64> status_codes = 7;
+   */
+  statusCodes: { [key: number]: bigint };
+};
+
+/**
+ * Describes the message ratelimitd.v1.RequestMetricsRow.
+ * Use `create(RequestMetricsRowSchema)` to create a new message.
+ */
+export const RequestMetricsRowSchema: GenMessage<RequestMetricsRow> = /*@__PURE__*/
+  messageDesc(file_ratelimitd_v1_usage, 21);
+
+/**
+ * @generated from message ratelimitd.v1.GetRequestMetricsResponse
+ */
+export type GetRequestMetricsResponse = Message<"ratelimitd.v1.GetRequestMetricsResponse"> & {
+  /**
+   * Per time bucket and model, oldest first.
+   *
+   * @generated from field: repeated ratelimitd.v1.RequestMetricsRow rows = 1;
+   */
+  rows: RequestMetricsRow[];
+
+  /**
+   * Per model over the whole range.
+   *
+   * @generated from field: repeated ratelimitd.v1.RequestMetricsRow totals = 2;
+   */
+  totals: RequestMetricsRow[];
+};
+
+/**
+ * Describes the message ratelimitd.v1.GetRequestMetricsResponse.
+ * Use `create(GetRequestMetricsResponseSchema)` to create a new message.
+ */
+export const GetRequestMetricsResponseSchema: GenMessage<GetRequestMetricsResponse> = /*@__PURE__*/
+  messageDesc(file_ratelimitd_v1_usage, 22);
+
+/**
  * @generated from enum ratelimitd.v1.Granularity
  */
 export enum Granularity {
@@ -831,6 +1068,29 @@ export const UsageService: GenService<{
     methodKind: "unary";
     input: typeof GetUsageSettingsRequestSchema;
     output: typeof UsageSettingsSchema;
+  },
+  /**
+   * What a project may still use now, per model, metric and window: its own
+   * buckets and the organization's, drained to now. Reads only.
+   *
+   * @generated from rpc ratelimitd.v1.UsageService.GetLimitState
+   */
+  getLimitState: {
+    methodKind: "unary";
+    input: typeof GetLimitStateRequestSchema;
+    output: typeof GetLimitStateResponseSchema;
+  },
+  /**
+   * Latency percentiles and status codes per model and time bucket, from what
+   * ReportUsage recorded in the project's request log (its newest
+   * RATELIMITD_LOG_ENTRIES entries, docs/usage.md).
+   *
+   * @generated from rpc ratelimitd.v1.UsageService.GetRequestMetrics
+   */
+  getRequestMetrics: {
+    methodKind: "unary";
+    input: typeof GetRequestMetricsRequestSchema;
+    output: typeof GetRequestMetricsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_ratelimitd_v1_usage, 0);
