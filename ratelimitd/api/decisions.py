@@ -109,12 +109,10 @@ class RateLimitServicer(rate_limit_service_pb2_grpc.RateLimitServiceServicer):
         self._header_windows = dict(header_windows)
         self._storage_policy = StoragePolicy(on_storage_error)
         self.storage_failed = storage_failed
-        self._decisions = metrics.decisions
+        self._count = metrics.count_decision
         self._storage_unavailable = metrics.storage_unavailable_decisions
         self._reports = metrics.reports
         self._seconds = metrics.check_seconds
-        self._labelled = metrics.labelled
-        self._count_shadow = metrics.count_shadow
 
     @rpc
     async def CheckAndConsume(
@@ -187,10 +185,7 @@ class RateLimitServicer(rate_limit_service_pb2_grpc.RateLimitServiceServicer):
                     message="" if allowed else STORAGE_UNAVAILABLE.message,
                     request_id=request_id,
                 )
-        self._decisions[decision.outcome].inc()
-        self._count_shadow(decision)
-        if self._labelled is not None:
-            self._labelled(model, decision.organization_id, decision.outcome)
+        self._count(decision, model)
         if decision.outcome is Outcome.PROJECT_NOT_FOUND:
             raise NotFound(f"project {caller.project_id if caller else ''} does not exist")
         return self.reply(decision, model, requests, tokens)

@@ -223,11 +223,9 @@ class EnvoyRateLimitServicer:
         self._keys = dict(descriptor_keys)
         self._header_windows = dict(header_windows)
         self.storage_failed = storage_failed
-        self._decisions = metrics.decisions
+        self._count = metrics.count_decision
         self._reports = metrics.reports
         self._seconds = metrics.envoy_seconds
-        self._labelled = metrics.labelled
-        self._count_shadow = metrics.count_shadow
 
     @rpc
     async def ShouldRateLimit(self, request: RateLimitRequest, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -305,10 +303,8 @@ class EnvoyRateLimitServicer:
                 # The generic advice (retry with the same request id) does not hold here:
                 # Envoy never retries a decision, and this path never replays one.
                 raise e.advising("Envoy does not retry a decision; its failure_mode_deny decides the request") from e
-        self._decisions[decision.outcome].inc()
-        self._count_shadow(decision)
-        if self._labelled is not None:  # a request's first descriptor names its model
-            self._labelled(request.items[0].model if request.items else "", decision.organization_id, decision.outcome)
+        # a request's first descriptor names its model
+        self._count(decision, request.items[0].model if request.items else "")
         return answer(decision, request, self._header_windows)
 
     # -- after the response: the usage report -----------------------------------

@@ -134,13 +134,17 @@ class Metrics:
         )
         self.check_seconds = seconds.labels("check_and_consume")
         self.envoy_seconds = seconds.labels("envoy")
-        self.labelled = self._labelled(model_labels, organization_labels)
+        self._by_labels = self._labelled(model_labels, organization_labels)
         self._server: Any = None
 
-    def count_shadow(self, decision: Decision) -> None:
-        """Counts an admitted decision a shadow limit would have refused (nothing otherwise)."""
+    def count_decision(self, decision: Decision, model: str) -> None:
+        """One decision of CheckAndConsume or ShouldRateLimit (``model``: the one it is for, or the
+        first of several): by outcome, by shadow refusal if any, and by model and organization if on."""
+        self.decisions[decision.outcome].inc()
         if decision.shadow_binding is not None:
             self._shadow[decision.shadow_binding.scope, decision.shadow_outcome].inc()
+        if self._by_labels is not None:
+            self._by_labels(model, decision.organization_id, decision.outcome)
 
     def _labelled(self, model_labels: int, organization_labels: int) -> LabelledCount | None:
         """The per-model/per-organization count, built once; None (nothing per call) when both are off."""
