@@ -17,6 +17,8 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
+from ratelimitd.api.wellknown import MICROS_PER_USD
+
 _INT64 = frozenset(
     {
         FieldDescriptor.TYPE_INT64,
@@ -76,13 +78,6 @@ def render(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)
 
 
-MICROS_PER_USD = 1_000_000
-
-
-def usd_micros(usd: float) -> int:
-    """The command line takes dollars; the API counts whole micro-dollars."""
-    return round(usd * MICROS_PER_USD)
-
-
 def format_usd(micros: int) -> str:
+    """The API's micro-dollars as the dollars a table shows."""
     return f"{micros / MICROS_PER_USD:.6f}"

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from ratelimitd.api.wellknown import micros
 from ratelimitd.cli.client import Api, resolve_project
 from ratelimitd.cli.command import SubParsers, org_arg, verb_parser
 from ratelimitd.cli.errors import NotUnderstood
-from ratelimitd.cli.output import emit, format_usd, render, usd_micros
+from ratelimitd.cli.output import emit, format_usd, render
 from ratelimitd.cli.pages import collect
 from ratelimitd.cli.projects import project_names
 from ratelimitd.v1 import usage_pb2 as upb
@@ -42,7 +43,7 @@ async def spend_limit(api: Api, args: argparse.Namespace) -> int:
     project = await resolve_project(api, args.org, args.project) if args.project else ""
     request = upb.SetSpendLimitRequest(organization_id=args.org, project_id=project)
     if args.usd is not None:
-        request.limit_usd_micros = usd_micros(args.usd)
+        request.limit_usd_micros = micros(args.usd)
     return await _emit_spend(api, args, await api.usage.SetSpendLimit(request))
 
 
@@ -59,9 +60,9 @@ async def price(api: Api, args: argparse.Namespace) -> int:
     reply = await api.usage.SetPrice(
         upb.SetPriceRequest(
             price=upb.Price(
-                organization_id=args.org, model=args.model, input_usd_micros_per_million=usd_micros(args.input),
-                output_usd_micros_per_million=usd_micros(args.output),
-                cached_input_usd_micros_per_million=usd_micros(args.cached),
+                organization_id=args.org, model=args.model, input_usd_micros_per_million=micros(args.input),
+                output_usd_micros_per_million=micros(args.output),
+                cached_input_usd_micros_per_million=micros(args.cached),
             )
         )
     )  # fmt: skip
