@@ -23,6 +23,19 @@ function niceCeiling(n) {
   return [1, 2, 4, 5, 10].map((f) => f * power).find((c) => c >= n);
 }
 
+// The plot's area, inside the axis labels.
+const plotW = W - PAD.left - PAD.right;
+const plotH = H - PAD.top - PAD.bottom;
+
+// Grid lines at 0, half and the top of the scale, each with its value on the axis.
+function drawGrid(chart, top) {
+  for (const f of [0, 0.5, 1]) {
+    const y = PAD.top + plotH * (1 - f);
+    chart.append(svg("line", { x1: PAD.left, x2: W - PAD.right, y1: y, y2: y, class: "grid" }));
+    chart.append(svg("text", { x: PAD.left - 6, y: y + 4, "text-anchor": "end", class: "axis" }, count(Math.round(top * f))));
+  }
+}
+
 // buckets: [{ start: ms, values: { series name: number } }]; series: [{ name, cls }];
 // label(ms) names a bucket on the axis.
 export function stackedBars({ title, buckets, series, label, id }) {
@@ -38,13 +51,7 @@ export function stackedBars({ title, buckets, series, label, id }) {
   const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": `${title}: ${summary}`, class: "chart" });
   chart.dataset.totals = JSON.stringify(totals);
   if (id) chart.id = id;
-  const plotW = W - PAD.left - PAD.right;
-  const plotH = H - PAD.top - PAD.bottom;
-  for (const f of [0, 0.5, 1]) {
-    const y = PAD.top + plotH * (1 - f);
-    chart.append(svg("line", { x1: PAD.left, x2: W - PAD.right, y1: y, y2: y, class: "grid" }));
-    chart.append(svg("text", { x: PAD.left - 6, y: y + 4, "text-anchor": "end", class: "axis" }, count(Math.round(top * f))));
-  }
+  drawGrid(chart, top);
   const step = plotW / Math.max(buckets.length, 1);
   const barW = Math.max(step * 0.8, 1);
   const every = Math.ceil(buckets.length / 8);
@@ -91,13 +98,7 @@ export function lines({ title, points, series, label, unit, id }) {
   const peaks = series.map((s) => `${s.name} up to ${count(Math.max(0, ...points.map((p) => Number(p.values[s.name] || 0))))} ${unit}`);
   const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": `${title}: ${peaks.join(", ")}`, class: "chart" });
   if (id) chart.id = id;
-  const plotW = W - PAD.left - PAD.right;
-  const plotH = H - PAD.top - PAD.bottom;
-  for (const f of [0, 0.5, 1]) {
-    const y = PAD.top + plotH * (1 - f);
-    chart.append(svg("line", { x1: PAD.left, x2: W - PAD.right, y1: y, y2: y, class: "grid" }));
-    chart.append(svg("text", { x: PAD.left - 6, y: y + 4, "text-anchor": "end", class: "axis" }, count(Math.round(top * f))));
-  }
+  drawGrid(chart, top);
   const step = plotW / Math.max(points.length, 1);
   const xOf = (i) => PAD.left + i * step + step / 2;
   const yOf = (v) => PAD.top + plotH * (1 - v / top);
