@@ -129,7 +129,7 @@ class RedisPyCluster:
     def __init__(self, client: RedisCluster) -> None:
         self.client = client
 
-    async def evalsha(self, script: Any, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+    async def run_script(self, script: Any, keys: Sequence[str], args: Sequence[str | int]) -> Any:
         try:
             return await self.client.evalsha(script.sha, len(keys), *keys, *args)
         except redis.exceptions.NoScriptError:

@@ -178,17 +178,17 @@ async def captured_decision(app: Any, caller: Any) -> tuple[str, list[str], list
     """One real decision's script source, KEYS and ARGV (for --profile)."""
     connection = app.decider._connection
     seen: dict[str, Any] = {}
-    evalsha = connection.evalsha
+    run_script = connection.run_script
 
     async def keep(script: Any, keys: list[str], args: list[str]) -> Any:
         seen.update(source=script.source, keys=[str(k) for k in keys], args=[str(a) for a in args])
-        return await evalsha(script, keys, args)
+        return await run_script(script, keys, args)
 
-    connection.evalsha = keep
+    connection.run_script = keep
     try:
         await app.decider.check(caller, MODEL, 1, TOKENS)
     finally:
-        connection.evalsha = evalsha
+        connection.run_script = run_script
     return seen["source"], seen["keys"], seen["args"]
 
 

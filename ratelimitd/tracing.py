@@ -100,20 +100,20 @@ class TracedScripts:
         self._connection = connection
         self._tracer = tracer
 
-    async def evalsha(self, script: LuaScript, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+    async def run_script(self, script: LuaScript, keys: Sequence[str], args: Sequence[str | int]) -> Any:
         from opentelemetry.trace import SpanKind
 
         org = _ORG_OF_KEY.match(keys[0]) if keys else None
         attributes = {
             "db.system.name": "redis",
-            "db.operation.name": "EVALSHA",
+            "db.operation.name": "FCALL",
             "ratelimitd.script": script.name,
             "ratelimitd.organization_id": org[1] if org else "",
         }
         with self._tracer.start_as_current_span(
-            f"EVALSHA {script.name}", kind=SpanKind.CLIENT, attributes=attributes
+            f"FCALL {script.name}", kind=SpanKind.CLIENT, attributes=attributes
         ) as span:
-            reply = await self._connection.evalsha(script, keys, args)
+            reply = await self._connection.run_script(script, keys, args)
             if outcome := _outcome(script.name, reply):
                 span.set_attribute("ratelimitd.outcome", outcome)
             return reply

@@ -85,7 +85,7 @@ async def test_each_decision_has_a_server_span_and_a_storage_span_with_its_outco
         assert span.attributes["ratelimitd.allowed"] is allowed
         assert (span.attributes["ratelimitd.organization_id"], span.attributes["ratelimitd.project_id"]) == (org, pid)
         storage = only(collector.children(span))
-        assert (storage.name, storage.kind) == ("EVALSHA decide", CLIENT)
+        assert (storage.name, storage.kind) == ("FCALL decide", CLIENT)
         assert storage.attributes["ratelimitd.organization_id"] == org
         assert storage.attributes["ratelimitd.outcome"] == span.attributes["ratelimitd.outcome"]
 
@@ -156,7 +156,7 @@ async def test_sampling_records_the_configured_share_and_follows_a_sampled_calle
         await app.stop(0)
     # Only the call whose caller had sampled its trace: the ratio left out every other one.
     assert {s.trace_id for s in collector.spans} == {"0af7651916cd43dd8448eb211c80319c"}
-    assert len(collector.named(CHECK)) == 1 and len(collector.named("EVALSHA decide")) == 1
+    assert len(collector.named(CHECK)) == 1 and len(collector.named("FCALL decide")) == 1
 
 
 def test_tracing_is_off_by_default_and_then_no_tracer_is_even_loaded(storage: Storage) -> None:

@@ -1,26 +1,55 @@
 """Script handles: what the engine hands storage to run, and what storage promises back.
 
-The engine reads and configures the Lua source (engine/scripts.py); storage runs it by
-sha (storage/pipelined.py and its cluster and sentinel siblings). Both sides name these
+The engine reads and configures the Lua source (engine/scripts.py); storage runs it
+(storage/pipelined.py and its cluster and sentinel siblings). Both sides name these
 two types, so they live below both.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 
-class LuaScript(NamedTuple):
-    """A script for the pipelined connection: EVALSHA by sha, loaded from source on NOSCRIPT."""
+@dataclass(frozen=True)
+class LuaScript:
+    """A hot-path script, in the two forms storage can run it.
+
+    ``head`` holds definitions the script uses (the settings, lib.lua), ``body`` the
+    script itself, which reads KEYS and ARGV and returns the reply.
+
+    ``library`` is a Valkey/Redis FUNCTION library of one function, ``function``:
+    its top level (the head) runs once, when it is loaded, and each FCALL runs only
+    the body, which is what makes it cheaper than EVALSHA of ``source`` (head and body
+    as one script: the fallback for servers without functions, and what redis-py's
+    control-plane calls run). Both names derive from the text, so processes with the
+    same settings share one library, and a library is never replaced by another text."""
 
     name: str
-    source: str
-    sha: str
+    head: str
+    body: str
+    source: str = field(init=False)
+    sha: str = field(init=False)
+    function: str = field(init=False)
+    library: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        source = self.head + "\n" + self.body if self.head else self.body
+        sha = hashlib.sha1(source.encode()).hexdigest()
+        function = f"ratelimitd_{self.name}_{sha[:16]}"
+        library = (
+            f"#!lua name={function}\n{self.head}\n"
+            f"redis.register_function('{function}', function(KEYS, ARGV)\n{self.body}\nend)\n"
+        )
+        for name, value in (("source", source), ("sha", sha), ("function", function), ("library", library)):
+            object.__setattr__(self, name, value)
 
 
 class ScriptRunner(Protocol):
-    """Runs a script by sha, loading it on NOSCRIPT; raises StorageUnavailable when storage
+    """Runs a script (FCALL of its function, loading the library when the server lacks
+    it; EVALSHA on servers without functions); raises StorageUnavailable when storage
     cannot be reached. storage/pipelined.py is the production one."""
 
-    async def evalsha(self, script: LuaScript, keys: Sequence[str], args: Sequence[str | int]) -> Any: ...
+    async def run_script(self, script: LuaScript, keys: Sequence[str], args: Sequence[str | int]) -> Any: ...

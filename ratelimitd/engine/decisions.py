@@ -43,7 +43,7 @@ def new_request_id() -> str:
 
 
 class Decider:
-    """Makes decisions: one EVALSHA per call, whatever the number of buckets, on the
+    """Makes decisions: one script call (FCALL) per decision, whatever the number of buckets, on the
     auto-pipelining connection (concurrent decisions share round trips)."""
 
     def __init__(
@@ -93,5 +93,5 @@ class Decider:
         for item in items:
             args += (item.model, item.requests, item.tokens)
         args.append(await self._clock())
-        reply = await self._connection.evalsha(self._script, [org.state, subject, org.request(request_id)], args)
+        reply = await self._connection.run_script(self._script, [org.state, subject, org.request(request_id)], args)
         return decode_decision(reply, self._dims, caller.organization_id, request_id, len(items))

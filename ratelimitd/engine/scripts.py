@@ -1,8 +1,10 @@
 """The Lua scripts, read once from package data and registered by name.
 
-Both paths run EVALSHA and, on NOSCRIPT (a new or failed-over node), load the
-script and retry, so callers never see the server's script cache: redis-py's
-``Script`` for the control plane, storage/pipelined.py for the hot path.
+The hot path's scripts (decide, report) run as FUNCTIONs on the pipelined
+connection (storage/pipelined.py), which loads the library when a server lacks
+it (a new, flushed or failed-over node) and falls back to EVALSHA on servers
+without functions; the control plane's run through redis-py's ``Script``
+(EVALSHA, loaded on NOSCRIPT). Either way callers never see the server's cache.
 """
 
 from __future__ import annotations
@@ -19,21 +21,21 @@ from ratelimitd.core.scripts import LuaScript
 from ratelimitd.engine.limits import Dimensions
 
 # Scripts that evaluate buckets or resolve limits get lib.lua in front: one
-# EVALSHA each, one copy of the shared arithmetic and of limit resolution.
+# script (or function library) each, one copy of the shared arithmetic and of limit resolution.
 _WITH_LIB = ("decide", "report", "rollup", "set_project_limits", "effective_limits", "limit_state")
 
 
+def _read(name: str) -> str:
+    return resources.files("ratelimitd.engine").joinpath("lua", f"{name}.lua").read_text()
+
+
 def read_script(name: str) -> str:
-    lua = resources.files("ratelimitd.engine").joinpath("lua")
-    text = lua.joinpath(f"{name}.lua").read_text()
-    if name in _WITH_LIB:
-        text = lua.joinpath("lib.lua").read_text() + "\n" + text
-    return text
+    """The script's text as one script (lib.lua in front where it needs it)."""
+    return load(name).source
 
 
 def load(name: str) -> LuaScript:
-    source = read_script(name)
-    return LuaScript(name, source, hashlib.sha1(source.encode()).hexdigest())
+    return LuaScript(name, _read("lib") if name in _WITH_LIB else "", _read(name))
 
 
 # How much later than strictly needed the state hash expires when a writer
@@ -106,8 +108,8 @@ def configured(
     script: LuaScript, dimensions: Dimensions, retention: Retention, *, shadow_all: bool = False
 ) -> LuaScript:
     """The script with these settings baked in (see settings_prelude)."""
-    source = settings_prelude(dimensions, retention, shadow_all=shadow_all) + script.source
-    return LuaScript(script.name, source, hashlib.sha1(source.encode()).hexdigest())
+    prelude = settings_prelude(dimensions, retention, shadow_all=shadow_all)
+    return LuaScript(script.name, prelude + script.head, script.body)
 
 
 class Scripts:

@@ -144,7 +144,7 @@ class Usage(UsageQueries):
             status_code, latency_ms, await self._clock(),
         ]  # fmt: skip
         reply = decode_report(
-            await self._connection.evalsha(self._script, [org.state, subject, org.request(request_id)], args)
+            await self._connection.run_script(self._script, [org.state, subject, org.request(request_id)], args)
         )
         status = reply.status
         if status == 4:

@@ -79,18 +79,18 @@ class ClusterConnection:
 
     # -- ScriptRunner and call -------------------------------------------------
 
-    async def evalsha(self, script: LuaScript, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+    async def run_script(self, script: LuaScript, keys: Sequence[str], args: Sequence[str | int]) -> Any:
         slot = slot_of(keys[0])
         address = self._slots[slot] if self._slots is not None else ""
         if address:  # the common case, without the redirect machinery's frames
-            reply = await self._send(address, lambda c: c.evalsha(script, keys, args))
+            reply = await self._send(address, lambda c: c.run_script(script, keys, args))
             if not isinstance(reply, hiredis.ReplyError):
                 return reply
             # a redirect or a cluster state: nothing ran, so sending again is exact
             code, *rest = str(reply).split(" ")
             if code == "MOVED":
                 self._slots_point(slot, _address(rest[1], address))
-        return await self._routed(slot, lambda c: c.evalsha(script, keys, args))
+        return await self._routed(slot, lambda c: c.run_script(script, keys, args))
 
     async def call(self, command: Sequence[str | int | bytes]) -> Any:
         """One command, on the primary of its key (``command[1]``; without one, of slot 0).

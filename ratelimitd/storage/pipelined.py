@@ -18,8 +18,10 @@ the timeout, or the connection breaks, every waiting call fails with
 StorageUnavailable and the next call reconnects. A reply that describes the
 server's state (LOADING, READONLY, OOM, BUSY, MASTERDOWN, NOAUTH, see
 storage/redis.py STORAGE_STATES) is an outage too, and the connection is
-rebuilt. NOSCRIPT (a new or restarted server) is answered by loading the script
-and retrying once.
+rebuilt. Scripts run as FUNCTIONs (core/scripts.py LuaScript): "Function not
+found" (a new, restarted or flushed server) is answered by loading the library
+and retrying once; a server without functions gets EVALSHA, and NOSCRIPT the
+same load-and-retry.
 
 The timeout measures storage, not us: a batch's clock starts when it is written,
 calls waiting in the outbox are not in storage yet, and the watchdog never
@@ -51,6 +53,12 @@ _LATE_S = 0.01
 # overloaded still fails calls to a dead storage, only later).
 _CATCH_UP_S = 0.005
 _MAX_CATCH_UPS = 50
+
+
+# The error replies of FCALL to a server that lacks the function, and of a server
+# that has no functions at all (before Redis 7: "unknown command 'FCALL'").
+_NO_FUNCTION = "ERR Function not found"
+_NO_FUNCTIONS = "ERR unknown command"
 
 
 class ScriptError(Exception):
@@ -106,10 +114,25 @@ class PipelinedConnection:
         self._flush_scheduled = False
         self._watchdog: asyncio.TimerHandle | None = None
         self._catch_ups = 0
+        self._functions = True  # until the server says it has none
 
     # -- public ----------------------------------------------------------------
 
-    async def evalsha(self, script: LuaScript, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+    async def run_script(self, script: LuaScript, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        if self._functions:
+            command: tuple[str | int, ...] = ("FCALL", script.function, len(keys), *keys, *args)
+            try:
+                return await self.call(command)
+            except ScriptError as e:
+                error = str(e)
+                if error.startswith(_NO_FUNCTIONS):
+                    self._functions = False  # a server before functions (Redis 6): scripts it is
+                elif not error.startswith(_NO_FUNCTION):
+                    raise
+                else:
+                    # REPLACE: calls that met the same miss load the same text at the same time
+                    await self.call(("FUNCTION", "LOAD", "REPLACE", script.library))
+                    return await self.call(command)
         command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         try:
             return await self.call(command)

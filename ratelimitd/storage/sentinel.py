@@ -38,10 +38,10 @@ class SentinelConnection:
         self.primary_address = ""
         self._resolving: asyncio.Task[None] | None = None
 
-    async def evalsha(self, script: LuaScript, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+    async def run_script(self, script: LuaScript, keys: Sequence[str], args: Sequence[str | int]) -> Any:
         primary = await self._current()
         try:
-            return await primary.evalsha(script, keys, args)
+            return await primary.run_script(script, keys, args)
         except StorageUnavailable:
             self._resolve_in_background()
             raise
