@@ -174,14 +174,14 @@ def measure_server(valkey: procs.Valkey, calls: int, spend_limit: bool = False) 
 # -- the engine in this process (the original measurement) ---------------------------
 
 
-async def captured_decision(app: Any, caller: Any) -> tuple[str, list[str], list[str]]:
-    """One real decision's script source, KEYS and ARGV (for --profile)."""
+async def captured_decision(app: Any, caller: Any) -> tuple[Any, list[str], list[str]]:
+    """One real decision's script (a LuaScript), KEYS and ARGV (for --profile)."""
     connection = app.decider._connection
     seen: dict[str, Any] = {}
     run_script = connection.run_script
 
     async def keep(script: Any, keys: list[str], args: list[str]) -> Any:
-        seen.update(source=script.source, keys=[str(k) for k in keys], args=[str(a) for a in args])
+        seen.update(script=script, keys=[str(k) for k in keys], args=[str(a) for a in args])
         return await run_script(script, keys, args)
 
     connection.run_script = keep
@@ -189,7 +189,7 @@ async def captured_decision(app: Any, caller: Any) -> tuple[str, list[str], list
         await app.decider.check(caller, MODEL, 1, TOKENS)
     finally:
         connection.run_script = run_script
-    return seen["source"], seen["keys"], seen["args"]
+    return seen["script"], seen["keys"], seen["args"]
 
 
 async def measure_direct(valkey: procs.Valkey, calls: int, profile: bool = False) -> dict[str, Any]:
@@ -220,8 +220,8 @@ async def measure_direct(valkey: procs.Valkey, calls: int, profile: bool = False
         warm = await app.decider.check(caller, MODEL, 1, TOKENS)  # scripts loaded
         await app.usage.report(caller, warm.request_id, "", 1, 0, 0, 200, 10)
         if profile:
-            source, keys, args = await captured_decision(app, caller)
-            return {"mode": "profile", "profile": lua_profile.profile(r, source, keys, args, calls)}
+            script, keys, args = await captured_decision(app, caller)
+            return {"mode": "profile", "profile": lua_profile.profile(r, script, keys, args, calls)}
         r.config_resetstat()
         cpu = procs.cpu_seconds(valkey.pid)
         request_ids = [(await app.decider.check(caller, MODEL, 1, TOKENS)).request_id for _ in range(calls)]

@@ -1,10 +1,12 @@
 """Where decide.lua's time goes, measured inside Valkey: ``python load/lua_cost.py --profile``.
 
 The engine (in this process, on a private Valkey) makes one real decision of
-lua_cost.py's case; its script and KEYS/ARGV are kept, and a copy of the script
-with ``os.clock()`` marks is called again and again with them. A mark goes at the
-start (before the settings and libraries), before every top-level comment of
-decide.lua's own text (each names the section that follows it), before the
+lua_cost.py's case; its script and KEYS/ARGV are kept, and a copy of its function
+library with ``os.clock()`` marks in the function is called (FCALL, as the server
+does) again and again with them. The library's top level (settings, lib.lua) runs
+once, at load, so it is in no section. A mark goes at the function's start, before
+every top-level comment of decide.lua's own text (each names the section that
+follows it), before the
 admitted decision's writes, and around the closing ``finish`` (usage counter and
 request record). ``os.clock`` is Valkey's own CPU time, so a busy machine's
 preemption does not count, unlike ``INFO commandstats``' wall time: the sections
@@ -23,25 +25,23 @@ A benchmark tool: nothing here asserts a timing.
 from __future__ import annotations
 
 import itertools
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 FINISH = "return finish(reply)"
 ADMITTED = "if outcome == 0 then\n"
 FLOOR = Path(__file__).resolve().parent / "decide_floor.lua"
+FLOOR_FUNCTION = "ratelimitd_profile_floor"
 MARK_COST = "local a = os.clock() local b = os.clock() return string.format('%.7f', b - a)"
 
 
-def own_text() -> str:
-    return resources.files("ratelimitd.engine").joinpath("lua", "decide.lua").read_text()
-
-
-def instrument(source: str, own: str) -> tuple[str, list[str]]:
-    """The script with os.clock() marks, and the name of each section between two marks."""
-    start = source.index(own)
-    names, out, in_comment = ["settings and libraries (lib.lua)"], [], True
-    for line in own.split("\n"):
+def instrument(script: Any) -> tuple[str, str, list[str]]:
+    """The decide function (a LuaScript) as a library with os.clock() marks: the library
+    text, its function's name, and the name of each section between two marks."""
+    names: list[str] = []
+    out: list[str] = []
+    in_comment = True
+    for line in script.body.split("\n"):
         if line.startswith("-- ") and not in_comment:
             names.append(line[3:60])
             out.append("__T[#__T + 1] = os.clock()")
@@ -54,16 +54,29 @@ def instrument(source: str, own: str) -> tuple[str, list[str]]:
             continue
         in_comment = line.startswith("--")
         out.append(line)
-    # the body in a loop of one turn, so the marks' reply can follow the last line
-    body = "repeat\n" + "\n".join(out) + "\nuntil true\n"
-    tail = "for i = 1, #__T do __T[i] = string.format('%.7f', __T[i]) end\nreturn __T\n"
-    return "local __T = {os.clock()}\n" + source[:start] + body + tail, names
+    # the first mark opens the first section (ARGV and the caller); the body in a loop
+    # of one turn, so the marks' reply can follow the last line
+    names.insert(0, "KEYS and the first ARGV")
+    body = (
+        "local __T = {os.clock()}\nrepeat\n"
+        + "\n".join(out)
+        + "\nuntil true\nfor i = 1, #__T do __T[i] = string.format('%.7f', __T[i]) end\nreturn __T"
+    )
+    function = "ratelimitd_profile_decide"
+    library = (
+        f"#!lua name={function}\n{script.head}\n"
+        f"redis.register_function('{function}', function(KEYS, ARGV)\n{body}\nend)\n"
+    )
+    return library, function, names
 
 
-def floor_script() -> str:
+def floor_library() -> str:
+    """decide_floor.lua as a library whose function answers its own CPU time."""
     text = FLOOR.read_text()
     at = text.rindex("return {")
-    return "local __t0 = os.clock()\n" + text[:at] + "do return {string.format('%.7f', os.clock() - __t0)} end\n"
+    body = "local __t0 = os.clock()\n" + text[:at] + "do return {string.format('%.7f', os.clock() - __t0)} end\n"
+    name = FLOOR_FUNCTION
+    return f"#!lua name={name}\nredis.register_function('{name}', function(KEYS, ARGV)\n{body}\nend)\n"
 
 
 def trimmed_mean(values: list[float]) -> float:
@@ -71,16 +84,17 @@ def trimmed_mean(values: list[float]) -> float:
     return sum(kept) / len(kept)
 
 
-def profile(client: Any, source: str, keys: list[str], args: list[str], calls: int) -> dict[str, Any]:
-    """Per-section and total script CPU (µs per call) of decide.lua, and of the floor."""
-    script, names = instrument(source, own_text())
-    sha, floor_sha = client.script_load(script), client.script_load(floor_script())
+def profile(client: Any, script: Any, keys: list[str], args: list[str], calls: int) -> dict[str, Any]:
+    """Per-section and total CPU (µs per call) of the decide function (a LuaScript), and of the floor."""
+    library, function, names = instrument(script)
+    client.function_load(library, replace=True)
+    client.function_load(floor_library(), replace=True)
     per_call: list[list[float]] = []
     floor: list[float] = []
     for _ in range(calls):
-        marks = [float(t) for t in client.evalsha(sha, len(keys), *keys, *args)]
+        marks = [float(t) for t in client.fcall(function, len(keys), *keys, *args)]
         per_call.append([(b - a) * 1e6 for a, b in itertools.pairwise(marks)])
-        floor.append(float(client.evalsha(floor_sha, len(keys), *keys, *args)[0]) * 1e6)
+        floor.append(float(client.fcall(FLOOR_FUNCTION, len(keys), *keys, *args)[0]) * 1e6)
     # what one mark costs (os.clock is a system call), taken off every section
     mark = trimmed_mean([float(client.eval(MARK_COST, 0)) * 1e6 for _ in range(calls)])
     sections = {name: round(trimmed_mean([row[i] for row in per_call]) - mark, 2) for i, name in enumerate(names)}

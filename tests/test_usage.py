@@ -152,6 +152,37 @@ async def test_cached_tokens_count_toward_limits_only_by_org_setting(
     assert usage.total.cached_tokens == 800 and usage.total.input_tokens == 1000
 
 
+async def test_a_changed_price_or_cached_token_setting_applies_to_the_very_next_report(client: Client) -> None:
+    # Reports read prices and the setting from the configuration decisions cache in
+    # the state hash: each change must reach the next report, not a stale copy.
+    org = await client.org("o", [(M, "tokens", "minute", 10**9)])
+    _, key = await client.project(org, "a")
+    stub = usage_stub(client)
+
+    async def price(input_usd: float) -> None:
+        p = upb.Price(organization_id=org, model=M, input_usd_micros_per_million=usd(input_usd))
+        await stub.SetPrice(upb.SetPriceRequest(price=p), metadata=AUTH)
+
+    async def count_cached(counted: bool) -> None:
+        settings = upb.UsageSettings(organization_id=org, cached_tokens_count_toward_limits=counted)
+        mask = FieldMask(paths=["cached_tokens_count_toward_limits"])
+        await stub.SetUsageSettings(upb.SetUsageSettingsRequest(settings=settings, update_mask=mask), metadata=AUTH)
+
+    async def decided_and_reported() -> pb.ReportUsageResponse:
+        d = await check(client, key, tokens=0)  # the configuration is resolved and cached here
+        return await report(client, key, d.request_id, 1_000_000, 0, cached=500_000)
+
+    await price(1)
+    first = await decided_and_reported()
+    assert (first.spend_usd_micros, first.counted_tokens) == (usd(0.5), 500_000)
+    await count_cached(True)
+    second = await decided_and_reported()
+    assert (second.spend_usd_micros, second.counted_tokens) == (usd(0.5), 1_000_000)
+    await price(4)
+    third = await decided_and_reported()
+    assert (third.spend_usd_micros, third.counted_tokens) == (usd(2.0), 1_000_000)
+
+
 async def test_usage_totals_equal_the_reports_across_widths_and_groupings(client: Client, clock: Clock) -> None:
     org = await client.org("o", [("*", "tokens", "minute", 10**9), ("*", "requests", "minute", 10**6)])
     pa, ka = await client.project(org, "a", [("*", "requests", "minute", 3)])

@@ -42,9 +42,10 @@ def load(name: str) -> LuaScript:
 # extends it: the extension (one PEXPIREAT) then happens about once per this
 # interval under steady traffic rather than on every decision.
 EXPIRY_SLACK_MS = 60_000
-# The resolved configuration (lib.lua, rl_config_resolve): six numbers (version,
-# verdict, two spend limits, price, shadow mask), then the organization's limits, then the project's.
-_CONFIG_HEAD = 6
+# The resolved configuration (lib.lua, rl_config_resolve): ten numbers (version,
+# verdict, two spend limits, reservation price, shadow mask, three prices, whether
+# cached tokens count), then the organization's limits, then the project's.
+_CONFIG_HEAD = 10
 _DOUBLE_BYTES = 8
 
 

@@ -177,7 +177,10 @@ class Usage(UsageQueries):
     async def set_cached_tokens_count(self, org_id: str, count: bool) -> bool:
         k = await self._control.require_organization(org_id)
         with storage_errors():
-            await self._redis.hset(k.usage_settings, "cached", "1" if count else "0")
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(k.usage_settings, "cached", "1" if count else "0")
+                keys.invalidate_decision_config(pipe, k)  # reports read it from the cached configuration
+                await pipe.execute()
         return count
 
     async def cached_tokens_count(self, org_id: str) -> bool:

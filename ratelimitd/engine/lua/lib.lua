@@ -163,14 +163,25 @@ hash's "c:<project>:<model>" while its version is the hash's "v":
   [2] the verdict: 0 may be used, 5 the organization has no limit for the model,
       7 blocked by the model permissions
   [3], [4] the monthly spend limits of the organization and of the project
-  [5] the price (micro-USD per token) a token estimate is reserved at: the higher
-      of the model's input and output price, else the "*" price's
+  [5] the price (micro-USD per token) a token estimate is reserved at, under a
+      spend limit: the higher of the model's input and output price, else the "*"
+      price's (RL_NONE without a spend limit: nothing is reserved)
   [6] RL_SHADOW: which limits are shadow limits, a bit mask (rl_shadow_bit): 0 for
       none, so a decision without shadow limits tests one number
+  [7], [8], [9] RL_PRICES: the model's input, output and cached input price (the
+      "*" price's when it has none; RL_NONE when neither exists), which report.lua
+      charges spend at
+  [10] RL_COUNTS_CACHED: 1 when the organization counts cached input tokens toward
+      token limits (its usage setting "cached"), else 0
   [RL_ORG + i]  the limit of dimension i that applies to the organization's bucket
-  [RL_PROJ + i] the project's custom limit of dimension i ]]
+  [RL_PROJ + i] the project's custom limit of dimension i
+Everything in it changes only with the configuration version (keys.py,
+invalidate_decision_config), which is what lets a decision and a report read it
+from the state hash instead of from the source records. ]]
 local RL_NONE = -1
 local RL_SHADOW = 6
+local RL_PRICES = 7
+local RL_COUNTS_CACHED = 10
 
 -- The bit of (scope, dimension i) in a configuration's shadow mask: scope 1
 -- (organization) or 2 (project). Test it with bit.band.
@@ -192,22 +203,23 @@ local function rl_config_resolve(prefix, version, project, model)
     end
   end
   local spend = redis.call("HMGET", prefix .. "spendlim", "o", "p:" .. project)
-  local price = RL_NONE
-  if spend[1] or spend[2] then
-    local p = redis.call("HMGET", prefix .. "price", model, "*")
-    local raw = p[1] or p[2]
-    if raw then
-      local p_in, p_out = string.match(raw, "^([^,]+),([^,]+),")
-      price = math.max(tonumber(p_in), tonumber(p_out))
-    end
+  local p = redis.call("HMGET", prefix .. "price", model, "*")
+  local raw = p[1] or p[2]
+  local p_in, p_out, p_cached = RL_NONE, RL_NONE, RL_NONE
+  if raw then
+    p_in, p_out, p_cached = string.match(raw, "^([^,]+),([^,]+),([^,]+)$")
+    p_in, p_out, p_cached = tonumber(p_in), tonumber(p_out), tonumber(p_cached)
   end
+  local price = RL_NONE
+  if (spend[1] or spend[2]) and raw then price = math.max(p_in, p_out) end
+  local counts_cached = redis.call("HGET", prefix .. "cfg", "cached") == "1" and 1 or 0
   local mask = 0
   for i = 1, n do
     if org_shadow[i] then mask = mask + rl_shadow_bit(1, i) end
     if proj_shadow[i] then mask = mask + rl_shadow_bit(2, i) end
   end
   local c = {tonumber(version), verdict, tonumber(spend[1] or "") or RL_NONE, tonumber(spend[2] or "") or RL_NONE,
-             price, mask}
+             price, mask, p_in, p_out, p_cached, counts_cached}
   for i = 1, n do
     c[RL_ORG + i] = org[i] or RL_NONE
     c[RL_ORG + n + i] = proj[i] or RL_NONE

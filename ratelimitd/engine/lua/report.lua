@@ -22,7 +22,10 @@ usage is real. Any other report from it is refused (status 4) and writes
 nothing, as from an unknown key.
 
 Tokens that count toward token limits: input + output, less the cached input
-tokens unless the organization counts them (setting "cached" = "1" in cfg).
+tokens unless the organization counts them (setting "cached" = "1" in cfg). That
+setting and the prices come from the resolved configuration in the state hash
+(lib.lua), which decide.lua caches for (project, model): one HMGET reads them with
+the buckets and the usage id.
 
 KEYS[1]  the organization's state hash           rl:{org_x}:s (lib.lua)
 KEYS[2]  the caller record (API key or project), as in decide.lua
@@ -55,14 +58,13 @@ local request_id, model = ARGV[4], ARGV[5]
 local input, output, cached = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local status_code, latency = tonumber(ARGV[9]), tonumber(ARGV[10])
 
-local key_id = "-"
-local retired = false -- revoked, or its project deleted: only its own reservations may be reported
+local key_id, revoked = "-", false
 if kind == "k" then
   local rec = redis.call("HMGET", KEYS[2], "h", "p", "r")
   if not rec[1] or rec[1] ~= key_hash then return {4, "", "", 0, 0, "0"} end
   project = rec[2]
   key_id = string.match(KEYS[2], ":k:(.+)$")
-  retired = rec[3] == "1" or redis.call("EXISTS", prefix .. "p:" .. project) == 0
+  revoked = rec[3] == "1"
 elseif redis.call("EXISTS", KEYS[2]) == 0 then
   return {6, "", "", 0, 0, "0"}
 end
@@ -70,8 +72,12 @@ end
 local now = rl_now(ARGV[#ARGV])
 local raw = redis.call("GET", KEYS[3])
 local record = raw and rl_record_decode(raw) or nil
-if retired and not (record and record.a and record.p == project and record.k == key_id) then
-  return {4, "", "", 0, 0, "0"}
+-- A key reporting a reservation it made itself may report it whatever became of
+-- the key since; any other report needs a key that is still valid (revoked, or its
+-- project deleted: retired).
+local own_reservation = record and record.a and record.p == project and record.k == key_id
+if kind == "k" and not own_reservation then
+  if revoked or redis.call("EXISTS", prefix .. "p:" .. project) == 0 then return {4, "", "", 0, 0, "0"} end
 end
 if record and record.rm then
   return {1, project, record.rm, 0, 0, "0"}
@@ -100,24 +106,32 @@ if record and record.a then
 end
 if model == "" then return {5, project, "", 0, 0, "0"} end
 
-local settings = redis.call("HMGET", prefix .. "cfg", "cached")
+-- The configuration (prices, whether cached tokens count), both token buckets and
+-- the usage id, in one read of the state hash; the configuration from the source
+-- records only when the decision's cached copy is of an older version.
+local org_field, proj_field = "o:" .. model, "p:" .. project .. ":" .. model
+local st = redis.call("HMGET", state_key, "v", "d", "x", "c:" .. project .. ":" .. model, org_field, proj_field,
+                      "u:" .. project .. ":" .. model .. ":" .. key_id)
+local layout_ok = st[2] == RL_LAYOUT
+local config = layout_ok and rl_config_decode(st[4], tonumber(st[1] or "0")) or nil
+if not config then config = rl_config_resolve(prefix, st[1] or "0", project, model) end
+
 local counted = input + output
-if settings[1] ~= "1" then counted = counted - cached end
+if config[RL_COUNTS_CACHED] ~= 1 then counted = counted - cached end
 if counted < 0 then counted = 0 end
 local delta = counted - reserved
 
 -- Spend, in micro-USD: tokens x USD per million tokens.
 local spend = 0
-local price = redis.call("HGET", prefix .. "price", model) or redis.call("HGET", prefix .. "price", "*")
-if price then
-  local p_in, p_out, p_cached = string.match(price, "^([^,]+),([^,]+),([^,]+)$")
-  spend = (input - cached) * tonumber(p_in) + output * tonumber(p_out) + cached * tonumber(p_cached)
+local p_in, p_out, p_cached = config[RL_PRICES], config[RL_PRICES + 1], config[RL_PRICES + 2]
+if p_in >= 0 then
+  spend = (input - cached) * p_in + output * p_out + cached * p_cached
 end
 
 -- Counters can only be near their maximum if they exist: a (project, model, key)
 -- without a usage id yet gets one with the writes below.
 local adds = {rep = 1, ["in"] = input, out = output, cached = cached, spend = spend}
-local usage_id = redis.call("HGET", prefix .. "ui", project .. "|" .. model .. "|" .. key_id)
+local usage_id = st[7] or redis.call("HGET", prefix .. "ui", project .. "|" .. model .. "|" .. key_id)
 local count_usage, overflow = nil, nil
 if usage_id then count_usage, overflow = rl_usage_report(prefix, now, usage_id, adds) end
 if overflow then return {8, project, overflow, 0, 0, "0"} end
@@ -125,11 +139,6 @@ if overflow then return {8, project, overflow, 0, 0, "0"} end
 -- Checked: from here on every call writes.
 if delta ~= 0 then
   -- the same buckets decide.lua charged: the token ones take the delta
-  local org_field, proj_field = "o:" .. model, "p:" .. project .. ":" .. model
-  local st = redis.call("HMGET", state_key, "v", "d", "x", "c:" .. project .. ":" .. model, org_field, proj_field)
-  local layout_ok = st[2] == RL_LAYOUT
-  local config = layout_ok and rl_config_decode(st[4], tonumber(st[1] or "0")) or nil
-  if not config then config = rl_config_resolve(prefix, st[1] or "0", project, model) end
   local writes, longest = {}, 0
   for scope = 1, 2 do
     local off, field = scope == 1 and RL_ORG or RL_PROJ, scope == 1 and org_field or proj_field
