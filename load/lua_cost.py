@@ -3,6 +3,7 @@
     python load/lua_cost.py [--calls 3000]              # through the real server (gRPC), the default
     python load/lua_cost.py --direct [--calls 3000]     # the engine in-process, scripts called directly
     python load/lua_cost.py --profile [--calls 3000]    # decide.lua's CPU by section, and its floor
+    python load/lua_cost.py --floor [--calls 3000]      # the floor, back to back and a round trip apart
 
 Both modes start a private Valkey on a free loopback port (no AOF, no RDB) and
 set up one organization with RPM/RPD/TPM/TPD limits for the model, one project
@@ -192,7 +193,7 @@ async def captured_decision(app: Any, caller: Any) -> tuple[Any, list[str], list
     return seen["script"], seen["keys"], seen["args"]
 
 
-async def measure_direct(valkey: procs.Valkey, calls: int, profile: bool = False) -> dict[str, Any]:
+async def measure_direct(valkey: procs.Valkey, calls: int, profile: str = "") -> dict[str, Any]:
     from ratelimitd.app import App
     from ratelimitd.engine import ids
     from ratelimitd.engine.decisions import Caller
@@ -221,7 +222,8 @@ async def measure_direct(valkey: procs.Valkey, calls: int, profile: bool = False
         await app.usage.report(caller, warm.request_id, "", 1, 0, 0, 200, 10)
         if profile:
             script, keys, args = await captured_decision(app, caller)
-            return {"mode": "profile", "profile": lua_profile.profile(r, script, keys, args, calls)}
+            measure = lua_profile.floor if profile == "floor" else lua_profile.profile
+            return {"mode": profile, profile: measure(r, script, keys, args, calls)}
         r.config_resetstat()
         cpu = procs.cpu_seconds(valkey.pid)
         request_ids = [(await app.decider.check(caller, MODEL, 1, TOKENS)).request_id for _ in range(calls)]
@@ -239,6 +241,9 @@ async def measure_direct(valkey: procs.Valkey, calls: int, profile: bool = False
 def show(result: dict[str, Any]) -> None:
     if "profile" in result:
         lua_profile.show(result["profile"])
+        return
+    if "floor" in result:
+        lua_profile.show_floor(result["floor"])
         return
     print(f"mode: {result['mode']}; nested commands counted: {result['nested_commands_counted']}")
     head = f"{'phase':<8} {'calls':>6} {'script_us/call':>14} {'valkey_cpu_us':>13} {'scripts/call':>12}"
@@ -263,6 +268,11 @@ def main() -> int:
     ap.add_argument(
         "--profile", action="store_true", help="decide.lua's CPU by section in Valkey, and its floor (lua_profile.py)"
     )
+    ap.add_argument(
+        "--floor",
+        action="store_true",
+        help="an empty function, the floor and decide, back to back and one round trip apart (lua_profile.py)",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if not 0 < args.calls <= 1_000_000:
@@ -270,8 +280,9 @@ def main() -> int:
     valkey = procs.Valkey().start()
     try:
         counted = nested_commands_counted(valkey.client())
-        if args.direct or args.profile:
-            result = asyncio.run(measure_direct(valkey, args.calls, args.profile))
+        if args.direct or args.profile or args.floor:
+            profile = "profile" if args.profile else "floor" if args.floor else ""
+            result = asyncio.run(measure_direct(valkey, args.calls, profile))
         else:
             result = measure_server(valkey, args.calls, args.spend_limit)
         result["nested_commands_counted"] = counted

@@ -25,6 +25,7 @@ A benchmark tool: nothing here asserts a timing.
 from __future__ import annotations
 
 import itertools
+import time
 from pathlib import Path
 from typing import Any
 
@@ -114,3 +115,55 @@ def show(result: dict[str, Any]) -> None:
         print(f"  {us:7.2f} µs  {name}")
     print(f"  {result['script_cpu_us']:7.1f} µs  the whole script")
     print(f"  {result['floor_cpu_us']:7.1f} µs  the floor: decide_floor.lua, the same six commands with the least Lua")
+
+
+# -- what the same calls cost back to back and one at a time (--floor) ----------------
+
+EMPTY_FUNCTION = "ratelimitd_profile_empty"
+EMPTY_LIBRARY = f"#!lua name={EMPTY_FUNCTION}\nredis.register_function('{EMPTY_FUNCTION}', function() return 1 end)\n"
+# Between two decisions through the server, Valkey waits a round trip while the
+# server and the client run: about this long on this kind of machine.
+GAP_S = 0.0003
+
+
+def commandstats_us(client: Any, function: str, keys: list[str], args: list[str], calls: int, gap_s: float) -> float:
+    """INFO commandstats usec of FCALL per call, calls ``gap_s`` apart (busy-waiting:
+    the CPU stays busy, as it does serving the round trip)."""
+    client.config_resetstat()
+    for _ in range(calls):
+        client.fcall(function, len(keys), *keys, *args)
+        if gap_s:
+            until = time.perf_counter() + gap_s
+            while time.perf_counter() < until:
+                pass
+    stats = client.info("commandstats")
+    return float(stats["cmdstat_fcall"]["usec"]) / calls
+
+
+def floor(client: Any, script: Any, keys: list[str], args: list[str], calls: int) -> dict[str, Any]:
+    """Script µs per call (commandstats, as lua_cost.py reads it) of an empty function,
+    decide_floor.lua and decide itself, back to back and GAP_S apart."""
+    client.function_load(EMPTY_LIBRARY, replace=True)
+    client.function_load(floor_library(), replace=True)
+    client.function_load(script.library, replace=True)
+    cases = {
+        "an empty function": (EMPTY_FUNCTION, [], []),
+        "decide_floor.lua (six commands, least Lua)": (FLOOR_FUNCTION, keys, args),
+        "decide": (script.function, keys, args),
+    }
+    return {
+        "calls": calls,
+        "gap_us": GAP_S * 1e6,
+        "rows": {
+            name: [round(commandstats_us(client, f, k, a, calls, gap), 1) for gap in (0, GAP_S)]
+            for name, (f, k, a) in cases.items()
+        },
+    }
+
+
+def show_floor(result: dict[str, Any]) -> None:
+    print(f"script µs per call (INFO commandstats), {result['calls']} calls, from one client")
+    apart = f"{result['gap_us']:.0f} µs apart"
+    print(f"{'':44} {'back to back':>12} {apart:>14}")
+    for name, (warm, apart) in result["rows"].items():
+        print(f"{name:44} {warm:>12.1f} {apart:>14.1f}")
