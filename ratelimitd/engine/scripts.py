@@ -73,7 +73,7 @@ def settings_prelude(dimensions: Dimensions, retention: Retention, *, shadow_all
 
     Baked into the script text instead of passed as ARGV on every call: the
     script parses nothing per call, and processes with equal settings share one
-    script (one SHA)."""
+    library (one script for EVALSHA)."""
     dims = dimensions.all
     state_format = "<" + "d" * (1 + len(dims))
     config_size = _CONFIG_HEAD + 2 * len(dims)

@@ -4,8 +4,11 @@ scripts.py puts this text in front of decide.lua, report.lua and rollup.lua
 (after the settings it bakes in as RL_* constants, see scripts.configured), and
 of set_project_limits.lua and effective_limits.lua (without them: those use only
 the limit resolution, which reads no RL_* setting), so each is still one
-self-contained script (one EVALSHA), and the bucket arithmetic and limit
-resolution exist once.
+self-contained script, and the bucket arithmetic and limit resolution exist once.
+For decide.lua and report.lua this text is the top level of a FUNCTION library
+(core/scripts.py LuaScript), so it runs once, when the library is loaded, and
+each FCALL runs only the script's own body; it must define and compute nothing
+that depends on a call.
 
 Units: time in microseconds (from TIME, or the test clock in tests), window
 lengths in microseconds, levels in the metric's units, spend in micro-USD
