@@ -67,15 +67,20 @@ _RESULT = {
 
 
 def bucket_pb(b: BucketState) -> pb.BucketStatus:
-    return pb.BucketStatus(
-        scope=_SCOPE[b.scope],
-        metric=b.dimension.metric,
-        window=b.dimension.window,
-        limit=b.limit,
-        remaining=b.remaining,
-        reset_after_ms=b.reset_after_ms,
-        shadow=b.shadow,
-    )
+    status = pb.BucketStatus()
+    fill_bucket(status, b)
+    return status
+
+
+def fill_bucket(status: pb.BucketStatus, b: BucketState) -> None:
+    """Sets a BucketStatus (one in a reply's list: no copy) to a bucket's state."""
+    status.scope = _SCOPE[b.scope]
+    status.metric = b.dimension.metric
+    status.window = b.dimension.window
+    status.limit = b.limit
+    status.remaining = b.remaining
+    status.reset_after_ms = b.reset_after_ms
+    status.shadow = b.shadow
 
 
 def shadow_refusal_pb(decision: Decision, model: str, requests: int, tokens: int) -> pb.ShadowRefusal | None:
@@ -244,17 +249,28 @@ class RateLimitServicer(rate_limit_service_pb2_grpc.RateLimitServiceServicer):
         raise InvalidArgument("set either api_key or project")
 
     def reply(self, decision: Decision, model: str, requests: int, tokens: int) -> pb.CheckResponse:
-        return pb.CheckResponse(
+        # Filled in place: a message passed to a constructor, or a dict to its map, is copied
+        # once more, and this runs on every decision.
+        response = pb.CheckResponse(
             allowed=decision.allowed,
             reason=_REASON[decision.outcome],
-            message=refusal_message(decision, model, requests, tokens),
-            binding=bucket_pb(decision.binding) if decision.binding else None,
-            buckets=[bucket_pb(b) for b in decision.buckets],
             retry_after_ms=decision.retry_after_ms,
-            headers=rate_limit_headers(decision, self._header_windows),
             request_id=decision.request_id,
             organization_id=decision.organization_id if decision.project_id else "",
             project_id=decision.project_id,
             replayed=decision.replayed,
-            shadow_refusal=shadow_refusal_pb(decision, model, requests, tokens),
         )
+        if not decision.allowed:
+            response.message = refusal_message(decision, model, requests, tokens)
+        if decision.binding:
+            response.binding.CopyFrom(bucket_pb(decision.binding))
+        add = response.buckets.add
+        for b in decision.buckets:
+            fill_bucket(add(), b)
+        headers = response.headers
+        for name, value in rate_limit_headers(decision, self._header_windows).items():
+            headers[name] = value
+        shadow = shadow_refusal_pb(decision, model, requests, tokens)
+        if shadow is not None:
+            response.shadow_refusal.CopyFrom(shadow)
+        return response
