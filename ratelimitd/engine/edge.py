@@ -214,8 +214,15 @@ def shown(buckets: Sequence[BucketState], binding: BucketState | None) -> Bucket
     # By identity: two buckets of different models may hold equal values.
     if binding is not None and any(b is binding for b in buckets):
         return binding
-    enforcing = [b for b in buckets if not b.shadow]
-    return min(enforcing, key=lambda b: (b.remaining / b.limit if b.limit else 0.0, b.remaining), default=None)
+    # min() by (share left, remaining) over the enforcing buckets, the first of equals; a loop
+    # rather than min() with a key function, called per bucket on every decision.
+    best, best_key = None, (0.0, 0)
+    for b in buckets:
+        if not b.shadow:
+            key = (b.remaining / b.limit if b.limit else 0.0, b.remaining)
+            if best is None or key < best_key:
+                best, best_key = b, key
+    return best
 
 
 class UsageCall(NamedTuple):
