@@ -37,11 +37,13 @@ def decode_decision(
 ) -> Decision:
     """decide.lua's reply as a Decision (``dimensions`` in the script's order)."""
     end = _BUCKETS + _BUCKET_WIDTH * int(reply[_NBUCKETS])
+    fields = iter(reply[_BUCKETS:end])
     decoded = []
-    for i in range(_BUCKETS, end, _BUCKET_WIDTH):
-        scope, shadow = _SCOPES[int(reply[i])]
-        dimension = dimensions[int(reply[i + 1]) - 1]
-        decoded.append(_new_bucket((scope, dimension, int(reply[i + 2]), int(reply[i + 3]), int(reply[i + 4]), shadow)))
+    for scope_code, dimension, limit, remaining, reset_ms in zip(fields, fields, fields, fields, fields, strict=True):
+        scope, shadow = _SCOPES[int(scope_code)]
+        decoded.append(
+            _new_bucket((scope, dimensions[int(dimension) - 1], int(limit), int(remaining), int(reset_ms), shadow))
+        )
     buckets = tuple(decoded)
     outcome, detail = _outcome(reply[_OUTCOME]), int(reply[_DETAIL])
     binding_index = int(reply[_BINDING])
@@ -83,12 +85,20 @@ def _item_buckets(
 ) -> tuple[tuple[BucketState, ...], ...]:
     """After the buckets, per item: k, then the 1-based indices of its k buckets (absent on
     an early refusal)."""
+    if nitems == 1 and pos < len(reply) and int(reply[pos]) == len(buckets) and _in_order(reply, pos, len(buckets)):
+        return (buckets,)  # one item with every bucket, in order (the usual decision): nothing to pick
     found = []
     for _ in range(nitems if pos < len(reply) else 0):
         count = int(reply[pos])
         found.append(tuple([buckets[int(i) - 1] for i in reply[pos + 1 : pos + 1 + count]]))
         pos += 1 + count
     return tuple(found)
+
+
+def _in_order(reply: Sequence[Any], pos: int, n: int) -> bool:
+    """Whether the n indices after ``reply[pos]`` are 1..n (compared as the integers they are;
+    any other form takes the general path)."""
+    return list(reply[pos + 1 : pos + 1 + n]) == list(range(1, n + 1))
 
 
 class ReportReply(NamedTuple):
