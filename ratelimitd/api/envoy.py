@@ -22,12 +22,13 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from time import perf_counter
 from typing import Any, Protocol
 
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ratelimit.v3 import rls_pb2
-from google.protobuf import descriptor_pb2, descriptor_pool, duration_pb2, message_factory, struct_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, struct_pb2
 from google.protobuf.message import DecodeError
 
 from ratelimitd.api.errors import rpc
@@ -36,8 +37,10 @@ from ratelimitd.core.errors import FailedPrecondition, InvalidArgument, StorageO
 from ratelimitd.engine.decisions import MAX_ITEMS_PER_DECISION, Decider
 from ratelimitd.engine.edge import (
     USAGE_PHASES,
+    EdgeRequest,
     Parsed,
     Reply,
+    RequestCache,
     Status,
     answer,
     bearer,
@@ -183,6 +186,18 @@ def parse_request(data: bytes) -> Any:
     return request
 
 
+def request_key(descriptors: Sequence[_Descriptor], default_hits: int) -> tuple[object, ...]:
+    """Everything a request-time call's reading depends on, as one hashable value: each
+    descriptor's own hits_addend (None when unset: a number or None also marks where a
+    descriptor starts, since entries are strings), then its entries' keys and values."""
+    key: list[object] = [default_hits]
+    for d in descriptors:
+        key.append(d.hits_addend.value if d.HasField("hits_addend") else None)
+        for entry in d.entries:
+            key += (entry.key, entry.value)
+    return tuple(key)
+
+
 def add_to_server(servicer: EnvoyRateLimitServicer, server: grpc.aio.Server) -> None:
     """Like rls_pb2_grpc.add_RateLimitServiceServicer_to_server, with ``parse_request``."""
     handlers = {
@@ -225,7 +240,8 @@ class EnvoyRateLimitServicer:
         self.storage_failed = storage_failed
         self._count = metrics.count_decision
         self._reports = metrics.reports
-        self._seconds = metrics.envoy_seconds
+        self._observe_seconds = metrics.envoy_seconds.observe
+        self._known = RequestCache()
 
     @rpc
     async def ShouldRateLimit(self, request: RateLimitRequest, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -251,6 +267,10 @@ class EnvoyRateLimitServicer:
         # Envoy's rule: an unset or 0 request-level hits_addend counts 1; a
         # descriptor's own hits_addend, when set (even to 0), replaces it.
         default_hits = request.hits_addend or 1
+        key = request_key(descriptors, default_hits)
+        known = self._known.get(key)
+        if known is not None:
+            return await self._decide(known)
         parsed = [self._read(i, d, default_hits) for i, d in enumerate(descriptors, 1)]
         phases = {p.roles.get("phase") for p in parsed if p.ours or "phase" in p.roles}
         if None in phases and len(phases) > 1:
@@ -260,7 +280,11 @@ class EnvoyRateLimitServicer:
             )
         if phases and None not in phases:
             return await self._report(parsed)
-        return await self._check(parsed)
+        request_time = request_items(parsed)
+        if isinstance(request_time, Refusal):
+            return early_refusal(parsed, request_time)
+        self._known.put(key, request_time)
+        return await self._decide(request_time)
 
     def _read(self, index: int, d: _Descriptor, default_hits: int) -> Parsed:
         roles: dict[str, str] = {}
@@ -285,24 +309,23 @@ class EnvoyRateLimitServicer:
 
     # -- request time: one decision ---------------------------------------------
 
-    async def _check(self, parsed: list[Parsed]) -> Reply:
-        request = request_items(parsed)
-        if isinstance(request, Refusal):
-            return early_refusal(parsed, request)
+    async def _decide(self, request: EdgeRequest) -> Reply:
         if request.caller is None:  # malformed key: refused without a storage call
             decision = Decision(Outcome.INVALID_API_KEY, "", "", request.request_id, 0, None, (), False)
         else:
             # No replay: the request id comes from a header, and repeating one must not
             # buy a free pass. The reservation still waits under it for the usage call.
+            started = perf_counter()  # by hand: prometheus_client's timer costs an object and two calls more
             try:
-                with self._seconds.time():
-                    decision = await self._decider.check_items(
-                        request.caller, request.items, request.request_id, replay=False
-                    )
+                decision = await self._decider.check_items(
+                    request.caller, request.items, request.request_id, replay=False
+                )
             except StorageOutcomeUnknown as e:
                 # The generic advice (retry with the same request id) does not hold here:
                 # Envoy never retries a decision, and this path never replays one.
                 raise e.advising("Envoy does not retry a decision; its failure_mode_deny decides the request") from e
+            finally:
+                self._observe_seconds(perf_counter() - started)
         # a request's first descriptor names its model
         self._count(decision, request.items[0].model if request.items else "")
         return answer(decision, request, self._header_windows)
@@ -325,13 +348,17 @@ class EnvoyRateLimitServicer:
 
 
 def to_pb(reply: Reply) -> Any:
-    over = any(s.over_limit for s in reply.statuses) or reply.refusal is not None
-    headers = [base_pb2.HeaderValue(key=k, value=v) for k, v in reply.headers.items()]
-    response = rls_pb2.RateLimitResponse(
-        overall_code=_OVER_LIMIT if over else _OK,
-        statuses=[_status_pb(s) for s in reply.statuses],
-        response_headers_to_add=headers,
-    )
+    over = reply.refusal is not None or any(s.over_limit for s in reply.statuses)
+    # Filled in place: messages passed to a constructor are copied once more, on every decision.
+    response = rls_pb2.RateLimitResponse(overall_code=_OVER_LIMIT if over else _OK)
+    add_status = response.statuses.add
+    for s in reply.statuses:
+        _fill_status(add_status(), s)
+    add_header = response.response_headers_to_add.add
+    for key, value in reply.headers.items():
+        header = add_header()
+        header.key = key
+        header.value = value
     if reply.refusal is not None:
         response.response_headers_to_add.append(_JSON)
         response.raw_body = reply.refusal.body()
@@ -341,25 +368,29 @@ def to_pb(reply: Reply) -> Any:
     return response
 
 
-def _status_pb(s: Status) -> Any:
-    status = rls_pb2.RateLimitResponse.DescriptorStatus(code=_OVER_LIMIT if s.over_limit else _OK)
+def _fill_status(status: Any, s: Status) -> None:
+    status.code = _OVER_LIMIT if s.over_limit else _OK
     b = s.bucket
     if b is not None:
-        status.current_limit.requests_per_unit = min(b.limit, _UINT32_MAX)
-        status.current_limit.unit = _UNITS.get(b.dimension.window_ms, _Unit.UNKNOWN)
-        status.current_limit.name = _limit_name(b.scope, b.dimension)
-        status.limit_remaining = min(b.remaining, _UINT32_MAX)
-        status.duration_until_reset.CopyFrom(_duration(b.reset_after_ms))
-    return status
+        unit, name = _limit_of(b.scope, b.dimension)
+        limit = status.current_limit
+        limit.requests_per_unit = b.limit if b.limit < _UINT32_MAX else _UINT32_MAX
+        limit.unit = unit
+        limit.name = name  # never empty: the limit is present even when the numbers are 0
+        status.limit_remaining = b.remaining if b.remaining < _UINT32_MAX else _UINT32_MAX
+        until_reset = status.duration_until_reset
+        until_reset.SetInParent()  # present even when the bucket is full now (0 s)
+        seconds, ms = divmod(b.reset_after_ms, 1000)
+        until_reset.seconds = seconds
+        until_reset.nanos = ms * 1_000_000
 
 
 @functools.cache
-def _limit_name(scope: Scope, dimension: Dimension) -> str:
-    return f"{scope.name.lower()} {dimension.metric} per {dimension.window}"
-
-
-def _duration(ms: int) -> Any:
-    return duration_pb2.Duration(seconds=ms // 1000, nanos=ms % 1000 * 1_000_000)
+def _limit_of(scope: Scope, dimension: Dimension) -> tuple[Any, str]:
+    """A bucket's RateLimit unit and name, by (scope, dimension): a few of them, built once each."""
+    return _UNITS.get(
+        dimension.window_ms, _Unit.UNKNOWN
+    ), f"{scope.name.lower()} {dimension.metric} per {dimension.window}"
 
 
 def _metadata(refusal: Refusal) -> Any:

@@ -32,6 +32,9 @@ class Status(NamedTuple):
     bucket: BucketState | None = None
 
 
+_NOT_OURS = Status(False)  # a descriptor without our entries: never over limit, no bucket shown
+
+
 class Reply(NamedTuple):
     statuses: list[Status]
     headers: Mapping[str, str]
@@ -58,6 +61,39 @@ class EdgeRequest(NamedTuple):
     request_id: str
     items: list[Item]
     slots: list[int | None]
+
+
+class RequestCache:
+    """Request-time calls already read, by their descriptors' contents: an edge sends the same few
+    (key, model, estimate) sets again and again, and reading one is most of a call's own work.
+
+    Bounded: at most ``size`` requests, the oldest dropped first. Only what is the same on
+    every call is kept: a well-formed key, no request id (those are new per call), every
+    value short. Nothing expires or needs invalidating: a request's reading depends only on
+    its contents and the server's descriptor keys, fixed at start-up; whether its key is still
+    valid is decided in storage on every call. The keys stay in this process's memory, like
+    ids.parse_api_key_cached's.
+    """
+
+    def __init__(self, size: int = 4096, max_value_chars: int = 256) -> None:
+        self._size = size
+        self._max_value_chars = max_value_chars
+        self._known: dict[tuple[object, ...], EdgeRequest] = {}
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+    def get(self, key: tuple[object, ...]) -> EdgeRequest | None:
+        return self._known.get(key)
+
+    def put(self, key: tuple[object, ...], request: EdgeRequest) -> None:
+        if request.request_id or request.caller is None:
+            return
+        if any(isinstance(part, str) and len(part) > self._max_value_chars for part in key):
+            return
+        if len(self._known) >= self._size:
+            del self._known[next(iter(self._known))]  # dicts keep insertion order: the oldest
+        self._known[key] = request
 
 
 def bearer(value: str) -> str:
@@ -143,6 +179,11 @@ def answer(decision: Decision, request: EdgeRequest, header_windows: Mapping[str
     headers = rate_limit_headers(decision, header_windows)
     item_buckets = decision.item_buckets or ((),) * len(items)
     binding = decision.binding
+    if decision.allowed:  # nothing blamed: each descriptor shows its own tightest bucket
+        return Reply(
+            [_NOT_OURS if slot is None else Status(False, shown(item_buckets[slot], binding)) for slot in slots],
+            headers,
+        )
     # The items a refusal blames: those with the binding bucket, the unavailable
     # model's item, or (key, spend limit) all of them.
     if binding is not None:
@@ -156,11 +197,9 @@ def answer(decision: Decision, request: EdgeRequest, header_windows: Mapping[str
     statuses = []
     for slot in slots:
         if slot is None:
-            statuses.append(Status(False))
+            statuses.append(_NOT_OURS)
         else:
-            statuses.append(Status(not decision.allowed and slot in blamed, shown(item_buckets[slot], binding)))
-    if decision.allowed:
-        return Reply(statuses, headers)
+            statuses.append(Status(slot in blamed, shown(item_buckets[slot], binding)))
     first = min(blamed, default=0)
     model = items[first].model
     # A bucket shared by several items (one model named twice) was asked for their sum.
@@ -175,8 +214,15 @@ def shown(buckets: Sequence[BucketState], binding: BucketState | None) -> Bucket
     # By identity: two buckets of different models may hold equal values.
     if binding is not None and any(b is binding for b in buckets):
         return binding
-    enforcing = [b for b in buckets if not b.shadow]
-    return min(enforcing, key=lambda b: (b.remaining / b.limit if b.limit else 0.0, b.remaining), default=None)
+    # min() by (share left, remaining) over the enforcing buckets, the first of equals; a loop
+    # rather than min() with a key function, called per bucket on every decision.
+    best, best_key = None, (0.0, 0)
+    for b in buckets:
+        if not b.shadow:
+            key = (b.remaining / b.limit if b.limit else 0.0, b.remaining)
+            if best is None or key < best_key:
+                best, best_key = b, key
+    return best
 
 
 class UsageCall(NamedTuple):

@@ -23,6 +23,7 @@ A metric without any limit has no headers.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 from ratelimitd.engine.outcomes import OUTCOMES, BucketState, Decision, Outcome, go_duration
@@ -37,14 +38,21 @@ def tightest(buckets: tuple[BucketState, ...], metric: str, window: str) -> Buck
     return best
 
 
+@functools.cache
+def _names(metric: str) -> tuple[str, str, str]:
+    """A metric's three header names, built once: one per configured metric."""
+    return f"x-ratelimit-limit-{metric}", f"x-ratelimit-remaining-{metric}", f"x-ratelimit-reset-{metric}"
+
+
 def rate_limit_headers(decision: Decision, header_windows: Mapping[str, str]) -> dict[str, str]:
     headers: dict[str, str] = {}
     for metric, window in header_windows.items():
         b = tightest(decision.buckets, metric, window)
         if b is not None:
-            headers[f"x-ratelimit-limit-{metric}"] = str(b.limit)
-            headers[f"x-ratelimit-remaining-{metric}"] = str(b.remaining)
-            headers[f"x-ratelimit-reset-{metric}"] = go_duration(b.reset_after_ms)
+            limit, remaining, reset = _names(metric)
+            headers[limit] = str(b.limit)
+            headers[remaining] = str(b.remaining)
+            headers[reset] = go_duration(b.reset_after_ms)
     if decision.retryable:  # the outcome table's header policy
         headers["retry-after"] = str(max(1, -(-decision.retry_after_ms // 1000)))
     if decision.shadow_binding is not None:
