@@ -66,7 +66,14 @@ DOMAIN = "ratelimitd"
 TOKENS = 500
 RPCS = {"check": "CheckAndConsume", "envoy": "ShouldRateLimit", "stream": "CheckAndConsumeStream"}
 DEFAULT_RPCS = ["check", "envoy"]
-SCRIPT_COMMANDS = ("cmdstat_evalsha", "cmdstat_eval", "cmdstat_evalsha_ro", "cmdstat_eval_ro")
+SCRIPT_COMMANDS = (
+    "cmdstat_fcall",
+    "cmdstat_fcall_ro",
+    "cmdstat_evalsha",
+    "cmdstat_eval",
+    "cmdstat_evalsha_ro",
+    "cmdstat_eval_ro",
+)
 
 
 # -- the Python load generator (runs in a process of its own) -------------------
