@@ -47,4 +47,8 @@ def write_protoset(path: str | Path) -> None:
 
 
 if __name__ == "__main__":
-    write_protoset(sys.argv[1])
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", help="where to write the protoset (a .binpb file)")
+    write_protoset(ap.parse_args().out)
