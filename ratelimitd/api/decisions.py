@@ -268,7 +268,7 @@ class RateLimitServicer(rate_limit_service_pb2_grpc.RateLimitServiceServicer):
         if not decision.allowed:
             response.message = refusal_message(decision, model, requests, tokens)
         if decision.binding:
-            response.binding.CopyFrom(bucket_pb(decision.binding))
+            fill_bucket(response.binding, decision.binding)
         add = response.buckets.add
         for b in decision.buckets:
             fill_bucket(add(), b)
