@@ -29,16 +29,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ratelimitd.core.scripts import LuaScript
+
 FINISH = "return finish(reply)"
 ADMITTED = "if outcome == 0 then\n"
 FLOOR = Path(__file__).resolve().parent / "decide_floor.lua"
-FLOOR_FUNCTION = "ratelimitd_profile_floor"
 MARK_COST = "local a = os.clock() local b = os.clock() return string.format('%.7f', b - a)"
 
 
-def instrument(script: Any) -> tuple[str, str, list[str]]:
-    """The decide function (a LuaScript) as a library with os.clock() marks: the library
-    text, its function's name, and the name of each section between two marks."""
+def instrument(script: LuaScript) -> tuple[LuaScript, list[str]]:
+    """The decide script with os.clock() marks in its body (its head, the library's top
+    level, unmarked), and the name of each section between two marks."""
     names: list[str] = []
     out: list[str] = []
     in_comment = True
@@ -63,21 +64,15 @@ def instrument(script: Any) -> tuple[str, str, list[str]]:
         + "\n".join(out)
         + "\nuntil true\nfor i = 1, #__T do __T[i] = string.format('%.7f', __T[i]) end\nreturn __T"
     )
-    function = "ratelimitd_profile_decide"
-    library = (
-        f"#!lua name={function}\n{script.head}\n"
-        f"redis.register_function('{function}', function(KEYS, ARGV)\n{body}\nend)\n"
-    )
-    return library, function, names
+    return LuaScript("profile_decide", script.head, body), names
 
 
-def floor_library() -> str:
-    """decide_floor.lua as a library whose function answers its own CPU time."""
+def floor_script() -> LuaScript:
+    """decide_floor.lua, answering its own CPU time."""
     text = FLOOR.read_text()
     at = text.rindex("return {")
     body = "local __t0 = os.clock()\n" + text[:at] + "do return {string.format('%.7f', os.clock() - __t0)} end\n"
-    name = FLOOR_FUNCTION
-    return f"#!lua name={name}\nredis.register_function('{name}', function(KEYS, ARGV)\n{body}\nend)\n"
+    return LuaScript("profile_floor", "", body)
 
 
 def trimmed_mean(values: list[float]) -> float:
@@ -85,17 +80,18 @@ def trimmed_mean(values: list[float]) -> float:
     return sum(kept) / len(kept)
 
 
-def profile(client: Any, script: Any, keys: list[str], args: list[str], calls: int) -> dict[str, Any]:
+def profile(client: Any, script: LuaScript, keys: list[str], args: list[str], calls: int) -> dict[str, Any]:
     """Per-section and total CPU (µs per call) of the decide function (a LuaScript), and of the floor."""
-    library, function, names = instrument(script)
-    client.function_load(library, replace=True)
-    client.function_load(floor_library(), replace=True)
+    marked, names = instrument(script)
+    floor = floor_script()
+    for library in (marked, floor):
+        client.function_load(library.library, replace=True)
     per_call: list[list[float]] = []
-    floor: list[float] = []
+    floor_us: list[float] = []
     for _ in range(calls):
-        marks = [float(t) for t in client.fcall(function, len(keys), *keys, *args)]
+        marks = [float(t) for t in client.fcall(marked.function, len(keys), *keys, *args)]
         per_call.append([(b - a) * 1e6 for a, b in itertools.pairwise(marks)])
-        floor.append(float(client.fcall(FLOOR_FUNCTION, len(keys), *keys, *args)[0]) * 1e6)
+        floor_us.append(float(client.fcall(floor.function, len(keys), *keys, *args)[0]) * 1e6)
     # what one mark costs (os.clock is a system call), taken off every section
     mark = trimmed_mean([float(client.eval(MARK_COST, 0)) * 1e6 for _ in range(calls)])
     sections = {name: round(trimmed_mean([row[i] for row in per_call]) - mark, 2) for i, name in enumerate(names)}
@@ -104,7 +100,7 @@ def profile(client: Any, script: Any, keys: list[str], args: list[str], calls: i
         "mark_us": round(mark, 2),
         "sections_us": sections,
         "script_cpu_us": round(trimmed_mean([sum(row) for row in per_call]) - mark * len(names), 1),
-        "floor_cpu_us": round(trimmed_mean(floor) - mark, 1),
+        "floor_cpu_us": round(trimmed_mean(floor_us) - mark, 1),
     }
 
 
@@ -119,8 +115,7 @@ def show(result: dict[str, Any]) -> None:
 
 # -- what the same calls cost back to back and one at a time (--floor) ----------------
 
-EMPTY_FUNCTION = "ratelimitd_profile_empty"
-EMPTY_LIBRARY = f"#!lua name={EMPTY_FUNCTION}\nredis.register_function('{EMPTY_FUNCTION}', function() return 1 end)\n"
+EMPTY = LuaScript("profile_empty", "", "return 1")
 # Between two decisions through the server, Valkey waits a round trip while the
 # server and the client run: about this long on this kind of machine.
 GAP_S = 0.0003
@@ -140,22 +135,21 @@ def commandstats_us(client: Any, function: str, keys: list[str], args: list[str]
     return float(stats["cmdstat_fcall"]["usec"]) / calls
 
 
-def floor(client: Any, script: Any, keys: list[str], args: list[str], calls: int) -> dict[str, Any]:
+def floor(client: Any, script: LuaScript, keys: list[str], args: list[str], calls: int) -> dict[str, Any]:
     """Script µs per call (commandstats, as lua_cost.py reads it) of an empty function,
     decide_floor.lua and decide itself, back to back and GAP_S apart."""
-    client.function_load(EMPTY_LIBRARY, replace=True)
-    client.function_load(floor_library(), replace=True)
-    client.function_load(script.library, replace=True)
     cases = {
-        "an empty function": (EMPTY_FUNCTION, [], []),
-        "decide_floor.lua (six commands, least Lua)": (FLOOR_FUNCTION, keys, args),
-        "decide": (script.function, keys, args),
+        "an empty function": (EMPTY, [], []),
+        "decide_floor.lua (six commands, least Lua)": (floor_script(), keys, args),
+        "decide": (script, keys, args),
     }
+    for library, _, _ in cases.values():
+        client.function_load(library.library, replace=True)
     return {
         "calls": calls,
         "gap_us": GAP_S * 1e6,
         "rows": {
-            name: [round(commandstats_us(client, f, k, a, calls, gap), 1) for gap in (0, GAP_S)]
+            name: [round(commandstats_us(client, f.function, k, a, calls, gap), 1) for gap in (0, GAP_S)]
             for name, (f, k, a) in cases.items()
         },
     }
