@@ -28,8 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import procs
 from bench import setup
-from protoset import write_protoset
-from side_by_side import RPCS, Ghz, Load, PythonGenerator, Server, row, run_round, start_noop
+from side_by_side import RPCS, Ghz, Load, PythonGenerator, Server, load_generator, row, run_round, start_noop
 
 from ratelimitd.storage.embedded import die_with_parent
 
@@ -86,12 +85,7 @@ def main() -> int:
         servers.append(start_checkout("new", procs.ROOT, valkey.url))
         servers.append(start_noop(1, lifetime))
         key = asyncio.run(setup(servers[1].address, procs.OPERATOR_TOKEN, 1))[0]
-        if ghz:
-            protoset = str(Path(tmp.name) / "ratelimitd.binpb")
-            write_protoset(protoset)
-            gen = Ghz(ghz, protoset)
-        else:
-            gen = PythonGenerator()
+        gen = load_generator(ghz, tmp.name)
         print(f"generator: {gen.name}; baseline: {args.baseline}; new: {procs.ROOT}")
         warm = Load(500, args.concurrency, 4, args.max_seconds)
         for rpc in rpcs:

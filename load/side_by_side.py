@@ -339,6 +339,15 @@ def row(label: str, rpc: str, server: str, r: dict[str, float]) -> str:
     )
 
 
+def load_generator(ghz: str | None, tmp_dir: str) -> Ghz | PythonGenerator:
+    """ghz when one was found (its protoset written into ``tmp_dir``), else the Python generator."""
+    if ghz is None:
+        return PythonGenerator()
+    protoset = str(Path(tmp_dir) / "ratelimitd.binpb")
+    write_protoset(protoset)
+    return Ghz(ghz, protoset)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=20_000, help="calls per round, per server and RPC")
@@ -396,12 +405,8 @@ def main() -> int:
         servers.append(Server("ratelimitd", port, [procs.start_ratelimitd(valkey.url, port, args.workers)]))
         servers.append(start_noop(args.workers, lifetime))
         key = asyncio.run(setup(servers[0].address, procs.OPERATOR_TOKEN, 1))[0]
-        if ghz:
-            protoset = str(Path(tmp.name) / "ratelimitd.binpb")
-            write_protoset(protoset)
-            gen = Ghz(ghz, protoset)
-        else:
-            gen = python_gen = PythonGenerator()
+        gen = load_generator(ghz, tmp.name)
+        python_gen = gen if isinstance(gen, PythonGenerator) else None
         if "stream" in rpcs and python_gen is None:
             python_gen = PythonGenerator()  # ghz's bidi streams are not a stream of concurrent requests
         gens = {rpc: python_gen if rpc == "stream" and python_gen else gen for rpc in rpcs}
