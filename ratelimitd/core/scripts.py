@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Protocol
 
 
@@ -30,21 +31,25 @@ class LuaScript:
     name: str
     head: str
     body: str
-    source: str = field(init=False)
-    sha: str = field(init=False)
-    function: str = field(init=False)
-    library: str = field(init=False)
 
-    def __post_init__(self) -> None:
-        source = self.head + "\n" + self.body if self.head else self.body
-        sha = hashlib.sha1(source.encode()).hexdigest()
-        function = f"ratelimitd_{self.name}_{sha[:16]}"
-        library = (
-            f"#!lua name={function}\n{self.head}\n"
-            f"redis.register_function('{function}', function(KEYS, ARGV)\n{self.body}\nend)\n"
+    @cached_property
+    def source(self) -> str:
+        return self.head + "\n" + self.body if self.head else self.body
+
+    @cached_property
+    def sha(self) -> str:
+        return hashlib.sha1(self.source.encode()).hexdigest()
+
+    @cached_property
+    def function(self) -> str:
+        return f"ratelimitd_{self.name}_{self.sha[:16]}"
+
+    @cached_property
+    def library(self) -> str:
+        return (
+            f"#!lua name={self.function}\n{self.head}\n"
+            f"redis.register_function('{self.function}', function(KEYS, ARGV)\n{self.body}\nend)\n"
         )
-        for name, value in (("source", source), ("sha", sha), ("function", function), ("library", library)):
-            object.__setattr__(self, name, value)
 
 
 class ScriptRunner(Protocol):
