@@ -120,26 +120,26 @@ class PipelinedConnection:
 
     async def run_script(self, script: LuaScript, keys: Sequence[str], args: Sequence[str | int]) -> Any:
         if self._functions:
-            command: tuple[str | int, ...] = ("FCALL", script.function, len(keys), *keys, *args)
             try:
-                return await self.call(command)
+                # REPLACE: calls that met the same miss load the same text at the same time
+                load = ("FUNCTION", "LOAD", "REPLACE", script.library)
+                return await self._loading(("FCALL", script.function, len(keys), *keys, *args), _NO_FUNCTION, load)
             except ScriptError as e:
-                error = str(e)
-                if error.startswith(_NO_FUNCTIONS):
-                    self._functions = False  # a server before functions (Redis 6): scripts it is
-                elif not error.startswith(_NO_FUNCTION):
+                if not str(e).startswith(_NO_FUNCTIONS):
                     raise
-                else:
-                    # REPLACE: calls that met the same miss load the same text at the same time
-                    await self.call(("FUNCTION", "LOAD", "REPLACE", script.library))
-                    return await self.call(command)
+                self._functions = False  # a server before functions (Redis 6): scripts it is
         command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        return await self._loading(command, "NOSCRIPT", ("SCRIPT", "LOAD", script.source))
+
+    async def _loading(self, command: Sequence[str | int], missing: str, load: Sequence[str]) -> Any:
+        """The command; when the server answers that it lacks the code (``missing``), ``load``
+        and the command once more."""
         try:
             return await self.call(command)
         except ScriptError as e:
-            if not str(e).startswith("NOSCRIPT"):
+            if not str(e).startswith(missing):
                 raise
-        await self.call(("SCRIPT", "LOAD", script.source))
+        await self.call(load)
         return await self.call(command)
 
     async def call(self, command: Sequence[str | int | bytes]) -> Any:
