@@ -52,25 +52,13 @@ def decode_decision(
     shadow_refused = outcome is Outcome.ALLOWED and detail != 0
     item_buckets = _item_buckets(reply, end, buckets, nitems)
     project_id, replayed = str(reply[_PROJECT]), bool(int(reply[_REPLAYED]))
-    if not shadow_refused:
-        retry_after_ms = int(reply[_RETRY_AFTER_MS])
-        return _new_decision((outcome, org_id, project_id, request_id, retry_after_ms, binding, buckets, replayed,
-                              item_buckets, detail, Outcome.ALLOWED, None, 0))  # fmt: skip
-    return Decision(
-        outcome=outcome,
-        organization_id=org_id,
-        project_id=project_id,
-        request_id=request_id,
-        retry_after_ms=0,
-        binding=None,
-        buckets=buckets,
-        replayed=replayed,
-        item_buckets=item_buckets,
-        detail=0,
-        shadow_outcome=_outcome(detail),
-        shadow_binding=binding,
-        shadow_retry_after_ms=int(reply[_RETRY_AFTER_MS]),
-    )
+    retry_after_ms = int(reply[_RETRY_AFTER_MS])
+    refusal: tuple[Outcome, BucketState | None, int] = (Outcome.ALLOWED, None, 0)
+    if shadow_refused:  # the binding, detail and wait are the shadow refusal's
+        refusal = (_outcome(detail), binding, retry_after_ms)
+        retry_after_ms, binding, detail = 0, None, 0
+    return _new_decision((outcome, org_id, project_id, request_id, retry_after_ms, binding, buckets, replayed,
+                          item_buckets, detail, *refusal))  # fmt: skip
 
 
 def _outcome(code: Any) -> Outcome:
